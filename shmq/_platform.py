@@ -1,0 +1,206 @@
+"""Operating-system access: POSIX shared memory and semaphores by name, space
+reservation, and process identity.  The only module that talks to posix_ipc,
+psutil or the shared-memory file system directly.
+
+Segments are opened through posix_ipc, never through
+``multiprocessing.shared_memory``: on Python < 3.13 the latter registers every
+attach with the resource tracker, which then unlinks segments other processes
+still use.  shmq's creator owns unlink, so no tracker is involved at all.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import sys
+from typing import Optional
+
+import posix_ipc
+import psutil
+
+from ._errors import SharedMemoryFull
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "shmq_"
+# macOS limits shm and semaphore names to 31 bytes including the slash; the
+# semaphore suffixes below add 3.
+MAX_NAME_LENGTH = 24
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+SEM_SUFFIXES = ("-pl", "-cl", "-ne", "-nf", "-rl")
+
+BusyError = posix_ipc.BusyError
+SignalError = posix_ipc.SignalError
+
+
+def new_name() -> str:
+    """A fresh name ``shmq_[<tag>_]<pid>_<random>``, attributable to its
+    creator.  ``SHMQ_NAME_TAG`` (letters and digits, at most 6) namespaces the
+    names of one application or test session."""
+    tag = os.environ.get("SHMQ_NAME_TAG", "")[:6]
+    base = f"{NAME_PREFIX}{tag + '_' if tag.isalnum() else ''}{os.getpid()}_"
+    return base + secrets.token_hex(8)[: max(4, MAX_NAME_LENGTH - len(base))]
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"'name' must be a str, got {type(name).__name__}")
+    if name.startswith("/"):
+        name = name[1:]
+    if not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+        raise ValueError(
+            f"'name' must be 1-{MAX_NAME_LENGTH} characters of letters, digits, '_', '.', '-', got {name!r}"
+        )
+    return name
+
+
+def shm_free_bytes() -> Optional[int]:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _no_space(name: str, size: int) -> SharedMemoryFull:
+    free = shm_free_bytes()
+    free_txt = "unknown" if free is None else f"{free:,}"
+    return SharedMemoryFull(
+        errno.ENOSPC,
+        f"no room in {SHM_DIR} for segment {name!r} of {size:,} bytes "
+        f"({free_txt} bytes free); free space there, or enlarge it "
+        f"(docker: --shm-size)",
+    )
+
+
+def shm_create(name: str, size: int) -> int:
+    """Create segment ``name`` of ``size`` bytes, owner-only, with its memory
+    reserved now.  Returns an open fd.  Raises FileExistsError if the name is
+    taken and SharedMemoryFull if /dev/shm cannot hold it."""
+    free = shm_free_bytes()
+    if free is not None and size > free:
+        raise _no_space(name, size)
+    try:
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=0)
+    except posix_ipc.ExistentialError:
+        raise FileExistsError(errno.EEXIST, f"shared memory {name!r} already exists", name) from None
+    fd = shm.fd
+    try:
+        os.ftruncate(fd, size)
+        # Reserve the pages now: tmpfs files are sparse, and touching an
+        # unbacked page once /dev/shm is full kills the process with SIGBUS.
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        os.close(fd)
+        _unlink_quietly(name)
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise _no_space(name, size) from exc
+        raise
+    return fd
+
+
+def shm_open(name: str) -> int:
+    """Open existing segment ``name`` read-write.  Returns an open fd.
+    Raises FileNotFoundError or PermissionError."""
+    try:
+        shm = posix_ipc.SharedMemory("/" + name, 0)
+    except posix_ipc.ExistentialError:
+        raise FileNotFoundError(errno.ENOENT, f"no shared memory named {name!r}", name) from None
+    except posix_ipc.PermissionsError:
+        raise PermissionError(errno.EACCES, f"no permission to open shared memory {name!r}", name) from None
+    return shm.fd
+
+
+def reopen_fd(fd: int, name: str) -> int:
+    """A new open file description for the file behind ``fd`` (works after unlink on Linux)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    except OSError:
+        return shm_open(name)
+
+
+def _unlink_quietly(name: str) -> bool:
+    try:
+        posix_ipc.unlink_shared_memory("/" + name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def shm_unlink(name: str) -> bool:
+    """Remove segment ``name`` and its semaphores.  True if the segment existed."""
+    existed = _unlink_quietly(name)
+    for suffix in SEM_SUFFIXES:
+        sem_unlink(name + suffix)
+    return existed
+
+
+def sem_create(name: str, initial_value: int) -> posix_ipc.Semaphore:
+    try:
+        return posix_ipc.Semaphore("/" + name, posix_ipc.O_CREX, mode=0o600, initial_value=initial_value)
+    except posix_ipc.ExistentialError:
+        raise FileExistsError(errno.EEXIST, f"semaphore {name!r} already exists", name) from None
+
+
+def sem_open(name: str) -> posix_ipc.Semaphore:
+    try:
+        return posix_ipc.Semaphore("/" + name, 0)
+    except posix_ipc.ExistentialError:
+        raise FileNotFoundError(errno.ENOENT, f"no semaphore named {name!r}", name) from None
+
+
+def sem_unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_semaphore("/" + name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def process_start_us(pid: int) -> int:
+    """Start time of process ``pid`` in microseconds since the epoch, 0 if unknown."""
+    try:
+        return int(psutil.Process(pid).create_time() * 1e6)
+    except (psutil.Error, OSError, ValueError):
+        return 0
+
+
+_MY_START = (0, 0)
+
+
+def my_start_us() -> int:
+    global _MY_START
+    pid = os.getpid()
+    if _MY_START[0] != pid:
+        _MY_START = (pid, process_start_us(pid))
+    return _MY_START[1]
+
+
+def is_alive(pid: int, start_us: int = 0) -> bool:
+    """True if ``pid`` runs and is not a zombie; with ``start_us``, also that it
+    is the same process (not a later one that reused the pid)."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if start_us and abs(int(proc.create_time() * 1e6) - start_us) > 50_000:
+            return False
+        return True
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def list_shm_names() -> list:
+    """Names of the shmq segments in /dev/shm (Linux), sorted."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(e for e in entries if not e.startswith("sem.") and _NAME_RE.match(e))
+
+
+IS_LINUX = sys.platform.startswith("linux")

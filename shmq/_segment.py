@@ -1,0 +1,401 @@
+"""Segment: one named block of shared memory with a self-describing header.
+
+Lifetimes follow CPython's SharedMemory: ``close()`` ends this handle in this
+process; ``unlink()`` removes the name for everybody.  Unlike SharedMemory, the
+creator *owns* the name: a process that created segments and has not unlinked
+them unlinks them when it exits normally (a SIGKILLed creator cannot; ``shmq
+gc`` reaps those).  Attaching never registers with multiprocessing's resource
+tracker.
+"""
+from __future__ import annotations
+
+import atexit
+import fcntl
+import mmap
+import os
+import threading
+import time
+import warnings
+import weakref
+from typing import Iterator, List, NamedTuple, Optional
+
+from . import _layout as L
+from . import _platform as P
+from ._errors import BrokenError, ClosedError, LayoutError
+
+__all__ = ("Segment", "Participant")
+
+
+class Participant(NamedTuple):
+    """A process registered in a segment's participant table."""
+
+    pid: int
+    start_us: int
+    role: int
+    alive: bool
+
+    @property
+    def roles(self) -> List[str]:
+        names = []
+        for bit, label in ((L.ROLE_CREATOR, "creator"), (L.ROLE_PRODUCER, "producer"), (L.ROLE_CONSUMER, "consumer")):
+            if self.role & bit:
+                names.append(label)
+        return names or ["attached"]
+
+
+# Names this process created and has not unlinked: unlinked at normal exit.
+_owned: dict = {}
+_owned_lock = threading.Lock()
+# Open segments, so a forked child can take fresh lock descriptors.
+_open_segments: "weakref.WeakSet[Segment]" = weakref.WeakSet()
+
+
+def _unlink_owned_at_exit() -> None:
+    pid = os.getpid()
+    with _owned_lock:
+        names = [n for n, owner in _owned.items() if owner == pid]
+        _owned.clear()
+    for name in names:
+        P.shm_unlink(name)
+
+
+atexit.register(_unlink_owned_at_exit)
+
+
+def _after_fork_in_child() -> None:
+    # flock() locks belong to an open file description, which fork shares:
+    # without a fresh one the child would "hold" every lock its parent holds.
+    with _owned_lock:
+        _owned.clear()
+    for seg in list(_open_segments):
+        seg._reopen_lock_fd()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release_mapping(mm: mmap.mmap, views: list, fds: list) -> None:
+    for v in views:
+        try:
+            v.release()
+        except (BufferError, ValueError):
+            pass
+    try:
+        mm.close()
+    except BufferError:
+        # A caller still holds a view; the mapping goes when the last view does.
+        pass
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Segment:
+    """A mapped shmq segment.
+
+    Use :meth:`create` or :meth:`attach`; the constructor is private.
+    ``buf`` is a writable memoryview of the whole segment and ``words`` the
+    same memory as int64 words (see ``_layout``).
+    """
+
+    name: str
+    size: int
+    kind: int
+    is_creator: bool
+    _mmap: Optional[mmap.mmap] = None
+    _lock_fd: int = -1
+    _slot: int = -1
+    buf: memoryview
+    words: memoryview
+
+    def __init__(self, *, _token: object = None) -> None:
+        if _token is not _TOKEN:
+            raise TypeError("use Segment.create() or Segment.attach()")
+        self._closed = False
+        self._thread_lock = threading.Lock()
+        self._pid = os.getpid()
+
+    # -- construction ---------------------------------------------------
+    @classmethod
+    def create(cls, kind: int, size: int, name: Optional[str] = None) -> "Segment":
+        """Create a zero-filled segment of ``size`` bytes (header included).
+
+        Raises FileExistsError if ``name`` is taken, SharedMemoryFull if
+        /dev/shm has no room, ValueError for a bad name or size.
+        """
+        if size < L.DATA_OFFSET:
+            raise ValueError(f"'size' must be at least {L.DATA_OFFSET}, got {size}")
+        if name is None:
+            for _ in range(8):  # a random suffix can collide; only O_CREX can tell
+                name = P.new_name()
+                try:
+                    fd = P.shm_create(name, size)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(f"could not find a free shared-memory name like {name!r}")
+        else:
+            name = P.check_name(name)
+            fd = P.shm_create(name, size)
+        self = cls(_token=_TOKEN)
+        try:
+            self._map(name, fd, size)
+            w = self.words
+            w[L.W_VERSION] = L.LAYOUT_VERSION
+            w[L.W_KIND] = kind
+            w[L.W_SIZE] = size
+            w[L.W_CREATOR_PID] = os.getpid()
+            w[L.W_CREATOR_START_US] = P.my_start_us()
+            w[L.W_CREATED_NS] = time.time_ns()
+        except BaseException:
+            self._teardown()
+            P.shm_unlink(name)
+            raise
+        self.kind = kind
+        self.is_creator = True
+        with _owned_lock:
+            _owned[name] = os.getpid()
+        return self
+
+    def publish(self) -> None:
+        """Mark the header complete (creator only): attachers wait for this."""
+        self.buf[0:8] = L.MAGIC
+
+    @classmethod
+    def attach(cls, name: str, kind: Optional[int] = None, *, wait: float = 1.0) -> "Segment":
+        """Map the existing segment ``name``.
+
+        Raises FileNotFoundError if there is no such name, PermissionError if
+        it belongs to another user, LayoutError if it is not an shmq segment
+        (of ``kind``, when given) of this layout version.
+        """
+        name = P.check_name(name)
+        fd = P.shm_open(name)
+        self = cls(_token=_TOKEN)
+        try:
+            size = os.fstat(fd).st_size
+            if size < L.DATA_OFFSET:
+                raise LayoutError(
+                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes, found {size}"
+                )
+            self._map(name, fd, size)
+            # The creator writes MAGIC last; a young segment may still be zero.
+            deadline = time.monotonic() + wait
+            while bytes(self.buf[0:8]) == b"\0" * 8 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self._validate(kind)
+        except BaseException:
+            self._teardown()
+            raise
+        self.kind = self.words[L.W_KIND]
+        self.is_creator = False
+        return self
+
+    def _map(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.size = size
+        self._fd = fd
+        self._mmap = mmap.mmap(fd, size)
+        self.buf = memoryview(self._mmap)
+        self.words = self.buf.cast("q")
+        self._lock_fd = P.reopen_fd(fd, name)
+        self._finalizer = weakref.finalize(
+            self, _release_mapping, self._mmap, [self.words, self.buf], [fd, self._lock_fd]
+        )
+        _open_segments.add(self)
+
+    def _validate(self, kind: Optional[int]) -> None:
+        found = bytes(self.buf[0:8])
+        if found != L.MAGIC:
+            raise LayoutError(f"{self.name!r} is not an shmq segment: expected magic {L.MAGIC!r}, found {found!r}")
+        w = self.words
+        if w[L.W_VERSION] != L.LAYOUT_VERSION:
+            raise LayoutError(
+                f"{self.name!r} has shmq layout version {w[L.W_VERSION]}, expected {L.LAYOUT_VERSION}"
+            )
+        if w[L.W_SIZE] != self.size:
+            raise LayoutError(f"{self.name!r} header says {w[L.W_SIZE]} bytes, but the segment has {self.size}")
+        if kind is not None and w[L.W_KIND] != kind:
+            want = L.KIND_NAMES.get(kind, kind)
+            got = L.KIND_NAMES.get(w[L.W_KIND], w[L.W_KIND])
+            raise LayoutError(f"{self.name!r} is an shmq {got}, expected a {want}")
+
+    def _reopen_lock_fd(self) -> None:
+        if self._closed or self._lock_fd < 0:
+            return
+        old = self._lock_fd
+        try:
+            self._lock_fd = P.reopen_fd(self._fd, self.name)
+        except OSError:
+            self._lock_fd = -1
+        try:
+            os.close(old)
+        except OSError:
+            pass
+        self._pid = os.getpid()
+        self._thread_lock = threading.Lock()
+        self._slot = -1
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(
+            self, _release_mapping, self._mmap, [self.words, self.buf], [self._fd, self._lock_fd]
+        )
+
+    # -- admin lock -----------------------------------------------------
+    def admin_lock(self) -> "_AdminLock":
+        """A context manager holding the segment's admin lock (flock: the
+        kernel drops it if the holder dies).  For rare bookkeeping only."""
+        return _AdminLock(self)
+
+    # -- participants -----------------------------------------------------
+    def register(self, role: int) -> None:
+        """Enter this process in the participant table (idempotent per handle)."""
+        w = self.words
+        if self._slot >= 0:
+            w[L.participant_word(self._slot) + L.P_ROLE] |= role
+            return
+        pid, start = os.getpid(), P.my_start_us()
+        with self.admin_lock():
+            chosen = -1
+            for i in range(L.PARTICIPANTS):
+                base = L.participant_word(i)
+                p = w[base + L.P_PID]
+                if p == 0 or not P.is_alive(p, w[base + L.P_START_US]):
+                    chosen = i
+                    break
+            if chosen < 0:
+                return  # table full of live processes: stay unlisted
+            base = L.participant_word(chosen)
+            w[base + L.P_ROLE] = role
+            w[base + L.P_START_US] = start
+            w[base + L.P_PID] = pid
+        self._slot = chosen
+
+    def add_role(self, role: int) -> None:
+        if self._slot >= 0:
+            self.words[L.participant_word(self._slot) + L.P_ROLE] |= role
+        else:
+            self.register(role)
+
+    def _deregister(self) -> None:
+        if self._slot >= 0 and self._pid == os.getpid():
+            try:
+                base = L.participant_word(self._slot)
+                if self.words[base + L.P_PID] == self._pid:
+                    self.words[base + L.P_PID] = 0
+            except (ValueError, IndexError):
+                pass
+        self._slot = -1
+
+    def participants(self) -> List[Participant]:
+        """The registered processes, with whether each is still alive."""
+        self._check_open()
+        w = self.words
+        out = []
+        for i in range(L.PARTICIPANTS):
+            base = L.participant_word(i)
+            pid = w[base + L.P_PID]
+            if pid:
+                start = w[base + L.P_START_US]
+                out.append(Participant(pid, start, w[base + L.P_ROLE], P.is_alive(pid, start)))
+        return out
+
+    @property
+    def creator_pid(self) -> int:
+        return self.words[L.W_CREATOR_PID]
+
+    def creator_alive(self) -> bool:
+        """True while the process that created the segment is running."""
+        w = self.words
+        return P.is_alive(w[L.W_CREATOR_PID], w[L.W_CREATOR_START_US])
+
+    # -- lifetime -------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"segment {self.name!r} is closed")
+
+    def check_exists(self) -> None:
+        """Raise BrokenError if the name was unlinked under this handle."""
+        try:
+            st_name = os.stat(os.path.join(P.SHM_DIR, self.name))
+            st_fd = os.fstat(self._fd)
+        except FileNotFoundError as exc:
+            raise BrokenError(f"shared memory {self.name!r} was removed (unlinked, or systemd RemoveIPC)") from exc
+        if (st_name.st_ino, st_name.st_dev) != (st_fd.st_ino, st_fd.st_dev):
+            raise BrokenError(f"shared memory {self.name!r} was removed and replaced by another segment")
+
+    def close(self) -> None:
+        """Unmap this handle.  Idempotent; the segment stays for others."""
+        if self._closed:
+            return
+        self._closed = True
+        self._deregister()
+        _open_segments.discard(self)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()
+        elif self._mmap is not None:
+            _release_mapping(self._mmap, [], [getattr(self, "_fd", -1), self._lock_fd])
+
+    def unlink(self) -> None:
+        """Remove the segment's name (and its semaphores) for every process.
+        Mappings already open keep working.  Safe to call more than once."""
+        with _owned_lock:
+            _owned.pop(self.name, None)
+        P.shm_unlink(self.name)
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            warnings.warn(f"unclosed shmq segment {getattr(self, 'name', '?')!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.size} bytes"
+        return f"<Segment {getattr(self, 'name', '?')!r} {state}>"
+
+
+class _AdminLock:
+    __slots__ = ("_seg",)
+
+    def __init__(self, seg: Segment) -> None:
+        self._seg = seg
+
+    def __enter__(self) -> None:
+        seg = self._seg
+        seg._check_open()
+        seg._thread_lock.acquire()
+        try:
+            fcntl.flock(seg._lock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            seg._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        seg = self._seg
+        try:
+            fcntl.flock(seg._lock_fd, fcntl.LOCK_UN)
+        finally:
+            seg._thread_lock.release()
+
+
+_TOKEN = object()
+
+
+def iter_segment_names() -> Iterator[str]:
+    yield from P.list_shm_names()

@@ -1,0 +1,115 @@
+"""Ring: the public, blocking face of :class:`~shmq._ring.RingBuffer`.
+
+``write``/``read`` block until they can proceed, with an optional timeout in
+seconds; ``*_nowait`` never block.  Everything else (``try_*``, ``reserve``/
+``commit``, ``peek``/``release``, counters) is inherited.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, List, Optional
+
+from . import _layout as L
+from ._errors import Empty, Full
+from ._ring import DEFAULT_CAPACITY_BYTES, RingBuffer
+from ._wait import SPIN_SECONDS, deadline_for, wait_until
+
+__all__ = ("Ring", "DEFAULT_CAPACITY_BYTES")
+
+_perf_ns = time.perf_counter_ns
+
+
+def _nbytes(data: Any) -> int:
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
+
+
+class Ring(RingBuffer):
+    """A named shared-memory ring of byte records with blocking operations.
+
+    ``Ring.create(capacity_bytes, max_messages=0, name=None,
+    multi_producer=True, multi_consumer=True)`` makes one;
+    ``Ring.attach(name)`` opens it from any process; a Ring pickles as its name.
+    ``spin`` is how long (seconds) a blocked call polls before it sleeps.
+    """
+
+    spin: float = SPIN_SECONDS
+
+    def write(self, data: Any, timeout: Optional[float] = None) -> None:
+        """Append one record, waiting for room.  Raises Full if ``timeout``
+        expires, MessageTooLarge if the record can never fit."""
+        if self.try_write(data):
+            return
+        n = _nbytes(data)
+        self._block_writing(lambda: self.can_write(n), timeout)
+        while not self.try_write(data):
+            self._block_writing(lambda: self.can_write(n), timeout)
+
+    def write_nowait(self, data: Any) -> None:
+        """Append one record or raise Full at once."""
+        if not self.try_write(data):
+            raise Full(f"ring {self.name!r} is full")
+
+    def write_many(self, items: Iterable[Any], timeout: Optional[float] = None) -> None:
+        """Append every record of ``items``, publishing in batches.  Raises
+        Full if ``timeout`` expires first (the records before it were written)."""
+        items = items if isinstance(items, list) else list(items)
+        done = self.try_write_many(items)
+        if done == len(items):
+            return
+        deadline = deadline_for(timeout)
+        while done < len(items):
+            n = _nbytes(items[done])
+            self._block_writing(lambda: self.can_write(n), None, deadline)
+            done += self.try_write_many(items[done:] if done else items)
+
+    def read(self, timeout: Optional[float] = None) -> bytes:
+        """Remove and return the oldest record, waiting for one.  Raises Empty
+        if ``timeout`` expires."""
+        data = self.try_read()
+        if data is not None:
+            return data
+        deadline = deadline_for(timeout)
+        while True:
+            self._block_reading(deadline)
+            data = self.try_read()
+            if data is not None:
+                return data
+
+    def read_nowait(self) -> bytes:
+        """Remove and return the oldest record or raise Empty at once."""
+        data = self.try_read()
+        if data is None:
+            raise Empty(f"ring {self.name!r} is empty")
+        return data
+
+    def read_many(self, max_items: int = 1 << 30, timeout: Optional[float] = None) -> List[bytes]:
+        """Wait for at least one record, then return up to ``max_items``."""
+        out = self.try_read_many(max_items)
+        if out:
+            return out
+        deadline = deadline_for(timeout)
+        while True:
+            self._block_reading(deadline)
+            out = self.try_read_many(max_items)
+            if out:
+                return out
+
+    def _block_writing(self, ready, timeout: Optional[float], deadline: Optional[float] = None) -> None:
+        if deadline is None:
+            deadline = deadline_for(timeout)
+        t0 = _perf_ns()
+        ok = wait_until(ready, self._not_full, deadline, self.spin)
+        w = self._w
+        w[L.W_FULL_WAITS] += 1
+        w[L.W_FULL_WAIT_NS] += _perf_ns() - t0
+        if not ok:
+            raise Full(f"ring {self.name!r} stayed full")
+
+    def _block_reading(self, deadline: Optional[float]) -> None:
+        t0 = _perf_ns()
+        ok = wait_until(self.can_read, self._not_empty, deadline, self.spin)
+        w = self._w
+        w[L.W_EMPTY_WAITS] += 1
+        w[L.W_EMPTY_WAIT_NS] += _perf_ns() - t0
+        if not ok:
+            raise Empty(f"ring {self.name!r} stayed empty")
