@@ -12,6 +12,7 @@ from typing import Any, Iterable, List, Optional
 from . import _layout as L
 from ._errors import Empty, Full
 from ._ring import DEFAULT_CAPACITY_BYTES, RingBuffer
+from ._stats import RingStatistics, ring_statistics
 from ._wait import SPIN_SECONDS, deadline_for, wait_until
 
 __all__ = ("Ring", "DEFAULT_CAPACITY_BYTES")
@@ -33,6 +34,10 @@ class Ring(RingBuffer):
     """
 
     spin: float = SPIN_SECONDS
+
+    def statistics(self) -> RingStatistics:
+        """A snapshot of the shared counters (any attached process sees the same)."""
+        return ring_statistics(self)
 
     def write(self, data: Any, timeout: Optional[float] = None) -> None:
         """Append one record, waiting for room.  Raises Full if ``timeout``
