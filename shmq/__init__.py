@@ -10,21 +10,41 @@ from ._errors import SharedMemoryFull as SharedMemoryFull
 from ._errors import ShmqError as ShmqError
 from ._errors import SlotError as SlotError
 from ._errors import WouldBlock as WouldBlock
+from .channel import ChannelStatistics as ChannelStatistics
+from .channel import ReceiveChannel as ReceiveChannel
+from .channel import ReceiveLoan as ReceiveLoan
+from .channel import SendChannel as SendChannel
+from .channel import SendLoan as SendLoan
+from .channel import attach_channel as attach_channel
+from .channel import open_channel as open_channel
 from .ring import Ring as Ring
+from .queue import JoinableQueue as JoinableQueue
+from .queue import Queue as Queue
+from .queue import SimpleQueue as SimpleQueue
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "ChannelStatistics",
+    "ReceiveChannel",
+    "ReceiveLoan",
+    "SendChannel",
+    "SendLoan",
+    "attach_channel",
+    "open_channel",
     "BrokenError",
     "ClosedError",
     "Empty",
     "EndOfChannel",
     "Full",
+    "JoinableQueue",
     "LayoutError",
     "MessageTooLarge",
+    "Queue",
     "Ring",
     "SharedMemoryFull",
     "ShmqError",
+    "SimpleQueue",
     "SlotError",
     "WouldBlock",
     "__version__",

@@ -12,7 +12,7 @@ Segment = common header | kind-specific header | data::
     ----  ----  -----------------------------------------------------------
        0     0  MAGIC (8 bytes, b"\\x89SHMQ\\r\\n\\x00"), written last at creation
        8     1  LAYOUT_VERSION
-      16     2  KIND (1 ring, 2 slot pool)
+      16     2  KIND (1 ring, 2 slot pool, 3 blob)
       24     3  SIZE: total bytes of the segment
       32     4  CREATOR_PID
       40     5  CREATOR_START_US: creator's process start time, microseconds
@@ -43,6 +43,16 @@ producer side and the consumer side never write the same line::
      304  PRODUCER_LOCK owner pid, 305 generation
      312  CONSUMER_LOCK owner pid, 313 generation
      320  WRITERS_CLOSED              set once no more records will come
+     321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
+          A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):
+     322  SIDE_NAME: 3 words, the name of the queue's side ring    creator
+     325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
+                                      task_done(), under the side ring's PRODUCER_LOCK
+     326  JOIN_WAITING                a join() about to sleep on "all done" ("-jd")
+          A queue's side ring (QUEUE_KIND_SIDE; records name large-item blobs):
+     322  SIDE_LIMIT_BYTES            creator (blob bytes allowed in flight)
+     323  SIDE_BYTES_IN               producers, under its PRODUCER_LOCK
+     324  SIDE_BYTES_OUT              consumers, under its CONSUMER_LOCK
 
 TAIL and HEAD only grow; ``position % CAPACITY_BYTES`` is the offset in the
 data area.  A record is one header word followed by its payload, padded to a
@@ -58,7 +68,8 @@ LAYOUT_VERSION = 1
 
 KIND_RING = 1
 KIND_POOL = 2
-KIND_NAMES = {KIND_RING: "ring", KIND_POOL: "pool"}
+KIND_BLOB = 3
+KIND_NAMES = {KIND_RING: "ring", KIND_POOL: "pool", KIND_BLOB: "blob"}
 
 WORD = 8
 CACHE_LINE = 64
@@ -105,6 +116,19 @@ W_PRODUCER_WAITING = W_KIND_HEADER + 32
 W_PRODUCER_LOCK = W_KIND_HEADER + 40
 W_CONSUMER_LOCK = W_KIND_HEADER + 48
 W_WRITERS_CLOSED = W_KIND_HEADER + 56
+# shmq.queue's words, in the rest of the last cache line (see the map above)
+W_QUEUE_KIND = W_KIND_HEADER + 57
+W_SIDE_NAME = W_KIND_HEADER + 58  # main ring: 3 words of ASCII, NUL-padded
+SIDE_NAME_BYTES = 24
+W_TASKS_DONE = W_KIND_HEADER + 61  # main ring
+W_JOIN_WAITING = W_KIND_HEADER + 62  # main ring
+W_SIDE_LIMIT = W_KIND_HEADER + 58  # side ring
+W_SIDE_BYTES_IN = W_KIND_HEADER + 59  # side ring
+W_SIDE_BYTES_OUT = W_KIND_HEADER + 60  # side ring
+QUEUE_KIND_QUEUE = 1
+QUEUE_KIND_JOINABLE = 2
+QUEUE_KIND_SIMPLE = 3
+QUEUE_KIND_SIDE = 4
 W_RING_HEADER_END = W_KIND_HEADER + 64
 assert W_RING_HEADER_END * WORD <= DATA_OFFSET
 
@@ -131,3 +155,145 @@ def ring_segment_size(capacity_bytes: int) -> int:
 
 def participant_word(index: int) -> int:
     return W_PARTICIPANTS + index * PARTICIPANT_WORDS
+
+
+# ---------------------------------------------------------------------------
+# Slot pool (kind 2)
+# ---------------------------------------------------------------------------
+# A pool is a fixed number of fixed-size slots plus the bookkeeping that says,
+# per slot, who lent it out and, per process ("member"), what it holds.  Every
+# word has one writer at a time, so plain aligned int64 stores suffice::
+#
+#   word  field                          written by
+#   ----  -----------------------------  -------------------------------------
+#    264  SLOT_SIZE  bytes per slot      creator
+#    265  SLOT_COUNT                     creator
+#    266  MAX_MEMBERS                    creator
+#    267  RQ_CAPACITY entries per return queue (power of two)   creator
+#    268  SLOT_STRIDE bytes between slot starts                  creator
+#    269  SLOT_TABLE   byte offset       creator
+#    270  MEMBER_TABLE byte offset       creator
+#    271  HOLD_TABLE   byte offset       creator
+#    272  RETURN_QUEUES byte offset      creator
+#    273  SLOT_DATA    byte offset       creator (page aligned)
+#    280  LINK: 32 bytes, name of the ring the pool serves (or zeros)
+#    288  POOL_LOCK owner pid, 289 generation (RobustLock "-rl")
+#    296  FREE_COUNT  free slots (a hint; recounted by reclaim)   under POOL_LOCK
+#    297  ALLOC_HINT  where the next free-slot search starts     under POOL_LOCK
+#    298  MEMBERS_HIGH  1 + highest member entry ever used       under admin lock
+#    304  RETURN_WAITING  a source is about to sleep on "slot returned"
+#    312  counters: ALLOCATIONS, FREES, RETURNS, RECLAIMED, ORPHANED,
+#         CORRUPT_RETURNS, LOST_RETURNS                           under POOL_LOCK
+#
+# Tables, from SLOT_TABLE on (byte offsets in the header above):
+#
+#   slot table    SLOT_COUNT records of SLOT_WORDS words:
+#                 STATE (FREE/LOANED/SENT), GEN (bumped at each allocation),
+#                 OWNER (member index + 1 of the source), NBYTES, DELIVERIES
+#                 (holds to expect), FENCE (ring position the message ends
+#                 before, 0 = unknown).  Written by the owner (or a janitor
+#                 once the owner is dead); STATE last.
+#   member table  MAX_MEMBERS records of MEMBER_WORDS words: PID, START_US,
+#                 STATE (FREE/LIVE/DEAD), RQ_HEAD (owner), RQ_TAIL (pushers,
+#                 under POOL_LOCK), RQ_LOST (a notification did not fit).
+#   hold table    MAX_MEMBERS x SLOT_COUNT words.  Word [m][s] counts the
+#                 current generation's holds of slot s by member m:
+#                 acquired << 32 | released.  Only member m writes it (a
+#                 janitor never does; the freeing source zeroes it).
+#   return queues MAX_MEMBERS x RQ_CAPACITY words: notifications
+#                 gen << 32 | slot for the slot's source, pushed by the
+#                 holder that released it.
+#   slot data     SLOT_COUNT x SLOT_STRIDE bytes.
+W_SLOT_SIZE = W_KIND_HEADER + 0
+W_SLOT_COUNT = W_KIND_HEADER + 1
+W_MAX_MEMBERS = W_KIND_HEADER + 2
+W_RQ_CAPACITY = W_KIND_HEADER + 3
+W_SLOT_STRIDE = W_KIND_HEADER + 4
+W_SLOT_TABLE = W_KIND_HEADER + 5
+W_MEMBER_TABLE = W_KIND_HEADER + 6
+W_HOLD_TABLE = W_KIND_HEADER + 7
+W_RETURN_QUEUES = W_KIND_HEADER + 8
+W_SLOT_DATA = W_KIND_HEADER + 9
+W_LINK = W_KIND_HEADER + 16
+LINK_BYTES = 32
+W_POOL_LOCK = W_KIND_HEADER + 24
+W_FREE_COUNT = W_KIND_HEADER + 32
+W_ALLOC_HINT = W_KIND_HEADER + 33
+W_MEMBERS_HIGH = W_KIND_HEADER + 34
+W_RETURN_WAITING = W_KIND_HEADER + 40
+W_POOL_COUNTERS = W_KIND_HEADER + 48
+POOL_COUNTER_NAMES = (
+    "allocations", "frees", "returns", "reclaimed", "orphaned", "corrupt_returns", "lost_returns",
+)
+W_POOL_HEADER_END = W_POOL_COUNTERS + 8
+assert W_POOL_HEADER_END * WORD <= DATA_OFFSET
+
+SLOT_WORDS = 8
+S_STATE, S_GEN, S_OWNER, S_NBYTES, S_DELIVERIES, S_FENCE = 0, 1, 2, 3, 4, 5
+SLOT_FREE, SLOT_LOANED, SLOT_SENT = 0, 1, 2
+SLOT_STATE_NAMES = {SLOT_FREE: "free", SLOT_LOANED: "loaned", SLOT_SENT: "sent"}
+
+MEMBER_WORDS = 8
+M_PID, M_START_US, M_STATE, M_RQ_HEAD, M_RQ_TAIL, M_RQ_LOST = 0, 1, 2, 3, 4, 5
+MEMBER_FREE, MEMBER_LIVE, MEMBER_DEAD = 0, 1, 2
+
+HOLD_ACQUIRE = 1 << 32
+HOLD_RELEASED_MASK = HOLD_ACQUIRE - 1
+
+PAGE = 4096
+MAX_SLOT_COUNT = 1 << 20
+MAX_POOL_MEMBERS = 1024
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def slot_stride(slot_size: int) -> int:
+    """Bytes between slot starts: cache-line aligned, page aligned from 4 KiB up."""
+    return _align(slot_size, PAGE if slot_size >= PAGE else CACHE_LINE)
+
+
+def return_queue_capacity(slot_count: int) -> int:
+    """Entries per member's return queue: a power of two >= 2 * slot_count."""
+    cap = 16
+    while cap < 2 * slot_count:
+        cap *= 2
+    return cap
+
+
+def pool_geometry(slot_size: int, slot_count: int, max_members: int) -> dict:
+    """Byte offsets of a pool's tables and its total segment size."""
+    stride = slot_stride(slot_size)
+    rq = return_queue_capacity(slot_count)
+    slot_table = DATA_OFFSET
+    member_table = slot_table + slot_count * SLOT_WORDS * WORD
+    hold_table = member_table + max_members * MEMBER_WORDS * WORD
+    return_queues = hold_table + max_members * slot_count * WORD
+    data = _align(return_queues + max_members * rq * WORD, PAGE)
+    return {
+        "stride": stride,
+        "rq_capacity": rq,
+        "slot_table": slot_table,
+        "member_table": member_table,
+        "hold_table": hold_table,
+        "return_queues": return_queues,
+        "data": data,
+        "size": data + slot_count * stride,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Blob (kind 3): one large queue item, created by the producer, named by a
+# record in the queue's side ring, unlinked by the consumer that takes it.
+# The creator words name the queue's creator, not the producer, so `shmq gc`
+# keeps the blob as long as the queue lives.
+#
+#   word  field
+#    264  BLOB_BYTES: payload length; the payload starts at DATA_OFFSET
+# ---------------------------------------------------------------------------
+W_BLOB_BYTES = W_KIND_HEADER + 0
+
+
+def blob_segment_size(payload_bytes: int) -> int:
+    return DATA_OFFSET + ((payload_bytes + WORD - 1) & -WORD)

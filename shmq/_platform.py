@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 import sys
 from typing import Optional
 
@@ -26,8 +27,9 @@ NAME_PREFIX = "shmq_"
 # macOS limits shm and semaphore names to 31 bytes including the slash; the
 # semaphore suffixes below add 3.
 MAX_NAME_LENGTH = 24
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-SEM_SUFFIXES = ("-pl", "-cl", "-ne", "-nf", "-rl")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")  # \Z: "$" would accept a trailing newline
+# -rl, -rb: slot pool lock and return bell; -jd: JoinableQueue's "all tasks done" bell
+SEM_SUFFIXES = ("-pl", "-cl", "-ne", "-nf", "-rl", "-rb", "-jd")
 
 BusyError = posix_ipc.BusyError
 SignalError = posix_ipc.SignalError
@@ -37,9 +39,14 @@ def new_name() -> str:
     """A fresh name ``shmq_[<tag>_]<pid>_<random>``, attributable to its
     creator.  ``SHMQ_NAME_TAG`` (letters and digits, at most 6) namespaces the
     names of one application or test session."""
-    tag = os.environ.get("SHMQ_NAME_TAG", "")[:6]
-    base = f"{NAME_PREFIX}{tag + '_' if tag.isalnum() else ''}{os.getpid()}_"
+    base = f"{name_stem()}{os.getpid()}_"
     return base + secrets.token_hex(8)[: max(4, MAX_NAME_LENGTH - len(base))]
+
+
+def name_stem() -> str:
+    """``shmq_`` or ``shmq_<tag>_``: how every generated name starts."""
+    tag = os.environ.get("SHMQ_NAME_TAG", "")[:6]
+    return f"{NAME_PREFIX}{tag + '_' if tag.isascii() and tag.isalnum() else ''}"
 
 
 def check_name(name: object) -> str:
@@ -47,7 +54,7 @@ def check_name(name: object) -> str:
         raise TypeError(f"'name' must be a str, got {type(name).__name__}")
     if name.startswith("/"):
         name = name[1:]
-    if not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+    if not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name) or name in (".", ".."):
         raise ValueError(
             f"'name' must be 1-{MAX_NAME_LENGTH} characters of letters, digits, '_', '.', '-', got {name!r}"
         )
@@ -192,6 +199,57 @@ def is_alive(pid: int, start_us: int = 0) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def shm_open_readonly(name: str) -> int:
+    """Open existing segment ``name`` read-only, for inspection (``shmq ls``,
+    ``stat``, ``gc``).  Refuses anything but a regular file without blocking
+    (a FIFO or a symlink under the name raises OSError).  Returns an open fd.
+    Raises FileNotFoundError or PermissionError."""
+    if not IS_LINUX:
+        try:
+            return posix_ipc.SharedMemory("/" + name, 0, read_only=True).fd
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(errno.ENOENT, f"no shared memory named {name!r}", name) from None
+        except posix_ipc.PermissionsError:
+            raise PermissionError(errno.EACCES, f"no permission to open shared memory {name!r}", name) from None
+    path = os.path.join(SHM_DIR, name)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no shared memory named {name!r}", name) from None
+    except PermissionError:
+        raise PermissionError(errno.EACCES, f"no permission to open shared memory {name!r}", name) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file", name)
+    return fd
+
+
+def list_shm_semaphores() -> list:
+    """Names of the POSIX semaphores in /dev/shm (Linux; without the ``sem.``
+    prefix), sorted."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(e[4:] for e in entries if e.startswith("sem.") and _NAME_RE.match(e[4:]))
+
+
+_GENERATED_RE = re.compile(r"^" + NAME_PREFIX + r"(?:[A-Za-z0-9]{1,6}_)?([0-9]+)_[0-9a-f]{4,}$")
+
+
+def generated_name_pid(name: str) -> int:
+    """The creator pid encoded in a name made by :func:`new_name` (a segment
+    name, or a semaphore name with one of SEM_SUFFIXES); 0 if ``name`` is not
+    such a name."""
+    for suffix in SEM_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    m = _GENERATED_RE.match(name)
+    return int(m.group(1)) if m else 0
 
 
 def list_shm_names() -> list:

@@ -617,8 +617,9 @@ _CLOSED_CLASSES: Dict[type, type] = {}
 _KEEP_OPEN = {"close", "unlink", "__repr__", "__exit__", "__enter__", "__reduce__", "closed", "name"}
 
 
-def _closed_class(cls: type) -> type:
-    """A subclass of ``cls`` whose operations raise ClosedError."""
+def _closed_class(cls: type, keep: Iterable[str] = ()) -> type:
+    """A subclass of ``cls`` whose operations raise ClosedError (except the
+    methods in ``keep``, and close/unlink/...)."""
     if cls in _CLOSED_CLASSES or getattr(cls, "_is_closed_class", False):
         return _CLOSED_CLASSES.get(cls, cls)
 
@@ -632,7 +633,7 @@ def _closed_class(cls: type) -> type:
     ns: Dict[str, Any] = {"_is_closed_class": True}
     for klass in cls.__mro__:
         for attr, value in vars(klass).items():
-            if attr in ns or attr in _KEEP_OPEN or attr.startswith("__"):
+            if attr in ns or attr in _KEEP_OPEN or attr in keep or attr.startswith("__"):
                 continue
             if callable(value) and not isinstance(value, (staticmethod, classmethod, type)):
                 ns[attr] = make(attr)

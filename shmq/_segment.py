@@ -13,6 +13,7 @@ import atexit
 import fcntl
 import mmap
 import os
+import sys
 import threading
 import time
 import warnings
@@ -23,7 +24,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import BrokenError, ClosedError, LayoutError
 
-__all__ = ("Segment", "Participant")
+__all__ = ("Segment", "SegmentView", "Participant", "check_header", "read_participants")
 
 
 class Participant(NamedTuple):
@@ -60,6 +61,22 @@ def _unlink_owned_at_exit() -> None:
 
 
 atexit.register(_unlink_owned_at_exit)
+_exit_hook_pid = 0
+
+
+def _own(name: str) -> None:
+    """Record that this process created ``name``: it unlinks it at exit."""
+    global _exit_hook_pid
+    pid = os.getpid()
+    with _owned_lock:
+        _owned[name] = pid
+    if _exit_hook_pid != pid:
+        # multiprocessing's fork and forkserver children end in os._exit(),
+        # which skips atexit; they run multiprocessing's own exit finalizers.
+        _exit_hook_pid = pid
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            mp_util.Finalize(None, _unlink_owned_at_exit, exitpriority=0)
 
 
 def _after_fork_in_child() -> None:
@@ -153,13 +170,13 @@ class Segment:
             w[L.W_CREATOR_START_US] = P.my_start_us()
             w[L.W_CREATED_NS] = time.time_ns()
         except BaseException:
+            self._closed = True
             self._teardown()
             P.shm_unlink(name)
             raise
         self.kind = kind
         self.is_creator = True
-        with _owned_lock:
-            _owned[name] = os.getpid()
+        _own(name)
         return self
 
     def publish(self) -> None:
@@ -177,11 +194,13 @@ class Segment:
         name = P.check_name(name)
         fd = P.shm_open(name)
         self = cls(_token=_TOKEN)
+        self._fd = fd
         try:
             size = os.fstat(fd).st_size
-            if size < L.DATA_OFFSET:
+            if size < L.DATA_OFFSET or size % L.WORD:
                 raise LayoutError(
-                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes, found {size}"
+                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes "
+                    f"in whole 8-byte words, found {size}"
                 )
             self._map(name, fd, size)
             # The creator writes MAGIC last; a young segment may still be zero.
@@ -190,6 +209,7 @@ class Segment:
                 time.sleep(0.001)
             self._validate(kind)
         except BaseException:
+            self._closed = True  # half-built: no "unclosed" warning when collected
             self._teardown()
             raise
         self.kind = self.words[L.W_KIND]
@@ -210,20 +230,7 @@ class Segment:
         _open_segments.add(self)
 
     def _validate(self, kind: Optional[int]) -> None:
-        found = bytes(self.buf[0:8])
-        if found != L.MAGIC:
-            raise LayoutError(f"{self.name!r} is not an shmq segment: expected magic {L.MAGIC!r}, found {found!r}")
-        w = self.words
-        if w[L.W_VERSION] != L.LAYOUT_VERSION:
-            raise LayoutError(
-                f"{self.name!r} has shmq layout version {w[L.W_VERSION]}, expected {L.LAYOUT_VERSION}"
-            )
-        if w[L.W_SIZE] != self.size:
-            raise LayoutError(f"{self.name!r} header says {w[L.W_SIZE]} bytes, but the segment has {self.size}")
-        if kind is not None and w[L.W_KIND] != kind:
-            want = L.KIND_NAMES.get(kind, kind)
-            got = L.KIND_NAMES.get(w[L.W_KIND], w[L.W_KIND])
-            raise LayoutError(f"{self.name!r} is an shmq {got}, expected a {want}")
+        check_header(self.name, self.buf, self.size, kind)
 
     def _reopen_lock_fd(self) -> None:
         if self._closed or self._lock_fd < 0:
@@ -294,15 +301,7 @@ class Segment:
     def participants(self) -> List[Participant]:
         """The registered processes, with whether each is still alive."""
         self._check_open()
-        w = self.words
-        out = []
-        for i in range(L.PARTICIPANTS):
-            base = L.participant_word(i)
-            pid = w[base + L.P_PID]
-            if pid:
-                start = w[base + L.P_START_US]
-                out.append(Participant(pid, start, w[base + L.P_ROLE], P.is_alive(pid, start)))
-        return out
+        return read_participants(self.words)
 
     @property
     def creator_pid(self) -> int:
@@ -342,18 +341,26 @@ class Segment:
         self._teardown()
 
     def _teardown(self) -> None:
+        self._closed = True  # also for a half-built handle: nothing left to warn about
         fin = getattr(self, "_finalizer", None)
         if fin is not None:
             fin()
         elif self._mmap is not None:
             _release_mapping(self._mmap, [], [getattr(self, "_fd", -1), self._lock_fd])
+        elif getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
 
     def unlink(self) -> None:
         """Remove the segment's name (and its semaphores) for every process.
         Mappings already open keep working.  Safe to call more than once."""
+        self.disown()
+        P.shm_unlink(self.name)
+
+    def disown(self) -> None:
+        """Hand the name's lifetime to others: this process no longer unlinks
+        it at exit (whoever consumes the segment does, or ``shmq gc``)."""
         with _owned_lock:
             _owned.pop(self.name, None)
-        P.shm_unlink(self.name)
 
     def __enter__(self) -> "Segment":
         return self
@@ -399,3 +406,127 @@ _TOKEN = object()
 
 def iter_segment_names() -> Iterator[str]:
     yield from P.list_shm_names()
+
+
+def check_header(name: str, buf: memoryview, size: int, kind: Optional[int] = None) -> None:
+    """Raise LayoutError unless ``buf`` (a mapping of the whole segment
+    ``name``, ``size`` bytes) holds a complete shmq header of this layout
+    version (and of ``kind``, when given)."""
+    found = bytes(buf[0:8])
+    if found != L.MAGIC:
+        raise LayoutError(f"{name!r} is not an shmq segment: expected magic {L.MAGIC!r}, found {found!r}")
+    w = buf.cast("q")
+    if w[L.W_VERSION] != L.LAYOUT_VERSION:
+        raise LayoutError(f"{name!r} has shmq layout version {w[L.W_VERSION]}, expected {L.LAYOUT_VERSION}")
+    if w[L.W_SIZE] != size:
+        raise LayoutError(f"{name!r} header says {w[L.W_SIZE]} bytes, but the segment has {size}")
+    if kind is not None and w[L.W_KIND] != kind:
+        want = L.KIND_NAMES.get(kind, kind)
+        got = L.KIND_NAMES.get(w[L.W_KIND], w[L.W_KIND])
+        raise LayoutError(f"{name!r} is an shmq {got}, expected a {want}")
+
+
+def read_participants(words: memoryview) -> List[Participant]:
+    """The processes registered in a segment's participant table (``words``:
+    the segment as int64 words), with whether each is still alive."""
+    out = []
+    for i in range(L.PARTICIPANTS):
+        base = L.participant_word(i)
+        pid = words[base + L.P_PID]
+        if pid:
+            start = words[base + L.P_START_US]
+            out.append(Participant(pid, start, words[base + L.P_ROLE], P.is_alive(pid, start)))
+    return out
+
+
+class SegmentView:
+    """A read-only mapping of an existing segment, for tools that inspect
+    segments without joining them (``shmq ls``/``stat``/``top``/``gc``): it
+    takes no participant entry, opens no semaphore and never writes.
+
+    ``SegmentView.open(name)`` raises FileNotFoundError, PermissionError, or
+    LayoutError if ``name`` is not a complete shmq segment of this layout
+    version (a segment whose creator has not published it yet included).
+    ``words`` is the segment as read-only int64 words (see ``_layout``).
+    """
+
+    __slots__ = ("name", "size", "kind", "words", "_buf", "_mmap", "_ident")
+
+    def __init__(self, name: str, mm: mmap.mmap, ident: tuple) -> None:
+        self.name = name
+        self.size = len(mm)
+        self._mmap = mm
+        self._buf = memoryview(mm)
+        self.words = self._buf.cast("q")
+        self._ident = ident
+        self.kind = self.words[L.W_KIND]
+
+    @classmethod
+    def open(cls, name: str) -> "SegmentView":
+        name = P.check_name(name)
+        try:
+            fd = P.shm_open_readonly(name)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as exc:
+            raise LayoutError(f"{name!r} is not an shmq segment: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size < L.DATA_OFFSET:
+                raise LayoutError(
+                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes, found {st.st_size}"
+                )
+            mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self = cls(name, mm, (st.st_dev, st.st_ino))
+        try:
+            check_header(name, self._buf, st.st_size)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def creator_pid(self) -> int:
+        return self.words[L.W_CREATOR_PID]
+
+    @property
+    def created_ns(self) -> int:
+        """Wall-clock creation time (``time.time_ns()``)."""
+        return self.words[L.W_CREATED_NS]
+
+    def creator_alive(self) -> bool:
+        w = self.words
+        return P.is_alive(w[L.W_CREATOR_PID], w[L.W_CREATOR_START_US])
+
+    def participants(self) -> List[Participant]:
+        return read_participants(self.words)
+
+    def is_current(self) -> bool:
+        """True while ``name`` still names this segment (not unlinked, not
+        replaced by a newer segment of the same name)."""
+        try:
+            st = os.stat(os.path.join(P.SHM_DIR, self.name))
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        mm = self._mmap
+        if mm is None:
+            return
+        self._mmap = None
+        self.words.release()
+        self._buf.release()
+        mm.close()
+
+    def __enter__(self) -> "SegmentView":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SegmentView {self.name!r} {L.KIND_NAMES.get(self.kind, self.kind)}, {self.size} bytes>"

@@ -1,14 +1,48 @@
-"""Statistics read from a ring's shared header: frozen dataclasses any
-process can produce from the segment's name."""
+"""Statistics and inventory of shmq segments, read from their shared headers.
+
+Everything here works from a segment's *name* in any process, without
+joining the segment: :func:`read_statistics` maps it read-only
+(:class:`~shmq._segment.SegmentView`), so an observer never appears among
+the participants and never writes shared memory.
+
+* :class:`RingStatistics`: one ring's counters (``Ring.statistics()``).
+* :class:`SegmentInfo`: what the common header tells about any segment
+  (kind, size, creator, age, participants): ``shmq ls``, and the fallback
+  for kinds without a statistics reader.
+* :class:`Rates` / :func:`rates`: messages/s, bytes/s and blocked time
+  between two snapshots, with a :func:`verdict` a person can act on.
+* :class:`Garbage` / :func:`collect_garbage`: segments and semaphores whose
+  creator and participants are all dead (``shmq gc``).
+
+shmq never drops a message (a full ring blocks the writer or raises Full), so
+there is no drop counter: back-pressure shows as ``full_waits``.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import _layout as L
+from . import _platform as P
+from ._errors import LayoutError
+from ._segment import SegmentView
 
-__all__ = ("ParticipantInfo", "RingStatistics", "ring_statistics")
+__all__ = (
+    "VERDICTS",
+    "Garbage",
+    "ParticipantInfo",
+    "Rates",
+    "RingStatistics",
+    "SegmentInfo",
+    "collect_garbage",
+    "list_segments",
+    "rates",
+    "read_statistics",
+    "ring_statistics",
+    "segment_info",
+    "verdict",
+)
 
 
 @dataclass(frozen=True)
@@ -72,30 +106,334 @@ class RingStatistics:
         return ratio
 
 
-def ring_statistics(ring) -> RingStatistics:
-    """Snapshot the counters of ``ring`` (a RingBuffer)."""
-    c = ring.counters()
-    seg = ring.segment
-    parts = tuple(
-        ParticipantInfo(p.pid, "+".join(p.roles), p.alive) for p in seg.participants()
-    )
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What the common header of any shmq segment tells."""
+
+    #: segment name
+    name: str
+    #: "ring", "pool", "blob", "queue"/"joinable-queue"/"simple-queue" (the
+    #: main ring of a shmq queue), "queue-side" (its side ring for large
+    #: items), or "kind <n>" for a kind this version does not know
+    kind: str
+    #: total bytes of the segment (header included)
+    size_bytes: int
+    #: pid of the creating process
+    creator_pid: int
+    #: the creating process still runs
+    creator_alive: bool
+    #: wall-clock creation time, seconds since the epoch
+    created: float
+    #: registered processes
+    participants: Tuple[ParticipantInfo, ...]
+    #: time.monotonic() when the snapshot was taken
+    taken_at: float
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.created)
+
+    @property
+    def in_use(self) -> bool:
+        """The creator or some participant still runs."""
+        return self.creator_alive or any(p.alive for p in self.participants)
+
+
+def _participants(seg: Any) -> Tuple[ParticipantInfo, ...]:
+    return tuple(ParticipantInfo(p.pid, "+".join(p.roles), p.alive) for p in seg.participants())
+
+
+def _ring_statistics(name: str, w: memoryview, seg: Any) -> RingStatistics:
+    # Consumer-side words first: every counter only grows, so "out" read
+    # before "in" never makes the amount held negative.
+    head, msgs_out = w[L.W_HEAD], w[L.W_MSGS_OUT]
+    empty_waits, empty_ns = w[L.W_EMPTY_WAITS], w[L.W_EMPTY_WAIT_NS]
+    tail, msgs_in = w[L.W_TAIL], w[L.W_MSGS_IN]
+    used = tail - head
     return RingStatistics(
-        name=ring.name,
-        capacity_bytes=c["capacity_bytes"],
-        max_messages=c["max_messages"],
-        messages_in=c["messages_in"],
-        messages_out=c["messages_out"],
-        bytes_in=c["bytes_in"],
-        bytes_out=c["bytes_out"],
-        messages_used=max(0, c["messages_in"] - c["messages_out"]),
-        bytes_used=c["bytes_used"],
-        peak_bytes=max(c["peak_bytes"], c["bytes_used"]),
-        full_waits=c["full_waits"],
-        full_wait_seconds=c["full_wait_ns"] / 1e9,
-        empty_waits=c["empty_waits"],
-        empty_wait_seconds=c["empty_wait_ns"] / 1e9,
-        creator_pid=seg.words[L.W_CREATOR_PID],
+        name=name,
+        capacity_bytes=w[L.W_CAPACITY],
+        max_messages=w[L.W_MAX_MESSAGES],
+        messages_in=msgs_in,
+        messages_out=msgs_out,
+        bytes_in=tail,
+        bytes_out=head,
+        messages_used=max(0, msgs_in - msgs_out),
+        bytes_used=used,
+        peak_bytes=max(w[L.W_PEAK_BYTES], used),
+        full_waits=w[L.W_FULL_WAITS],
+        full_wait_seconds=w[L.W_FULL_WAIT_NS] / 1e9,
+        empty_waits=empty_waits,
+        empty_wait_seconds=empty_ns / 1e9,
+        creator_pid=w[L.W_CREATOR_PID],
         creator_alive=seg.creator_alive(),
-        participants=parts,
+        participants=_participants(seg),
         taken_at=time.monotonic(),
     )
+
+
+def ring_statistics(ring: Any) -> RingStatistics:
+    """Snapshot the counters of ``ring`` (a RingBuffer)."""
+    seg = ring.segment
+    return _ring_statistics(ring.name, seg.words, seg)
+
+
+_QUEUE_ROLES = {
+    L.QUEUE_KIND_QUEUE: "queue",
+    L.QUEUE_KIND_JOINABLE: "joinable-queue",
+    L.QUEUE_KIND_SIMPLE: "simple-queue",
+    L.QUEUE_KIND_SIDE: "queue-side",
+}
+
+
+def _kind_name(view: SegmentView) -> str:
+    """"ring", "pool", "blob", or for the rings of a shmq.Queue "queue" (its
+    main ring; "joinable-queue", "simple-queue") and "queue-side"."""
+    if view.kind == L.KIND_RING:
+        return _QUEUE_ROLES.get(view.words[L.W_QUEUE_KIND], "ring")
+    return L.KIND_NAMES.get(view.kind, f"kind {view.kind}")
+
+
+def _segment_info(view: SegmentView) -> SegmentInfo:
+    w = view.words
+    return SegmentInfo(
+        name=view.name,
+        kind=_kind_name(view),
+        size_bytes=view.size,
+        creator_pid=w[L.W_CREATOR_PID],
+        creator_alive=view.creator_alive(),
+        created=w[L.W_CREATED_NS] / 1e9,
+        participants=_participants(view),
+        taken_at=time.monotonic(),
+    )
+
+
+def segment_info(name: str) -> SegmentInfo:
+    """The common header of segment ``name``.  Raises FileNotFoundError,
+    PermissionError, or LayoutError if it is not a complete shmq segment."""
+    with SegmentView.open(name) as view:
+        return _segment_info(view)
+
+
+def _pool_reader() -> Optional[Callable[[SegmentView], Any]]:
+    """The slot pool's header reader, once ``_slots`` provides one:
+    ``_slots.view_statistics(view) -> frozen dataclass``."""
+    try:
+        from . import _slots  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(_slots, "view_statistics", None)
+
+
+def read_statistics(name: str) -> Any:
+    """A statistics snapshot of segment ``name``, read-only, from any process:
+    RingStatistics for a ring, the pool's statistics for a slot pool (or
+    SegmentInfo while no reader for that kind exists).  Raises
+    FileNotFoundError, PermissionError, or LayoutError (not an shmq segment of
+    this layout version)."""
+    with SegmentView.open(name) as view:
+        if view.kind == L.KIND_RING:
+            return _ring_statistics(view.name, view.words, view)
+        if view.kind == L.KIND_POOL:
+            reader = _pool_reader()
+            if reader is not None:
+                return reader(view)
+        return _segment_info(view)
+
+
+def list_segments(prefix: str = "", problems: Optional[List[Tuple[str, str]]] = None) -> List[SegmentInfo]:
+    """Every shmq segment in /dev/shm whose name starts with ``prefix``,
+    identified by its magic (other files are ignored).  Entries that look
+    like shmq but cannot be read (another user's, another layout version) are
+    appended to ``problems`` as ``(name, reason)`` when it is given."""
+    out = []
+    for name in P.list_shm_names():
+        if not name.startswith(prefix):
+            continue
+        try:
+            with SegmentView.open(name) as view:
+                out.append(_segment_info(view))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except PermissionError as exc:
+            if problems is not None:
+                problems.append((name, exc.strerror or "permission denied"))
+        except LayoutError as exc:
+            # A foreign file, or a segment whose creator has not published it
+            # yet: not ours to show.  Another shmq layout version is.
+            if problems is not None and "layout version" in str(exc):
+                problems.append((name, str(exc)))
+        except ValueError:
+            continue  # a name shmq never makes (too long): not an shmq segment
+    return out
+
+
+# -- rates and verdict -----------------------------------------------------
+
+VERDICTS = ("idle", "producer-bound", "consumer-bound", "balanced")
+
+#: a side "waits" when its processes spent at least this share of the interval blocked
+WAIT_RATIO = 0.2
+#: a queue is "mostly full" at or above this fill ratio (mean of the two snapshots)
+MOSTLY_FULL = 0.8
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What happened on one queue between two statistics snapshots."""
+
+    #: segment name
+    name: str
+    #: seconds between the snapshots
+    interval_seconds: float
+    #: records written / read per second
+    messages_in_per_second: float
+    messages_out_per_second: float
+    #: ring bytes written / released per second (headers and padding included)
+    bytes_in_per_second: float
+    bytes_out_per_second: float
+    #: seconds producers spent blocked on a full queue, per second; summed
+    #: over producers, so 2.0 means two producers blocked throughout
+    producer_wait_ratio: float
+    #: seconds consumers spent blocked on an empty queue, per second (summed)
+    consumer_wait_ratio: float
+    #: fill ratio in the later snapshot
+    fill_ratio: float
+    #: one of VERDICTS, see :func:`verdict`
+    verdict: str
+
+
+def verdict(producer_wait_ratio: float, consumer_wait_ratio: float, mean_fill_ratio: float, moved: bool) -> str:
+    """What limits a queue, in words a person can act on:
+
+    * ``"consumer-bound"``: producers spent at least WAIT_RATIO of the time
+      blocked on a full queue, or it stayed mostly full: add consumers or
+      make them faster (or give the queue more room for bursts).
+    * ``"producer-bound"``: consumers spent at least WAIT_RATIO of the time
+      blocked on an empty queue: the consumers keep up; the producers set
+      the pace.
+    * ``"balanced"``: messages moved and neither side waited much.
+    * ``"idle"``: nothing moved and nobody waited.
+
+    Blocked time is counted when a blocked call returns, so a process that
+    stays blocked for the whole interval shows up only through the fill.
+    """
+    full_side = producer_wait_ratio >= WAIT_RATIO or mean_fill_ratio >= MOSTLY_FULL
+    empty_side = consumer_wait_ratio >= WAIT_RATIO
+    if full_side and (not empty_side or producer_wait_ratio >= consumer_wait_ratio):
+        return "consumer-bound"
+    if empty_side:
+        return "producer-bound"
+    return "balanced" if moved else "idle"
+
+
+def rates(before: Any, after: Any) -> Rates:
+    """Rates between two snapshots of the same queue (``after`` taken later).
+
+    Works with any statistics object that has ``name``, ``taken_at``,
+    ``messages_in/out``, ``bytes_in/out``, ``full_wait_seconds``,
+    ``empty_wait_seconds`` and ``fill_ratio`` (RingStatistics, and the queue
+    and pool statistics that mirror it).  Raises ValueError if ``after`` was
+    not taken after ``before`` or belongs to another queue.
+    """
+    if before.name != after.name:
+        raise ValueError(f"snapshots of different queues: {before.name!r} and {after.name!r}")
+    dt = after.taken_at - before.taken_at
+    if dt <= 0:
+        raise ValueError(f"'after' must be taken after 'before', got an interval of {dt} s")
+    m_in = max(0, after.messages_in - before.messages_in)
+    m_out = max(0, after.messages_out - before.messages_out)
+    p_wait = max(0.0, after.full_wait_seconds - before.full_wait_seconds) / dt
+    c_wait = max(0.0, after.empty_wait_seconds - before.empty_wait_seconds) / dt
+    mean_fill = (before.fill_ratio + after.fill_ratio) / 2
+    return Rates(
+        name=after.name,
+        interval_seconds=dt,
+        messages_in_per_second=m_in / dt,
+        messages_out_per_second=m_out / dt,
+        bytes_in_per_second=max(0, after.bytes_in - before.bytes_in) / dt,
+        bytes_out_per_second=max(0, after.bytes_out - before.bytes_out) / dt,
+        producer_wait_ratio=p_wait,
+        consumer_wait_ratio=c_wait,
+        fill_ratio=after.fill_ratio,
+        verdict=verdict(p_wait, c_wait, mean_fill, bool(m_in or m_out)),
+    )
+
+
+# -- garbage ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """A segment or semaphore nobody alive can use any more."""
+
+    #: the segment's kind (see SegmentInfo; removed with its semaphores), or "semaphore"
+    kind: str
+    #: segment or semaphore name
+    name: str
+    #: bytes the entry holds in /dev/shm (0 for a semaphore)
+    size_bytes: int
+    #: why it is garbage, in words
+    reason: str
+
+
+def _dead_segment(view: SegmentView) -> Optional[Garbage]:
+    info = _segment_info(view)
+    if info.in_use:
+        return None
+    pids = ", ".join(str(p.pid) for p in info.participants if p.pid != info.creator_pid)
+    reason = f"creator {info.creator_pid} is dead" + (f", and so are participants {pids}" if pids else "")
+    return Garbage(info.kind, info.name, info.size_bytes, reason)
+
+
+def _orphan_semaphore(name: str, segments: Set[str]) -> Optional[Garbage]:
+    for suffix in P.SEM_SUFFIXES:
+        if name.endswith(suffix):
+            break
+    else:
+        return None
+    if name[: -len(suffix)] in segments:
+        return None  # belongs to an existing segment: goes (or stays) with it
+    pid = P.generated_name_pid(name)
+    if not pid or P.is_alive(pid):
+        return None
+    return Garbage("semaphore", name, 0, f"its segment is gone and its creator {pid} is dead")
+
+
+def collect_garbage(prefix: str = "", dry_run: bool = False) -> List[Garbage]:
+    """Find, and unless ``dry_run`` remove, what nobody alive can use:
+
+    * shmq segments (recognised by their magic) whose creator and every
+      registered participant are dead (a zombie, or a pid now used by another
+      process, counts as dead), together with their semaphores;
+    * semaphores with an shmq suffix whose segment is gone, named by
+      ``new_name()`` after a creator pid that is dead.
+
+    Only names starting with ``prefix`` are considered.  A segment is removed
+    only if its name still refers to the file that was checked.  Returns what
+    was (or would be) removed.
+    """
+    found: List[Garbage] = []
+    names = P.list_shm_names()
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            with SegmentView.open(name) as view:
+                item = _dead_segment(view)
+                if item is None or not view.is_current():
+                    continue
+                if not dry_run:
+                    P.shm_unlink(name)  # the segment and its semaphores
+        except (OSError, LayoutError, ValueError):
+            continue  # gone, not ours to read, or not an shmq segment (or name)
+        found.append(item)
+    segments = set(names)
+    for name in P.list_shm_semaphores():
+        if name.startswith(prefix):
+            item = _orphan_semaphore(name, segments)
+            if item is not None:
+                if not dry_run:
+                    P.sem_unlink(name)
+                found.append(item)
+    return found

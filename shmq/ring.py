@@ -110,9 +110,9 @@ class Ring(RingBuffer):
         if not ok:
             raise Full(f"ring {self.name!r} stayed full")
 
-    def _block_reading(self, deadline: Optional[float]) -> None:
+    def _block_reading(self, deadline: Optional[float], ready=None) -> None:
         t0 = _perf_ns()
-        ok = wait_until(self.can_read, self._not_empty, deadline, self.spin)
+        ok = wait_until(ready or self.can_read, self._not_empty, deadline, self.spin)
         w = self._w
         w[L.W_EMPTY_WAITS] += 1
         w[L.W_EMPTY_WAIT_NS] += _perf_ns() - t0

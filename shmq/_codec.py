@@ -1,0 +1,520 @@
+"""Objects <-> message bytes, with large buffers moved through slot pools.
+
+Two message forms share one byte stream:
+
+* **plain**: ``pickle.dumps(obj, protocol=5)``, as any queue would send it.
+  Objects without large buffers always take this form, so they cost nothing
+  extra (their first byte is pickle's PROTO opcode, 0x80).
+* **slot message**: a small header naming a pool and the slots that carry the
+  large buffers, then (for pickled objects) the pickle itself, whose
+  out-of-band buffers (protocol 5) are those slots, in order::
+
+      0   3  MAGIC b"\\x00SQ"
+      3   1  kind: 1 pickle, 2 raw bytes, 3 ndarray
+      4   1  flags: bit 0 the object was bytes, bit 1 bytearray, bit 2 the
+             dtype is pickled (kind 3, structured dtypes)
+      5   2  number of slot references n (uint16)
+      7   1  length of the pool name, then the name (ASCII)
+      ..     n references: slot index (uint32), generation (uint32),
+             buffer length (uint64)
+      ..     kind 1: the pickle; kind 3: dtype (length byte + dtype.str, or
+             uint32 length + pickled dtype), ndim (byte), shape (ndim int64)
+
+  All integers little-endian.
+
+Encoding copies each large buffer once, into a slot.  Decoding copies
+nothing: each slot becomes a read-only numpy ``uint8`` array (the *anchor*)
+over the slot; pickle hands it to numpy as the out-of-band buffer, so every
+array rebuilt from it, and every view or slice derived from those, has the
+anchor as its ``.base`` (numpy stops collapsing the base chain at an array
+whose own base is not an array).  A weak reference with a callback watches
+the anchor: when the last view dies, the slot is released and returned to its
+source.  ``copy=True`` gives private, writable copies and releases at once.
+
+A message must be decoded exactly once per delivery.  The consumer reads the
+message off the ring *before* it acquires the slots, so a receiver killed
+between the two leaves an orphan: once a process attached to the ring is
+found dead, the source frees a slot whose message the ring shows consumed
+but nobody acquired for ``_slots.ORPHAN_SECONDS`` (see ``RingFence``).  A live
+receiver may keep read records undecoded as long as it likes.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _layout as L
+from ._errors import ClosedError, SlotError
+from ._slots import RECLAIM_INTERVAL, SlotPool
+
+__all__ = (
+    "DEFAULT_THRESHOLD",
+    "MAGIC",
+    "Codec",
+    "Lease",
+    "RingFence",
+    "encode",
+    "decode",
+    "is_slot_message",
+)
+
+#: buffers at least this large travel through a slot instead of the ring
+DEFAULT_THRESHOLD = 64 * 1024
+MAGIC = b"\x00SQ"
+PROTOCOL = 5
+
+K_PICKLE, K_RAW, K_ARRAY = 1, 2, 3
+F_BYTES, F_BYTEARRAY, F_PICKLED_DTYPE = 1, 2, 4
+
+_HEAD = struct.Struct("<3sBBHB")  # magic, kind, flags, nrefs, name length
+_REF = struct.Struct("<IIQ")
+_U32 = struct.Struct("<I")
+_dumps = pickle.dumps
+_loads = pickle.loads
+_RAW_TYPES = (bytes, bytearray, memoryview)
+_U8 = np.dtype(np.uint8)
+_monotonic = time.monotonic
+_process = [0]  # bumped in forked children: "registered in this process" checks
+
+
+def _forked() -> None:
+    _process[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+class RingFence:
+    """Where the messages of a pool travel: a ring's TAIL (``position()``),
+    whether its readers have passed a position (``passed(pos)``), and whether
+    a process attached to it has died (``someone_died()``).  Lets a pool tell
+    a message still queued from one consumed by a receiver that died before
+    decoding it (a live receiver always decodes what it read, however late)."""
+
+    __slots__ = ("_w", "_segment", "_died", "_checked")
+
+    def __init__(self, ring: Any) -> None:
+        self._segment = ring.segment
+        self._w = ring.segment.words
+        self._died = False
+        self._checked = -1.0
+
+    def position(self) -> int:
+        return self._w[L.W_TAIL]
+
+    def passed(self, position: int) -> bool:
+        return self._w[L.W_HEAD] >= position
+
+    def someone_died(self) -> bool:
+        """True once a process registered with the ring is found dead
+        (checked at most every RECLAIM_INTERVAL)."""
+        if not self._died:
+            now = _monotonic()
+            if now - self._checked >= RECLAIM_INTERVAL:
+                self._checked = now
+                self._died = any(not p.alive for p in self._segment.participants())
+        return self._died
+
+
+class Lease:
+    """The slots of one encoded message, on the sending side.  Call
+    :meth:`sent` once the message is written, or :meth:`abort` if the write
+    failed (the slots are freed, nothing was shown to anybody)."""
+
+    __slots__ = ("pool", "indices", "_fence", "_open")
+
+    def __init__(self, pool: SlotPool, indices: List[int], fence: Optional[RingFence]) -> None:
+        self.pool = pool
+        self.indices = indices
+        self._fence = fence
+        self._open = True
+
+    def sent(self) -> None:
+        if self._open:
+            self._open = False
+            fence = self._fence
+            self.pool.set_fence(self.indices, 0 if fence is None else fence.position())
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self.pool.abort(self.indices)
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.pool.name!r} slots {self.indices}{' open' if self._open else ''}>"
+
+
+def is_slot_message(data: Any) -> bool:
+    """True if ``data`` is a slot message (not a plain pickle)."""
+    return bytes(data[:3]) == MAGIC
+
+
+# -- encoding -------------------------------------------------------------
+_PREFIXES: Dict[tuple, bytes] = {}
+
+
+def _prefix(pool: SlotPool, kind: int, flags: int, nrefs: int) -> bytes:
+    key = (pool.name, kind, flags, nrefs)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        name = pool.name.encode()
+        prefix = _HEAD.pack(MAGIC, kind, flags, nrefs, len(name)) + name
+        if len(_PREFIXES) > 4096:
+            _PREFIXES.clear()
+        _PREFIXES[key] = prefix
+    return prefix
+
+
+def encode(
+    obj: Any,
+    pool: Optional[SlotPool] = None,
+    *,
+    threshold: int = DEFAULT_THRESHOLD,
+    timeout: Optional[float] = None,
+    deliveries: int = 1,
+    fence: Optional[RingFence] = None,
+) -> Tuple[bytes, Optional[Lease]]:
+    """Encode ``obj``; returns ``(data, lease)``.
+
+    Without a pool, or without buffers of at least ``threshold`` bytes,
+    ``data`` is the plain protocol-5 pickle and ``lease`` is None.  Otherwise
+    the large buffers (top-level bytes-likes, and every pickle protocol-5
+    out-of-band buffer such as numpy arrays anywhere in ``obj``) are copied
+    into slots of ``pool`` -- waiting for free slots up to ``timeout`` seconds
+    (back-pressure: raises Full) -- and ``lease`` must be told ``sent()`` or
+    ``abort()`` (the slots are not freed before ``sent()``, however quickly
+    receivers return them).  ``deliveries``: how many receivers will decode
+    ``data`` (broadcast).  ``fence``: the ring ``data`` will be written to.
+    """
+    if pool is None:
+        return _pickle(obj, None), None
+    limit = pool.slot_size
+    if type(obj) in _RAW_TYPES:
+        mv = memoryview(obj)
+        n = mv.nbytes
+        if threshold <= n <= limit and mv.contiguous:
+            flags = F_BYTES if type(obj) is bytes else F_BYTEARRAY if type(obj) is bytearray else 0
+            return _place(pool, [mv], _prefix(pool, K_RAW, flags, 1), b"", timeout, deliveries, fence)
+        return _pickle(obj, None), None
+    bufs: List[memoryview] = []
+
+    def big(pb: pickle.PickleBuffer) -> bool:
+        m = pb.raw()
+        if threshold <= m.nbytes <= limit:
+            bufs.append(m)
+            return False
+        return True
+
+    data = _pickle(obj, big, bufs)
+    if not bufs:
+        return data, None
+    if len(bufs) > 0xFFFF:
+        raise ValueError(f"an object with {len(bufs)} large buffers cannot be sent (at most 65535)")
+    return _place(pool, bufs, _prefix(pool, K_PICKLE, 0, len(bufs)), data, timeout, deliveries, fence)
+
+
+def _pickle(obj: Any, buffer_callback: Optional[Callable], bufs: Optional[list] = None) -> bytes:
+    """Protocol-5 pickle of ``obj``; objects only ``multiprocessing``'s
+    pickler knows (connections, sockets) work too."""
+    try:
+        return _dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+    except Exception as exc:
+        from multiprocessing.reduction import ForkingPickler
+
+        if bufs:
+            bufs.clear()
+        out = io.BytesIO()
+        try:
+            ForkingPickler(out, PROTOCOL, True, buffer_callback).dump(obj)  # it takes positional arguments only
+        except Exception:
+            raise exc from None
+        return out.getvalue()
+
+
+def _place(
+    pool: SlotPool,
+    bufs: Sequence[memoryview],
+    prefix: bytes,
+    tail: bytes,
+    timeout: Optional[float],
+    deliveries: int,
+    fence: Optional[RingFence],
+) -> Tuple[bytes, Lease]:
+    indices = pool.allocate(len(bufs), timeout)
+    try:
+        sizes = []
+        for i, src in zip(indices, bufs):
+            n = src.nbytes
+            dst = pool.view(i, n)
+            try:
+                dst[:] = src.cast("B") if src.ndim != 1 or src.format != "B" else src
+            finally:
+                dst.release()
+            sizes.append(n)
+        gens = pool.mark_sent(indices, sizes, deliveries, fenced=True)
+    except BaseException:
+        pool.abort(indices)
+        raise
+    parts = [prefix]
+    for ref in zip(indices, gens, sizes):
+        parts.append(_REF.pack(*ref))
+    parts.append(tail)
+    return b"".join(parts), Lease(pool, indices, fence)
+
+
+_DTYPE_HEADERS: Dict[tuple, Tuple[int, bytes]] = {}
+
+
+def dtype_header(dtype: np.dtype, shape: Tuple[int, ...]) -> Tuple[int, bytes]:
+    """(flags, bytes) describing an array of ``dtype`` and ``shape`` (kind 3)."""
+    key = (dtype, shape)
+    found = _DTYPE_HEADERS.get(key)
+    if found is None:
+        found = _dtype_header(dtype, shape)
+        if len(_DTYPE_HEADERS) > 4096:
+            _DTYPE_HEADERS.clear()
+        _DTYPE_HEADERS[key] = found
+    return found
+
+
+def _dtype_header(dtype: np.dtype, shape: Tuple[int, ...]) -> Tuple[int, bytes]:
+    if dtype.fields is None and dtype.subdtype is None and not dtype.hasobject:
+        s = dtype.str.encode()
+        head = bytes((len(s),)) + s
+        flags = 0
+    elif dtype.hasobject:
+        raise TypeError(f"arrays of Python objects cannot live in a slot (dtype {dtype})")
+    else:
+        p = _dumps(dtype, PROTOCOL)
+        head = _U32.pack(len(p)) + p
+        flags = F_PICKLED_DTYPE
+    if len(shape) > 64:
+        raise ValueError(f"'shape' may have at most 64 dimensions, got {len(shape)}")
+    return flags, head + bytes((len(shape),)) + struct.pack(f"<{len(shape)}q", *shape)
+
+
+def loan_message(
+    pool: SlotPool,
+    index: int,
+    nbytes: int,
+    *,
+    array: Optional[Tuple[int, bytes]] = None,
+    deliveries: int = 1,
+    fenced: bool = False,
+) -> bytes:
+    """Mark a loaned slot the source filled in place as sent, and return its
+    message (raw bytes, or an array when ``array`` is the result of
+    :func:`dtype_header`).  With ``fenced``, report the ring position with
+    ``pool.set_fence`` after writing the message (or ``pool.unsend``)."""
+    (gen,) = pool.mark_sent((index,), (nbytes,), deliveries, fenced)
+    if array is None:
+        return _prefix(pool, K_RAW, 0, 1) + _REF.pack(index, gen, nbytes)
+    return _prefix(pool, K_ARRAY, array[0], 1) + _REF.pack(index, gen, nbytes) + array[1]
+
+
+# -- decoding -------------------------------------------------------------
+# Live anchors: id(weakref) -> (weakref, pool, index, generation, epoch).
+_LIVE: Dict[int, tuple] = {}
+
+
+def _anchor_gone(ref: "weakref.ref") -> None:
+    entry = _LIVE.pop(id(ref), None)
+    if entry is not None:
+        try:
+            entry[1].release_later(entry[2], entry[3], entry[4])
+        except Exception:  # a finalizer must never raise (interpreter shutdown)
+            pass
+
+
+def _anchor(pool: SlotPool, index: int, gen: int, nbytes: int, tokens: Optional[list]) -> np.ndarray:
+    view = pool.acquire(index, gen)
+    if view.nbytes != nbytes:
+        held = view.nbytes
+        view.release()
+        pool.release(index, gen)
+        raise SlotError(
+            f"corrupt slot reference: slot {index} of pool {pool.name!r} holds {held} bytes, "
+            f"the message says {nbytes}"
+        )
+    anchor = np.frombuffer(view, _U8)
+    ref = weakref.ref(anchor, _anchor_gone)
+    _LIVE[id(ref)] = (ref, pool, index, gen, pool.epoch)
+    if tokens is not None:
+        tokens.append(id(ref))
+    return anchor
+
+
+def release_tokens(tokens: Sequence[int]) -> int:
+    """Release the slots behind ``tokens`` (from :func:`decode_held`) now,
+    without waiting for their views to die.  Returns how many were held."""
+    count = 0
+    for t in tokens:
+        entry = _LIVE.pop(t, None)
+        if entry is not None:
+            entry[1].release(entry[2], entry[3])
+            count += 1
+    return count
+
+
+def decode(data: Any, resolver: Optional[Callable[[str], SlotPool]] = None, *, copy: bool = False, exact_types: bool = False) -> Any:
+    """The object encoded in ``data``.  ``resolver(name)`` returns the
+    attached pool of that name (needed for slot messages).
+
+    Large buffers come back zero-copy and read-only: numpy arrays as arrays,
+    raw bytes as a read-only ``memoryview`` (with ``exact_types``, objects
+    sent as bytes/bytearray come back as such, copied).  ``copy=True`` gives
+    private writable copies instead.  Raises SlotError for a reference that
+    names no slot in flight.
+    """
+    if data[0] == 0x80:
+        return _loads(data)
+    return decode_held(data, resolver, copy=copy, exact_types=exact_types)[0]
+
+
+_ARRAY_META: Dict[bytes, Tuple[np.dtype, Tuple[int, ...]]] = {}
+
+
+def _array_meta(meta: bytes, flags: int) -> Tuple[np.dtype, Tuple[int, ...]]:
+    found = _ARRAY_META.get(meta)
+    if found is None:
+        if flags & F_PICKLED_DTYPE:
+            (plen,) = _U32.unpack_from(meta, 0)
+            dtype = _loads(meta[4 : 4 + plen])
+            off = 4 + plen
+        else:
+            dlen = meta[0]
+            dtype = np.dtype(meta[1 : 1 + dlen].decode())
+            off = 1 + dlen
+        ndim = meta[off]
+        found = (dtype, struct.unpack_from(f"<{ndim}q", meta, off + 1))
+        if len(_ARRAY_META) > 4096:
+            _ARRAY_META.clear()
+        _ARRAY_META[meta] = found
+    return found
+
+
+def decode_held(
+    data: Any,
+    resolver: Optional[Callable[[str], SlotPool]],
+    *,
+    copy: bool = False,
+    exact_types: bool = False,
+) -> Tuple[Any, List[int]]:
+    """Like :func:`decode`, also returning tokens for :func:`release_tokens`."""
+    if data[:3] != MAGIC:
+        return _loads(data), []
+    _, kind, flags, nrefs, nlen = _HEAD.unpack_from(data, 0)
+    off = _HEAD.size + nlen
+    if resolver is None:
+        raise SlotError("a slot message needs a pool resolver to be decoded")
+    pool = resolver(bytes(data[_HEAD.size : off]).decode())
+    tokens: List[int] = []
+    anchors: List[Any] = []
+    try:
+        for _ in range(nrefs):
+            index, gen, nbytes = _REF.unpack_from(data, off)
+            off += _REF.size
+            anchors.append(_anchor(pool, index, gen, nbytes, tokens))
+        if copy or (exact_types and kind == K_RAW and flags & (F_BYTES | F_BYTEARRAY)):
+            if kind == K_RAW and flags & F_BYTES:
+                anchors = [a.tobytes() for a in anchors]
+            else:
+                anchors = [bytearray(a) for a in anchors]
+            release_tokens(tokens)
+            tokens = []
+        if kind == K_ARRAY:
+            dtype, shape = _array_meta(bytes(data[off:]), flags)
+            obj = np.ndarray(shape, dtype, anchors[0])
+        elif kind == K_PICKLE:
+            obj = _loads(data[off:], buffers=anchors)
+        elif kind == K_RAW:
+            a = anchors[0]
+            obj = a if isinstance(a, (bytes, bytearray)) else memoryview(a)
+        else:
+            raise SlotError(f"corrupt slot message: unknown kind {kind}")
+    except BaseException:
+        release_tokens(tokens)
+        raise
+    return obj, tokens
+
+
+class Codec:
+    """Encoder and decoder for one endpoint of a queue or channel.
+
+    ``pool``: where this process's large buffers go (None: always plain
+    pickles).  ``ring``: the ring the messages travel through, used as the
+    pool's fence.  Pools named in received messages are attached on first
+    sight and cached; :meth:`close` closes them (each stays mapped until the
+    views into it die).
+    """
+
+    def __init__(
+        self,
+        pool: Optional[SlotPool] = None,
+        *,
+        ring: Any = None,
+        threshold: int = DEFAULT_THRESHOLD,
+        exact_types: bool = False,
+    ) -> None:
+        if not isinstance(threshold, int) or threshold < 1:
+            raise ValueError(f"'threshold' must be a positive int, got {threshold!r}")
+        self.pool = pool
+        self.threshold = threshold
+        self.exact_types = exact_types
+        self.fence = RingFence(ring) if ring is not None and pool is not None else None
+        if self.fence is not None:
+            pool.fence = self.fence
+        self._ring = ring
+        self._consumer_in = -1
+        self._pools: Dict[str, SlotPool] = {}
+        self._closed = False
+
+    def note_consumer(self) -> None:
+        """Call before reading a message off the ring: lists this process
+        with the ring (once per process), so that if it dies between reading
+        and decoding, the slots of that message are recognised as orphans."""
+        if self._consumer_in != _process[0] and self._ring is not None:
+            self._ring.segment.add_role(L.ROLE_CONSUMER)
+            self._consumer_in = _process[0]
+
+    def encode(self, obj: Any, timeout: Optional[float] = None, deliveries: int = 1) -> Tuple[bytes, Optional[Lease]]:
+        """See :func:`encode`."""
+        return encode(
+            obj, self.pool, threshold=self.threshold, timeout=timeout, deliveries=deliveries, fence=self.fence
+        )
+
+    def decode(self, data: Any, *, copy: bool = False) -> Any:
+        """See :func:`decode`."""
+        if data[0] == 0x80:
+            return _loads(data)
+        return decode_held(data, self.resolve, copy=copy, exact_types=self.exact_types)[0]
+
+    def decode_held(self, data: Any, *, copy: bool = False) -> Tuple[Any, List[int]]:
+        return decode_held(data, self.resolve, copy=copy, exact_types=self.exact_types)
+
+    def resolve(self, name: str) -> SlotPool:
+        """The pool ``name``, attached once per codec."""
+        pool = self.pool
+        if pool is not None and pool.name == name:
+            return pool
+        found = self._pools.get(name)
+        if found is None:
+            if self._closed:
+                raise ClosedError("codec is closed")
+            found = self._pools[name] = SlotPool.attach(name)
+        return found
+
+    def close(self) -> None:
+        """Close the pools this codec attached while decoding (not ``pool``)."""
+        self._closed = True
+        pools, self._pools = self._pools, {}
+        for p in pools.values():
+            p.close()

@@ -1,0 +1,1124 @@
+"""SlotPool: fixed-size slots in shared memory, lent by a source to holders
+and returned to that source.  The byte layer: no pickling, no numpy.
+
+Roles (one process may play several):
+
+* **source**: the process that allocated a slot (``try_allocate`` /
+  ``allocate``).  It writes into the slot, marks it sent, and is the only
+  process that frees it again (``collect``) -- unless it died, in which case a
+  janitor does (``reclaim``).
+* **holder**: a process that received a reference ``(index, generation)`` and
+  borrows the slot's bytes in place (``acquire`` ... ``release``).
+
+Why it is safe without compare-and-swap (Python only has single aligned int64
+loads and stores):
+
+* Allocation scans the slot states under the pool's :class:`RobustLock`; no
+  other word is shared between two writers.
+* Holds are recorded per holder, never as one shared count: hold word
+  ``[member][slot]`` = ``acquired << 32 | released`` for the slot's current
+  generation, written only by that member.  A source frees slot *s* when every
+  live member has released what it acquired and ``DELIVERIES`` holds were
+  acquired in total; members found dead count as released.  Reading one word
+  per member gives a consistent pair, and both halves only grow, so a stale
+  read can only make the slot look busier than it is.
+* After releasing, a holder pushes ``gen << 32 | slot`` onto its source's
+  return queue (under the pool lock) and rings the return bell.  The source
+  drains its queue, re-checks just those slots and frees them: the return
+  path.  A notification is only a hint -- the hold words are the truth -- so a
+  lost one (full queue, busy lock inside a finalizer, a holder killed between
+  its store and its push) costs a re-check when the source runs short, never
+  a leak.
+* Finalizers of receive-side views may run anywhere (inside a garbage
+  collection triggered in the middle of a pool call, in another thread).  They
+  never block: :meth:`release_later` queues the release, and whoever holds the
+  handle's thread lock next performs it.
+
+Crash recovery (``reclaim``, run by sources at most every RECLAIM_INTERVAL
+while they use the pool, and on demand): members whose process is gone
+(pid + start time) are marked dead; their holds stop counting; slots they had
+loaned but not sent are freed; slots they had sent are freed by the janitor
+once the holders are done.  If the pool is linked to a ring (``fence``), a
+slot whose message was consumed from that ring but never acquired is freed
+after ORPHAN_SECONDS -- only once a process attached to the ring has been
+found dead (its receiver died between reading and decoding).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import _layout as L
+from . import _platform as P
+from ._errors import ClosedError, Full, MessageTooLarge, ShmqError, SlotError
+from ._segment import Segment
+from ._sync import SLICE_SECONDS, Doorbell, RobustLock
+
+__all__ = (
+    "SlotPool",
+    "SlotPoolStatistics",
+    "SlotInfo",
+    "view_statistics",
+    "DEFAULT_MAX_MEMBERS",
+    "RECLAIM_INTERVAL",
+    "ORPHAN_SECONDS",
+)
+
+DEFAULT_MAX_MEMBERS = 32
+#: seconds between two scans for dead members by one source
+RECLAIM_INTERVAL = 0.1
+#: a slot whose message left the linked ring this long ago but was never acquired is freed
+ORPHAN_SECONDS = 2.0
+SPIN_SECONDS = 100e-6
+
+_MAX_GEN = (1 << 31) - 1
+_MASK = L.HOLD_RELEASED_MASK
+_ACQ = L.HOLD_ACQUIRE
+_FREE, _LOANED, _SENT = L.SLOT_FREE, L.SLOT_LOANED, L.SLOT_SENT
+_LIVE, _DEAD = L.MEMBER_LIVE, L.MEMBER_DEAD
+_monotonic = time.monotonic
+_NONE: List[int] = []  # shared empty result: never appended to
+
+# Open pools, so a forked child starts with a clean per-process state.
+_open_pools: "weakref.WeakSet[SlotPool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_open_pools):
+        pool._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One slot as seen in the slot table."""
+
+    index: int
+    #: "free", "loaned" (allocated, not sent yet) or "sent"
+    state: str
+    generation: int
+    #: pid of the source (0 for a free slot)
+    source_pid: int
+    nbytes: int
+    #: (pid, holds) of every member that holds the slot now
+    holders: Tuple[Tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class SlotPoolStatistics:
+    """A snapshot of one pool's counters."""
+
+    #: segment name
+    name: str
+    slot_size: int
+    slot_count: int
+    #: slots neither loaned nor sent
+    free: int
+    #: slots allocated by a source and not sent yet
+    loaned: int
+    #: slots sent and not yet freed by their source
+    sent: int
+    #: allocations since creation
+    allocations: int
+    #: slots freed since creation (by their source or a janitor)
+    frees: int
+    #: return notifications pushed by holders
+    returns: int
+    #: slots freed by a janitor because their source or a holder died
+    reclaimed: int
+    #: slots freed because their message was consumed but never acquired
+    orphaned: int
+    #: notifications that named no slot of the receiving source
+    corrupt_returns: int
+    #: notifications dropped because a return queue was full (recovered by re-checks)
+    lost_returns: int
+    #: (pid, alive) of every registered member
+    members: Tuple[Tuple[int, bool], ...]
+
+
+class SlotPool:
+    """A named pool of ``slot_count`` slots of ``slot_size`` bytes.
+
+    ``SlotPool.create(slot_size, slot_count)`` makes one (the creating process
+    owns the name and unlinks it at normal exit); ``SlotPool.attach(name)``
+    opens it from any process; a SlotPool pickles as its name.  ``close()``
+    ends this handle (deferred while views from :meth:`acquire` are still
+    held), ``unlink()`` removes the name.
+
+    Attributes a source may set: ``on_return`` (called with the slot index for
+    each slot it frees after holders returned it), ``fence`` (an object with
+    ``position()`` and ``passed(position)``, describing the ring the pool's
+    messages travel through; see ``_codec.RingFence``).
+    """
+
+    _closed = True
+    _segment: Optional[Segment] = None
+
+    def __init__(self, segment: Segment, *, _token: object = None) -> None:
+        if _token is not _TOKEN:
+            raise TypeError("use SlotPool.create() or SlotPool.attach()")
+        self._segment = segment
+        w = self._w = segment.words
+        self._buf = segment.buf
+        self._rbuf = segment.buf.toreadonly()
+        self.name = segment.name
+        self.slot_size = w[L.W_SLOT_SIZE]
+        self.slot_count = n = w[L.W_SLOT_COUNT]
+        self.max_members = w[L.W_MAX_MEMBERS]
+        self._q = w[L.W_RQ_CAPACITY]
+        self._stride = w[L.W_SLOT_STRIDE]
+        self._slots = w[L.W_SLOT_TABLE] >> 3
+        self._members = w[L.W_MEMBER_TABLE] >> 3
+        self._holdw = w[L.W_HOLD_TABLE] >> 3
+        self._rqw = w[L.W_RETURN_QUEUES] >> 3
+        self._data = w[L.W_SLOT_DATA]
+        if n <= 0 or self._q <= 0 or self._data + n * self._stride > segment.size:
+            from ._errors import LayoutError
+
+            raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
+        self._sems: list = []
+        create = segment.is_creator
+        self._lock = RobustLock(self._sem(self.name + "-rl", 1, create), segment, L.W_POOL_LOCK)
+        self._bell = Doorbell(self._sem(self.name + "-rb", 0, create), w, L.W_RETURN_WAITING)
+        self.on_return: Optional[Callable[[int], object]] = None
+        self.fence = None
+        self._init_local()
+        self._closing = False
+        self._closed = False
+        _open_pools.add(self)
+
+    def _init_local(self) -> None:
+        self._tlock = threading.Lock()
+        self._pid = os.getpid()
+        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._member = -1
+        self._holds = 0  # holds of this handle not yet released
+        self._loaned: Dict[int, int] = {}  # slot -> generation, allocated here, not sent
+        self._outstanding: Dict[int, int] = {}  # slot -> generation, sent from here
+        self._unfenced: set = set()  # sent, but the caller has not reported the ring position yet
+        self._early: set = set()  # unfenced slots whose return notification already came
+        self._pending_frees = 0  # freed slots not yet added to FREE_COUNT
+        self._orphan_seen: Dict[int, float] = {}
+        self._deferred: deque = deque()  # (slot, generation, epoch) from finalizers
+        self._notes: List[Tuple[int, int]] = []  # (source member, notification) to push
+        self._next_reclaim = 0.0
+
+    def _reset_after_fork(self) -> None:
+        # The child is a different process: it holds nothing and sources nothing.
+        self._init_local()
+
+    def _sem(self, name: str, value: int, create: bool):
+        sem = P.sem_create(name, value) if create else P.sem_open(name)
+        self._sems.append(sem)
+        return sem
+
+    # -- construction ---------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        slot_size: int,
+        slot_count: int,
+        *,
+        name: Optional[str] = None,
+        max_members: int = DEFAULT_MAX_MEMBERS,
+        link: str = "",
+    ) -> "SlotPool":
+        """Create a pool of ``slot_count`` slots of ``slot_size`` bytes each
+        (slots start cache-line aligned, page aligned from 4 KiB up).  At most
+        ``max_members`` processes may use it at once.  ``link`` names the ring
+        the pool's messages travel through (read back as :attr:`link`).
+
+        Raises TypeError/ValueError for bad arguments, FileExistsError if
+        ``name`` is taken, SharedMemoryFull if /dev/shm has no room.
+        """
+        for arg, value, low, high in (
+            ("slot_size", slot_size, 1, 1 << 40),
+            ("slot_count", slot_count, 1, L.MAX_SLOT_COUNT),
+            ("max_members", max_members, 1, L.MAX_POOL_MEMBERS),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"'{arg}' must be an int, got {type(value).__name__}")
+            if not low <= value <= high:
+                raise ValueError(f"'{arg}' must be between {low} and {high}, got {value}")
+        link_bytes = link.encode()
+        if len(link_bytes) >= L.LINK_BYTES:
+            raise ValueError(f"'link' must be shorter than {L.LINK_BYTES} bytes, got {link!r}")
+        geo = L.pool_geometry(slot_size, slot_count, max_members)
+        seg = Segment.create(L.KIND_POOL, geo["size"], name)
+        try:
+            w = seg.words
+            w[L.W_SLOT_SIZE] = slot_size
+            w[L.W_SLOT_COUNT] = slot_count
+            w[L.W_MAX_MEMBERS] = max_members
+            w[L.W_RQ_CAPACITY] = geo["rq_capacity"]
+            w[L.W_SLOT_STRIDE] = geo["stride"]
+            w[L.W_SLOT_TABLE] = geo["slot_table"]
+            w[L.W_MEMBER_TABLE] = geo["member_table"]
+            w[L.W_HOLD_TABLE] = geo["hold_table"]
+            w[L.W_RETURN_QUEUES] = geo["return_queues"]
+            w[L.W_SLOT_DATA] = geo["data"]
+            w[L.W_FREE_COUNT] = slot_count
+            off = L.W_LINK * L.WORD
+            seg.buf[off : off + len(link_bytes)] = link_bytes
+            self = cls(seg, _token=_TOKEN)
+            seg.register(L.ROLE_CREATOR)
+            seg.publish()
+        except BaseException:
+            seg.unlink()
+            seg.close()
+            raise
+        return self
+
+    @classmethod
+    def attach(cls, name: str) -> "SlotPool":
+        """Attach to the pool ``name`` created by any process.
+
+        Raises FileNotFoundError, PermissionError, or LayoutError if ``name``
+        is not an shmq slot pool of this layout version.
+        """
+        seg = Segment.attach(name, L.KIND_POOL)
+        try:
+            self = cls(seg, _token=_TOKEN)
+            seg.register(L.ROLE_ATTACHED)
+        except BaseException:
+            seg.close()
+            raise
+        return self
+
+    def __reduce__(self):
+        return (type(self).attach, (self.name,))
+
+    @property
+    def link(self) -> str:
+        """Name of the ring this pool was created for ('' if none)."""
+        off = L.W_LINK * L.WORD
+        return bytes(self._buf[off : off + L.LINK_BYTES]).rstrip(b"\0").decode()
+
+    @property
+    def segment(self) -> Segment:
+        return self._segment
+
+    # -- per-process member entry -----------------------------------------
+    def _ensure_member(self) -> int:
+        m = self._member
+        if m >= 0:
+            return m
+        w = self._w
+        with self._segment.admin_lock():
+            for m in range(self.max_members):
+                mb = self._members + m * L.MEMBER_WORDS
+                if w[mb + L.M_PID] == 0:
+                    break
+            else:
+                raise ShmqError(
+                    f"slot pool {self.name!r} has no free member entry: {self.max_members} processes use it "
+                    f"(create it with a larger 'max_members')"
+                )
+            w[mb + L.M_RQ_HEAD] = 0
+            w[mb + L.M_RQ_TAIL] = 0
+            w[mb + L.M_RQ_LOST] = 0
+            w[mb + L.M_START_US] = P.my_start_us()
+            w[mb + L.M_STATE] = _LIVE
+            w[mb + L.M_PID] = os.getpid()
+            if w[L.W_MEMBERS_HIGH] <= m:
+                w[L.W_MEMBERS_HIGH] = m + 1
+        self._member = m
+        return m
+
+    def _check_usable(self) -> None:
+        if self._closed or self._closing:
+            raise ClosedError(f"slot pool {self.name!r} is closed")
+
+    # -- source side ------------------------------------------------------
+    def try_allocate(self, count: int = 1) -> Optional[List[int]]:
+        """Allocate ``count`` slots at once (all or none) for this process to
+        fill; returns their indices, or None if not enough are free.
+        Returned slots are collected first, so a closed loop keeps flowing.
+        Raises MessageTooLarge if the pool has fewer than ``count`` slots, and
+        SlotError if a corrupt return notification arrived (the pool stays
+        intact; call again)."""
+        if not 1 <= count <= self.slot_count:
+            if count >= 1:
+                raise MessageTooLarge(
+                    f"a message needing {count} slots can never fit pool {self.name!r} of {self.slot_count} slots"
+                )
+            raise ValueError(f"'count' must be at least 1, got {count}")
+        w = self._w
+        with self._tlock:
+            if self._closing:
+                self._check_usable()
+            m = self._member
+            if m < 0:
+                m = self._ensure_member()
+            mb = self._members + m * L.MEMBER_WORDS
+            freed = corrupt = _NONE
+            if w[mb + L.M_RQ_HEAD] != w[mb + L.M_RQ_TAIL] or w[mb + L.M_RQ_LOST]:
+                # Frees counted in the same lock hold as the allocation below.
+                freed, corrupt = self._collect_locked(defer_count=True)
+            got = None
+            if corrupt:
+                self._count_pending_frees()
+            else:
+                if w[L.W_FREE_COUNT] + self._pending_frees < count:
+                    now = _monotonic()
+                    self._count_pending_frees()
+                    freed = freed + self._check_outstanding_locked(now)
+                    if w[L.W_FREE_COUNT] < count and now >= self._next_reclaim:
+                        self._reclaim_locked(now, own=freed)
+                got = self._take_locked(count, m)
+            if self._deferred:
+                self._drain_deferred_locked()
+        if freed or corrupt:
+            self._after_collect(freed, corrupt)
+        return got
+
+    def allocate(self, count: int = 1, timeout: Optional[float] = None) -> List[int]:
+        """Like :meth:`try_allocate`, but wait for returns (back-pressure).
+        Raises Full if ``timeout`` (seconds) expires first, ValueError for a
+        negative timeout."""
+        got = self.try_allocate(count)
+        if got is not None:
+            return got
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
+        deadline = None if timeout is None else _monotonic() + timeout
+        spin_end = _monotonic() + SPIN_SECONDS
+        bell = self._bell
+        while True:
+            now = _monotonic()
+            if deadline is not None and now >= deadline:
+                raise Full(f"slot pool {self.name!r} has no {count} free slot(s): all are in flight")
+            if now >= spin_end:
+                wait = SLICE_SECONDS if deadline is None else min(SLICE_SECONDS, deadline - now)
+                bell.announce()
+                if not self._may_allocate(count):
+                    bell.sleep(wait)
+            got = self.try_allocate(count)
+            if got is not None:
+                return got
+
+    def _may_allocate(self, count: int) -> bool:
+        w = self._w
+        if w[L.W_FREE_COUNT] >= count:
+            return True
+        m = self._member
+        if m >= 0:
+            mb = self._members + m * L.MEMBER_WORDS
+            if w[mb + L.M_RQ_TAIL] != w[mb + L.M_RQ_HEAD] or w[mb + L.M_RQ_LOST]:
+                return True
+        return False
+
+    def _take_locked(self, count: int, m: int) -> Optional[List[int]]:
+        w = self._w
+        n = self.slot_count
+        base = self._slots
+        got: List[int] = []
+        self._lock.acquire()
+        try:
+            if self._pending_frees:
+                self._apply_frees(self._pending_frees)
+                self._pending_frees = 0
+            if w[L.W_FREE_COUNT] < count:
+                return None
+            start = w[L.W_ALLOC_HINT]
+            for k in range(n):
+                i = start + k
+                if i >= n:
+                    i -= n
+                if w[base + i * L.SLOT_WORDS + L.S_STATE] == _FREE:
+                    got.append(i)
+                    if len(got) == count:
+                        break
+            else:
+                w[L.W_FREE_COUNT] = len(got)  # the hint had drifted: it is exact now
+                return None
+            for i in got:
+                s = base + i * L.SLOT_WORDS
+                gen = w[s + L.S_GEN] + 1
+                if gen > _MAX_GEN:
+                    gen = 1
+                w[s + L.S_GEN] = gen
+                w[s + L.S_OWNER] = m + 1
+                w[s + L.S_NBYTES] = 0
+                w[s + L.S_DELIVERIES] = 0
+                w[s + L.S_FENCE] = 0
+                w[s + L.S_STATE] = _LOANED
+                self._loaned[i] = gen
+            w[L.W_FREE_COUNT] -= count
+            nxt = got[-1] + 1
+            w[L.W_ALLOC_HINT] = nxt if nxt < n else 0
+            w[L.W_POOL_COUNTERS] += count
+        finally:
+            self._lock.release()
+        return got
+
+    def view(self, index: int, nbytes: Optional[int] = None) -> memoryview:
+        """A writable view of a slot this process allocated and has not sent
+        (its first ``nbytes``, default all ``slot_size``).  Release the view
+        before ``close()``."""
+        if index not in self._loaned:
+            raise SlotError(f"slot {index} of pool {self.name!r} is not loaned by this process")
+        off = self._data + index * self._stride
+        return self._buf[off : off + (self.slot_size if nbytes is None else nbytes)]
+
+    def generation(self, index: int) -> int:
+        """The slot's current generation (changes at every allocation)."""
+        self._check_index(index)
+        return self._w[self._slots + index * L.SLOT_WORDS + L.S_GEN]
+
+    def mark_sent(
+        self, indices: Sequence[int], nbytes: Sequence[int], deliveries: int = 1, fenced: bool = False
+    ) -> List[int]:
+        """Declare loaned slots sent: holders may acquire them now.  ``nbytes``
+        is the used size of each; ``deliveries`` how many holds in total the
+        source expects (1 per receiver: several for a broadcast).  With
+        ``fenced=True`` the slots are not freed before :meth:`set_fence`
+        confirms the message was written (and where it ended in the linked
+        ring), and :meth:`abort` may still take them back.  Returns the
+        slots' generations (a reference is ``(index, generation)``)."""
+        if deliveries < 1:
+            raise ValueError(f"'deliveries' must be at least 1, got {deliveries}")
+        w = self._w
+        gens = []
+        with self._tlock:
+            for i, n in zip(indices, nbytes):
+                gen = self._loaned.get(i)
+                if gen is None:
+                    raise SlotError(f"slot {i} of pool {self.name!r} is not loaned by this process")
+                if not 0 <= n <= self.slot_size:
+                    raise ValueError(f"'nbytes' must be between 0 and {self.slot_size}, got {n}")
+                s = self._slots + i * L.SLOT_WORDS
+                w[s + L.S_NBYTES] = n
+                w[s + L.S_DELIVERIES] = deliveries
+                w[s + L.S_FENCE] = 0
+                w[s + L.S_STATE] = _SENT
+                del self._loaned[i]
+                self._outstanding[i] = gen
+                gens.append(gen)
+                if fenced:
+                    self._unfenced.add(i)
+        return gens
+
+    def set_fence(self, indices: Sequence[int], position: int) -> None:
+        """Confirm that the message carrying these slots was written, ending at
+        or before ring position ``position`` (the ring's TAIL just after the
+        write; 0 if it travels some other way)."""
+        w = self._w
+        freed: List[int] = []
+        with self._tlock:
+            unfenced = self._unfenced
+            for i in indices:
+                if i in unfenced:
+                    unfenced.discard(i)
+                    w[self._slots + i * L.SLOT_WORDS + L.S_FENCE] = position
+                    if i in self._early:  # its holders were quicker than us
+                        self._early.discard(i)
+                        if self._releasable(i):
+                            freed.append(i)
+            if freed:
+                self._free_own_locked(freed)
+        if freed:
+            self._after_collect(freed, _NONE)
+
+    def unsend(self, indices: Sequence[int]) -> None:
+        """Take slots marked sent with ``fenced=True`` back to loaned: their
+        message could not be written (the ring stayed full)."""
+        w = self._w
+        with self._tlock:
+            for i in indices:
+                if i not in self._unfenced:
+                    raise SlotError(f"slot {i} of pool {self.name!r} is not awaiting its write")
+            for i in indices:
+                self._unfenced.discard(i)
+                self._loaned[i] = self._outstanding.pop(i)
+                w[self._slots + i * L.SLOT_WORDS + L.S_STATE] = _LOANED
+
+    def abort(self, indices: Sequence[int]) -> None:
+        """Free slots this process allocated whose message was never written
+        (loaned, or marked sent with ``fenced=True`` and no fence yet)."""
+        with self._tlock:
+            mine = []
+            for i in indices:
+                if i in self._loaned:
+                    del self._loaned[i]
+                elif i in self._unfenced:
+                    self._unfenced.discard(i)
+                    del self._outstanding[i]
+                else:
+                    raise SlotError(f"slot {i} of pool {self.name!r} was not loaned by this process, or was already sent")
+                mine.append(i)
+            if mine:
+                self._free_slots_locked(mine, "frees")
+
+    def collect(self) -> int:
+        """Take back the slots holders have returned (running ``on_return``
+        for each); returns how many.  Also scans for dead members every
+        RECLAIM_INTERVAL.  Raises SlotError after processing everything else
+        if a corrupt notification arrived."""
+        with self._tlock:
+            if self._closed or self._closing or self._member < 0:
+                return 0
+            freed, corrupt = self._collect_locked()
+            now = _monotonic()
+            if now >= self._next_reclaim and (self._outstanding or self._loaned):
+                self._reclaim_locked(now, own=freed)
+            self._drain_deferred_locked()
+        self._after_collect(freed, corrupt)
+        return len(freed)
+
+    def reclaim(self) -> int:
+        """Scan now for members that died: drop their holds, free the slots
+        they loaned or sent (once nobody else holds them), and take back this
+        process's slots they held.  Returns how many slots were freed."""
+        with self._tlock:
+            self._check_usable()
+            self._ensure_member()
+            freed, corrupt = self._collect_locked()
+            now = _monotonic()
+            freed += self._check_outstanding_locked(now)
+            n = self._reclaim_locked(now, own=freed)
+        self._after_collect(freed, corrupt)
+        return n + len(freed)
+
+    def _after_collect(self, freed: List[int], corrupt: List[int]) -> None:
+        error: Optional[BaseException] = None
+        cb = self.on_return
+        if cb is not None:
+            for i in freed:
+                try:
+                    cb(i)
+                except BaseException as exc:  # run them all, then report the first
+                    if error is None:
+                        error = exc
+        if corrupt:
+            raise SlotError(
+                f"pool {self.name!r} received {len(corrupt)} corrupt return notification(s), ignored: "
+                + ", ".join(f"slot {v & _MASK} generation {v >> 32}" for v in corrupt[:4])
+            )
+        if error is not None:
+            raise error
+
+    def _collect_locked(self, defer_count: bool = False) -> Tuple[List[int], List[int]]:
+        """Drain this member's return queue; free what is free.  (tlock held;
+        with ``defer_count`` the caller counts the frees under its own hold
+        of the pool lock.)"""
+        m = self._member
+        if m < 0:
+            return [], []
+        w = self._w
+        mb = self._members + m * L.MEMBER_WORDS
+        head = w[mb + L.M_RQ_HEAD]
+        tail = w[mb + L.M_RQ_TAIL]
+        lost = w[mb + L.M_RQ_LOST]
+        if head == tail and not lost:
+            return [], []
+        corrupt: List[int] = []
+        cands: List[int] = []
+        if head != tail:
+            q = self._rqw + m * self._q
+            mask = self._q - 1
+            slots = self._slots
+            n = self.slot_count
+            outstanding = self._outstanding
+            for pos in range(head, tail):
+                v = w[q + (pos & mask)]
+                i = v & _MASK
+                gen = v >> 32
+                if i >= n or not 0 < gen <= _MAX_GEN:
+                    corrupt.append(v)
+                    continue
+                if outstanding.get(i) == gen:
+                    cands.append(i)
+                elif w[slots + i * L.SLOT_WORDS + L.S_GEN] == gen and w[slots + i * L.SLOT_WORDS + L.S_STATE] != _FREE:
+                    corrupt.append(v)  # a live slot this member never sent
+                # else: stale (the slot was freed already; another holder's notice)
+            w[mb + L.M_RQ_HEAD] = tail
+        if lost:
+            w[mb + L.M_RQ_LOST] = 0
+            cands = list(self._outstanding)
+        freed = []
+        unfenced = self._unfenced
+        for i in cands:
+            if i in unfenced:
+                self._early.add(i)
+            elif i in self._outstanding and self._releasable(i):
+                freed.append(i)
+        if freed:
+            self._free_own_locked(freed, defer_count=defer_count)
+        if corrupt:
+            self._lock.acquire()
+            try:
+                w[L.W_POOL_COUNTERS + 5] += len(corrupt)
+            finally:
+                self._lock.release()
+        return freed, corrupt
+
+    def _check_outstanding_locked(self, now: float) -> List[int]:
+        """Re-check every slot this process sent (lost notifications, dead
+        holders, orphans).  (tlock held)"""
+        freed = []
+        orphans = []
+        for i in list(self._outstanding):
+            if i in self._unfenced:
+                continue
+            if self._releasable(i):
+                freed.append(i)
+            elif self._orphaned(i, now):
+                orphans.append(i)
+        if freed:
+            self._free_own_locked(freed)
+        if orphans:
+            self._free_own_locked(orphans, "orphaned")
+        return freed + orphans
+
+    def _releasable(self, i: int) -> bool:
+        """All expected holds were taken and every live holder let go."""
+        w = self._w
+        s = self._slots + i * L.SLOT_WORDS
+        if w[s + L.S_STATE] != _SENT:
+            return False
+        n = self.slot_count
+        hw = self._holdw + i
+        mt = self._members + L.M_STATE
+        acquired = 0
+        for m in range(w[L.W_MEMBERS_HIGH]):
+            v = w[hw + m * n]
+            if v:
+                a = v >> 32
+                if (v & _MASK) < a and w[mt + m * L.MEMBER_WORDS] != _DEAD:
+                    return False
+                acquired += a
+        return acquired >= w[s + L.S_DELIVERIES]
+
+    def _orphaned(self, i: int, now: float) -> bool:
+        """The slot's message left the linked ring, nobody holds the slot, a
+        process attached to the ring died, and this has been so for
+        ORPHAN_SECONDS: its receiver died between read and decode."""
+        fence = self.fence
+        w = self._w
+        s = self._slots + i * L.SLOT_WORDS
+        pos = w[s + L.S_FENCE]
+        if fence is None or not pos or w[s + L.S_STATE] != _SENT or not fence.passed(pos):
+            self._orphan_seen.pop(i, None)
+            return False
+        n = self.slot_count
+        for m in range(w[L.W_MEMBERS_HIGH]):
+            v = w[self._holdw + m * n + i]
+            if (v & _MASK) < (v >> 32) and w[self._members + m * L.MEMBER_WORDS + L.M_STATE] != _DEAD:
+                self._orphan_seen.pop(i, None)
+                return False
+        if not fence.someone_died():
+            return False
+        first = self._orphan_seen.setdefault(i, now)
+        return now - first >= ORPHAN_SECONDS
+
+    def _free_own_locked(self, indices: List[int], counter: str = "frees", defer_count: bool = False) -> None:
+        for i in indices:
+            self._outstanding.pop(i, None)
+            if self._orphan_seen:
+                self._orphan_seen.pop(i, None)
+        self._free_slots_locked(indices, counter, defer_count=defer_count)
+
+    def _apply_frees(self, count: int, counter: str = "frees") -> None:
+        """Count freed slots (pool lock held)."""
+        w = self._w
+        w[L.W_FREE_COUNT] += count
+        w[L.W_POOL_COUNTERS + 1] += count
+        if counter != "frees":
+            w[L.W_POOL_COUNTERS + L.POOL_COUNTER_NAMES.index(counter)] += count
+
+    def _count_pending_frees(self) -> None:
+        if self._pending_frees:
+            self._lock.acquire()
+            try:
+                self._apply_frees(self._pending_frees)
+                self._pending_frees = 0
+            finally:
+                self._lock.release()
+            if self._w[L.W_RETURN_WAITING]:
+                self._bell.ring()
+
+    def _free_slots_locked(
+        self, indices: List[int], counter: str = "frees", have_lock: bool = False, defer_count: bool = False
+    ) -> None:
+        """Zero the hold words, then mark FREE (STATE last).  (tlock held)"""
+        w = self._w
+        n = self.slot_count
+        high = w[L.W_MEMBERS_HIGH]
+        for i in indices:
+            hw = self._holdw + i
+            for m in range(high):
+                if w[hw + m * n]:
+                    w[hw + m * n] = 0
+            s = self._slots + i * L.SLOT_WORDS
+            w[s + L.S_FENCE] = 0
+            w[s + L.S_DELIVERIES] = 0
+            w[s + L.S_NBYTES] = 0
+            w[s + L.S_STATE] = _FREE
+        if defer_count:
+            self._pending_frees += len(indices)
+            return
+        if not have_lock:
+            self._lock.acquire()
+        try:
+            self._apply_frees(len(indices), counter)
+        finally:
+            if not have_lock:
+                self._lock.release()
+        if w[L.W_RETURN_WAITING]:
+            self._bell.ring()
+
+    def _reclaim_locked(self, now: float, own: Optional[List[int]] = None) -> int:
+        """The janitor.  (tlock held)  Returns slots freed for dead sources;
+        this process's own slots go through the normal free path."""
+        self._next_reclaim = now + RECLAIM_INTERVAL
+        w = self._w
+        me = self._member
+        dead = []
+        for m in range(w[L.W_MEMBERS_HIGH]):
+            mb = self._members + m * L.MEMBER_WORDS
+            pid = w[mb + L.M_PID]
+            if not pid or m == me:
+                continue
+            state = w[mb + L.M_STATE]
+            if state == _LIVE and not P.is_alive(pid, w[mb + L.M_START_US]):
+                w[mb + L.M_STATE] = state = _DEAD
+            if state == _DEAD:
+                dead.append(m)
+        n = self.slot_count
+        slots = self._slots
+        reclaimed: List[int] = []
+        mine: List[int] = []
+        self._lock.acquire()
+        try:
+            for i in range(n):
+                s = slots + i * L.SLOT_WORDS
+                state = w[s + L.S_STATE]
+                if state == _FREE:
+                    continue
+                owner = w[s + L.S_OWNER] - 1
+                if owner == me:
+                    if state == _SENT and i in self._outstanding and i not in self._unfenced and self._releasable(i):
+                        mine.append(i)
+                    continue
+                if not 0 <= owner < self.max_members:
+                    continue
+                if w[self._members + owner * L.MEMBER_WORDS + L.M_STATE] != _DEAD:
+                    # A live source: tell it about holds that died with their holder.
+                    for m in dead:
+                        v = w[self._holdw + m * n + i]
+                        if (v & _MASK) < (v >> 32):
+                            self._notes.append((owner, w[s + L.S_GEN] << 32 | i))
+                            break
+                    continue
+                if state == _LOANED:
+                    reclaimed.append(i)
+                elif state == _SENT:
+                    if not w[s + L.S_FENCE] and self.fence is not None:
+                        # A dead source writes no more: the ring's TAIL bounds its last message.
+                        w[s + L.S_FENCE] = self.fence.position()
+                    if self._releasable(i) or self._orphaned(i, now):
+                        reclaimed.append(i)
+            if reclaimed:
+                self._free_slots_locked(reclaimed, "reclaimed", have_lock=True)
+            if mine:
+                for i in mine:
+                    del self._outstanding[i]
+                    self._orphan_seen.pop(i, None)
+                self._free_slots_locked(mine, have_lock=True)
+                if own is not None:
+                    own.extend(mine)
+            self._push_notes_locked(have_lock=True)
+            if dead:
+                self._recycle_dead_locked(dead)
+            # FREE_COUNT drifts if a process dies inside an allocation: recount.
+            free = 0
+            for i in range(n):
+                if w[slots + i * L.SLOT_WORDS + L.S_STATE] == _FREE:
+                    free += 1
+            w[L.W_FREE_COUNT] = free
+            self._pending_frees = 0
+        finally:
+            self._lock.release()
+        return len(reclaimed)
+
+    def _recycle_dead_locked(self, dead: List[int]) -> None:
+        """Free the entries of dead members that no slot refers to any more."""
+        w = self._w
+        n = self.slot_count
+        busy = set()
+        for i in range(n):
+            s = self._slots + i * L.SLOT_WORDS
+            if w[s + L.S_STATE] != _FREE:
+                busy.add(w[s + L.S_OWNER] - 1)
+        for m in dead:
+            if m in busy:
+                continue
+            row = self._holdw + m * n
+            if any(w[row + i] for i in range(n)):
+                continue
+            mb = self._members + m * L.MEMBER_WORDS
+            w[mb + L.M_STATE] = L.MEMBER_FREE
+            w[mb + L.M_PID] = 0
+
+    # -- holder side ------------------------------------------------------
+    def acquire(self, index: int, generation: int) -> memoryview:
+        """Borrow a sent slot: returns a read-only view of its ``nbytes``.
+        Raises SlotError if ``(index, generation)`` does not name a slot in
+        flight (a corrupt or stale reference)."""
+        self._check_index(index)
+        w = self._w
+        with self._tlock:
+            self._check_usable()
+            m = self._ensure_member()
+            s = self._slots + index * L.SLOT_WORDS
+            if w[s + L.S_GEN] != generation or w[s + L.S_STATE] != _SENT:
+                raise SlotError(
+                    f"stale or corrupt slot reference: slot {index} generation {generation} of pool "
+                    f"{self.name!r} is not in flight (it is {L.SLOT_STATE_NAMES.get(w[s + L.S_STATE], '?')}, "
+                    f"generation {w[s + L.S_GEN]})"
+                )
+            w[self._holdw + m * self.slot_count + index] += _ACQ
+            self._holds += 1
+            nbytes = w[s + L.S_NBYTES]
+            if self._deferred:
+                self._drain_deferred_locked()
+        off = self._data + index * self._stride
+        return self._rbuf[off : off + nbytes]
+
+    def release(self, index: int, generation: int) -> None:
+        """Give back one hold of a slot acquired by this process.  Raises
+        SlotError if this process does not hold it (released twice, never
+        acquired, or a slot of another pool)."""
+        self._check_index(index)
+        with self._tlock:
+            if self._closed:
+                raise ClosedError(f"slot pool {self.name!r} is closed")
+            self._release_locked(index, generation)
+            self._push_notes_locked(block=True)
+            self._maybe_finish_close_locked()
+
+    def release_later(self, index: int, generation: int, epoch: int) -> None:
+        """Release from a finalizer: never blocks, never raises.  ``epoch`` is
+        :attr:`epoch` at acquisition (a forked child's copies release nothing)."""
+        self._deferred.append((index, generation, epoch))
+        self._drain_deferred()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _drain_deferred(self) -> None:
+        while self._deferred:
+            if not self._tlock.acquire(blocking=False):
+                return  # the holder of the thread lock drains before letting go
+            try:
+                self._drain_deferred_locked()
+            finally:
+                self._tlock.release()
+
+    def _drain_deferred_locked(self) -> None:
+        d = self._deferred
+        epoch = self._epoch
+        while d:
+            i, gen, e = d.popleft()
+            if e != epoch or self._closed:
+                continue
+            try:
+                self._release_locked(i, gen)
+            except SlotError:
+                pass
+        self._push_notes_locked(block=False)
+        self._maybe_finish_close_locked()
+
+    def _release_locked(self, index: int, generation: int) -> None:
+        w = self._w
+        m = self._member
+        s = self._slots + index * L.SLOT_WORDS
+        hw = self._holdw + (m if m >= 0 else 0) * self.slot_count + index
+        v = w[hw] if m >= 0 else 0
+        if m < 0 or w[s + L.S_GEN] != generation or (v & _MASK) >= (v >> 32):
+            raise SlotError(
+                f"slot {index} generation {generation} of pool {self.name!r} is not held by this process "
+                f"(released twice, never acquired here, or a slot of another pool)"
+            )
+        w[hw] = v + 1
+        self._holds -= 1
+        self._notes.append((w[s + L.S_OWNER] - 1, generation << 32 | index))
+
+    def _push_notes_locked(self, block: bool = False, have_lock: bool = False) -> None:
+        """Push pending return notifications to their sources' queues.
+        (tlock held; without ``block`` a busy pool lock defers them.)"""
+        notes = self._notes
+        if not notes:
+            return
+        w = self._w
+        if not have_lock and not self._lock.acquire(None if block else 0):
+            return
+        try:
+            q = self._q
+            mask = q - 1
+            for owner, v in notes:
+                if not 0 <= owner < self.max_members:
+                    continue
+                mb = self._members + owner * L.MEMBER_WORDS
+                if w[mb + L.M_STATE] != _LIVE:
+                    continue  # a dead or closed source: the janitor frees its slots
+                tail = w[mb + L.M_RQ_TAIL]
+                if tail - w[mb + L.M_RQ_HEAD] >= q:
+                    w[mb + L.M_RQ_LOST] = 1
+                    w[L.W_POOL_COUNTERS + 6] += 1
+                    continue
+                w[self._rqw + owner * q + (tail & mask)] = v
+                w[mb + L.M_RQ_TAIL] = tail + 1
+                w[L.W_POOL_COUNTERS + 2] += 1
+            notes.clear()
+        finally:
+            if not have_lock:
+                self._lock.release()
+        if w[L.W_RETURN_WAITING]:
+            self._bell.ring()
+
+    def holding(self, index: int) -> int:
+        """How many holds this process has on slot ``index`` now."""
+        self._check_index(index)
+        m = self._member
+        if m < 0:
+            return 0
+        v = self._w[self._holdw + m * self.slot_count + index]
+        return (v >> 32) - (v & _MASK)
+
+    # -- inspection -------------------------------------------------------
+    def _check_index(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < self.slot_count:
+            raise SlotError(f"slot index {index!r} is out of range for pool {self.name!r} ({self.slot_count} slots)")
+
+    def free_count(self) -> int:
+        """Free slots now (a hint: exact when nothing is in flight)."""
+        return self._w[L.W_FREE_COUNT]
+
+    def slot_info(self, index: int) -> SlotInfo:
+        self._check_index(index)
+        w = self._w
+        s = self._slots + index * L.SLOT_WORDS
+        state = w[s + L.S_STATE]
+        owner = w[s + L.S_OWNER] - 1
+        pid = w[self._members + owner * L.MEMBER_WORDS + L.M_PID] if state and 0 <= owner < self.max_members else 0
+        holders = []
+        for m in range(w[L.W_MEMBERS_HIGH]):
+            v = w[self._holdw + m * self.slot_count + index]
+            held = (v >> 32) - (v & _MASK)
+            if held > 0:
+                holders.append((w[self._members + m * L.MEMBER_WORDS + L.M_PID], held))
+        return SlotInfo(
+            index, L.SLOT_STATE_NAMES.get(state, str(state)), w[s + L.S_GEN], pid, w[s + L.S_NBYTES], tuple(holders)
+        )
+
+    def statistics(self) -> SlotPoolStatistics:
+        """A snapshot of the shared counters (any attached process sees the same)."""
+        return _statistics(self.name, self._w)
+
+    # -- lifetime ---------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._closing
+
+    def close(self) -> None:
+        """End this handle (idempotent).  Loaned slots are freed; slots this
+        process sent stay in flight and are freed by a janitor once returned.
+        While views from :meth:`acquire` are alive the mapping stays, and
+        their slots return when they die."""
+        with self._tlock:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            if self._pid == os.getpid():
+                if self._loaned:
+                    self._free_slots_locked(list(self._loaned))
+                    self._loaned.clear()
+                self._drain_deferred_locked()
+            self._maybe_finish_close_locked()
+
+    def _maybe_finish_close_locked(self) -> None:
+        if not self._closing or self._closed or (self._holds > 0 and self._pid == os.getpid()):
+            return
+        self._closed = True
+        _open_pools.discard(self)
+        m = self._member
+        if m >= 0 and self._pid == os.getpid():
+            try:
+                self._push_notes_locked(block=True)
+                w = self._w
+                mb = self._members + m * L.MEMBER_WORDS
+                row = self._holdw + m * self.slot_count
+                if self._outstanding or any(w[row + i] for i in range(self.slot_count)):
+                    w[mb + L.M_STATE] = _DEAD  # retired: a janitor recycles the entry later
+                else:
+                    w[mb + L.M_STATE] = L.MEMBER_FREE
+                    w[mb + L.M_PID] = 0
+            except (ValueError, IndexError):
+                pass
+        self._member = -1
+        for sem in self._sems:
+            try:
+                sem.close()
+            except Exception:
+                pass
+        try:
+            self._rbuf.release()
+        except BufferError:
+            pass  # a view is still exported: the mapping lives until it goes
+        self._segment.close()
+
+    def unlink(self) -> None:
+        """Remove the pool's name and semaphores for every process."""
+        self._segment.unlink()
+
+    def __enter__(self) -> "SlotPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<SlotPool {getattr(self, 'name', '?')!r} closed>"
+        return f"<SlotPool {self.name!r} {self.free_count()}/{self.slot_count} slots free of {self.slot_size} bytes>"
+
+
+_TOKEN = object()
+
+
+def _statistics(name: str, w: memoryview) -> SlotPoolStatistics:
+    """Read a pool's statistics from its header words (read-only access)."""
+    count = w[L.W_SLOT_COUNT]
+    slots = w[L.W_SLOT_TABLE] >> 3
+    members = w[L.W_MEMBER_TABLE] >> 3
+    states = {_FREE: 0, _LOANED: 0, _SENT: 0}
+    for i in range(count):
+        st = w[slots + i * L.SLOT_WORDS + L.S_STATE]
+        states[st] = states.get(st, 0) + 1
+    alive = []
+    for m in range(min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])):
+        mb = members + m * L.MEMBER_WORDS
+        pid = w[mb + L.M_PID]
+        if pid:
+            alive.append((pid, w[mb + L.M_STATE] == _LIVE and P.is_alive(pid, w[mb + L.M_START_US])))
+    counters = [w[L.W_POOL_COUNTERS + k] for k in range(len(L.POOL_COUNTER_NAMES))]
+    return SlotPoolStatistics(
+        name, w[L.W_SLOT_SIZE], count, states[_FREE], states[_LOANED], states[_SENT], *counters,
+        members=tuple(alive),
+    )
+
+
+def view_statistics(view) -> SlotPoolStatistics:
+    """Statistics of the pool mapped by ``view`` (a read-only SegmentView)."""
+    return _statistics(view.name, view.words)

@@ -1,0 +1,374 @@
+"""The command line, run as a user would: a subprocess, real segments, real
+output.  Every command here is limited to this session's names (``--prefix``)
+so segments of other programs on the machine are neither shown nor touched."""
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+import shmq
+from conftest import SESSION_TAG, unique_name
+from shmq._stats import VERDICTS
+
+SHM = "/dev/shm"
+PREFIX = f"shmq_{SESSION_TAG}_"
+CREATE_AND_WAIT = (
+    "import shmq,sys; r=shmq.Ring.create(1 << 16, name=sys.argv[1] if len(sys.argv) > 1 else None); "
+    "print(r.name, flush=True); sys.stdin.read()"
+)
+
+
+def shmq_cli(*args, timeout=60, check_clean=True, **kw):
+    res = subprocess.run(
+        [sys.executable, "-m", "shmq", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )
+    if check_clean:
+        assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def one_error_line(res, *fragments):
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def ring():
+    r = shmq.Ring.create(1 << 16, name=unique_name("cli"))
+    try:
+        yield r
+    finally:
+        r.close()
+        r.unlink()
+
+
+@pytest.fixture
+def foreign():
+    """A file in /dev/shm with an shmq-like name that is not an shmq segment."""
+    name = unique_name("frgn")
+    path = os.path.join(SHM, name)
+    long_path = path + "_longer_than_shmq_names_can_be"
+    for p in (path, long_path):
+        with open(p, "wb") as f:
+            f.write(b"\x89SHMQ not really" + b"\0" * 8192)
+    try:
+        yield name
+    finally:
+        os.unlink(path)
+        os.unlink(long_path)
+
+
+def test_demo_still_works():
+    res = shmq_cli("demo", "-n", "2000", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "moved 2,000 messages of 64 bytes" in res.stdout
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("shmq")
+    if exe is None:
+        pytest.skip("the shmq console script is not on PATH (package not installed)")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for command in ("ls", "stat", "top", "gc", "bench", "demo"):
+        assert command in res.stdout
+
+
+def test_ls_lists_segments_by_magic(ring, foreign):
+    ring.write(b"hello")
+    res = shmq_cli("ls", "--prefix", PREFIX)
+    assert res.returncode == 0, res.stderr
+    header, *rows = res.stdout.splitlines()
+    assert header.split() == ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS"]
+    row = next(r.split() for r in rows if r.startswith(ring.name))
+    assert row[1] == "ring" and row[2:4] == ["68.0", "KiB"]
+    assert row[4] == str(os.getpid()) and row[5] == "yes" and row[7] == "1/1"
+    assert foreign not in res.stdout
+
+    data = json.loads(shmq_cli("ls", "--prefix", ring.name, "--json").stdout)
+    assert [(d["name"], d["kind"], d["size_bytes"], d["creator_pid"], d["creator_alive"]) for d in data] == [
+        (ring.name, "ring", 4096 + (1 << 16), os.getpid(), True)
+    ]
+    assert data[0]["age_seconds"] >= 0 and data[0]["participants"][0]["role"] == "creator"
+    assert shmq_cli("ls", "--prefix", unique_name("none")).stdout.startswith("no shmq segments")
+
+
+def test_stat_prints_one_snapshot(ring):
+    for _ in range(3):
+        ring.write(b"x" * 10)
+    ring.read()
+    res = shmq_cli("stat", ring.name)
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(None, 1) for line in res.stdout.splitlines() if line.split()[0] in ("messages", "creator"))
+    assert lines["messages"].strip() == "in 3, out 1, held 2"
+    assert lines["creator"].strip() == f"{os.getpid()} (alive)"
+
+    data = json.loads(shmq_cli("stat", ring.name, "--json").stdout)
+    assert data["type"] == "RingStatistics"
+    assert (data["messages_in"], data["messages_out"], data["capacity_bytes"]) == (3, 1, 1 << 16)
+    assert data["participants"] == [{"pid": os.getpid(), "role": "creator", "alive": True}]
+
+
+def test_stat_interval_adds_rates_and_verdict(ring):
+    data = json.loads(shmq_cli("stat", ring.name, "--interval", "0.2", "--json").stdout)
+    assert data["rates"]["verdict"] == "idle"
+    assert data["rates"]["interval_seconds"] >= 0.2
+    text = shmq_cli("stat", ring.name, "--interval", "0.1").stdout
+    assert "verdict" in text and "idle" in text
+
+
+def test_errors_are_one_line_and_exit_1(foreign):
+    one_error_line(shmq_cli("stat", unique_name("none")), "shmq stat:", "no shared memory named")
+    one_error_line(shmq_cli("stat", foreign), "is not an shmq segment")
+    one_error_line(shmq_cli("stat", "no/such"), "'name' must be")
+    one_error_line(shmq_cli("top", "--interval", "0"), "--interval must be positive")
+    one_error_line(shmq_cli("bench", "--only", "nosuch"), "no such benchmark")
+    usage = shmq_cli("stat")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_permission_denied_is_one_line(ring):
+    path = os.path.join(SHM, ring.name)
+    os.chmod(path, 0)
+    try:
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "shmq"]
+        res = subprocess.run(drop + ["stat", ring.name], capture_output=True, text=True, timeout=60)
+        assert "Traceback" not in res.stderr
+        one_error_line(res, "no permission to open shared memory")
+        res = subprocess.run(drop + ["ls", "--prefix", ring.name], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and f"cannot read {ring.name}" in res.stderr
+    finally:
+        os.chmod(path, 0o600)
+
+
+# -- top -----------------------------------------------------------------------
+
+
+class Lines:
+    """Read a subprocess's stdout line by line, with bounded waits."""
+
+    def __init__(self, proc):
+        self.q = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.q.put(line)
+        self.q.put(None)
+
+    def until(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out; output so far:\n{''.join(self.seen[-40:])}"
+            line = self.q.get(timeout=left)
+            assert line is not None, f"process ended; output:\n{''.join(self.seen[-40:])}"
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+
+def frames(text):
+    return [f for f in text.split("shmq top ")[1:]]
+
+
+def test_top_refreshes_with_rates_and_verdicts(ring):
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import shmq,sys; r=shmq.Ring.attach(sys.argv[1])\n"
+            "for _ in range(100000):\n"
+            "    r.write(b'm' * 100, timeout=30)\n"
+            "    if sys.stdin.closed: break\n"
+            "r.close()",
+            ring.name,
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        res = shmq_cli("top", "--prefix", ring.name, "--iterations", "3", "--interval", "0.3")
+    finally:
+        writer.kill()
+        writer.wait(30)
+        writer.stdin.close()
+    assert res.returncode == 0, res.stderr
+    fs = frames(res.stdout)
+    assert len(fs) == 3
+    for f in fs:
+        assert ring.name in f and "VERDICT" in f
+    row = next(line for line in fs[-1].splitlines() if line.startswith(ring.name)).split()
+    assert row[1] == "ring"
+    assert row[-2] in VERDICTS
+    # nobody reads: the writer fills the ring, then waits
+    assert row[-2] == "consumer-bound"
+
+
+def test_top_follows_queues_that_come_and_go_and_quits_on_ctrl_c():
+    prefix = unique_name("top")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmq", "top", "--prefix", prefix, "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out = Lines(proc)
+        out.until(lambda line: "no shmq segments" in line)
+        r = shmq.Ring.create(4096, name=prefix + "a")
+        try:
+            out.until(lambda line: line.startswith(r.name))
+        finally:
+            r.close()
+            r.unlink()
+        out.until(lambda line: "no shmq segments" in line)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# -- gc --------------------------------------------------------------------------
+
+
+def _kill_leaving_zombie(name=None):
+    """A creator that is SIGKILLed and not reaped yet: (its Popen, ring name)."""
+    args = [sys.executable, "-c", CREATE_AND_WAIT] + ([name] if name else [])
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    created = child.stdout.readline().strip()
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the killed child never became a zombie"
+        time.sleep(0.01)
+    return child, created
+
+
+def _reap(child):
+    child.wait(30)
+    child.stdout.close()
+    child.stdin.close()
+
+
+def entries(name):
+    return sorted(e for e in os.listdir(SHM) if name in e)
+
+
+def test_gc_removes_what_a_sigkilled_creator_left_and_nothing_else():
+    import posix_ipc
+
+    child, dead = _kill_leaving_zombie()
+    try:
+        pid = child.pid
+        assert dead.startswith(f"{PREFIX}{pid}_")
+        prefix = f"{PREFIX}{pid}_"
+        live = shmq.Ring.create(4096, name=f"{prefix}live")  # same prefix, live creator
+        not_ours = os.path.join(SHM, f"{prefix}dead")  # shmq-like name, not a segment
+        with open(not_ours, "wb") as f:
+            f.write(b"x" * 8192)
+        orphan = posix_ipc.Semaphore(f"/{prefix}beef-ne", posix_ipc.O_CREX, initial_value=0)
+        orphan.close()
+        mine = f"{PREFIX}{os.getpid()}_beef-nf"  # orphan-looking, but its pid is alive
+        posix_ipc.Semaphore("/" + mine, posix_ipc.O_CREX, initial_value=0).close()
+        try:
+            assert len(entries(dead)) >= 3  # segment + its semaphores
+            dry = shmq_cli("gc", "--prefix", prefix, "--dry-run")
+            assert dry.returncode == 0, dry.stderr
+            assert f"would remove ring {dead}" in dry.stdout
+            assert f"creator {pid} is dead" in dry.stdout
+            assert f"would remove semaphore {prefix}beef-ne" in dry.stdout
+            assert "live" not in dry.stdout and f"{prefix}dead" not in dry.stdout
+            assert len(entries(dead)) >= 3, "--dry-run removed something"
+
+            res = shmq_cli("gc", "--prefix", prefix, "--json")
+            assert res.returncode == 0, res.stderr
+            removed = json.loads(res.stdout)["removed"]
+            assert sorted((g["kind"], g["name"]) for g in removed) == [
+                ("ring", dead),
+                ("semaphore", f"{prefix}beef-ne"),
+            ]
+            assert entries(dead) == [] and entries(f"{prefix}beef") == []
+            assert os.path.exists(os.path.join(SHM, live.name))
+            assert os.path.exists(not_ours)
+            assert live.statistics().creator_alive
+
+            res = shmq_cli("gc", "--prefix", f"{PREFIX}{os.getpid()}_")
+            assert res.returncode == 0 and os.path.exists(os.path.join(SHM, "sem." + mine))
+        finally:
+            os.unlink(not_ours)
+            posix_ipc.unlink_semaphore("/" + mine)
+            live.close()
+            live.unlink()
+    finally:
+        _reap(child)
+        for e in entries(dead):
+            os.unlink(os.path.join(SHM, e))
+
+
+def test_gc_keeps_a_dead_creators_ring_while_a_participant_lives():
+    child, name = _kill_leaving_zombie(unique_name("gcp"))
+    _reap(child)
+    try:
+        attached = shmq.Ring.attach(name)
+        try:
+            res = shmq_cli("gc", "--prefix", name)
+            assert res.returncode == 0 and "removed 0 segment(s)" in res.stdout
+            assert os.path.exists(os.path.join(SHM, name))
+        finally:
+            attached.close()
+        res = shmq_cli("gc", "--prefix", name)
+        assert f"removed ring {name}" in res.stdout
+        assert entries(name) == []
+    finally:
+        for e in entries(name):
+            os.unlink(os.path.join(SHM, e))
+
+
+# -- bench -------------------------------------------------------------------------
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.mark.skipif(not os.path.isdir(BENCHMARKS), reason="no benchmarks/ next to the tests")
+def test_bench_runs_a_script_and_prints_the_table():
+    res = shmq_cli("bench", "--quick", "--only", "latency", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "VS MP.QUEUE" in res.stdout
+    row = next(line for line in res.stdout.splitlines() if "median" in line and "shmq Ring" in line)
+    assert row.split()[-1].endswith("x")
+    rows = [json.loads(line) for line in shmq_cli("bench", "--quick", "--only", "latency", "--json").stdout.splitlines()]
+    assert rows[0]["meta"]["python"] and "shmq" in rows[0]["meta"]["versions"]
+    assert {r["transport"] for r in rows[1:]} >= {"shmq Ring", "mp.Queue", "os.pipe"}
+
+
+@pytest.mark.skipif(not os.path.isdir(BENCHMARKS), reason="no benchmarks/ next to the tests")
+def test_bench_plot(tmp_path):
+    png = tmp_path / "sizes.png"
+    res = shmq_cli("bench", "--quick", "--only", "sizes", "--plot", str(png), timeout=300)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        one_error_line(res, "--plot needs matplotlib")
+        return
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

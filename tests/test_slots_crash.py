@@ -1,0 +1,295 @@
+"""Crash recovery of slot pools: SIGKILL holders, sources, a receiver
+between reading and decoding, and a pool-lock holder.  Each test measures how
+long the slots took to come back and holds it to a bound."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import shmq
+from conftest import join_all
+from shmq._slots import ORPHAN_SECONDS, RECLAIM_INTERVAL, SlotPool
+
+# Reclaim runs at most every RECLAIM_INTERVAL while a source waits for slots;
+# allow for process-table lookups on a loaded two-core machine.
+BOUND = RECLAIM_INTERVAL + 1.5
+
+
+def kill(proc):
+    os.kill(proc.pid, signal.SIGKILL)
+    join_all([proc], timeout=30)
+    assert proc.exitcode == -signal.SIGKILL
+
+
+def timed_allocate(pool, count, timeout=10.0):
+    t0 = time.monotonic()
+    got = pool.allocate(count, timeout=timeout)
+    return got, time.monotonic() - t0
+
+
+def send(pool, payloads):
+    indices = pool.allocate(len(payloads), timeout=5)
+    for i, data in zip(indices, payloads):
+        v = pool.view(i, len(data))
+        v[:] = data
+        v.release()
+    return list(zip(indices, pool.mark_sent(indices, [len(d) for d in payloads])))
+
+
+# -- holders ---------------------------------------------------------------
+def _hold_and_hang(name, refs, ready, never):
+    pool = SlotPool.attach(name)
+    views = [pool.acquire(i, g) for i, g in refs]  # noqa: F841 (held until killed)
+    ready.set()
+    never.wait(60)
+
+
+def test_slots_held_by_a_killed_holder_return_to_their_source(ctx):
+    pool = SlotPool.create(4096, 4)
+    try:
+        returned = []
+        pool.on_return = returned.append
+        refs = send(pool, [bytes([k]) * 64 for k in range(4)])
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_hold_and_hang, args=(pool.name, refs, ready, never))
+        proc.start()
+        assert ready.wait(60)
+        assert len(pool.slot_info(refs[0][0]).holders) == 1
+        assert pool.try_allocate() is None
+        kill(proc)
+        got, elapsed = timed_allocate(pool, 4)
+        assert elapsed < BOUND, f"slots came back after {elapsed:.2f}s"
+        assert sorted(got) == sorted(i for i, _ in refs)
+        assert sorted(returned) == sorted(i for i, _ in refs)  # returned to the source, callback ran
+        assert pool.statistics().members == ((os.getpid(), True),)  # the dead entry was recycled
+        pool.abort(got)
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+# -- sources -------------------------------------------------------------------
+def _loan_and_hang(name, ready, never):
+    pool = SlotPool.attach(name)
+    (a, b) = pool.allocate(2)
+    v = pool.view(a)
+    v[:4] = b"half"  # noqa: F841 (a producer killed mid-write)
+    ready.set()
+    never.wait(60)
+
+
+def test_slots_loaned_by_a_killed_producer_are_reclaimed(ctx):
+    pool = SlotPool.create(4096, 3)
+    try:
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_loan_and_hang, args=(pool.name, ready, never))
+        proc.start()
+        assert ready.wait(60)
+        assert pool.statistics().loaned == 2
+        kill(proc)
+        got, elapsed = timed_allocate(pool, 3)
+        assert elapsed < BOUND
+        stats = pool.statistics()
+        assert stats.reclaimed == 2 and stats.loaned == 3
+        pool.abort(got)
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def _send_and_hang(name, out, never):
+    pool = SlotPool.attach(name)
+    out.put(send(pool, [b"one" * 100, b"two" * 100, b"six" * 100]))
+    never.wait(60)
+
+
+def test_slots_sent_by_a_killed_source_stay_readable_then_are_reclaimed(ctx):
+    pool = SlotPool.create(4096, 4)
+    try:
+        out, never = ctx.Queue(), ctx.Event()
+        proc = ctx.Process(target=_send_and_hang, args=(pool.name, out, never))
+        proc.start()
+        refs = out.get(timeout=60)
+        held = [pool.acquire(*r) for r in refs[:2]]
+        kill(proc)
+        # The source is gone, its messages are not: the pool belongs to its creator.
+        assert [bytes(v[:3]) for v in held] == [b"one", b"two"]
+        late = pool.acquire(*refs[2])  # the message still "in flight" when it died
+        assert bytes(late[:3]) == b"six"
+        assert pool.reclaim() == 0  # still held: nothing may be freed yet
+        for v, r in zip(held + [late], refs):
+            v.release()
+            pool.release(*r)
+        got, elapsed = timed_allocate(pool, 4)
+        assert elapsed < BOUND
+        assert pool.statistics().reclaimed == 3
+        pool.abort(got)
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+# -- channels: a killed consumer, a killed producer -----------------------------
+def _receive_and_hang(rx, ready, never):
+    arrays = [rx.receive(timeout=30) for _ in range(3)]  # noqa: F841 (views held when killed)
+    ready.set()
+    never.wait(60)
+
+
+def test_channel_consumer_killed_while_holding_views(ctx):
+    tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 16, slot_count=3, threshold=1024)
+    try:
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_receive_and_hang, args=(rx, ready, never))
+        proc.start()
+        for k in range(3):
+            tx.send(np.full(4096, k, np.float64), timeout=30)
+        assert ready.wait(60)
+        with pytest.raises(shmq.Full):
+            tx.send(np.zeros(4096), timeout=0)
+        kill(proc)
+        t0 = time.monotonic()
+        for k in range(3):
+            with tx.loan_array(4096, np.float64, timeout=10) as a:
+                a[:] = k
+        assert time.monotonic() - t0 < BOUND
+        for k in range(3):
+            assert rx.receive(timeout=10)[7] == k
+    finally:
+        tx.unlink()
+        tx.close()
+        rx.close()
+
+
+def _loan_in_channel_and_hang(tx, ready, never):
+    loan = tx.loan_array((64, 64), np.uint8)  # noqa: F841
+    tx.send(np.ones(1024, np.uint8) * 9, timeout=10)  # a sent, unread message
+    ready.set()
+    never.wait(60)
+
+
+def test_channel_producer_killed_with_an_open_loan_and_an_unread_message(ctx):
+    tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 14, slot_count=2, threshold=512)
+    try:
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_loan_in_channel_and_hang, args=(tx, ready, never))
+        proc.start()
+        assert ready.wait(60)
+        kill(proc)
+        msg = rx.receive(timeout=10)  # the dead producer's message is still there
+        assert msg.sum() == 9 * 1024
+        del msg
+        t0 = time.monotonic()
+        with tx.loan(100, timeout=10), tx.loan(100, timeout=10):
+            pass
+        assert time.monotonic() - t0 < BOUND
+        assert tx.statistics().pool.reclaimed == 2
+        assert rx.receive(timeout=10).nbytes == 100
+        assert rx.receive(timeout=10).nbytes == 100
+    finally:
+        tx.unlink()
+        tx.close()
+        rx.close()
+
+
+def _read_but_never_decode(rx, ready, never):
+    rx._codec.note_consumer()  # as receive() does before reading
+    rx._ring.read(timeout=30)  # the message left the ring; the slot was never acquired
+    ready.set()
+    never.wait(60)
+
+
+def test_receiver_killed_between_read_and_decode_leaves_an_orphan_that_is_freed():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the start method does not matter here; the wait is ORPHAN_SECONDS
+    tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 14, slot_count=1, threshold=512)
+    try:
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_read_but_never_decode, args=(rx, ready, never))
+        proc.start()
+        tx.send(np.arange(1000), timeout=10)
+        assert ready.wait(60)
+        kill(proc)
+        t0 = time.monotonic()
+        with tx.loan(10, timeout=ORPHAN_SECONDS + 10):
+            pass
+        elapsed = time.monotonic() - t0
+        assert ORPHAN_SECONDS * 0.5 <= elapsed < ORPHAN_SECONDS + BOUND
+        assert tx.statistics().pool.orphaned == 1
+        assert rx.receive(timeout=10).nbytes == 10
+    finally:
+        tx.unlink()
+        tx.close()
+        rx.close()
+
+
+# -- locks and member entries ------------------------------------------------------
+def _take_pool_lock_and_hang(name, ready, never):
+    pool = SlotPool.attach(name)
+    pool._lock.acquire()
+    ready.set()
+    never.wait(60)
+
+
+def test_pool_lock_holder_killed(ctx):
+    pool = SlotPool.create(64, 2)
+    try:
+        ready, never = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_take_pool_lock_and_hang, args=(pool.name, ready, never))
+        proc.start()
+        assert ready.wait(60)
+        kill(proc)
+        got, elapsed = timed_allocate(pool, 2)
+        assert elapsed < BOUND
+        pool.abort(got)
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def _attach_hold_die(name, ref):
+    pool = SlotPool.attach(name)
+    pool.acquire(*ref)
+    os._exit(0)  # no close, no finalizers: as good as killed
+
+
+def test_member_entries_of_dead_processes_are_recycled():
+    import multiprocessing as mp
+
+    fork = mp.get_context("fork")
+    pool = SlotPool.create(64, 1, max_members=3)
+    try:
+        for _ in range(6):  # twice as many processes as entries
+            (ref,) = send(pool, [b"m"])
+            proc = fork.Process(target=_attach_hold_die, args=(pool.name, ref))
+            proc.start()
+            join_all([proc])
+            assert proc.exitcode == 0
+            got, elapsed = timed_allocate(pool, 1)
+            assert elapsed < BOUND
+            pool.abort(got)
+        assert len(pool.statistics().members) == 1
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def test_a_live_receiver_may_decode_a_read_message_late():
+    # No process died: a message read off the ring but not decoded yet is
+    # not an orphan, however long it waits (a queue's get_many keeps records).
+    tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 14, slot_count=1, threshold=512)
+    try:
+        tx.send(np.arange(1000), timeout=10)
+        rx._codec.note_consumer()
+        record = rx._ring.read(timeout=10)
+        with pytest.raises(shmq.Full):
+            tx.send(np.arange(1000), timeout=ORPHAN_SECONDS + 0.5)
+        assert rx._codec.decode(record)[999] == 999
+        tx.send(np.arange(1000), timeout=10)  # the slot came back after the late decode
+    finally:
+        tx.unlink()
+        tx.close()
+        rx.close()
