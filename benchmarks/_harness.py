@@ -2,8 +2,9 @@
 
 Every ``bench_*.py`` script answers one question.  It measures shmq and its
 baselines in the same run, interleaving their repeats (the machine is noisy:
-identical runs differ by a factor of two), and reports the median, the
-spread (min and max) and the ratio to ``multiprocessing.Queue``.
+identical runs differ by a factor of two) after one untimed warm-up round,
+and reports the median, the spread (min and max) and the ratio to
+``multiprocessing.Queue``.
 
 Output: a table, or with ``--json`` one JSON object per line: first
 ``{"bench": ..., "meta": {...}}`` (machine, Python, library versions,
@@ -30,7 +31,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import shmq
 
 #: fork starts a child in milliseconds and lets it inherit the transports
 CTX = mp.get_context("fork")
@@ -66,14 +66,6 @@ def pin(index: int) -> Optional[int]:
     except OSError:
         return None
     return core
-
-
-def unpin() -> None:
-    if hasattr(os, "sched_setaffinity") and _CORES:
-        try:
-            os.sched_setaffinity(0, set(_CORES))
-        except OSError:
-            pass
 
 
 def _cpu_model() -> str:
@@ -167,24 +159,32 @@ class Case:
         self.error: Optional[str] = None
 
 
-def measure(cases: Sequence[Case], repeats: int, progress: bool = True) -> None:
+def measure(cases: Sequence[Case], repeats: int, progress: bool = True, warmup: Optional[bool] = None) -> None:
     """Run every case ``repeats`` times, interleaved (repeat r runs each case
     once, starting at a rotating position), so slow phases of a noisy machine
-    hit every transport alike.  A case that fails is not run again."""
+    hit every transport alike.  Unless ``warmup`` is false (default: when
+    repeating), a first untimed round runs every case once and is thrown
+    away (first imports, first page faults).  A case that fails is not run
+    again."""
     n = len(cases)
-    for r in range(repeats):
+    warm = repeats > 1 if warmup is None else warmup
+    for r in range(-1 if warm else 0, repeats):
         for k in range(n):
-            case = cases[(k + r) % n]
+            case = cases[(k + max(r, 0)) % n]
             if case.error is not None:
                 continue
             try:
-                case.values.append(case.run())
+                value = case.run()
             except Exception as exc:  # one broken peer must not end the run
                 case.error = f"{type(exc).__name__}: {exc}"
                 if progress:
                     print(f"  {case.workload} / {case.transport}: {case.error}", file=sys.stderr)
+                continue
+            if r >= 0:
+                case.values.append(value)
         if progress:
-            print(f"  repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+            done = "warm-up round" if r < 0 else f"repeat {r + 1}/{repeats}"
+            print(f"  {done} done", file=sys.stderr, flush=True)
 
 
 def rows(bench: str, cases: Sequence[Case]) -> List[Dict[str, Any]]:
@@ -352,7 +352,5 @@ __all__ = (
     "report",
     "setup",
     "rows",
-    "shmq",
     "children",
-    "unpin",
 )

@@ -26,7 +26,7 @@ import _harness as H
 import _transports as T
 
 MiB = 1 << 20
-SIZES = ((1 * MiB, 300), (16 * MiB, 40), (64 * MiB, 10))
+SIZES = ((1 * MiB, 2000), (16 * MiB, 100), (64 * MiB, 24))
 
 
 class ShmqRingLoan(T.ShmqRing):

@@ -360,21 +360,39 @@ def _fmt_value(v: Optional[float], unit: str) -> str:
     return _count(v)
 
 
+def _row_value(r: Dict[str, Any]) -> Optional[Tuple[str, float, str]]:
+    """(key, value, unit) of a result row: the harness's ``median``, or the
+    first ``*_per_s`` figure of a script with a schema of its own."""
+    if isinstance(r.get("median"), (int, float)):
+        return "median", r["median"], r.get("unit", "")
+    for k, v in r.items():
+        if k.endswith(("_per_s", "_per_second")) and isinstance(v, (int, float)):
+            return k, v, k.rsplit("_per_s", 1)[0].replace("_", " ") + "/s"
+    return None
+
+
 def _bench_table(rows: List[Dict[str, Any]]) -> str:
     table = []
     for r in rows:
-        if "meta" in r or "median" not in r:
+        found = _row_value(r)
+        if "meta" in r or found is None:
             continue
-        spread = "-"
-        if r.get("min") is not None and r.get("max") is not None and r.get("median"):
-            spread = f"±{(r['max'] - r['min']) / 2 / r['median'] * 100:.0f}%"
+        _, value, unit = found
+        low, high = r.get("min"), r.get("max")
+        if low is None and isinstance(r.get("runs"), list) and r["runs"]:
+            low, high = min(r["runs"]), max(r["runs"])
+        spread = "-" if low is None or high is None or not value else f"±{(high - low) / 2 / value * 100:.0f}%"
         ratio = r.get("vs_mp_queue")
+        workload = r.get("workload") or ", ".join(
+            f"{k}={r[k]}" for k in r if k.startswith("size") and not isinstance(r[k], (list, dict))
+        )
+        bench = r.get("bench") or str(r.get("script", "?")).replace("bench_", "").replace(".py", "")
         table.append(
             [
-                r.get("bench", r["script"]),
-                str(r.get("workload", "")),
+                bench,
+                str(workload),
                 str(r.get("transport", "")),
-                f"{_fmt_value(r['median'], r.get('unit', ''))} {r.get('unit', '')}",
+                f"{_fmt_value(value, unit)} {unit}",
                 spread,
                 "-" if ratio is None else f"{ratio:.2f}x",
             ]

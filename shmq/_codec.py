@@ -33,9 +33,9 @@ source.  ``copy=True`` gives private, writable copies and releases at once.
 
 A message must be decoded exactly once per delivery.  The consumer reads the
 message off the ring *before* it acquires the slots, so a receiver killed
-between the two leaves an orphan: once a process attached to the ring is
-found dead, the source frees a slot whose message the ring shows consumed
-but nobody acquired for ``_slots.ORPHAN_SECONDS`` (see ``RingFence``).  A live
+between the two leaves an orphan: once a consumer of the ring is found dead,
+the source frees a slot whose message the ring shows consumed but nobody
+acquired for ``SlotPool.orphan_seconds`` (see ``RingFence``).  A live
 receiver may keep read records undecoded as long as it likes.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ if hasattr(os, "register_at_fork"):
 class RingFence:
     """Where the messages of a pool travel: a ring's TAIL (``position()``),
     whether its readers have passed a position (``passed(pos)``), and whether
-    a process attached to it has died (``someone_died()``).  Lets a pool tell
+    a process that consumed from it has died (``someone_died()``).  Lets a pool tell
     a message still queued from one consumed by a receiver that died before
     decoding it (a live receiver always decodes what it read, however late)."""
 
@@ -114,13 +114,14 @@ class RingFence:
         return self._w[L.W_HEAD] >= position
 
     def someone_died(self) -> bool:
-        """True once a process registered with the ring is found dead
-        (checked at most every RECLAIM_INTERVAL)."""
+        """True once a process registered as a consumer of the ring (see
+        :meth:`Codec.note_consumer`) is found dead (checked at most every
+        RECLAIM_INTERVAL)."""
         if not self._died:
             now = _monotonic()
             if now - self._checked >= RECLAIM_INTERVAL:
                 self._checked = now
-                self._died = any(not p.alive for p in self._segment.participants())
+                self._died = any(not p.alive and p.role & L.ROLE_CONSUMER for p in self._segment.participants())
         return self._died
 
 
@@ -197,7 +198,18 @@ def encode(
     if pool is None:
         return _pickle(obj, None), None
     limit = pool.slot_size
-    if type(obj) in _RAW_TYPES:
+    t = type(obj)
+    if t is np.ndarray:
+        n = obj.nbytes
+        if threshold <= n <= limit and obj.flags.c_contiguous and not obj.dtype.hasobject:
+            # Skip pickle: the same message a loan_array sends.
+            flags, header = dtype_header(obj.dtype, obj.shape)
+            try:
+                raw = memoryview(obj).cast("B")
+            except (ValueError, TypeError):  # a dtype the buffer protocol lacks (datetime64)
+                raw = memoryview(obj.reshape(-1).view(np.uint8))
+            return _place(pool, [raw], _prefix(pool, K_ARRAY, flags, 1), header, timeout, deliveries, fence)
+    elif t in _RAW_TYPES:
         mv = memoryview(obj)
         n = mv.nbytes
         if threshold <= n <= limit and mv.contiguous:
@@ -207,7 +219,10 @@ def encode(
     bufs: List[memoryview] = []
 
     def big(pb: pickle.PickleBuffer) -> bool:
-        m = pb.raw()
+        try:
+            m = pb.raw()
+        except BufferError:  # not contiguous: in-band, where pickle decides
+            return True
         if threshold <= m.nbytes <= limit:
             bufs.append(m)
             return False
@@ -411,17 +426,23 @@ def decode_held(
     """Like :func:`decode`, also returning tokens for :func:`release_tokens`."""
     if data[:3] != MAGIC:
         return _loads(data), []
-    _, kind, flags, nrefs, nlen = _HEAD.unpack_from(data, 0)
-    off = _HEAD.size + nlen
+    try:
+        _, kind, flags, nrefs, nlen = _HEAD.unpack_from(data, 0)
+        off = _HEAD.size + nlen
+        name = bytes(data[_HEAD.size : off]).decode()
+        refs = []
+        for _ in range(nrefs):
+            refs.append(_REF.unpack_from(data, off))
+            off += _REF.size
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise SlotError(f"corrupt slot message: {exc}") from None
     if resolver is None:
         raise SlotError("a slot message needs a pool resolver to be decoded")
-    pool = resolver(bytes(data[_HEAD.size : off]).decode())
+    pool = resolver(name)
     tokens: List[int] = []
     anchors: List[Any] = []
     try:
-        for _ in range(nrefs):
-            index, gen, nbytes = _REF.unpack_from(data, off)
-            off += _REF.size
+        for index, gen, nbytes in refs:
             anchors.append(_anchor(pool, index, gen, nbytes, tokens))
         if copy or (exact_types and kind == K_RAW and flags & (F_BYTES | F_BYTEARRAY)):
             if kind == K_RAW and flags & F_BYTES:
@@ -475,6 +496,7 @@ class Codec:
         self._ring = ring
         self._consumer_in = -1
         self._pools: Dict[str, SlotPool] = {}
+        self._by_raw_name: Dict[bytes, SlotPool] = {}  # name as it appears in messages
         self._closed = False
 
     def note_consumer(self) -> None:
@@ -495,6 +517,15 @@ class Codec:
         """See :func:`decode`."""
         if data[0] == 0x80:
             return _loads(data)
+        if not copy and data[:3] == MAGIC and len(data) > 8 and data[3] == K_ARRAY and data[5] == 1 and data[6] == 0:
+            # One array in one slot (a loan or a top-level array): the hot path.
+            off = _HEAD.size + data[7]
+            pool = self._by_raw_name.get(data[_HEAD.size : off])
+            if pool is not None:
+                index, gen, nbytes = _REF.unpack_from(data, off)
+                meta = bytes(data[off + _REF.size :])
+                found = _ARRAY_META.get(meta) or _array_meta(meta, data[4])
+                return np.ndarray(found[1], found[0], _anchor(pool, index, gen, nbytes, None))
         return decode_held(data, self.resolve, copy=copy, exact_types=self.exact_types)[0]
 
     def decode_held(self, data: Any, *, copy: bool = False) -> Tuple[Any, List[int]]:
@@ -504,17 +535,20 @@ class Codec:
         """The pool ``name``, attached once per codec."""
         pool = self.pool
         if pool is not None and pool.name == name:
-            return pool
-        found = self._pools.get(name)
-        if found is None:
-            if self._closed:
-                raise ClosedError("codec is closed")
-            found = self._pools[name] = SlotPool.attach(name)
+            found = pool
+        else:
+            found = self._pools.get(name)
+            if found is None:
+                if self._closed:
+                    raise ClosedError("codec is closed")
+                found = self._pools[name] = SlotPool.attach(name)
+        self._by_raw_name[name.encode()] = found
         return found
 
     def close(self) -> None:
         """Close the pools this codec attached while decoding (not ``pool``)."""
         self._closed = True
+        self._by_raw_name = {}
         pools, self._pools = self._pools, {}
         for p in pools.values():
             p.close()

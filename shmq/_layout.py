@@ -195,7 +195,10 @@ def participant_word(index: int) -> int:
 #                 once the owner is dead); STATE last.
 #   member table  MAX_MEMBERS records of MEMBER_WORDS words: PID, START_US,
 #                 STATE (FREE/LIVE/DEAD), RQ_HEAD (owner), RQ_TAIL (pushers,
-#                 under POOL_LOCK), RQ_LOST (a notification did not fit).
+#                 under POOL_LOCK), RQ_LOST (a notification did not fit),
+#                 REUSES (slots the member loaned again straight from a
+#                 return, counted in ALLOCATIONS and FREES once the entry
+#                 is recycled).
 #   hold table    MAX_MEMBERS x SLOT_COUNT words.  Word [m][s] counts the
 #                 current generation's holds of slot s by member m:
 #                 acquired << 32 | released.  Only member m writes it (a
@@ -234,7 +237,7 @@ SLOT_FREE, SLOT_LOANED, SLOT_SENT = 0, 1, 2
 SLOT_STATE_NAMES = {SLOT_FREE: "free", SLOT_LOANED: "loaned", SLOT_SENT: "sent"}
 
 MEMBER_WORDS = 8
-M_PID, M_START_US, M_STATE, M_RQ_HEAD, M_RQ_TAIL, M_RQ_LOST = 0, 1, 2, 3, 4, 5
+M_PID, M_START_US, M_STATE, M_RQ_HEAD, M_RQ_TAIL, M_RQ_LOST, M_REUSES = 0, 1, 2, 3, 4, 5, 6
 MEMBER_FREE, MEMBER_LIVE, MEMBER_DEAD = 0, 1, 2
 
 HOLD_ACQUIRE = 1 << 32

@@ -89,7 +89,11 @@ class RingBuffer:
             self.try_write = self._write  # type: ignore[method-assign]
         if self._clock is None:
             self.try_read = self._read  # type: ignore[method-assign]
-        self._pending = 0  # reserved or peeked record size, while one is open
+        # size + 1 of the record reserve() / peek() opened on this handle, 0 if
+        # none, and where it starts: each side has its own, so commit()/abort()
+        # can never act on a peeked record nor release() on a reserved one.
+        self._reserved = self._reserved_pos = 0
+        self._peeked = self._peeked_pos = 0
         self._head_seen = w[_HEAD]
         self._tail_seen = w[_TAIL]
         self._closed = False
@@ -192,6 +196,8 @@ class RingBuffer:
             return False
         off = tail % cap
         if need > cap - off:
+            if cap - off + need > free:  # the HEAD seen may be old: look again first
+                free = self._refresh_free(tail, need, n)
             tail = self._pad(tail, cap - off, need, free)
             if tail < 0:
                 return False
@@ -299,7 +305,7 @@ class RingBuffer:
         view to build it in place; None if full.  Finish with :meth:`commit`
         or :meth:`abort`.  On a multi-producer ring the producer lock is held
         in between: keep it short.  Release the view before ``close()``."""
-        if self._pending:
+        if self._reserved:
             raise RuntimeError("a reserved record is still open: commit() or abort() it first")
         lock = self._plock
         if lock is not None:
@@ -324,8 +330,8 @@ class RingBuffer:
                     view = None
                 else:
                     pos = self._base + off
-                    self._pending = n + 1
-                    self._pending_pos = tail - tail % cap + off
+                    self._reserved = n + 1
+                    self._reserved_pos = tail - tail % cap + off
                     return self._buf[pos + 8 : pos + 8 + n]
         except BaseException:
             if lock is not None:
@@ -337,15 +343,15 @@ class RingBuffer:
 
     def commit(self, nbytes: Optional[int] = None) -> None:
         """Publish the reserved record, ``nbytes`` long (default: as reserved)."""
-        reserved = self._pending - 1
+        reserved = self._reserved - 1
         if reserved < 0:
             raise RuntimeError("commit() without reserve()")
         n = reserved if nbytes is None else int(nbytes)
         if not 0 <= n <= reserved:
             raise ValueError(f"'nbytes' must be between 0 and {reserved}, got {nbytes}")
         w = self._w
-        start = self._pending_pos
-        self._pending = 0
+        start = self._reserved_pos
+        self._reserved = 0
         try:
             w[(self._base + start % self._cap) >> 3] = n
             w[_MSGS_IN] += 1
@@ -362,9 +368,9 @@ class RingBuffer:
 
     def abort(self) -> None:
         """Drop the reserved record without publishing anything."""
-        if not self._pending:
+        if not self._reserved:
             return
-        self._pending = 0
+        self._reserved = 0
         if self._plock is not None:
             self._plock.release()
 
@@ -463,7 +469,7 @@ class RingBuffer:
         """A read-only view of the oldest record, in place, or None if empty.
         The record stays until :meth:`release`; on a multi-consumer ring the
         consumer lock is held until then.  Release the view before ``close()``."""
-        if self._pending:
+        if self._peeked:
             raise RuntimeError("a peeked record is still open: release() it first")
         lock = self._clock
         w = self._w
@@ -480,8 +486,8 @@ class RingBuffer:
                 pos = self._base
                 n = w[pos >> 3] if head >= 0 else 0
             if head >= 0:
-                self._pending = n + 1
-                self._pending_pos = head  # the record's own position
+                self._peeked = n + 1
+                self._peeked_pos = head  # the record's own position
                 return self._rbuf[pos + 8 : pos + 8 + n]
         if lock is not None:
             lock.release()
@@ -489,14 +495,14 @@ class RingBuffer:
 
     def release(self) -> None:
         """Remove the record returned by :meth:`peek`."""
-        n = self._pending - 1
+        n = self._peeked - 1
         if n < 0:
             raise RuntimeError("release() without peek()")
-        self._pending = 0
+        self._peeked = 0
         w = self._w
         try:
             w[_MSGS_OUT] += 1
-            w[_HEAD] = self._pending_pos + ((n + 15) & -8)
+            w[_HEAD] = self._peeked_pos + ((n + 15) & -8)
             if w[_PWAIT]:
                 self._not_full.ring()
         finally:
@@ -579,11 +585,10 @@ class RingBuffer:
         if self._closed:
             return
         self._closed = True
-        if self._pending:
-            self._pending = 0
-            for lock in (self._plock, self._clock):
-                if lock is not None and lock.holder() == os.getpid():
-                    lock.release()
+        for opened, lock in ((self._reserved, self._plock), (self._peeked, self._clock)):
+            if opened and lock is not None and lock.holder() == os.getpid():
+                lock.release()
+        self._reserved = self._peeked = 0
         for sem in self._sems:
             try:
                 sem.close()

@@ -40,8 +40,8 @@ while they use the pool, and on demand): members whose process is gone
 loaned but not sent are freed; slots they had sent are freed by the janitor
 once the holders are done.  If the pool is linked to a ring (``fence``), a
 slot whose message was consumed from that ring but never acquired is freed
-after ORPHAN_SECONDS -- only once a process attached to the ring has been
-found dead (its receiver died between reading and decoding).
+after ``orphan_seconds`` -- only once a consumer of the ring has been found
+dead (its receiver died between reading and decoding).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, Full, MessageTooLarge, ShmqError, SlotError
+from ._errors import ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
 from ._segment import Segment
 from ._sync import SLICE_SECONDS, Doorbell, RobustLock
 
@@ -72,8 +72,9 @@ __all__ = (
 DEFAULT_MAX_MEMBERS = 32
 #: seconds between two scans for dead members by one source
 RECLAIM_INTERVAL = 0.1
-#: a slot whose message left the linked ring this long ago but was never acquired is freed
-ORPHAN_SECONDS = 2.0
+#: default SlotPool.orphan_seconds: a slot whose message left the linked ring this
+#: long ago, never acquired, is freed once a consumer of the ring was found dead
+ORPHAN_SECONDS = 5.0
 SPIN_SECONDS = 100e-6
 
 _MAX_GEN = (1 << 31) - 1
@@ -155,8 +156,9 @@ class SlotPool:
 
     Attributes a source may set: ``on_return`` (called with the slot index for
     each slot it frees after holders returned it), ``fence`` (an object with
-    ``position()`` and ``passed(position)``, describing the ring the pool's
-    messages travel through; see ``_codec.RingFence``).
+    ``position()``, ``passed(position)`` and ``someone_died()``, describing
+    the ring the pool's messages travel through; see ``_codec.RingFence``),
+    ``orphan_seconds`` (default ORPHAN_SECONDS).
     """
 
     _closed = True
@@ -181,8 +183,6 @@ class SlotPool:
         self._rqw = w[L.W_RETURN_QUEUES] >> 3
         self._data = w[L.W_SLOT_DATA]
         if n <= 0 or self._q <= 0 or self._data + n * self._stride > segment.size:
-            from ._errors import LayoutError
-
             raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
         self._sems: list = []
         create = segment.is_creator
@@ -190,6 +190,7 @@ class SlotPool:
         self._bell = Doorbell(self._sem(self.name + "-rb", 0, create), w, L.W_RETURN_WAITING)
         self.on_return: Optional[Callable[[int], object]] = None
         self.fence = None
+        self.orphan_seconds = ORPHAN_SECONDS
         self._init_local()
         self._closing = False
         self._closed = False
@@ -206,6 +207,7 @@ class SlotPool:
         self._unfenced: set = set()  # sent, but the caller has not reported the ring position yet
         self._early: set = set()  # unfenced slots whose return notification already came
         self._pending_frees = 0  # freed slots not yet added to FREE_COUNT
+        self._reused = -1  # the slot _collect_locked loaned again, for try_allocate
         self._orphan_seen: Dict[int, float] = {}
         self._deferred: deque = deque()  # (slot, generation, epoch) from finalizers
         self._notes: List[Tuple[int, int]] = []  # (source member, notification) to push
@@ -318,6 +320,15 @@ class SlotPool:
                 if w[mb + L.M_PID] == 0:
                     break
             else:
+                m = self._unused_dead_entry()
+                mb = self._members + m * L.MEMBER_WORDS
+                if m >= 0:
+                    self._lock.acquire()
+                    try:
+                        self._retire_entry_locked(m)
+                    finally:
+                        self._lock.release()
+            if m < 0:
                 raise ShmqError(
                     f"slot pool {self.name!r} has no free member entry: {self.max_members} processes use it "
                     f"(create it with a larger 'max_members')"
@@ -325,6 +336,7 @@ class SlotPool:
             w[mb + L.M_RQ_HEAD] = 0
             w[mb + L.M_RQ_TAIL] = 0
             w[mb + L.M_RQ_LOST] = 0
+            w[mb + L.M_REUSES] = 0
             w[mb + L.M_START_US] = P.my_start_us()
             w[mb + L.M_STATE] = _LIVE
             w[mb + L.M_PID] = os.getpid()
@@ -332,6 +344,21 @@ class SlotPool:
                 w[L.W_MEMBERS_HIGH] = m + 1
         self._member = m
         return m
+
+    def _unused_dead_entry(self) -> int:
+        """A member entry whose process is gone and that no slot refers to
+        (the table is full; a janitor has not recycled it yet), or -1."""
+        w = self._w
+        n = self.slot_count
+        owners = {w[self._slots + i * L.SLOT_WORDS + L.S_OWNER] - 1 for i in range(n)
+                  if w[self._slots + i * L.SLOT_WORDS + L.S_STATE] != _FREE}
+        for m in range(self.max_members):
+            mb = self._members + m * L.MEMBER_WORDS
+            if m in owners or any(w[self._holdw + m * n + i] for i in range(n)):
+                continue
+            if w[mb + L.M_STATE] == _DEAD or not P.is_alive(w[mb + L.M_PID], w[mb + L.M_START_US]):
+                return m
+        return -1
 
     def _check_usable(self) -> None:
         if self._closed or self._closing:
@@ -360,11 +387,16 @@ class SlotPool:
                 m = self._ensure_member()
             mb = self._members + m * L.MEMBER_WORDS
             freed = corrupt = _NONE
-            if w[mb + L.M_RQ_HEAD] != w[mb + L.M_RQ_TAIL] or w[mb + L.M_RQ_LOST]:
-                # Frees counted in the same lock hold as the allocation below.
-                freed, corrupt = self._collect_locked(defer_count=True)
             got = None
-            if corrupt:
+            if w[mb + L.M_RQ_HEAD] != w[mb + L.M_RQ_TAIL] or w[mb + L.M_RQ_LOST]:
+                # Frees are counted in the same lock hold as the allocation below;
+                # one returned slot is reused at once when nobody else waits for slots.
+                reuse = count == 1 and not w[L.W_RETURN_WAITING]
+                freed, corrupt = self._collect_locked(defer_count=True, reuse=reuse)
+                if self._reused >= 0:
+                    got = [self._reused]
+                    self._reused = -1
+            if corrupt or got is not None:
                 self._count_pending_frees()
             else:
                 if w[L.W_FREE_COUNT] + self._pending_frees < count:
@@ -377,7 +409,12 @@ class SlotPool:
             if self._deferred:
                 self._drain_deferred_locked()
         if freed or corrupt:
-            self._after_collect(freed, corrupt)
+            try:
+                self._after_collect(freed, corrupt)
+            except BaseException:
+                if got:
+                    self.abort(got)  # the caller never sees them
+                raise
         return got
 
     def allocate(self, count: int = 1, timeout: Optional[float] = None) -> List[int]:
@@ -606,10 +643,11 @@ class SlotPool:
         if error is not None:
             raise error
 
-    def _collect_locked(self, defer_count: bool = False) -> Tuple[List[int], List[int]]:
+    def _collect_locked(self, defer_count: bool = False, reuse: bool = False) -> Tuple[List[int], List[int]]:
         """Drain this member's return queue; free what is free.  (tlock held;
         with ``defer_count`` the caller counts the frees under its own hold
-        of the pool lock.)"""
+        of the pool lock; with ``reuse`` one returned slot is loaned again at
+        once, as ``self._reused``.)"""
         m = self._member
         if m < 0:
             return [], []
@@ -621,7 +659,7 @@ class SlotPool:
         if head == tail and not lost:
             return [], []
         corrupt: List[int] = []
-        cands: List[int] = []
+        cands: Dict[int, None] = {}  # ordered, and each slot once (a broadcast returns it several times)
         if head != tail:
             q = self._rqw + m * self._q
             mask = self._q - 1
@@ -636,14 +674,14 @@ class SlotPool:
                     corrupt.append(v)
                     continue
                 if outstanding.get(i) == gen:
-                    cands.append(i)
+                    cands[i] = None
                 elif w[slots + i * L.SLOT_WORDS + L.S_GEN] == gen and w[slots + i * L.SLOT_WORDS + L.S_STATE] != _FREE:
                     corrupt.append(v)  # a live slot this member never sent
                 # else: stale (the slot was freed already; another holder's notice)
             w[mb + L.M_RQ_HEAD] = tail
         if lost:
             w[mb + L.M_RQ_LOST] = 0
-            cands = list(self._outstanding)
+            cands = dict.fromkeys(self._outstanding)
         freed = []
         unfenced = self._unfenced
         for i in cands:
@@ -652,7 +690,12 @@ class SlotPool:
             elif i in self._outstanding and self._releasable(i):
                 freed.append(i)
         if freed:
-            self._free_own_locked(freed, defer_count=defer_count)
+            if reuse and not corrupt:
+                self._reloan_locked(freed[0])
+                if len(freed) > 1:
+                    self._free_own_locked(freed[1:], defer_count=defer_count)
+            else:
+                self._free_own_locked(freed, defer_count=defer_count)
         if corrupt:
             self._lock.acquire()
             try:
@@ -660,6 +703,23 @@ class SlotPool:
             finally:
                 self._lock.release()
         return freed, corrupt
+
+    def _reloan_locked(self, i: int) -> None:
+        """Loan a returned slot of ours again without freeing it: nobody else
+        may allocate a slot that is not FREE, so no pool lock is needed."""
+        w = self._w
+        s = self._clear_slot(i)
+        gen = w[s + L.S_GEN] + 1
+        if gen > _MAX_GEN:
+            gen = 1
+        w[s + L.S_GEN] = gen
+        w[s + L.S_STATE] = _LOANED
+        del self._outstanding[i]
+        if self._orphan_seen:
+            self._orphan_seen.pop(i, None)
+        self._loaned[i] = gen
+        self._reused = i
+        w[self._members + self._member * L.MEMBER_WORDS + L.M_REUSES] += 1
 
     def _check_outstanding_locked(self, now: float) -> List[int]:
         """Re-check every slot this process sent (lost notifications, dead
@@ -700,8 +760,8 @@ class SlotPool:
 
     def _orphaned(self, i: int, now: float) -> bool:
         """The slot's message left the linked ring, nobody holds the slot, a
-        process attached to the ring died, and this has been so for
-        ORPHAN_SECONDS: its receiver died between read and decode."""
+        consumer of the ring died, and this has been so for
+        ``orphan_seconds``: its receiver died between read and decode."""
         fence = self.fence
         w = self._w
         s = self._slots + i * L.SLOT_WORDS
@@ -718,7 +778,7 @@ class SlotPool:
         if not fence.someone_died():
             return False
         first = self._orphan_seen.setdefault(i, now)
-        return now - first >= ORPHAN_SECONDS
+        return now - first >= self.orphan_seconds
 
     def _free_own_locked(self, indices: List[int], counter: str = "frees", defer_count: bool = False) -> None:
         for i in indices:
@@ -726,6 +786,21 @@ class SlotPool:
             if self._orphan_seen:
                 self._orphan_seen.pop(i, None)
         self._free_slots_locked(indices, counter, defer_count=defer_count)
+
+    def _clear_slot(self, i: int) -> int:
+        """Zero a returned slot's hold words and message fields (before its
+        STATE changes); returns its slot-table word."""
+        w = self._w
+        n = self.slot_count
+        hw = self._holdw + i
+        for m in range(w[L.W_MEMBERS_HIGH]):
+            if w[hw + m * n]:
+                w[hw + m * n] = 0
+        s = self._slots + i * L.SLOT_WORDS
+        w[s + L.S_FENCE] = 0
+        w[s + L.S_DELIVERIES] = 0
+        w[s + L.S_NBYTES] = 0
+        return s
 
     def _apply_frees(self, count: int, counter: str = "frees") -> None:
         """Count freed slots (pool lock held)."""
@@ -751,18 +826,8 @@ class SlotPool:
     ) -> None:
         """Zero the hold words, then mark FREE (STATE last).  (tlock held)"""
         w = self._w
-        n = self.slot_count
-        high = w[L.W_MEMBERS_HIGH]
         for i in indices:
-            hw = self._holdw + i
-            for m in range(high):
-                if w[hw + m * n]:
-                    w[hw + m * n] = 0
-            s = self._slots + i * L.SLOT_WORDS
-            w[s + L.S_FENCE] = 0
-            w[s + L.S_DELIVERIES] = 0
-            w[s + L.S_NBYTES] = 0
-            w[s + L.S_STATE] = _FREE
+            w[self._clear_slot(i) + L.S_STATE] = _FREE
         if defer_count:
             self._pending_frees += len(indices)
             return
@@ -850,6 +915,19 @@ class SlotPool:
             self._lock.release()
         return len(reclaimed)
 
+    def _retire_entry_locked(self, m: int) -> None:
+        """Free member entry ``m``, folding its reuse count into the shared
+        counters.  (pool lock held)"""
+        w = self._w
+        mb = self._members + m * L.MEMBER_WORDS
+        reused = w[mb + L.M_REUSES]
+        if reused:
+            w[L.W_POOL_COUNTERS] += reused
+            w[L.W_POOL_COUNTERS + 1] += reused
+            w[mb + L.M_REUSES] = 0
+        w[mb + L.M_STATE] = L.MEMBER_FREE
+        w[mb + L.M_PID] = 0
+
     def _recycle_dead_locked(self, dead: List[int]) -> None:
         """Free the entries of dead members that no slot refers to any more."""
         w = self._w
@@ -865,9 +943,7 @@ class SlotPool:
             row = self._holdw + m * n
             if any(w[row + i] for i in range(n)):
                 continue
-            mb = self._members + m * L.MEMBER_WORDS
-            w[mb + L.M_STATE] = L.MEMBER_FREE
-            w[mb + L.M_PID] = 0
+            self._retire_entry_locked(m)
 
     # -- holder side ------------------------------------------------------
     def acquire(self, index: int, generation: int) -> memoryview:
@@ -909,7 +985,24 @@ class SlotPool:
     def release_later(self, index: int, generation: int, epoch: int) -> None:
         """Release from a finalizer: never blocks, never raises.  ``epoch`` is
         :attr:`epoch` at acquisition (a forked child's copies release nothing)."""
-        self._deferred.append((index, generation, epoch))
+        tlock = self._tlock
+        if not self._deferred and tlock.acquire(False):
+            # The usual case, done at once: nobody in this process is inside the pool.
+            try:
+                if epoch == self._epoch and not self._closed:
+                    try:
+                        self._release_locked(index, generation)
+                    except SlotError:
+                        pass
+                    self._push_notes_locked()
+                    if self._closing:
+                        self._maybe_finish_close_locked()
+            finally:
+                tlock.release()
+            if not self._deferred:
+                return
+        else:
+            self._deferred.append((index, generation, epoch))
         self._drain_deferred()
 
     @property
@@ -1062,8 +1155,11 @@ class SlotPool:
                 if self._outstanding or any(w[row + i] for i in range(self.slot_count)):
                     w[mb + L.M_STATE] = _DEAD  # retired: a janitor recycles the entry later
                 else:
-                    w[mb + L.M_STATE] = L.MEMBER_FREE
-                    w[mb + L.M_PID] = 0
+                    self._lock.acquire()
+                    try:
+                        self._retire_entry_locked(m)
+                    finally:
+                        self._lock.release()
             except (ValueError, IndexError):
                 pass
         self._member = -1
@@ -1107,12 +1203,16 @@ def _statistics(name: str, w: memoryview) -> SlotPoolStatistics:
         st = w[slots + i * L.SLOT_WORDS + L.S_STATE]
         states[st] = states.get(st, 0) + 1
     alive = []
+    reused = 0
     for m in range(min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])):
         mb = members + m * L.MEMBER_WORDS
         pid = w[mb + L.M_PID]
         if pid:
             alive.append((pid, w[mb + L.M_STATE] == _LIVE and P.is_alive(pid, w[mb + L.M_START_US])))
+            reused += w[mb + L.M_REUSES]
     counters = [w[L.W_POOL_COUNTERS + k] for k in range(len(L.POOL_COUNTER_NAMES))]
+    counters[0] += reused  # allocations
+    counters[1] += reused  # frees
     return SlotPoolStatistics(
         name, w[L.W_SLOT_SIZE], count, states[_FREE], states[_LOANED], states[_SENT], *counters,
         members=tuple(alive),

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _codec
-from ._codec import DEFAULT_THRESHOLD, Codec, Lease
+from ._codec import DEFAULT_THRESHOLD, Codec
 from ._errors import ClosedError, LayoutError, MessageTooLarge, SlotError
 from ._slots import DEFAULT_MAX_MEMBERS, SlotPool, SlotPoolStatistics
 from ._stats import RingStatistics
@@ -59,7 +60,7 @@ __all__ = (
 DEFAULT_SLOT_SIZE = 1 << 20
 DEFAULT_SLOT_COUNT = 16
 
-_monotonic = __import__("time").monotonic
+_monotonic = time.monotonic
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:

@@ -10,7 +10,7 @@ import time
 from typing import Any, Iterable, List, Optional
 
 from . import _layout as L
-from ._errors import Empty, Full
+from ._errors import Empty, Full, MessageTooLarge
 from ._ring import DEFAULT_CAPACITY_BYTES, RingBuffer
 from ._stats import RingStatistics, ring_statistics
 from ._wait import SPIN_SECONDS, deadline_for, wait_until
@@ -42,12 +42,16 @@ class Ring(RingBuffer):
     def write(self, data: Any, timeout: Optional[float] = None) -> None:
         """Append one record, waiting for room.  Raises Full if ``timeout``
         expires, MessageTooLarge if the record can never fit."""
+        if timeout is not None and timeout < 0:
+            deadline_for(timeout)  # raises ValueError, even when there is room
         if self.try_write(data):
             return
         n = _nbytes(data)
-        self._block_writing(lambda: self.can_write(n), timeout)
-        while not self.try_write(data):
-            self._block_writing(lambda: self.can_write(n), timeout)
+        deadline = deadline_for(timeout)  # one deadline for every retry
+        while True:
+            self._block_writing(lambda: self.can_write(n), None, deadline)
+            if self.try_write(data):
+                return
 
     def write_nowait(self, data: Any) -> None:
         """Append one record or raise Full at once."""
@@ -57,19 +61,23 @@ class Ring(RingBuffer):
     def write_many(self, items: Iterable[Any], timeout: Optional[float] = None) -> None:
         """Append every record of ``items``, publishing in batches.  Raises
         Full if ``timeout`` expires first (the records before it were written)."""
+        deadline = deadline_for(timeout)
         items = items if isinstance(items, list) else list(items)
         done = self.try_write_many(items)
-        if done == len(items):
-            return
-        deadline = deadline_for(timeout)
         while done < len(items):
             n = _nbytes(items[done])
+            if n > self.max_payload:  # a batch stops before it: never wait for room
+                raise MessageTooLarge(
+                    f"record of {n} bytes can never fit a ring of {self._cap} bytes (max {self.max_payload})"
+                )
             self._block_writing(lambda: self.can_write(n), None, deadline)
             done += self.try_write_many(items[done:] if done else items)
 
     def read(self, timeout: Optional[float] = None) -> bytes:
         """Remove and return the oldest record, waiting for one.  Raises Empty
         if ``timeout`` expires."""
+        if timeout is not None and timeout < 0:
+            deadline_for(timeout)  # raises ValueError, even when a record is there
         data = self.try_read()
         if data is not None:
             return data
@@ -89,10 +97,12 @@ class Ring(RingBuffer):
 
     def read_many(self, max_items: int = 1 << 30, timeout: Optional[float] = None) -> List[bytes]:
         """Wait for at least one record, then return up to ``max_items``."""
+        if max_items < 1:
+            raise ValueError(f"'max_items' must be at least 1, got {max_items!r}")
+        deadline = deadline_for(timeout)
         out = self.try_read_many(max_items)
         if out:
             return out
-        deadline = deadline_for(timeout)
         while True:
             self._block_reading(deadline)
             out = self.try_read_many(max_items)

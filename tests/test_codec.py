@@ -198,18 +198,33 @@ def test_pickling_errors_leave_no_slot_behind(pool):
     assert in_use(pool) == 0
 
 
-def test_objects_only_multiprocessing_can_pickle(pool):
-    import multiprocessing as mp
+class _OnlyForkingPickler:
+    """Plain pickle refuses it; multiprocessing's ForkingPickler has a reducer."""
 
-    a, b = mp.Pipe()
-    try:
-        data, lease = C.encode({"conn": a, "big": np.ones(5000)}, pool, threshold=THRESHOLD)
-        assert lease is not None
-        lease.abort()
-    finally:
-        a.close()
-        b.close()
-    assert in_use(pool) == 0
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        raise TypeError("not with plain pickle")
+
+
+def _rebuild_only_forking(value):
+    return _OnlyForkingPickler(value)
+
+
+def test_objects_only_multiprocessing_can_pickle(pool):
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(_OnlyForkingPickler, lambda obj: (_rebuild_only_forking, (obj.value,)))
+    with pytest.raises(TypeError, match="not with plain pickle"):
+        pickle.dumps(_OnlyForkingPickler(1), protocol=5)
+    data, lease = C.encode({"odd": _OnlyForkingPickler(7), "big": np.ones(5000)}, pool, threshold=THRESHOLD)
+    assert lease is not None  # the fallback still puts the large buffer in a slot
+    lease.sent()
+    back = C.decode(data, {pool.name: pool}.__getitem__)
+    assert back["odd"].value == 7 and back["big"][4999] == 1.0 and not back["big"].flags.writeable
+    plain, lease = C.encode(_OnlyForkingPickler(3), pool, threshold=THRESHOLD)
+    assert lease is None and C.decode(plain).value == 3
 
 
 def test_abort_frees_the_slots(pool):
@@ -254,6 +269,9 @@ def test_corrupt_messages_raise_slot_errors(pool):
         C.decode(bad_kind, resolve)
     with pytest.raises(shmq.SlotError, match="needs a pool resolver"):
         C.decode(data)
+    for truncated in (data[:3], data[:10], data[: head + 5]):
+        with pytest.raises(shmq.SlotError, match="corrupt slot message"):
+            C.decode(truncated, resolve)
     assert pool.holding(index) == 0  # every failed decode gave its holds back
     assert np.all(C.decode(data, resolve) == 1.0)  # the genuine message still decodes
 
@@ -339,6 +357,11 @@ def test_dicts_of_arrays_through_a_channel(ctx):
         rx.close()
 
 
+def _queue_consumer(q, out):
+    msg = q.get(timeout=30)
+    out.put((float(msg["a"].sum()), msg["b"].shape, msg["a"].flags.writeable))
+
+
 @pytest.mark.skipif(not hasattr(shmq.Queue, "_pool"), reason="Queue does not use slot pools yet")
 def test_dicts_of_arrays_through_queue(ctx):
     q = shmq.Queue()
@@ -347,7 +370,78 @@ def test_dicts_of_arrays_through_queue(ctx):
         q.put(msg)
         got = q.get(timeout=30)
         assert np.array_equal(got["a"], msg["a"]) and np.array_equal(got["b"], msg["b"])
-        assert not got["a"].flags.writeable
+        del got
+        out = ctx.Queue()
+        proc = ctx.Process(target=_queue_consumer, args=(q, out))
+        proc.start()
+        q.put(msg)
+        assert out.get(timeout=60) == (float(msg["a"].sum()), (512, 512), False)
+        join_all([proc])
+        assert proc.exitcode == 0
     finally:
         q.close()
         q.unlink()
+
+
+# -- broadcast: one encoded message, several receivers ------------------------------
+def _broadcast_consumer(ring_name, held, go, done, out):
+    ring = shmq.Ring.attach(ring_name)
+    codec = C.Codec(None, ring=ring)
+    codec.note_consumer()
+    msg = codec.decode(ring.read(timeout=30))
+    out.put(float(msg["a"].sum()))
+    held.set()
+    assert go.wait(30)
+    del msg
+    gc.collect()
+    done.set()
+    codec.close()
+    ring.close()
+
+
+def test_broadcast_to_several_receivers_frees_after_the_last(pool):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    rings = [shmq.Ring.create(4096) for _ in range(3)]
+    try:
+        data, lease = C.encode({"a": np.ones(4096)}, pool, threshold=THRESHOLD, deliveries=3)
+        for ring in rings:
+            ring.write(data)
+        lease.sent()
+        out = ctx.Queue()
+        events = [(ctx.Event(), ctx.Event(), ctx.Event()) for _ in rings]
+        procs = [ctx.Process(target=_broadcast_consumer, args=(r.name, *ev, out)) for r, ev in zip(rings, events)]
+        for p in procs:
+            p.start()
+        assert [out.get(timeout=60) for _ in procs] == [4096.0] * 3
+        for k, (held, go, done) in enumerate(events):
+            assert held.wait(60)
+            assert in_use(pool) == 1, f"freed after {k} of 3 receivers let go"
+            go.set()
+            assert done.wait(60)
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        assert in_use(pool) == 0
+    finally:
+        for ring in rings:
+            ring.close()
+            ring.unlink()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(3000).astype("datetime64[ns]"),
+        np.zeros(2000, dtype=[("x", "f4"), ("y", "i8"), ("s", "S4")]),
+        np.arange(6000, dtype=">i4").reshape(20, 300),
+        np.full((), 1.5, dtype=np.dtype((np.float64, (600,)))),
+        np.arange(5000, dtype=np.complex64),
+    ],
+    ids=["datetime", "structured", "big-endian-2d", "subarray", "complex"],
+)
+def test_top_level_arrays_of_any_dtype(roundtrip, pool, array):
+    back, data = roundtrip(array)
+    assert C.is_slot_message(data)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    assert np.array_equal(back, array) and not back.flags.writeable

@@ -249,23 +249,24 @@ def test_acquire_rejects_stale_and_corrupt_references(pool):
 
 def test_misuse_of_source_calls(pool):
     (i,) = pool.allocate(1)
-    with pytest.raises(SlotError := shmq.SlotError, match="is not loaned by this process"):
+    with pytest.raises(shmq.SlotError, match="is not loaned by this process"):
         pool.mark_sent([(i + 1) % 4], [1])
     with pytest.raises(ValueError, match=r"^'nbytes' must be between 0 and 4096, got 5000$"):
         pool.mark_sent([i], [5000])
     with pytest.raises(ValueError, match=r"^'deliveries' must be at least 1, got 0$"):
         pool.mark_sent([i], [1], deliveries=0)
     pool.mark_sent([i], [1])
-    with pytest.raises(SlotError, match="is not loaned by this process"):
+    with pytest.raises(shmq.SlotError, match="is not loaned by this process"):
         pool.view(i)
-    with pytest.raises(SlotError, match="was not loaned by this process, or was already sent"):
+    with pytest.raises(shmq.SlotError, match="was not loaned by this process, or was already sent"):
         pool.abort([i])
-    with pytest.raises(SlotError, match="is not awaiting its write"):
+    with pytest.raises(shmq.SlotError, match="is not awaiting its write"):
         pool.unsend([i])
 
 
 def test_corrupt_return_notification_raises_and_leaves_pool_intact(pool):
     refs = send(pool, [b"1", b"2"])
+    (loaned,) = pool.allocate(1)
     for r in refs:
         pool.acquire(*r).release()
     pool.release(*refs[0])
@@ -276,7 +277,6 @@ def test_corrupt_return_notification_raises_and_leaves_pool_intact(pool):
     m = pool._member
     mb = pool._members + m * L.MEMBER_WORDS
     q = pool._rqw + m * pool._q
-    (loaned,) = pool.allocate(1)
     forged = [(1 << 32) | 1000, 3, (pool.generation(loaned) << 32) | loaned]
     tail = w[mb + L.M_RQ_TAIL]
     for k, v in enumerate(forged):
@@ -419,3 +419,32 @@ def test_statistics_readable_without_joining(pool):
     assert stats == pool.statistics()
     assert stats.sent == 1 and stats.free == 3
     assert stats.members == ((os.getpid(), True),)
+
+
+def test_a_failing_on_return_callback_loses_no_slot(pool):
+    def callback(i):
+        raise RuntimeError("callback failed")
+
+    pool.on_return = callback
+    (ref,) = send(pool, [b"c"])
+    pool.acquire(*ref).release()
+    pool.release(*ref)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        pool.try_allocate()  # the returned slot was reused, then given back
+    pool.on_return = None
+    assert pool.free_count() == 4
+    assert sorted(pool.allocate(4)) == [0, 1, 2, 3]
+
+
+def test_several_returns_of_one_slot_in_one_drain_free_it_once(pool):
+    (ref,) = send(pool, [b"b"], deliveries=3)
+    for _ in range(3):
+        pool.acquire(*ref).release()
+    for _ in range(3):
+        pool.release(*ref)  # three notifications for the same slot, drained together
+    returned = []
+    pool.on_return = returned.append
+    assert pool.collect() == 1 and returned == [ref[0]]
+    assert pool.free_count() == 4
+    stats = pool.statistics()
+    assert (stats.allocations, stats.frees, stats.free) == (1, 1, 4)

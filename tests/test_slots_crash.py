@@ -10,7 +10,9 @@ import pytest
 
 import shmq
 from conftest import join_all
-from shmq._slots import ORPHAN_SECONDS, RECLAIM_INTERVAL, SlotPool
+from shmq._slots import RECLAIM_INTERVAL, SlotPool
+
+ORPHAN_SECONDS = 1.0  # set on the pools of the orphan tests (default 5 s)
 
 # Reclaim runs at most every RECLAIM_INTERVAL while a source waits for slots;
 # allow for process-table lookups on a loaded two-core machine.
@@ -206,6 +208,7 @@ def test_receiver_killed_between_read_and_decode_leaves_an_orphan_that_is_freed(
 
     ctx = mp.get_context("fork")  # the start method does not matter here; the wait is ORPHAN_SECONDS
     tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 14, slot_count=1, threshold=512)
+    tx._pool.orphan_seconds = ORPHAN_SECONDS
     try:
         ready, never = ctx.Event(), ctx.Event()
         proc = ctx.Process(target=_read_but_never_decode, args=(rx, ready, never))
@@ -281,6 +284,7 @@ def test_a_live_receiver_may_decode_a_read_message_late():
     # No process died: a message read off the ring but not decoded yet is
     # not an orphan, however long it waits (a queue's get_many keeps records).
     tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 14, slot_count=1, threshold=512)
+    tx._pool.orphan_seconds = ORPHAN_SECONDS
     try:
         tx.send(np.arange(1000), timeout=10)
         rx._codec.note_consumer()
@@ -293,3 +297,29 @@ def test_a_live_receiver_may_decode_a_read_message_late():
         tx.unlink()
         tx.close()
         rx.close()
+
+
+def _use_and_vanish(name, ref):
+    pool = SlotPool.attach(name)
+    pool.acquire(*ref).release()
+    pool.release(*ref)
+    os._exit(0)  # no close: the entry stays, with a dead pid
+
+
+def test_a_full_member_table_reuses_entries_of_dead_processes():
+    import multiprocessing as mp
+
+    fork = mp.get_context("fork")
+    pool = SlotPool.create(64, 2, max_members=2)
+    try:
+        for _ in range(4):
+            (ref,) = send(pool, [b"j"])
+            proc = fork.Process(target=_use_and_vanish, args=(pool.name, ref))
+            proc.start()
+            join_all([proc])
+            assert proc.exitcode == 0
+            assert pool.collect() == 1  # no janitor pass ran: the joiner found the entry itself
+        assert pool.statistics().reclaimed == 0
+    finally:
+        pool.close()
+        pool.unlink()
