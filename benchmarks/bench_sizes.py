@@ -7,7 +7,7 @@ shmq through a single-producer/single-consumer ``shmq.Ring`` (capacity four
 messages, at least 1 MiB), ``multiprocessing.Queue`` (always), faster-fifo
 and pyzmq PUSH/PULL over ipc:// (zero-copy from 64 KiB) when installed, and
 ``os.pipe`` with fixed-size messages (the kernel's floor).  Each measurement
-moves about 16 MiB (at least 20 and at most 20,000 messages).  Processes
+moves about 16 MiB (at least 20 and at most 200,000 messages).  Processes
 pinned to cores 0 and 1 where the machine allows.  Reported: payload MB/s
 (median of the interleaved repeats) and the ratio to mp.Queue; ``shmq bench
 --plot FILE.png`` draws these rows.
@@ -32,9 +32,9 @@ def label(size: int) -> str:
 def cases(sizes, budget: int) -> List[H.Case]:
     out = []
     for size in sizes:
-        n = max(20, min(20_000, budget // size))
+        n = max(20, min(200_000, budget // size))
         payload = b"s" * size
-        msgs, warm = [payload] * n, [payload] * min(n, 100)
+        msgs, warm = [payload] * n, [payload] * min(n, 1_000)
         transports = T.peers("raw", size, capacity=max(1 << 20, 4 * (size + 16)))
         transports = [t for t in transports if not isinstance(t, T.Iceoryx2)]
         transports.append(T.Pipe("raw", size))

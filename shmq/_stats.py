@@ -381,8 +381,12 @@ def _dead_segment(view: SegmentView) -> Optional[Garbage]:
     info = _segment_info(view)
     if info.in_use:
         return None
-    pids = ", ".join(str(p.pid) for p in info.participants if p.pid != info.creator_pid)
-    reason = f"creator {info.creator_pid} is dead" + (f", and so are participants {pids}" if pids else "")
+    others = sorted({p.pid for p in info.participants} - {info.creator_pid})
+    reason = f"creator {info.creator_pid} is dead"
+    if others:
+        reason += f", and so are participants {', '.join(map(str, others))}"
+    elif info.participants:
+        reason += ", and so is every participant"
     return Garbage(info.kind, info.name, info.size_bytes, reason)
 
 

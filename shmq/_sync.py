@@ -21,6 +21,7 @@ Doorbell
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Optional, Tuple
 
@@ -44,6 +45,32 @@ def _refresh_pid() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_pid)
+
+# posix_ipc runs the Python signal handlers when a signal interrupts a wait, but
+# replaces whatever exception they raise, except KeyboardInterrupt, by
+# SignalError: a SIGTERM handler's SystemExit (or pytest-timeout's failure) was
+# lost and the wait went on.  So semaphore waits hold these signals back; they
+# arrive when the (bounded) wait ends, and their handlers raise as usual.
+_HELD_SIGNALS = {
+    s for s in range(1, 32) if s in signal.valid_signals()
+} - {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+     signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+_sigmask = signal.pthread_sigmask
+_SIG_BLOCK = signal.SIG_BLOCK
+_SIG_SETMASK = signal.SIG_SETMASK
+
+
+def _timed_acquire(sem, seconds: float) -> bool:
+    """``sem.acquire(seconds)`` with signals held back: True if taken, False
+    if the time ran out.  A pending signal's handler runs right after."""
+    old = _sigmask(_SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        sem.acquire(seconds)
+        return True
+    except (_BusyError, _SignalError):
+        return False
+    finally:
+        _sigmask(_SIG_SETMASK, old)
 
 
 class RobustLock:
@@ -89,13 +116,8 @@ class RobustLock:
                     return False
                 if wait > SLICE_SECONDS:
                     wait = SLICE_SECONDS
-            try:
-                sem.acquire(wait)
+            if _timed_acquire(sem, wait):
                 return True
-            except _BusyError:
-                pass
-            except _SignalError:
-                continue  # the pending Python signal handler runs next (Ctrl-C)
             snap = (w[self._w_owner], w[self._w_gen])
             owner = snap[0]
             if owner:
@@ -137,14 +159,16 @@ class Doorbell:
         self._words[self._w_flag] = 1
 
     def sleep(self, seconds: float) -> bool:
-        """Sleep up to ``seconds`` or until rung.  True if rung."""
-        try:
-            self._sem.acquire(seconds)
-            return True
-        except _BusyError:
-            return False
-        except _SignalError:
-            return False
+        """Sleep up to ``seconds`` or until rung.  True if rung.  Signals are
+        handled between slices of at most SLICE_SECONDS."""
+        if seconds <= SLICE_SECONDS:
+            return _timed_acquire(self._sem, seconds)
+        end = _monotonic() + seconds
+        while not _timed_acquire(self._sem, min(seconds, SLICE_SECONDS)):
+            seconds = end - _monotonic()
+            if seconds <= 0:
+                return False
+        return True
 
     def ring(self) -> None:
         """Wake one sleeper (callers check the flag word first)."""

@@ -189,9 +189,9 @@ class _QueueBase:
             )
             sems = self._open_semaphores(main.name, create=True)
             main.segment.words[L.W_QUEUE_KIND] = self._KIND  # last: attach() waits for it
+            self._setup(main, side, sems, os.getpid())
             with _owner_lock:
                 _owner_handles[main.name] = 1
-            self._setup(main, side, sems, os.getpid())
         except BaseException:
             for sem in sems:
                 sem.close()
