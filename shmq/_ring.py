@@ -162,6 +162,8 @@ class RingBuffer:
         return self
 
     def __reduce__(self):
+        if self._closed:
+            raise ClosedError(f"{type(self).__mro__[1].__name__} {self.name!r} is closed")
         return (type(self).attach, (self.name,))
 
     # -- writing --------------------------------------------------------

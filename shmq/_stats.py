@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 from . import _layout as L
 from . import _platform as P
 from ._errors import LayoutError
 from ._segment import SegmentView
+from ._slots import view_statistics as pool_view_statistics
 
 __all__ = (
     "VERDICTS",
@@ -187,8 +188,8 @@ _QUEUE_ROLES = {
 
 
 def _kind_name(view: SegmentView) -> str:
-    """"ring", "pool", "blob", or for the rings of a shmq.Queue "queue" (its
-    main ring; "joinable-queue", "simple-queue") and "queue-side"."""
+    """The kind as ``shmq ls`` shows it: a shmq.Queue's rings are "queue" (or
+    "joinable-queue", "simple-queue") and "queue-side"; other rings "ring"."""
     if view.kind == L.KIND_RING:
         return _QUEUE_ROLES.get(view.words[L.W_QUEUE_KIND], "ring")
     return L.KIND_NAMES.get(view.kind, f"kind {view.kind}")
@@ -215,29 +216,17 @@ def segment_info(name: str) -> SegmentInfo:
         return _segment_info(view)
 
 
-def _pool_reader() -> Optional[Callable[[SegmentView], Any]]:
-    """The slot pool's header reader, once ``_slots`` provides one:
-    ``_slots.view_statistics(view) -> frozen dataclass``."""
-    try:
-        from . import _slots  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(_slots, "view_statistics", None)
-
-
 def read_statistics(name: str) -> Any:
     """A statistics snapshot of segment ``name``, read-only, from any process:
-    RingStatistics for a ring, the pool's statistics for a slot pool (or
-    SegmentInfo while no reader for that kind exists).  Raises
+    RingStatistics for a ring (queues included), SlotPoolStatistics for a
+    slot pool, SegmentInfo for any other kind.  Raises
     FileNotFoundError, PermissionError, or LayoutError (not an shmq segment of
     this layout version)."""
     with SegmentView.open(name) as view:
         if view.kind == L.KIND_RING:
             return _ring_statistics(view.name, view.words, view)
         if view.kind == L.KIND_POOL:
-            reader = _pool_reader()
-            if reader is not None:
-                return reader(view)
+            return pool_view_statistics(view)
         return _segment_info(view)
 
 

@@ -101,7 +101,8 @@ def _after_fork_in_child() -> None:
     _owner_lock = threading.Lock()
     _owner_handles.clear()  # a child owns nothing; inherited handles are attachers
     for q in list(_live):
-        q._side_tlock = threading.Lock()
+        q._put_tlock = threading.Lock()
+        q._get_tlock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -262,8 +263,10 @@ class _QueueBase:
         self._try_read = main.try_read
         self._try_read_many = main.try_read_many
         self._stash: Deque[Any] = deque()  # records get_many took but could not return
-        # Guards the per-handle reserve/peek state of both rings on the side path.
-        self._side_tlock = threading.Lock()
+        # Threads of this process share the handle's reserve() (large puts)
+        # and peek() (large gets) state: one of each at a time.
+        self._put_tlock = threading.Lock()
+        self._get_tlock = threading.Lock()
         self._closed = False
         self._finalizer = weakref.finalize(self, _release_handle, main, side, tuple(sems), owner_pid, self._blob_prefix)
         _live.add(self)
@@ -346,14 +349,16 @@ class _QueueBase:
                 raise Full(f"queue {self.name!r} is full")
             self._wait_large(room, deadline)
         name = self._new_blob(data)
+        published = [False]  # set just before the record naming the blob is published
         try:
             record = nbytes.to_bytes(8, "little") + name.encode("ascii")
-            while not self._commit_large(record, nbytes):
+            while not self._commit_large(record, nbytes, published):
                 if not block:
                     raise Full(f"queue {self.name!r} is full")
                 self._wait_large(room, deadline)
         except BaseException:
-            P.shm_unlink(name)
+            if not published[0]:  # (if it was, at worst the owner removes it later)
+                P.shm_unlink(name)
             raise
 
     def _admits(self, nbytes: int) -> bool:
@@ -396,10 +401,10 @@ class _QueueBase:
         seg.close()
         return name
 
-    def _commit_large(self, record: bytes, nbytes: int) -> bool:
+    def _commit_large(self, record: bytes, nbytes: int, published: list) -> bool:
         """Publish a side record and its marker, or nothing (False: no room)."""
         main, side = self._ring, self._side
-        with self._side_tlock:
+        with self._put_tlock:
             if main.reserve(0) is None:  # holds the main producer lock until commit/abort
                 return False
             try:
@@ -414,6 +419,7 @@ class _QueueBase:
                 view[: len(record)] = record
                 view.release()
                 self._sw[L.W_SIDE_BYTES_IN] += nbytes
+                published[0] = True
                 side.commit(len(record))
             except BaseException:
                 side.abort()
@@ -540,7 +546,7 @@ class _QueueBase:
         """Take the oldest large item; _NOTHING if another consumer took it.
         Its record stays in the side ring until the item is unpickled."""
         side = self._side
-        with self._side_tlock:
+        with self._get_tlock:
             view = side.peek()  # holds the side consumer lock until release()
             if view is None:
                 return _NOTHING

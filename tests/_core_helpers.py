@@ -96,3 +96,44 @@ def read_line(pipe_file, timeout=30.0):
     finally:
         sel.close()
     return pipe_file.readline()
+
+
+# -- numbered, checksummed records -------------------------------------------------
+import random as _random
+import struct as _struct
+import zlib as _zlib
+
+RECORD_HEADER = _struct.Struct("<HIII")  # producer, seq, body length, crc32(body)
+_BLOB = _random.Random(1234).randbytes(1 << 17)
+
+
+def make_record(producer, seq, size):
+    """A record of ``size`` bytes (at least the header) that says who sent it
+    and carries its own checksum."""
+    body_len = max(0, size - RECORD_HEADER.size)
+    start = (producer * 7919 + seq * 104729) % (len(_BLOB) - body_len)
+    body = _BLOB[start : start + body_len]
+    return RECORD_HEADER.pack(producer, seq, body_len, _zlib.crc32(body)) + body
+
+
+def check_record(rec):
+    """(producer, seq) of an intact record; AssertionError if it is torn."""
+    rec = bytes(rec)
+    if len(rec) < RECORD_HEADER.size:
+        raise AssertionError(f"torn record: only {len(rec)} bytes")
+    producer, seq, body_len, crc = RECORD_HEADER.unpack_from(rec)
+    body = rec[RECORD_HEADER.size :]
+    if len(body) != body_len or _zlib.crc32(body) != crc:
+        raise AssertionError(f"torn record from producer {producer} seq {seq}: {len(rec)} bytes")
+    return producer, seq
+
+
+def thread_is_in(thread, func):
+    """True while ``thread`` runs ``func`` (anywhere on its stack)."""
+    code = getattr(func, "__func__", func).__code__
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False

@@ -464,9 +464,11 @@ def test_side_path_back_pressure():
             q.put(item, timeout=0.2)
         assert time.monotonic() - t0 >= 0.15
         assert len(blobs(q)) == 2 and q.qsize() == 2  # nothing made for the refused puts
-        # a taker makes room; a blocked put then goes through
-        threading.Timer(0.1, q.get).start()
+        # a taker makes room once the put is waiting; the put then goes through
+        taker = threading.Thread(target=_get_when_a_producer_waits, args=(q, q._sw))
+        taker.start()
         q.put(item, timeout=T)
+        taker.join(T)
         assert q.qsize() == 2 and len(blobs(q)) == 2
         assert [q.get(timeout=T) for _ in range(2)] == [item, item]
         # one item is always admitted when none is in flight, however large
@@ -477,6 +479,13 @@ def test_side_path_back_pressure():
         assert q.get(timeout=T) == huge and not blobs(q)
     finally:
         q.close()
+
+
+def _get_when_a_producer_waits(q, words):
+    deadline = time.monotonic() + T
+    while not words[L.W_PRODUCER_WAITING] and time.monotonic() < deadline:
+        os.sched_yield()
+    q.get(timeout=T)
 
 
 def test_large_items_count_against_maxsize():

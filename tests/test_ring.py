@@ -18,8 +18,9 @@ import pytest
 import shmq
 from shmq import _layout as L
 from shmq._ring import RingBuffer
+from shmq._sync import RobustLock
 
-from _core_helpers import read_line, wait_for
+from _core_helpers import read_line, thread_is_in, wait_for
 from conftest import join_all
 
 MODES = {
@@ -465,8 +466,8 @@ def test_reserve_holds_the_producer_lock(make):
         t = threading.Thread(target=lambda: (other.write(b"second", timeout=30), done.set()))
         t.start()
         try:
-            wait_for(lambda: r._plock._sem.value == 0 and t.is_alive(), what="the writer to be running")
-            assert not done.wait(0.1)  # blocked behind the open reservation
+            wait_for(lambda: thread_is_in(t, RobustLock._acquire_slow), what="the writer to wait for the lock")
+            assert not done.is_set()  # blocked behind the open reservation
             v[:] = b"1st!"
             v.release()
             r.commit()
@@ -511,8 +512,8 @@ def test_peek_blocks_other_consumers(make):
         t = threading.Thread(target=lambda: got.append(other.read(timeout=30)))
         t.start()
         try:
-            wait_for(lambda: t.is_alive(), what="the reader to start")
-            assert not t.join(0.1) and got == []
+            wait_for(lambda: thread_is_in(t, RobustLock._acquire_slow), what="the reader to wait for the lock")
+            assert got == []
             assert bytes(v) == b"a"
             v.release()
             r.release()
@@ -782,6 +783,7 @@ def test_use_after_close_raises_closed_error(make, mode):
         lambda: r.statistics(),
         lambda: r.participants(),
         lambda: r.creator_alive(),
+        lambda: pickle.dumps(r),
     ]
     for call in calls:
         with pytest.raises(shmq.ClosedError, match="closed"):
@@ -877,7 +879,12 @@ def test_ring_passed_to_a_process(make, ctx):
 
 # -- Ctrl-C --------------------------------------------------------------------------------
 BLOCKED_CHILD = """
-import sys, shmq
+import signal, sys, shmq
+
+def on_term(signum, frame):
+    sys.exit("terminated")  # the usual graceful-shutdown handler
+
+signal.signal(signal.SIGTERM, on_term)
 r = shmq.Ring.attach(sys.argv[1])
 print("ready", flush=True)
 try:
@@ -885,8 +892,8 @@ try:
         r.read()
     else:
         r.write(b"z" * 100)
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
+except (KeyboardInterrupt, SystemExit) as exc:
+    print("interrupted", type(exc).__name__, flush=True)
     r.close()
     sys.exit(0)
 print("returned?!", flush=True)
@@ -894,8 +901,11 @@ sys.exit(3)
 """
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("op", ["read", "write"])
-def test_ctrl_c_interrupts_a_blocked_call(make, op):
+def test_signals_interrupt_a_blocked_call(make, op, sig):
+    # Ctrl-C raises KeyboardInterrupt in a process blocked in read()/write();
+    # so does any exception a signal handler raises (SystemExit from SIGTERM).
     r = make(128)
     if op == "write":
         r.write(b"f" * 100)
@@ -907,8 +917,9 @@ def test_ctrl_c_interrupts_a_blocked_call(make, op):
             assert read_line(proc.stdout) == b"ready\n"
             wait_for(lambda: r.segment.words[word] == 1, what="the child to block")
             t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            assert read_line(proc.stdout, timeout=10) == b"interrupted\n"
+            proc.send_signal(getattr(signal, sig))
+            expected = "KeyboardInterrupt" if sig == "SIGINT" else "SystemExit"
+            assert read_line(proc.stdout, timeout=10) == f"interrupted {expected}\n".encode()
             assert time.monotonic() - t0 < 5
             assert proc.wait(10) == 0
         finally:

@@ -20,7 +20,16 @@ from shmq import _platform as P
 from shmq._ring import RingBuffer
 from shmq._segment import Segment
 
-from _core_helpers import fork_call, is_zombie, run_python, sem_exists, shm_exists, wait_for, wait_pid
+from _core_helpers import (
+    fork_call,
+    is_zombie,
+    run_python,
+    sem_exists,
+    shm_exists,
+    thread_is_in,
+    wait_for,
+    wait_pid,
+)
 from conftest import SESSION_TAG, join_all, session_entries, unique_name
 
 SIZE = L.DATA_OFFSET + 4096
@@ -139,7 +148,7 @@ def test_create_validates_size():
 def test_create_existing_name_raises_file_exists(seg):
     with pytest.raises(FileExistsError):
         Segment.create(L.KIND_RING, SIZE, name=seg.name)
-    assert Segment.attach(seg.name).close() is None  # the original is untouched
+    Segment.attach(seg.name).close()  # the original is untouched
 
 
 def test_constructor_is_private():
@@ -293,24 +302,21 @@ def test_attach_foreign_object_raises_layout_error(foreign, what, size):
 
 
 def test_attach_waits_for_a_young_segment_to_be_published():
+    import threading
+
     s = Segment.create(L.KIND_RING, SIZE)
+    got = []
+    t = threading.Thread(target=lambda: got.append(Segment.attach(s.name, wait=30)))
     try:
-        import threading
-
-        started = threading.Event()
-
-        def publish_later():
-            started.wait(10)
-            wait_for(lambda: True)
-            s.publish()
-
-        t = threading.Thread(target=publish_later)
         t.start()
-        started.set()
-        a = Segment.attach(s.name, wait=10)
-        a.close()
-        t.join(10)
+        wait_for(lambda: thread_is_in(t, Segment.attach), what="the attacher to wait for MAGIC")
+        assert not got
+        s.publish()
+        t.join(30)
+        assert len(got) == 1 and got[0].kind == L.KIND_RING
+        got[0].close()
     finally:
+        t.join(30)
         s.close()
         s.unlink()
 
@@ -653,13 +659,11 @@ def test_admin_lock_after_fork_is_the_childs_own(seg):
 
     def child_holds_then_dies():
         os.close(r)
+        import select
+
         with seg.admin_lock():
             os.write(w, b"x")
-            os.read(os.open("/dev/null", os.O_RDONLY), 1)  # returns at once
-            # hold the lock until killed
-            import select
-
-            select.select([], [], [], 60)
+            select.select([], [], [], 60)  # hold the lock until killed
         return 4
 
     pid = fork_call(child_holds_then_dies)
