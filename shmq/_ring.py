@@ -94,8 +94,10 @@ class RingBuffer:
         # can never act on a peeked record nor release() on a reserved one.
         self._reserved = self._reserved_pos = 0
         self._peeked = self._peeked_pos = 0
-        self._head_seen = w[_HEAD]
-        self._tail_seen = w[_TAIL]
+        # Start stale, so each side's first operation takes the refresh branch,
+        # which records this process's role in the participant table.
+        self._head_seen = w[_HEAD] - cap
+        self._tail_seen = 0
         self._closed = False
 
     def _sem(self, name: str, value: int, create: bool):
@@ -218,6 +220,8 @@ class RingBuffer:
         w = self._w
         cap = self._cap
         self._head_seen = head = w[_HEAD]
+        if not self._segment.roles_marked & L.ROLE_PRODUCER:
+            self._segment.add_role(L.ROLE_PRODUCER)
         used = tail - head
         if used > w[_PEAK]:
             w[_PEAK] = used
@@ -230,8 +234,21 @@ class RingBuffer:
         Returns the new tail, or -1 if even the pad could not be published."""
         w = self._w
         w[(self._base + tail % self._cap) >> 3] = -room
+        start = tail
         tail += room
         w[_TAIL] = tail
+        clock = self._clock
+        if w[_HEAD] == start and clock is not None and clock.acquire(0):
+            # Nothing was unread: skip our own pad rather than wait for a
+            # reader to.  Only under the consumer lock: a reader that loaded
+            # HEAD before our store would read the pad's place after we reuse
+            # it (so a single-consumer ring keeps its pad for the reader).
+            try:
+                if w[_HEAD] == start:
+                    w[_HEAD] = self._head_seen = tail
+                    return tail
+            finally:
+                clock.release()
         if w[_CWAIT]:
             self._not_empty.ring()
         return tail if room + need <= free else -1
@@ -249,6 +266,8 @@ class RingBuffer:
                 lock.release()
 
     def _write_many(self, items: Iterable[Any]) -> int:
+        if not self._segment.roles_marked & L.ROLE_PRODUCER:
+            self._segment.add_role(L.ROLE_PRODUCER)
         w = self._w
         buf = self._buf
         cap = self._cap
@@ -278,13 +297,17 @@ class RingBuffer:
                     break
             off = tail % cap
             if need > cap - off:
-                if cap - off + need > free:
-                    if cap - off <= free:
-                        w[(base + off) >> 3] = off - cap
-                        tail += cap - off
+                if count == 0:  # as try_write does: the pad may be skipped at once
+                    tail = self._pad(tail, cap - off, need, free)
+                    if tail < 0:
+                        return 0
+                    start_tail = tail  # _pad published it
+                    head = w[_HEAD]
+                elif cap - off + need <= free:
+                    w[(base + off) >> 3] = off - cap
+                    tail += cap - off
+                else:
                     break
-                w[(base + off) >> 3] = off - cap
-                tail += cap - off
                 off = 0
             pos = base + off
             buf[pos + 8 : pos + 8 + n] = data
@@ -309,6 +332,8 @@ class RingBuffer:
         in between: keep it short.  Release the view before ``close()``."""
         if self._reserved:
             raise RuntimeError("a reserved record is still open: commit() or abort() it first")
+        if not self._segment.roles_marked & L.ROLE_PRODUCER:
+            self._segment.add_role(L.ROLE_PRODUCER)
         lock = self._plock
         if lock is not None:
             lock.acquire()
@@ -397,6 +422,8 @@ class RingBuffer:
         # TAIL is the producers' cache line: read it only when caught up.
         if head >= self._tail_seen:  # >=: other consumers may be ahead of it
             self._tail_seen = w[_TAIL]
+            if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                self._segment.add_role(L.ROLE_CONSUMER)
             if head == self._tail_seen:
                 return None
         pos = self._base + head % self._cap
@@ -442,6 +469,8 @@ class RingBuffer:
                 lock.release()
 
     def _read_many(self, max_items: int, max_bytes: int) -> List[bytes]:
+        if not self._segment.roles_marked & L.ROLE_CONSUMER:
+            self._segment.add_role(L.ROLE_CONSUMER)
         w = self._w
         buf = self._buf
         cap = self._cap
@@ -473,6 +502,8 @@ class RingBuffer:
         consumer lock is held until then.  Release the view before ``close()``."""
         if self._peeked:
             raise RuntimeError("a peeked record is still open: release() it first")
+        if not self._segment.roles_marked & L.ROLE_CONSUMER:
+            self._segment.add_role(L.ROLE_CONSUMER)
         lock = self._clock
         w = self._w
         if lock is not None:

@@ -247,6 +247,7 @@ class Segment:
         self._pid = os.getpid()
         self._thread_lock = threading.Lock()
         self._slot = -1
+        self.roles_marked = 0
         self._finalizer.detach()
         self._finalizer = weakref.finalize(
             self, _release_mapping, self._mmap, [self.words, self.buf], [self._fd, self._lock_fd]
@@ -271,9 +272,10 @@ class Segment:
             for i in range(L.PARTICIPANTS):
                 base = L.participant_word(i)
                 p = w[base + L.P_PID]
-                if p == 0 or not P.is_alive(p, w[base + L.P_START_US]):
+                if p and not P.is_alive(p, w[base + L.P_START_US]):
+                    w[base + L.P_PID] = p = 0  # reap: the table keeps only the living
+                if p == 0 and chosen < 0:
                     chosen = i
-                    break
             if chosen < 0:
                 return  # table full of live processes: stay unlisted
             base = L.participant_word(chosen)
@@ -282,7 +284,12 @@ class Segment:
             w[base + L.P_PID] = pid
         self._slot = chosen
 
+    #: role bits this handle has recorded (reset in a forked child)
+    roles_marked = 0
+
     def add_role(self, role: int) -> None:
+        """Record that this process acts as ``role`` (ROLE_PRODUCER, ...)."""
+        self.roles_marked |= role
         if self._slot >= 0:
             self.words[L.participant_word(self._slot) + L.P_ROLE] |= role
         else:

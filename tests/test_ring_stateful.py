@@ -44,7 +44,10 @@ class RingModel:
 
     def _pad(self):
         room = self.cap - self.tail % self.cap
-        self.entries.append((PAD, room))
+        if self.tail == self.head:  # nothing unread: the writer skips its own pad
+            self.head += room
+        else:
+            self.entries.append((PAD, room))
         self.tail += room
         return room
 
@@ -59,6 +62,8 @@ class RingModel:
         room = self.cap - self.tail % self.cap
         if k <= room:
             return "fits"
+        if self.tail == self.head:
+            return "pad-then-fits"
         return "pad-then-fits" if room + k <= self.free else "pad-only"
 
     def write(self, data):
@@ -91,9 +96,14 @@ class RingModel:
                 break
             room = self.cap - self.tail % self.cap
             if need(n) > room:
-                self._pad()
-                if need(n) > self.free:
+                if count == 0:
+                    if self.write(data) == "pad-only":
+                        return 0
+                    count += 1
+                    continue
+                if room + need(n) > self.free:
                     break
+                self._pad()
             self.append(data, self.tail)
             count += 1
         return count

@@ -46,7 +46,7 @@ def test_snapshot_counts_every_transition():
             assert s2.fill_ratio == pytest.approx(2 * record(10) / 1024)
             assert s2.taken_at > s1.taken_at
             assert s2.creator_pid == os.getpid() and s2.creator_alive
-            assert s2.participants == (ll.ParticipantInfo(os.getpid(), "creator", True),)
+            assert s2.participants == (ll.ParticipantInfo(os.getpid(), "creator+producer+consumer", True),)
             with pytest.raises(dataclasses.FrozenInstanceError):
                 s2.messages_in = 0
         finally:
