@@ -84,6 +84,8 @@ class RingBuffer:
             self._plock = RobustLock(self._sem(name + "-pl", 1, create), segment, L.W_PRODUCER_LOCK)
         if self.multi_consumer:
             self._clock = RobustLock(self._sem(name + "-cl", 1, create), segment, L.W_CONSUMER_LOCK)
+        if self._plock is not None and self._clock is not None:
+            self._plock.on_recover = self._clock.on_recover = self._repair_counters
         if self._plock is None:
             # No lock on this side: skip one call level on the hot path.
             self.try_write = self._write  # type: ignore[method-assign]
@@ -541,6 +543,43 @@ class RingBuffer:
         finally:
             if self._clock is not None:
                 self._clock.release()
+
+    def _repair_counters(self) -> None:
+        """Make MSGS_IN - MSGS_OUT equal the records between HEAD and TAIL.
+
+        A process killed between bumping its side's message counter and
+        publishing its index leaves the counter one off.  With both locks held
+        nobody is between the two, so counting the records gives the truth;
+        the side whose lock was recovered is the one corrected by the caller's
+        choice of lock, but fixing whichever differs is equivalent."""
+        plock, clock = self._plock, self._clock
+        plock.acquire()
+        try:
+            clock.acquire()
+            try:
+                w = self._w
+                cap, base = self._cap, self._base
+                head, tail = w[_HEAD], w[_TAIL]
+                records = 0
+                while head < tail:
+                    n = w[(base + head % cap) >> 3]
+                    if n < 0:
+                        head -= n
+                    else:
+                        records += 1
+                        head += (n + 15) & -8
+                if w[_MSGS_IN] - w[_MSGS_OUT] != records:
+                    # Producers bump MSGS_IN before TAIL: an excess there is a
+                    # producer's; consumers bump MSGS_OUT before HEAD: a
+                    # deficit is a consumer's.
+                    if w[_MSGS_IN] - w[_MSGS_OUT] > records:
+                        w[_MSGS_IN] = w[_MSGS_OUT] + records
+                    else:
+                        w[_MSGS_OUT] = w[_MSGS_IN] - records
+            finally:
+                clock.release()
+        finally:
+            plock.release()
 
     # -- state ----------------------------------------------------------
     def qsize(self) -> int:

@@ -51,10 +51,8 @@ if hasattr(os, "register_at_fork"):
 # SignalError: a SIGTERM handler's SystemExit (or pytest-timeout's failure) was
 # lost and the wait went on.  So semaphore waits hold these signals back; they
 # arrive when the (bounded) wait ends, and their handlers raise as usual.
-_HELD_SIGNALS = {
-    s for s in range(1, 32) if s in signal.valid_signals()
-} - {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
-     signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+_SYNCHRONOUS = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT"}
+_HELD_SIGNALS = {s for s in signal.valid_signals() if s < 32 and s.name not in _SYNCHRONOUS}
 _sigmask = signal.pthread_sigmask
 _SIG_BLOCK = signal.SIG_BLOCK
 _SIG_SETMASK = signal.SIG_SETMASK
@@ -76,7 +74,7 @@ def _timed_acquire(sem, seconds: float) -> bool:
 class RobustLock:
     """Mutex shared by every process attached to a segment."""
 
-    __slots__ = ("_sem", "_words", "_w_owner", "_w_gen", "_segment", "stale_after")
+    __slots__ = ("_sem", "_words", "_w_owner", "_w_gen", "_segment", "stale_after", "on_recover")
 
     def __init__(self, sem, segment, w_owner: int, stale_after: float = STALE_SECONDS) -> None:
         self._sem = sem
@@ -85,6 +83,9 @@ class RobustLock:
         self._w_owner = w_owner
         self._w_gen = w_owner + 1
         self.stale_after = stale_after
+        #: called (without the lock) after this process recovered the lock
+        #: from a dead holder, to repair what the holder left half-done
+        self.on_recover = None
 
     def acquire(self, timeout: Optional[float] = None) -> bool:
         """Take the lock; False if ``timeout`` (seconds) expired first."""
@@ -138,6 +139,8 @@ class RobustLock:
             w[self._w_owner] = 0
             w[self._w_gen] = snap[1] + 1
             self._sem.release()
+        if self.on_recover is not None:
+            self.on_recover()
 
     def holder(self) -> int:
         """Pid recorded as holding the lock (0 if none or unknown)."""
