@@ -21,6 +21,7 @@ architectures are not supported yet.
 from __future__ import annotations
 
 import os
+from threading import get_ident
 from typing import Any, Dict, Iterable, List, Optional
 
 from . import _layout as L
@@ -96,6 +97,7 @@ class RingBuffer:
         # can never act on a peeked record nor release() on a reserved one.
         self._reserved = self._reserved_pos = 0
         self._peeked = self._peeked_pos = 0
+        self._repairing = 0  # thread repairing the counters (see _repair_counters)
         # Start stale, so each side's first operation takes the refresh branch,
         # which records this process's role in the participant table.
         self._head_seen = w[_HEAD] - cap
@@ -552,6 +554,18 @@ class RingBuffer:
         nobody is between the two, so counting the records gives the truth;
         the side whose lock was recovered is the one corrected by the caller's
         choice of lock, but fixing whichever differs is equivalent."""
+        me = get_ident()
+        if self._repairing == me:
+            # Taking the second lock below recovered it from a dead holder too
+            # (killed holding both): the repair under way counts for both.
+            return
+        self._repairing = me
+        try:
+            self._repair_counters_locked()
+        finally:
+            self._repairing = 0
+
+    def _repair_counters_locked(self) -> None:
         plock, clock = self._plock, self._clock
         plock.acquire()
         try:

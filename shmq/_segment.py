@@ -479,9 +479,10 @@ class SegmentView:
             raise LayoutError(f"{name!r} is not an shmq segment: {exc.strerror or exc}") from None
         try:
             st = os.fstat(fd)
-            if st.st_size < L.DATA_OFFSET:
+            if st.st_size < L.DATA_OFFSET or st.st_size % L.WORD:
                 raise LayoutError(
-                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes, found {st.st_size}"
+                    f"{name!r} is not an shmq segment: expected at least {L.DATA_OFFSET} bytes "
+                    f"in whole 8-byte words, found {st.st_size}"
                 )
             mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         finally:

@@ -24,9 +24,13 @@ def need(n):
 class RingModel:
     """The ring as the protocol defines it."""
 
-    def __init__(self, cap, max_messages):
+    def __init__(self, cap, max_messages, multi_consumer):
         self.cap = cap
         self.maxm = max_messages
+        # On a multi-consumer ring a writer that must pad an empty ring takes
+        # the consumer lock for a moment and skips its own pad; a lock-free
+        # reader could be about to read that pad, so there the pad stays.
+        self.skips_own_pad = multi_consumer
         self.tail = self.head = 0
         self.entries = deque()  # (payload bytes, ring bytes) or (PAD, ring bytes)
         self.msgs_in = self.msgs_out = 0
@@ -44,7 +48,7 @@ class RingModel:
 
     def _pad(self):
         room = self.cap - self.tail % self.cap
-        if self.tail == self.head:  # nothing unread: the writer skips its own pad
+        if self.skips_own_pad and self.tail == self.head:  # nothing unread
             self.head += room
         else:
             self.entries.append((PAD, room))
@@ -62,7 +66,7 @@ class RingModel:
         room = self.cap - self.tail % self.cap
         if k <= room:
             return "fits"
-        if self.tail == self.head:
+        if self.skips_own_pad and self.tail == self.head:
             return "pad-then-fits"
         return "pad-then-fits" if room + k <= self.free else "pad-only"
 
@@ -166,7 +170,7 @@ class RingMachine(RuleBasedStateMachine):
             cap, max_messages=maxm, multi_producer=multi_producer, multi_consumer=multi_consumer
         )
         self.rings = [ring, RingBuffer.attach(ring.name)]
-        self.model = RingModel(ring.capacity_bytes, maxm)
+        self.model = RingModel(ring.capacity_bytes, maxm, multi_consumer)
         self.reserved = None  # (handle, n, position) of an open reserve()
         self.peeked = None  # (handle, record) of an open peek()
 

@@ -18,7 +18,7 @@ import shmq
 from shmq import _layout as L
 from shmq import _platform as P
 from shmq._ring import RingBuffer
-from shmq._segment import Segment
+from shmq._segment import Segment, SegmentView
 
 from _core_helpers import (
     fork_call,
@@ -296,6 +296,8 @@ def test_attach_foreign_object_raises_layout_error(foreign, what, size):
     assert name in msg
     with pytest.raises(shmq.LayoutError):
         shmq.Ring.attach(name)
+    with pytest.raises(shmq.LayoutError):
+        SegmentView.open(name)  # the read-only view the tools use
     assert time.monotonic() - t0 < 10
     gc.collect()  # a half-built handle must neither warn nor keep a descriptor
     assert open_fds() == fds
@@ -405,7 +407,7 @@ def test_closed_handles_do_not_warn():
 
 CREATE_AND_EXIT = """
 import shmq, sys
-from shmq._segment import Segment
+from shmq._segment import Segment, SegmentView
 from shmq import _layout as L
 r = shmq.Ring.create(4096)
 s = Segment.create(L.KIND_RING, 8192)
@@ -468,7 +470,7 @@ def test_creator_unlinks_at_exit_of_a_multiprocessing_child(ctx):
 
 ATTACH_AND_EXIT = """
 import shmq, sys
-from shmq._segment import Segment
+from shmq._segment import Segment, SegmentView
 r = shmq.Ring.attach(sys.argv[1])
 s = Segment.attach(sys.argv[2])
 print(r.read(timeout=10).decode(), flush=True)

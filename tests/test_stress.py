@@ -151,7 +151,7 @@ SEED = 20240607
 
 @pytest.mark.parametrize("seed", [SEED])
 def test_one_to_one_spsc(ctx, seed):
-    stats = run(ctx, 1, 1, 200000, 4096, seed, multi_producer=False, multi_consumer=False)
+    stats = run(ctx, 1, 1, 100000, 4096, seed, multi_producer=False, multi_consumer=False)
     assert stats.full_waits > 0 or stats.empty_waits > 0
 
 
@@ -167,7 +167,7 @@ def test_four_to_one(seed):
 
 @pytest.mark.parametrize("seed", [SEED + 3])
 def test_one_to_four(seed):
-    run(FORK, 1, 4, 200000, 2048, seed, multi_producer=False)
+    run(FORK, 1, 4, 100000, 2048, seed, multi_producer=False)
 
 
 @pytest.mark.parametrize("seed", [SEED + 4])
