@@ -11,6 +11,13 @@ transport pickles in the producer and unpickles in the consumer, as a user's
 program would.  The producer runs on core 0 and the consumer on core 1 (where
 the machine has two).  Reported: items/s from the first timed put to the last
 get, median of the repeats, and the ratio to mp.Queue.
+
+Arrays workload (``--workloads arrays``): float32 numpy arrays of 1 and 16
+MiB, ``put``/``get`` one at a time, the consumer reading one element of
+each.  ``shmq.Queue`` with its slot pool (``slot_size`` = the array size, 8
+slots, ``maxsize=8``: one copy into a slot, read in place), the same with
+``zero_copy=False`` (pickled through the side path, as before the pool), and
+``multiprocessing.Queue``, in the same run.
 """
 from __future__ import annotations
 
@@ -18,10 +25,19 @@ from typing import Any, List
 
 import _harness as H
 import _transports as T
+import numpy as np
 
 import shmq
 
 BATCH = 256
+MiB = 1 << 20
+ARRAY_MIB = (1, 16)
+#: arrays per measurement, by transport and size in MiB (about a second each on a 2-core VM)
+ARRAY_COUNTS = {
+    "shmq.Queue": {1: 10_000, 16: 1_000},
+    "shmq.Queue zero_copy=False": {1: 2_000, 16: 100},
+    "mp.Queue": {1: 2_000, 16: 60},
+}
 
 
 class ShmqQueue(T.Transport):
@@ -70,6 +86,53 @@ class ShmqQueue(T.Transport):
         return m
 
 
+def _recv_arrays(end: Any, n: int) -> None:
+    get = end.get
+    for _ in range(n):
+        get()[0]
+
+
+class ShmqQueueArrays(ShmqQueue):
+    """shmq.Queue moving arrays: through slots of the array's size, or with
+    ``zero_copy=False`` through the side path."""
+
+    kinds = ("array",)
+    batched = False
+
+    def __init__(self, kind: str, msg_size: int, zero_copy: bool = True) -> None:
+        super().__init__(kind, msg_size)
+        self.zero_copy = zero_copy
+        self.name = "shmq.Queue" if zero_copy else "shmq.Queue zero_copy=False"
+
+    def prepare(self) -> None:
+        slot_size = max(shmq.queue.DEFAULT_SLOT_SIZE, self.msg_size)
+        self.q = shmq.Queue(maxsize=8, zero_copy=self.zero_copy, slot_size=slot_size, slot_count=8)
+
+    def recv(self, end: Any, n: int) -> Any:
+        _recv_arrays(end, n)
+
+
+class MpQueueArrays(T.MpQueue):
+    def recv(self, end: Any, n: int) -> Any:
+        _recv_arrays(end, n)
+
+
+def array_cases(quick: bool) -> List[H.Case]:
+    out = []
+    for mib in ARRAY_MIB:
+        size = mib * MiB
+        src = np.ones(size // 4, np.float32)
+        for t in (ShmqQueueArrays("array", size), ShmqQueueArrays("array", size, False), MpQueueArrays("array", size)):
+            n = 4 if quick else ARRAY_COUNTS[t.name][mib]
+            warm = [src] * (2 if quick else 4 if t.name == H.BASELINE else 16)
+
+            def run(t: T.Transport = t, msgs: List[Any] = [src] * n, warm: List[Any] = warm) -> float:
+                return len(msgs) / T.one_to_one(t, msgs, warm)
+
+            out.append(H.Case(f"{mib} MiB float32 array 1->1", t.name, run, "arrays/s"))
+    return out
+
+
 def transports() -> List[T.Transport]:
     out: List[T.Transport] = [ShmqQueue("obj"), T.MpQueue("obj")]
     if H.library_available("faster_fifo"):
@@ -99,11 +162,20 @@ def cases(n: int, warmup: int) -> List[H.Case]:
 def main() -> None:
     p = H.parser(__doc__)
     p.add_argument("-n", "--count", type=int, default=1_000_000, help="items per measurement (1000000)")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=("tuples", "arrays"),
+        default=["tuples", "arrays"],
+        help="small tuples and/or 1 and 16 MiB numpy arrays (both)",
+    )
     args = p.parse_args()
     n = 5_000 if args.quick else args.count
     repeats = args.repeats or (1 if args.quick else 3)
     H.pin(0)  # the producer; the consumer pins itself to core 1
-    cs = cases(n, min(n, 20_000))
+    cs = cases(n, min(n, 20_000)) if "tuples" in args.workloads else []
+    if "arrays" in args.workloads:
+        cs += array_cases(args.quick)
     H.measure(cs, repeats)
     H.report("queue", H.rows("queue", cs), args.json)
 

@@ -32,11 +32,11 @@ producer side and the consumer side never write the same line::
      265  MAX_MESSAGES (0 = no limit) creator
      266  FLAGS (MULTI_PRODUCER|...)  creator
      272  TAIL   byte position        producers: publishing a record
-     273  MSGS_IN, 274 BYTES_IN       producers (payload bytes)
-     275  PEAK_BYTES, 276 PEAK_MSGS   producers
+     273  MSGS_IN                     producers (274 unused: bytes in = TAIL)
+     275  PEAK_BYTES (276 unused)     producers, sampled when re-reading HEAD
      277  FULL_WAITS, 278 FULL_WAIT_NS  producers, after a blocked write
      280  HEAD   byte position        consumers: releasing a record
-     281  MSGS_OUT, 282 BYTES_OUT     consumers
+     281  MSGS_OUT                    consumers (282 unused: bytes out = HEAD)
      283  EMPTY_WAITS, 284 EMPTY_WAIT_NS  consumers, after a blocked read
      288  CONSUMER_WAITING            a consumer about to sleep on "not empty"
      296  PRODUCER_WAITING            a producer about to sleep on "not full"
@@ -49,10 +49,16 @@ producer side and the consumer side never write the same line::
      325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
                                       task_done(), under the side ring's PRODUCER_LOCK
      326  JOIN_WAITING                a join() about to sleep on "all done" ("-jd")
+     327  POOL_CONFIG: slot pool for large buffers, SLOT_COUNT << 42 | SLOT_SIZE
+          (0: zero_copy=False, no pool)                       creator
           A queue's side ring (QUEUE_KIND_SIDE; records name large-item blobs):
      322  SIDE_LIMIT_BYTES            creator (blob bytes allowed in flight)
      323  SIDE_BYTES_IN               producers, under its PRODUCER_LOCK
      324  SIDE_BYTES_OUT              consumers, under its CONSUMER_LOCK
+     325  POOL_NAME: 3 words, the name of the queue's slot pool (ASCII,
+          NUL-padded; zero until the pool exists: it is created on the first
+          large buffer put, under the main ring's admin lock, and its name
+          written here last)          the pool's creator
 
 TAIL and HEAD only grow; ``position % CAPACITY_BYTES`` is the offset in the
 data area.  A record is one header word followed by its payload, padded to a
@@ -125,6 +131,10 @@ W_JOIN_WAITING = W_KIND_HEADER + 62  # main ring
 W_SIDE_LIMIT = W_KIND_HEADER + 58  # side ring
 W_SIDE_BYTES_IN = W_KIND_HEADER + 59  # side ring
 W_SIDE_BYTES_OUT = W_KIND_HEADER + 60  # side ring
+W_POOL_CONFIG = W_KIND_HEADER + 63  # main ring: SLOT_COUNT << POOL_COUNT_SHIFT | SLOT_SIZE, 0 = no pool
+POOL_COUNT_SHIFT = 42
+W_POOL_NAME = W_KIND_HEADER + 61  # side ring: 3 words of ASCII, NUL-padded, 0 until the pool exists
+POOL_NAME_BYTES = 24
 QUEUE_KIND_QUEUE = 1
 QUEUE_KIND_JOINABLE = 2
 QUEUE_KIND_SIMPLE = 3

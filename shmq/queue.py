@@ -22,17 +22,36 @@ Large items
     flight are bounded by ``side_capacity_bytes`` (one item is always
     admitted when none is in flight), so the side path has back-pressure too.
 
+Large buffers (zero copy)
+    An object carrying buffers of at least ``ZERO_COPY_THRESHOLD`` (64 KiB)
+    and at most ``slot_size`` bytes -- numpy arrays anywhere in it, anything
+    with pickle protocol-5 out-of-band buffers, a top-level bytes-like -- is
+    encoded by ``shmq._codec``: each such buffer is copied once into a slot
+    of the queue's *slot pool* and the record carries the slot references
+    (docs/zero_copy.md).  The receiver gets read-only arrays over the slots,
+    copying nothing; a slot returns to its producer when the last view of it
+    dies.  The first pickling pass tells the two kinds apart at no cost to
+    small objects: its buffer callback stops it at the first large buffer.
+    The pool is created on the first large buffer, by whichever process puts
+    it, under the main ring's admin lock; its name goes in the side ring's
+    header.  A full pool makes ``put`` wait like a full queue, unless the
+    slots are held by receivers rather than queued (see ``_encode_pooled``):
+    the item is then copied through the ring or the side path instead.
+
 Lifetime
     The process that creates a queue owns its names: it unlinks the main
-    ring, the side ring and any blob of the queue when the last handle it
-    holds is closed (or garbage collected), and at exit.  Other processes only
-    close their handles.  A handle pickles as the queue's name.
+    ring, the side ring, the slot pool and any blob of the queue when the
+    last handle it holds is closed (or garbage collected), and at exit.  Other
+    processes only close their handles (a pool one of them creates is
+    attributed to the queue's creator, like a blob).  A handle pickles as the
+    queue's name.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import secrets
+import sys
 import threading
 import time
 import types
@@ -40,52 +59,187 @@ import weakref
 from collections import deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence
 
+from . import _codec as C
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, Empty, Full, LayoutError
+from ._errors import BrokenError, Empty, Full, LayoutError, MessageTooLarge, SharedMemoryFull, SlotError
 from ._ring import DEFAULT_CAPACITY_BYTES, _closed_class
 from ._segment import Segment
+from ._slots import SlotPool
 from ._stats import RingStatistics
 from ._sync import Doorbell
 from ._wait import wait_until
 from .ring import Ring
 
-__all__ = ("Queue", "JoinableQueue", "SimpleQueue", "DEFAULT_SIDE_CAPACITY_BYTES")
+__all__ = (
+    "Queue",
+    "JoinableQueue",
+    "SimpleQueue",
+    "DEFAULT_SIDE_CAPACITY_BYTES",
+    "DEFAULT_SLOT_SIZE",
+    "DEFAULT_SLOT_COUNT",
+    "ZERO_COPY_THRESHOLD",
+)
 
 #: Smallest default for ``side_capacity_bytes`` (the default is the larger of
 #: this and 16 times ``capacity_bytes``).
 DEFAULT_SIDE_CAPACITY_BYTES = 64 << 20
+#: Defaults of the slot pool for large buffers (made on the first one: 8 MiB).
+DEFAULT_SLOT_SIZE = 1 << 20
+DEFAULT_SLOT_COUNT = 8
+#: Buffers at least this large travel through a slot; smaller ones in the pickle.
+ZERO_COPY_THRESHOLD = C.DEFAULT_THRESHOLD
 
 _PROTOCOL = 5
 _SIDE_RING_BYTES = 16 << 10  # about 400 large items in flight
 _DESC_BYTES = 8 + P.MAX_NAME_LENGTH  # side record: payload length + blob name
 _SIDE_NAME_OFFSET = L.W_SIDE_NAME * L.WORD
+_POOL_NAME_OFFSET = L.W_POOL_NAME * L.WORD
+_MAX_SLOT_COUNT = 4096
+_POOL_MEMBERS = 128  # processes using one queue's pool at once
+# A put finding no free slot waits in slices of _POOL_SLICE; after _POOL_GRACE
+# it copies instead if some slots are out of the queue (see _encode_pooled).
+_POOL_SLICE = 0.05
+_POOL_GRACE = 0.2
+_RAW_TYPES = (bytes, bytearray)
+_MAGIC = C.MAGIC
 _NOTHING = object()
 
 _monotonic = time.monotonic
 _dumps = pickle.dumps
 
 
-# -- serialisation: the two functions a codec plugs into ---------------------
+# -- serialisation ---------------------------------------------------------------
+# put pickles once with _oob as the buffer callback (inlined there; _encode for
+# put_many).  An object without a large buffer gets its plain pickle, the
+# record; one with a large buffer gets _LARGE and is encoded again by the slot
+# codec (or plainly, with zero_copy=False).  get unpickles a record with
+# _decode; a slot message (it starts with MAGIC, which pickle refuses at once)
+# goes to the codec.
+
+
+class _LargeBuffer(Exception):
+    """Raised by _oob to stop the first pickling pass."""
+
+
+def _oob(buf: pickle.PickleBuffer) -> bool:
+    """Buffer callback of the first pass: a small (or non-contiguous) buffer
+    stays in the pickle; a large one stops the pass, before it is copied."""
+    try:
+        with buf.raw() as m:
+            large = m.nbytes >= ZERO_COPY_THRESHOLD
+    except BufferError:  # not contiguous: pickled in-band
+        return True
+    if large:
+        raise _LargeBuffer
+    return True
+
+
+def _out_of_band(buf: pickle.PickleBuffer) -> bool:
+    return False
+
+
+class _Deferred:
+    """What the first pass gives for an object with a large buffer: longer
+    than any record, so ``put``'s one length test sends it off the fast path."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __repr__(self) -> str:
+        return "<an object with large buffers>"
+
+
+_LARGE = _Deferred()
 
 
 def _encode(obj: Any) -> Any:
-    """The bytes-like record for ``obj``: its pickle (protocol 5), made in the
-    caller so a pickling error raises from ``put``.  Objects only
-    ``multiprocessing``'s pickler knows (connections, sockets) work too."""
+    """The bytes-like record for ``obj`` -- its pickle (protocol 5), made in
+    the caller so a pickling error raises from ``put`` -- or _LARGE if it
+    carries a large buffer (checked picklable, then encoded later by
+    ``_put_big``).  Objects only ``multiprocessing``'s pickler knows
+    (connections, sockets) work too."""
+    try:
+        return _dumps(obj, _PROTOCOL, buffer_callback=_oob)
+    except _LargeBuffer:
+        C._pickle(obj, _out_of_band)  # raises its pickling error now; copies no buffer
+        return _LARGE
+    except Exception as exc:
+        return _encode_other(obj, exc)
+
+
+def _encode_other(obj: Any, exc: Exception) -> Any:
+    """The first pass failed with ``exc``."""
+    if type(obj) is memoryview:
+        return _LARGE  # the codec sends a large one as raw bytes; pickle takes none
+    return _forking_dumps(obj, exc)
+
+
+def _encode_plain(obj: Any) -> Any:
+    """The protocol-5 pickle of ``obj`` with every buffer in it."""
     try:
         return _dumps(obj, _PROTOCOL)
     except Exception as exc:
-        from multiprocessing.reduction import ForkingPickler
-
-        try:
-            return ForkingPickler.dumps(obj, _PROTOCOL)
-        except Exception:
-            raise exc from None
+        return _forking_dumps(obj, exc)
 
 
-#: Record (any buffer) -> object.
+def _forking_dumps(obj: Any, exc: Exception) -> Any:
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        return ForkingPickler.dumps(obj, _PROTOCOL)
+    except Exception:
+        raise exc from None
+
+
+#: Record (any buffer) -> object, for every record but slot messages.
 _decode = pickle.loads
+
+
+class _Ready:
+    """A slot message ``get_many`` decoded ahead of its turn, in the stash (so
+    no undecoded slot message waits there): the object, or the error."""
+
+    __slots__ = ("obj", "exc")
+
+    def __init__(self, obj: Any, exc: Optional[BaseException] = None) -> None:
+        self.obj = obj
+        self.exc = exc
+
+    def get(self) -> Any:
+        if self.exc is not None:
+            raise self.exc
+        return self.obj
+
+
+def _pool_state(pool: SlotPool) -> tuple:
+    """``(queued, signature)`` of ``pool``: whether some slot holds an item
+    still in the queue (sent and not yet acquired by every receiver it was
+    sent to, or loaned: being written), and a value that changes whenever
+    any slot changes hands.  Reads the pool's tables (see _layout); writes
+    nothing."""
+    w = pool.segment.words
+    n = w[L.W_SLOT_COUNT]
+    slots = w[L.W_SLOT_TABLE] >> 3
+    holds = w[L.W_HOLD_TABLE] >> 3
+    members = min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])
+    mask = L.HOLD_RELEASED_MASK
+    queued = False
+    signature = []
+    for i in range(n):
+        s = slots + i * L.SLOT_WORDS
+        state = w[s + L.S_STATE]
+        acquired = released = 0
+        for m in range(members):
+            v = w[holds + m * n + i]
+            acquired += v >> 32
+            released += v & mask
+        signature.append((state, w[s + L.S_GEN], acquired, released))
+        if state == L.SLOT_LOANED or (state == L.SLOT_SENT and acquired < w[s + L.S_DELIVERIES]):
+            queued = True
+    return queued, tuple(signature)
 
 
 # -- ownership ----------------------------------------------------------------
@@ -103,10 +257,17 @@ def _after_fork_in_child() -> None:
     for q in list(_live):
         q._put_tlock = threading.Lock()
         q._get_tlock = threading.Lock()
+        q._zc_lock = threading.Lock()
+        q._reset_readers()  # the child lists itself as a consumer at its first read
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _pool_name(side_name: str) -> str:
+    """The name of a queue's slot pool: its side ring's, ending in "p"."""
+    return side_name[:-1] + "p"
 
 
 def _unlink_queue(main: Ring, side: Ring, blob_prefix: str) -> None:
@@ -115,10 +276,12 @@ def _unlink_queue(main: Ring, side: Ring, blob_prefix: str) -> None:
     for name in P.list_shm_names():
         if name.startswith(blob_prefix):
             P.shm_unlink(name)
+    P.shm_unlink(_pool_name(side.name))  # last: see _QueueBase._create_pool
 
 
-def _release_handle(main: Ring, side: Ring, sems: tuple, owner_pid: int, blob_prefix: str) -> None:
-    """Close one handle (its finalizer: gets names, never the handle)."""
+def _release_handle(main: Ring, side: Ring, sems: tuple, owner_pid: int, blob_prefix: str, zc: list) -> None:
+    """Close one handle (its finalizer: gets names, never the handle).
+    ``zc``: [codec, pool] once the handle opened them."""
     if owner_pid == os.getpid():
         with _owner_lock:
             left = _owner_handles.get(main.name, 0) - 1
@@ -128,6 +291,12 @@ def _release_handle(main: Ring, side: Ring, sems: tuple, owner_pid: int, blob_pr
                 _owner_handles.pop(main.name, None)
         if left == 0:
             _unlink_queue(main, side, blob_prefix)
+    codec, pool = zc
+    zc[:] = [None, None]
+    if codec is not None:
+        codec.close()
+    if pool is not None:
+        pool.close()  # (the mapping stays while received arrays view it)
     for sem in sems:
         try:
             sem.close()
@@ -142,7 +311,7 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
     return None if timeout is None else _monotonic() + max(timeout, 0.0)
 
 
-def _load_blob(name: str, nbytes: int, queue_name: str) -> Any:
+def _load_blob(name: str, nbytes: int, queue_name: str, decode) -> Any:
     try:
         seg = Segment.attach(name, L.KIND_BLOB)
     except FileNotFoundError as exc:
@@ -151,7 +320,7 @@ def _load_blob(name: str, nbytes: int, queue_name: str) -> Any:
         ) from exc
     try:
         with seg.buf[L.DATA_OFFSET : L.DATA_OFFSET + nbytes] as view:
-            return _decode(view)
+            return decode(view)
     finally:
         seg.close()
 
@@ -161,6 +330,9 @@ class _QueueBase:
 
     _KIND = 0
     _closed = True  # until a constructor finishes
+    #: The slot pool and codec of this handle, opened on first use (None until then).
+    _pool: Optional[SlotPool] = None
+    _codec: Optional[C.Codec] = None
     __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(
@@ -170,6 +342,9 @@ class _QueueBase:
         capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
         name: Optional[str] = None,
         side_capacity_bytes: Optional[int] = None,
+        zero_copy: bool = True,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        slot_count: int = DEFAULT_SLOT_COUNT,
     ) -> None:
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError(f"'maxsize' must be an int, got {type(maxsize).__name__}")
@@ -177,6 +352,10 @@ class _QueueBase:
             not isinstance(side_capacity_bytes, int) or isinstance(side_capacity_bytes, bool) or side_capacity_bytes < 1
         ):
             raise ValueError(f"'side_capacity_bytes' must be a positive int, got {side_capacity_bytes!r}")
+        for arg, value, high in (("slot_size", slot_size, 1 << 40), ("slot_count", slot_count, _MAX_SLOT_COUNT)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise ValueError(f"'{arg}' must be an int between 1 and {high}, got {value!r}")
+        pool_config = slot_count << L.POOL_COUNT_SHIFT | slot_size if zero_copy else 0
         main = Ring.create(capacity_bytes, max_messages=max(maxsize, 0), name=name)
         side: Optional[Ring] = None
         sems: list = []
@@ -189,6 +368,7 @@ class _QueueBase:
                 L.SIDE_NAME_BYTES, b"\0"
             )
             sems = self._open_semaphores(main.name, create=True)
+            main.segment.words[L.W_POOL_CONFIG] = pool_config
             main.segment.words[L.W_QUEUE_KIND] = self._KIND  # last: attach() waits for it
             self._setup(main, side, sems, os.getpid())
             with _owner_lock:
@@ -258,17 +438,28 @@ class _QueueBase:
         self._sw = side.segment.words
         self._inline_max = min(main.max_payload, main.capacity_bytes // 4)
         self._blob_prefix = side.name[:-1] + "b"
+        config = self._w[L.W_POOL_CONFIG]
+        self._zero_copy = config != 0
+        self._pooled_puts = self._zero_copy  # large buffers go to the pool when put
+        self._slot_size = config & ((1 << L.POOL_COUNT_SHIFT) - 1)
+        self._slot_count = config >> L.POOL_COUNT_SHIFT
+        self._owner_pid = owner_pid
+        self._zc: list = [None, None]  # [codec, pool], for the finalizer
+        self._zc_lock = threading.Lock()
+        self._consumer_pid = 0  # the process that listed itself as a consumer of the ring
+        self._stuck_pool: Optional[tuple] = None  # the pool's state when a put last copied instead
         # Hot methods bound once: one lookup each on the put/get paths.
         self._try_write = main.try_write
-        self._try_read = main.try_read
-        self._try_read_many = main.try_read_many
         self._stash: Deque[Any] = deque()  # records get_many took but could not return
+        self._reset_readers()
         # Threads of this process share the handle's reserve() (large puts)
         # and peek() (large gets) state: one of each at a time.
         self._put_tlock = threading.Lock()
         self._get_tlock = threading.Lock()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _release_handle, main, side, tuple(sems), owner_pid, self._blob_prefix)
+        self._finalizer = weakref.finalize(
+            self, _release_handle, main, side, tuple(sems), owner_pid, self._blob_prefix, self._zc
+        )
         _live.add(self)
 
     def __reduce__(self):
@@ -279,13 +470,18 @@ class _QueueBase:
         """Put ``obj`` into the queue, waiting (up to ``timeout`` seconds) for
         room if ``block``.  Raises queue.Full (shmq.Full) if there is none;
         pickling errors raise here and leave the queue as it was."""
-        data = _encode(obj)
+        try:  # the first pass (see _encode), inlined
+            data = _dumps(obj, _PROTOCOL, buffer_callback=_oob)
+        except _LargeBuffer:
+            data = _LARGE
+        except Exception as exc:
+            data = _encode_other(obj, exc)
         if len(data) <= self._inline_max:
             if self._try_write(data):
                 return
             self._put_wait(data, block, timeout)
         else:
-            self._put_large(data, block, _deadline(timeout) if block else None)
+            self._put_big(obj, data, block, _deadline(timeout) if block else None)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
@@ -296,7 +492,12 @@ class _QueueBase:
         items at once.  Every item is pickled first, so a pickling error puts
         nothing.  Raises Full if ``timeout`` expires (the message says how
         many items were put: those before it)."""
-        datas = [_encode(obj) for obj in items]
+        if not isinstance(items, (list, tuple)):
+            items = list(items)
+        try:  # no Python call per item while every item is small and plain
+            datas = [_dumps(obj, _PROTOCOL, buffer_callback=_oob) for obj in items]
+        except Exception:
+            datas = [_encode(obj) for obj in items]
         main = self._ring
         limit = self._inline_max
         total = len(datas)
@@ -305,7 +506,7 @@ class _QueueBase:
         while i < total:
             if len(datas[i]) > limit:
                 try:
-                    self._put_large(datas[i], block, deadline)
+                    self._put_big(items[i], datas[i], block, deadline)
                 except Full:
                     raise Full(f"queue {self.name!r} is full: {i} of {total} items were put") from None
                 i += 1
@@ -329,13 +530,185 @@ class _QueueBase:
     def _put_wait(self, data: Any, block: bool, timeout: Optional[float]) -> None:
         if not block:
             raise Full(f"queue {self.name!r} is full")
-        deadline = _deadline(timeout)
-        main = self._ring
-        nbytes = len(data)
-        while True:
-            main._block_writing(lambda: main.can_write(nbytes), None, deadline)
-            if main.try_write(data):
+        # (multiprocessing.Queue treats a negative timeout as 0; Ring refuses it)
+        self._ring.write(data, None if timeout is None else max(timeout, 0.0))
+
+    def _put_big(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> None:
+        """Put ``obj``, whose first pass gave ``data``: a record too long for
+        the ring, or _LARGE (it has a large buffer)."""
+        if self._pooled_puts and (data is _LARGE or type(obj) in _RAW_TYPES):
+            data, lease = self._encode_pooled(obj, data, block, deadline)
+            if lease is not None:
+                self._send_leased(data, lease, block, deadline)
                 return
+        elif data is _LARGE:
+            data = _encode_plain(obj)
+        if len(data) <= self._inline_max:
+            self._write_small(data, block, deadline)
+        else:
+            self._put_large(data, block, deadline)
+
+    def _write_small(self, data: Any, block: bool, deadline: Optional[float]) -> None:
+        if self._try_write(data):
+            return
+        if not block:
+            raise Full(f"queue {self.name!r} is full")
+        self._ring.write(data, None if deadline is None else max(0.0, deadline - _monotonic()))
+
+    def _encode_pooled(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> tuple:
+        """``(record, lease)``: a slot message and its Lease, or a plain
+        record and None -- when no buffer fits a slot, when the object has
+        more large buffers than the pool has slots, or when no slot frees up
+        but none holds an item still in the queue (see below).
+
+        Back-pressure: with no free slot, ``put`` waits for one (Full when
+        ``timeout`` expires, at once if not ``block``) as long as some slot
+        holds an item still in the queue (``_pool_state``): consumers will
+        take it.  Slots that are all out of the queue -- held by receivers'
+        arrays (a consumer keeping every item it got, say), or returned to a
+        producer that has not put since (only the producer that sent a slot
+        frees it) -- may never come back while this producer waits, so the
+        item is copied through the ring or the side path instead, where
+        back-pressure still applies: after ``_POOL_GRACE`` seconds, or at
+        once if not ``block`` or if nothing in the pool moved since this
+        handle last did so."""
+        if data is not _LARGE:  # a top-level bytes or bytearray
+            if not ZERO_COPY_THRESHOLD <= len(obj) <= self._slot_size:
+                return data, None
+        codec = self._codec
+        if codec is None:
+            try:
+                codec = self._open_codec()
+            except SharedMemoryFull:
+                # No room in /dev/shm for the pool: this handle copies, as
+                # with zero_copy=False (and the next handle tries again).
+                self._pooled_puts = False
+                return (_encode_plain(obj) if data is _LARGE else data), None
+        if self._consumer_pid != os.getpid():
+            # Producers are listed as consumers of the ring too: if one dies
+            # between allocating slots and writing its message, the pool frees
+            # them by the orphan rule, which a consumer's death enables.
+            self._note_consumer()
+        started = _monotonic()
+        while True:
+            if not block:
+                wait = 0.0
+            elif deadline is None:
+                wait = _POOL_SLICE
+            else:
+                wait = max(0.0, min(_POOL_SLICE, deadline - _monotonic()))
+            try:
+                return codec.encode(obj, wait)
+            except Full:
+                pass
+            except MessageTooLarge:  # more large buffers than the pool has slots
+                break
+            queued, signature = _pool_state(codec.pool)
+            now = _monotonic()
+            if not queued and (not block or signature == self._stuck_pool or now - started >= _POOL_GRACE):
+                self._stuck_pool = signature
+                break
+            if not block or (deadline is not None and now >= deadline):
+                raise Full(f"queue {self.name!r} is full: no free slot for a large buffer") from None
+        return (_encode_plain(obj) if data is _LARGE else data), None
+
+    def _send_leased(self, data: Any, lease: C.Lease, block: bool, deadline: Optional[float]) -> None:
+        """Write the slot message ``data``, then tell its lease."""
+        try:
+            if len(data) <= self._inline_max:
+                self._write_small(data, block, deadline)
+                fenced = True
+            else:  # a large in-band part too (a buffer larger than a slot, say)
+                self._put_large(data, block, deadline)
+                fenced = False
+        except BaseException:
+            lease.abort()
+            raise
+        if fenced:
+            lease.sent()
+        else:
+            # In a blob, the message leaves the side ring only once a consumer
+            # decoded it, so the main ring's position says nothing about it:
+            # no fence (the orphan rule never applies; see docs/zero_copy.md).
+            lease.pool.set_fence(lease.indices, 0)
+
+    def _open_codec(self) -> C.Codec:
+        """This handle's codec, with the queue's slot pool (attached, or
+        created if nobody did yet); for decoding, any handle may need it."""
+        with self._zc_lock:
+            codec = self._codec
+            if codec is None:
+                pool = self._open_pool() if self._zero_copy else None
+                try:
+                    codec = C.Codec(pool, ring=self._ring, threshold=ZERO_COPY_THRESHOLD, exact_types=True)
+                except BaseException:
+                    if pool is not None:
+                        pool.close()
+                    raise
+                self._zc[:] = [codec, pool]
+                self._pool = pool
+                self._codec = codec
+            return codec
+
+    def _published_pool(self) -> Optional[str]:
+        buf = self._side.segment.buf
+        raw = bytes(buf[_POOL_NAME_OFFSET : _POOL_NAME_OFFSET + L.POOL_NAME_BYTES]).rstrip(b"\0")
+        return raw.decode("ascii") if raw else None
+
+    def _open_pool(self) -> SlotPool:
+        # Under the lock its creator writes the name under: never half a name.
+        with self._ring.segment.admin_lock():
+            name = self._published_pool()
+            if name is None:
+                return self._create_pool()
+        try:
+            return SlotPool.attach(name)
+        except FileNotFoundError as exc:
+            raise BrokenError(f"the slot pool of queue {self.name!r} is gone (was the queue unlinked?)") from exc
+
+    def _create_pool(self) -> SlotPool:
+        """Create the pool and publish its name (admin lock held).  Its name
+        follows from the side ring's, so the owner unlinks it whoever made it."""
+        name = _pool_name(self._side.name)
+        for _ in range(3):
+            try:
+                pool = SlotPool.create(
+                    self._slot_size, self._slot_count, name=name, max_members=_POOL_MEMBERS, link=self._ring.name
+                )
+                break
+            except FileExistsError:
+                # Left by a process killed while making it: complete and ours, or removed.
+                try:
+                    pool = SlotPool.attach(name)
+                except (FileNotFoundError, LayoutError):
+                    P.shm_unlink(name)
+                    continue
+                if pool.link == self._ring.name:
+                    break
+                pool.close()
+                P.shm_unlink(name)
+        else:
+            raise FileExistsError(f"could not create the slot pool {name!r} of queue {self.name!r}")
+        buf = self._side.segment.buf
+        try:
+            seg = pool.segment
+            # Attributed to the queue's creator, like a blob: `shmq gc` keeps it while the queue lives.
+            seg.words[L.W_CREATOR_PID] = self._w[L.W_CREATOR_PID]
+            seg.words[L.W_CREATOR_START_US] = self._w[L.W_CREATOR_START_US]
+            if self._owner_pid != os.getpid():
+                seg.disown()  # the queue's owner unlinks it with the queue
+            buf[_POOL_NAME_OFFSET : _POOL_NAME_OFFSET + L.POOL_NAME_BYTES] = name.encode("ascii").ljust(
+                L.POOL_NAME_BYTES, b"\0"
+            )
+            # The owner unlinks the main ring first and the pool last: if the
+            # ring is still there, the owner's unlink will also remove the pool.
+            self._ring.segment.check_exists()
+        except BaseException:
+            buf[_POOL_NAME_OFFSET : _POOL_NAME_OFFSET + L.POOL_NAME_BYTES] = bytes(L.POOL_NAME_BYTES)
+            pool.close()
+            P.shm_unlink(name)
+            raise
+        return pool
 
     def _put_large(self, data: Any, block: bool, deadline: Optional[float]) -> None:
         nbytes = len(data)
@@ -434,7 +807,10 @@ class _QueueBase:
         seconds) for one if ``block``.  Raises queue.Empty (shmq.Empty)."""
         data = self._try_read()
         if data:
-            return _decode(data)
+            try:
+                return _decode(data)
+            except Exception as exc:
+                return self._decode_other(data, exc)
         return self._get_slow(data, block, timeout)
 
     def get_nowait(self) -> Any:
@@ -445,7 +821,7 @@ class _QueueBase:
         deadline = _deadline(timeout) if block else None
         while True:
             if data:
-                return _decode(data)
+                return self._decode_record(data)
             if data is not None or self._orphan_ready():  # a marker, or a large item left behind
                 obj = self._take_side()
                 if obj is not _NOTHING:
@@ -487,7 +863,10 @@ class _QueueBase:
             while i < n:
                 rec = records[i]
                 if rec:
-                    out.append(_decode(rec))
+                    try:
+                        out.append(_decode(rec))
+                    except Exception as exc:
+                        out.append(self._decode_other(rec, exc))
                 elif out:
                     break  # a large item: it starts the next batch
                 else:
@@ -507,8 +886,41 @@ class _QueueBase:
         self._stash_records(records[i:])
         return out
 
+    def _decode_record(self, data: Any) -> Any:
+        try:
+            return _decode(data)
+        except Exception as exc:
+            return self._decode_other(data, exc)
+
+    def _decode_other(self, data: Any, exc: Exception) -> Any:
+        """A record ``_decode`` refused with ``exc``: a slot message, or one
+        decoded ahead (``_Ready``); any other record raises ``exc``."""
+        if type(data) is not _Ready and data[:3] != _MAGIC:
+            raise exc
+        try:
+            if type(data) is _Ready:
+                return data.get()
+            if type(data) is memoryview and not data.readonly:
+                data = data.toreadonly()  # a blob's view: the codec hashes parts of it
+            codec = self._codec or self._open_codec()
+            return codec.decode(data)
+        except Exception as error:
+            raise error from None  # not "during handling of" pickle's refusal
+
+    def _decode_ahead(self, rec: Any) -> Any:
+        if rec and type(rec) is not _Ready and rec[:3] == _MAGIC:
+            try:
+                return _Ready(self._decode_record(rec))
+            except Exception as exc:
+                return _Ready(None, exc)
+        return rec
+
     def _stash_records(self, records: Sequence[Any]) -> None:
         if records:
+            if self._zero_copy:
+                # Decode slot messages now: a message read but not decoded for
+                # long may be taken for an orphan once some consumer died.
+                records = [self._decode_ahead(rec) for rec in records]
             self._stash.extendleft(reversed(records))
             self._try_read = self._pop_stash  # type: ignore[method-assign]
             self._try_read_many = self._pop_stash_many  # type: ignore[method-assign]
@@ -517,17 +929,45 @@ class _QueueBase:
         stash = self._stash
         rec = stash.popleft() if stash else None
         if not stash:
-            self._try_read = self._ring.try_read  # type: ignore[method-assign]
-            self._try_read_many = self._ring.try_read_many  # type: ignore[method-assign]
+            self._reset_readers()
         return self._try_read() if rec is None else rec
 
     def _pop_stash_many(self, max_items: int) -> List[Any]:
         stash = self._stash
         out = [stash.popleft() for _ in range(min(max_items, len(stash)))]
         if not stash:
+            self._reset_readers()
+        return out or self._try_read_many(max_items)
+
+    def _reset_readers(self) -> None:
+        """Point ``_try_read``/``_try_read_many`` at the stash if it holds
+        records, else at the ring -- through ``_first_read`` until this
+        process listed itself as a consumer (queues with zero copy)."""
+        if self._stash:
+            self._try_read = self._pop_stash  # type: ignore[method-assign]
+            self._try_read_many = self._pop_stash_many  # type: ignore[method-assign]
+        elif self._consumer_pid == os.getpid() or not self._zero_copy:
             self._try_read = self._ring.try_read  # type: ignore[method-assign]
             self._try_read_many = self._ring.try_read_many  # type: ignore[method-assign]
-        return out or self._try_read_many(max_items)
+        else:
+            self._try_read = self._first_read  # type: ignore[method-assign]
+            self._try_read_many = self._first_read_many  # type: ignore[method-assign]
+
+    def _note_consumer(self) -> None:
+        """List this process as a consumer of the main ring, before it reads:
+        if it dies between reading a slot message and decoding it, the pool
+        frees the slots (the orphan rule of docs/zero_copy.md)."""
+        self._ring.segment.add_role(L.ROLE_CONSUMER)
+        self._consumer_pid = os.getpid()
+        self._reset_readers()
+
+    def _first_read(self) -> Optional[bytes]:
+        self._note_consumer()
+        return self._try_read()
+
+    def _first_read_many(self, max_items: int) -> List[Any]:
+        self._note_consumer()
+        return self._try_read_many(max_items)
 
     def _readable(self) -> bool:
         return self._ring.can_read() or self._orphan_ready()
@@ -556,7 +996,13 @@ class _QueueBase:
             finally:
                 view.release()
             try:
-                return _load_blob(name, nbytes, self.name)
+                return _load_blob(name, nbytes, self.name, self._decode_record)
+            except SlotError:
+                # A slot message whose slots are no longer in flight: a
+                # consumer killed while decoding it had acquired them (the
+                # item went with it, as a small item goes with a consumer
+                # killed after reading it), and they were freed since.
+                return _NOTHING
             finally:
                 self._sw[L.W_SIDE_BYTES_OUT] += nbytes
                 side.release()
@@ -613,8 +1059,8 @@ class _QueueBase:
         """No-op: there is no feeder thread; a process never waits at exit."""
 
     def unlink(self) -> None:
-        """Remove the queue's names (its rings and any large item not yet
-        taken) for every process.  Open handles keep working on what they have
+        """Remove the queue's names (its rings, its slot pool and any large
+        item not yet taken) for every process.  Open handles keep working on what they have
         mapped.  The creating process does this when its last handle closes."""
         with _owner_lock:
             _owner_handles.pop(self.name, None)
@@ -650,7 +1096,8 @@ def _create_side_ring(limit: int) -> Ring:
 
 
 class Queue(_QueueBase):
-    """``Queue(maxsize=0, *, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None)``
+    """``Queue(maxsize=0, *, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None,
+    zero_copy=True, slot_size=1 MiB, slot_count=8)``
 
     A process-shared FIFO queue: ``multiprocessing.Queue``'s API on a
     shared-memory ring.  ``maxsize`` > 0 limits the number of items;
@@ -659,6 +1106,12 @@ class Queue(_QueueBase):
     through the side path, at most ``side_capacity_bytes`` of them in flight
     (default: the larger of 64 MiB and 16 x ``capacity_bytes``).  ``name``
     picks the shared-memory name (``Queue.attach(name)`` from anywhere).
+
+    Large buffers (numpy arrays, bytes, protocol-5 out-of-band buffers of 64
+    KiB up to ``slot_size``) travel through a pool of ``slot_count`` slots,
+    made on the first one: the receiver gets read-only arrays over the slot,
+    which returns when the last view of it dies.  ``zero_copy=False`` pickles
+    them into the ring like any object (private, writable arrays).
     """
 
     _KIND = L.QUEUE_KIND_QUEUE
@@ -708,7 +1161,8 @@ class JoinableQueue(Queue):
 
 
 class SimpleQueue(_QueueBase):
-    """``SimpleQueue(*, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None)``
+    """``SimpleQueue(*, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None,
+    zero_copy=True, slot_size=1 MiB, slot_count=8)``
 
     ``multiprocessing.SimpleQueue``'s ``put(obj)``, ``get()``, ``empty()``,
     ``close()`` (and the rest of Queue's methods, ``maxsize`` aside)."""
@@ -721,8 +1175,19 @@ class SimpleQueue(_QueueBase):
         capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
         name: Optional[str] = None,
         side_capacity_bytes: Optional[int] = None,
+        zero_copy: bool = True,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        slot_count: int = DEFAULT_SLOT_COUNT,
     ) -> None:
-        super().__init__(0, capacity_bytes=capacity_bytes, name=name, side_capacity_bytes=side_capacity_bytes)
+        super().__init__(
+            0,
+            capacity_bytes=capacity_bytes,
+            name=name,
+            side_capacity_bytes=side_capacity_bytes,
+            zero_copy=zero_copy,
+            slot_size=slot_size,
+            slot_count=slot_count,
+        )
 
 
 _KINDS = {L.QUEUE_KIND_QUEUE: Queue, L.QUEUE_KIND_JOINABLE: JoinableQueue, L.QUEUE_KIND_SIMPLE: SimpleQueue}

@@ -45,8 +45,8 @@ def blobs(q):
 
 
 def queue_names(q):
-    """Every /dev/shm entry of the queue (rings, semaphores, blobs)."""
-    stems = (q.name, q._side.name, q._blob_prefix)
+    """Every /dev/shm entry of the queue (rings, semaphores, blobs, slot pool)."""
+    stems = (q.name, q._side.name, q._blob_prefix, q._side.name[:-1] + "p")
     return sorted(n for n in shm_names() if any(s in n for s in stems))
 
 
@@ -453,7 +453,8 @@ def test_items_larger_than_the_ring(ctx):
 
 def test_side_path_back_pressure():
     item = b"\x01" * MiB  # pickled: a few bytes more than 1 MiB
-    q = shmq.Queue(capacity_bytes=64 << 10, side_capacity_bytes=3 * MiB)
+    # (zero_copy=False: with it, a 1 MiB bytes object would take a slot)
+    q = shmq.Queue(capacity_bytes=64 << 10, side_capacity_bytes=3 * MiB, zero_copy=False)
     try:
         q.put(item)
         q.put(item)
@@ -489,7 +490,7 @@ def _get_when_a_producer_waits(q, words):
 
 
 def test_large_items_count_against_maxsize():
-    q = shmq.Queue(2, capacity_bytes=64 << 10)
+    q = shmq.Queue(2, capacity_bytes=64 << 10, zero_copy=False)
     q.put(b"y" * MiB)
     q.put("small")
     assert q.full()
@@ -501,7 +502,7 @@ def test_large_items_count_against_maxsize():
 
 
 def test_the_owner_removes_items_nobody_took():
-    q = shmq.Queue(capacity_bytes=64 << 10)
+    q = shmq.Queue(capacity_bytes=64 << 10, zero_copy=False)
     for _ in range(3):
         q.put(b"z" * MiB)
     assert len(blobs(q)) == 3
@@ -725,7 +726,7 @@ _CREATOR = textwrap.dedent(
     """
     import os, sys, time, shmq
     mode = sys.argv[1]
-    q = shmq.Queue(name=sys.argv[2], capacity_bytes=1 << 16, side_capacity_bytes=3 << 20)
+    q = shmq.Queue(name=sys.argv[2], capacity_bytes=1 << 16, side_capacity_bytes=3 << 20, zero_copy=False)
     j = shmq.JoinableQueue(name=sys.argv[3])
     q.put(b"x" * (1 << 20)); j.put("task")        # a large item: a blob
     print(q._side.name, q._blob_prefix, j._side.name, flush=True)
