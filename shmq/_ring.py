@@ -33,6 +33,7 @@ from ._sync import Doorbell, RobustLock
 __all__ = ("RingBuffer", "DEFAULT_CAPACITY_BYTES")
 
 DEFAULT_CAPACITY_BYTES = 1 << 20
+_REPAIR_WAIT = 2.0  # seconds a counter repair waits for each lock
 
 _TAIL = L.W_TAIL
 _HEAD = L.W_HEAD
@@ -567,9 +568,13 @@ class RingBuffer:
 
     def _repair_counters_locked(self) -> None:
         plock, clock = self._plock, self._clock
-        plock.acquire()
+        # Best effort, bounded: this thread may itself hold one of the locks
+        # (an open reserve() or peek()); then the counters stay as they are.
+        if not plock.acquire(_REPAIR_WAIT):
+            return
         try:
-            clock.acquire()
+            if not clock.acquire(_REPAIR_WAIT):
+                return
             try:
                 w = self._w
                 cap, base = self._cap, self._base
