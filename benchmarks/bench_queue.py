@@ -40,8 +40,9 @@ ARRAY_COUNTS = {
 }
 
 
-class ShmqQueue(T.Transport):
-    """shmq.Queue, inherited by the forked consumer like an mp.Queue."""
+class ShmqQueue(T.MpQueue):
+    """shmq.Queue, inherited by the forked consumer like an mp.Queue (same
+    put/get loops as the mp.Queue transport), plus put_many/get_many."""
 
     name = "shmq.Queue"
     kinds = ("obj",)
@@ -50,25 +51,8 @@ class ShmqQueue(T.Transport):
     def prepare(self) -> None:
         self.q = shmq.Queue()
 
-    def sender(self) -> Any:
-        return self.q
-
-    receiver = sender
-
     def cleanup(self) -> None:
         self.q.close()  # the creating process: unlinks the queue
-
-    def send(self, end: Any, msgs: List[Any]) -> None:
-        put = end.put
-        for m in msgs:
-            put(m)
-
-    def recv(self, end: Any, n: int) -> Any:
-        get = end.get
-        m = None
-        for _ in range(n):
-            m = get()
-        return m
 
     def send_batched(self, end: Any, msgs: List[Any], batch: int) -> None:
         put_many = end.put_many
