@@ -42,7 +42,7 @@ producer side and the consumer side never write the same line::
      296  PRODUCER_WAITING            a producer about to sleep on "not full"
      304  PRODUCER_LOCK owner pid, 305 generation
      312  CONSUMER_LOCK owner pid, 313 generation
-     320  WRITERS_CLOSED              set once no more records will come
+     320  (reserved)
      321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
           A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):
      322  SIDE_NAME: 3 words, the name of the queue's side ring    creator
@@ -107,21 +107,17 @@ W_MAX_MESSAGES = W_KIND_HEADER + 1
 W_FLAGS = W_KIND_HEADER + 2
 W_TAIL = W_KIND_HEADER + 8
 W_MSGS_IN = W_TAIL + 1
-W_BYTES_IN = W_TAIL + 2
 W_PEAK_BYTES = W_TAIL + 3
-W_PEAK_MSGS = W_TAIL + 4
 W_FULL_WAITS = W_TAIL + 5
 W_FULL_WAIT_NS = W_TAIL + 6
 W_HEAD = W_KIND_HEADER + 16
 W_MSGS_OUT = W_HEAD + 1
-W_BYTES_OUT = W_HEAD + 2
 W_EMPTY_WAITS = W_HEAD + 3
 W_EMPTY_WAIT_NS = W_HEAD + 4
 W_CONSUMER_WAITING = W_KIND_HEADER + 24
 W_PRODUCER_WAITING = W_KIND_HEADER + 32
 W_PRODUCER_LOCK = W_KIND_HEADER + 40
 W_CONSUMER_LOCK = W_KIND_HEADER + 48
-W_WRITERS_CLOSED = W_KIND_HEADER + 56
 # shmq.queue's words, in the rest of the last cache line (see the map above)
 W_QUEUE_KIND = W_KIND_HEADER + 57
 W_SIDE_NAME = W_KIND_HEADER + 58  # main ring: 3 words of ASCII, NUL-padded
@@ -147,11 +143,6 @@ FLAG_MULTI_CONSUMER = 2
 
 RECORD_HEADER = WORD
 MIN_CAPACITY = 64
-
-
-def record_size(payload_bytes: int) -> int:
-    """Bytes a record of ``payload_bytes`` occupies in the ring (header + padding)."""
-    return (payload_bytes + 15) & ~7
 
 
 def max_payload(capacity_bytes: int) -> int:

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Iterator, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 from . import _layout as L
 from . import _platform as P
@@ -409,10 +409,6 @@ class _AdminLock:
 
 
 _TOKEN = object()
-
-
-def iter_segment_names() -> Iterator[str]:
-    yield from P.list_shm_names()
 
 
 def check_header(name: str, buf: memoryview, size: int, kind: Optional[int] = None) -> None:
