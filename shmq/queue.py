@@ -24,7 +24,7 @@ Large items
 
 Large buffers (zero copy)
     An object carrying buffers of at least ``ZERO_COPY_THRESHOLD`` (64 KiB)
-    and at most ``slot_size`` bytes -- numpy arrays anywhere in it, anything
+    and at most the pool's slot size -- numpy arrays anywhere in it, anything
     with pickle protocol-5 out-of-band buffers, a top-level bytes-like -- is
     encoded by ``shmq._codec``: each such buffer is copied once into a slot
     of the queue's *slot pool* and the record carries the slot references
@@ -78,15 +78,21 @@ __all__ = (
     "DEFAULT_SIDE_CAPACITY_BYTES",
     "DEFAULT_SLOT_SIZE",
     "DEFAULT_SLOT_COUNT",
+    "AUTO_POOL_BYTES",
     "ZERO_COPY_THRESHOLD",
 )
 
 #: Smallest default for ``side_capacity_bytes`` (the default is the larger of
 #: this and 16 times ``capacity_bytes``).
 DEFAULT_SIDE_CAPACITY_BYTES = 64 << 20
-#: Defaults of the slot pool for large buffers (made on the first one: 8 MiB).
+#: Defaults of the slot pool for large buffers, made on the first one.  With
+#: ``slot_size=None`` (the default) a slot is the first large buffer's size
+#: rounded up to a power of two, at least DEFAULT_SLOT_SIZE; the pool reserves
+#: at most AUTO_POOL_BYTES and a quarter of the free space of /dev/shm, with
+#: fewer slots if need be (at least 2; else DEFAULT_SLOT_SIZE slots).
 DEFAULT_SLOT_SIZE = 1 << 20
 DEFAULT_SLOT_COUNT = 8
+AUTO_POOL_BYTES = 512 << 20
 #: Buffers at least this large travel through a slot; smaller ones in the pickle.
 ZERO_COPY_THRESHOLD = C.DEFAULT_THRESHOLD
 
@@ -265,6 +271,42 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _largest_buffer(obj: Any) -> int:
+    """Bytes in the largest buffer ``obj`` pickles out of band (or its length,
+    for a bytes-like); 0 if none."""
+    if type(obj) in _RAW_TYPES:
+        return len(obj)
+    largest = 0
+
+    def measure(buf: pickle.PickleBuffer) -> bool:
+        nonlocal largest
+        try:
+            with buf.raw() as m:
+                largest = max(largest, m.nbytes)
+        except BufferError:
+            pass
+        return False  # out of band: measured, not copied
+
+    try:
+        _dumps(obj, _PROTOCOL, buffer_callback=measure)
+    except Exception:
+        pass
+    return largest
+
+
+def _fitted_geometry(largest: int, slot_count: int, shm_free: Optional[int]) -> tuple:
+    """Slots of ``largest`` bytes rounded up to a power of two (at least
+    DEFAULT_SLOT_SIZE), ``slot_count`` of them or as many as the budget allows:
+    AUTO_POOL_BYTES and a quarter of ``shm_free``.  Below 2 slots of that size,
+    DEFAULT_SLOT_SIZE slots (the large buffer then takes the side path)."""
+    size = max(DEFAULT_SLOT_SIZE, 1 << max(largest - 1, 0).bit_length())
+    budget = AUTO_POOL_BYTES if shm_free is None else min(AUTO_POOL_BYTES, shm_free // 4)
+    count = min(slot_count, budget // size)
+    if count >= min(2, slot_count):
+        return size, count
+    return DEFAULT_SLOT_SIZE, slot_count
+
+
 def _pool_name(side_name: str) -> str:
     """The name of a queue's slot pool: its side ring's, ending in "p"."""
     return side_name[:-1] + "p"
@@ -343,7 +385,7 @@ class _QueueBase:
         name: Optional[str] = None,
         side_capacity_bytes: Optional[int] = None,
         zero_copy: bool = True,
-        slot_size: int = DEFAULT_SLOT_SIZE,
+        slot_size: Optional[int] = None,
         slot_count: int = DEFAULT_SLOT_COUNT,
     ) -> None:
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
@@ -353,9 +395,12 @@ class _QueueBase:
         ):
             raise ValueError(f"'side_capacity_bytes' must be a positive int, got {side_capacity_bytes!r}")
         for arg, value, high in (("slot_size", slot_size, 1 << 40), ("slot_count", slot_count, _MAX_SLOT_COUNT)):
+            if value is None and arg == "slot_size":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
                 raise ValueError(f"'{arg}' must be an int between 1 and {high}, got {value!r}")
-        pool_config = slot_count << L.POOL_COUNT_SHIFT | slot_size if zero_copy else 0
+        # slot size 0: chosen when the pool is made (_pool_geometry)
+        pool_config = slot_count << L.POOL_COUNT_SHIFT | (slot_size or 0) if zero_copy else 0
         main = Ring.create(capacity_bytes, max_messages=max(maxsize, 0), name=name)
         side: Optional[Ring] = None
         sems: list = []
@@ -441,7 +486,7 @@ class _QueueBase:
         config = self._w[L.W_POOL_CONFIG]
         self._zero_copy = config != 0
         self._pooled_puts = self._zero_copy  # large buffers go to the pool when put
-        self._slot_size = config & ((1 << L.POOL_COUNT_SHIFT) - 1)
+        self._slot_size = config & ((1 << L.POOL_COUNT_SHIFT) - 1)  # 0: not known before the pool is open
         self._slot_count = config >> L.POOL_COUNT_SHIFT
         self._owner_pid = owner_pid
         self._zc: list = [None, None]  # [codec, pool], for the finalizer
@@ -573,17 +618,19 @@ class _QueueBase:
         once if not ``block`` or if nothing in the pool moved since this
         handle last did so."""
         if data is not _LARGE:  # a top-level bytes or bytearray
-            if not ZERO_COPY_THRESHOLD <= len(obj) <= self._slot_size:
+            if not ZERO_COPY_THRESHOLD <= len(obj) <= (self._slot_size or 1 << 62):
                 return data, None
         codec = self._codec
         if codec is None:
             try:
-                codec = self._open_codec()
+                codec = self._open_codec(obj)
             except SharedMemoryFull:
                 # No room in /dev/shm for the pool: this handle copies, as
                 # with zero_copy=False (and the next handle tries again).
                 self._pooled_puts = False
                 return (_encode_plain(obj) if data is _LARGE else data), None
+            if data is not _LARGE and len(obj) > self._slot_size:
+                return data, None
         if self._consumer_pid != os.getpid():
             # Producers are listed as consumers of the ring too: if one dies
             # between allocating slots and writing its message, the pool frees
@@ -632,13 +679,16 @@ class _QueueBase:
             # no fence (the orphan rule never applies; see docs/zero_copy.md).
             lease.pool.set_fence(lease.indices, 0)
 
-    def _open_codec(self) -> C.Codec:
+    def _open_codec(self, first: Any = None) -> C.Codec:
         """This handle's codec, with the queue's slot pool (attached, or
-        created if nobody did yet); for decoding, any handle may need it."""
+        created if nobody did yet, with slots sized for ``first``, the object
+        being put); for decoding, any handle may need it."""
         with self._zc_lock:
             codec = self._codec
             if codec is None:
-                pool = self._open_pool() if self._zero_copy else None
+                pool = self._open_pool(first) if self._zero_copy else None
+                if pool is not None:
+                    self._slot_size = pool.slot_size
                 try:
                     codec = C.Codec(pool, ring=self._ring, threshold=ZERO_COPY_THRESHOLD, exact_types=True)
                 except BaseException:
@@ -655,25 +705,32 @@ class _QueueBase:
         raw = bytes(buf[_POOL_NAME_OFFSET : _POOL_NAME_OFFSET + L.POOL_NAME_BYTES]).rstrip(b"\0")
         return raw.decode("ascii") if raw else None
 
-    def _open_pool(self) -> SlotPool:
+    def _open_pool(self, first: Any) -> SlotPool:
         # Under the lock its creator writes the name under: never half a name.
         with self._ring.segment.admin_lock():
             name = self._published_pool()
             if name is None:
-                return self._create_pool()
+                return self._create_pool(*self._pool_geometry(first))
         try:
             return SlotPool.attach(name)
         except FileNotFoundError as exc:
             raise BrokenError(f"the slot pool of queue {self.name!r} is gone (was the queue unlinked?)") from exc
 
-    def _create_pool(self) -> SlotPool:
+    def _pool_geometry(self, first: Any) -> tuple:
+        """``(slot_size, slot_count)`` of the pool to make: as configured, or
+        (``slot_size=None``) fitted to the largest buffer of ``first``."""
+        if self._slot_size:
+            return self._slot_size, self._slot_count
+        return _fitted_geometry(_largest_buffer(first), self._slot_count, P.shm_free_bytes())
+
+    def _create_pool(self, slot_size: int, slot_count: int) -> SlotPool:
         """Create the pool and publish its name (admin lock held).  Its name
         follows from the side ring's, so the owner unlinks it whoever made it."""
         name = _pool_name(self._side.name)
         for _ in range(3):
             try:
                 pool = SlotPool.create(
-                    self._slot_size, self._slot_count, name=name, max_members=_POOL_MEMBERS, link=self._ring.name
+                    slot_size, slot_count, name=name, max_members=_POOL_MEMBERS, link=self._ring.name
                 )
                 break
             except FileExistsError:
@@ -1097,7 +1154,7 @@ def _create_side_ring(limit: int) -> Ring:
 
 class Queue(_QueueBase):
     """``Queue(maxsize=0, *, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None,
-    zero_copy=True, slot_size=1 MiB, slot_count=8)``
+    zero_copy=True, slot_size=None, slot_count=8)``
 
     A process-shared FIFO queue: ``multiprocessing.Queue``'s API on a
     shared-memory ring.  ``maxsize`` > 0 limits the number of items;
@@ -1109,8 +1166,11 @@ class Queue(_QueueBase):
 
     Large buffers (numpy arrays, bytes, protocol-5 out-of-band buffers of 64
     KiB up to ``slot_size``) travel through a pool of ``slot_count`` slots,
-    made on the first one: the receiver gets read-only arrays over the slot,
-    which returns when the last view of it dies.  ``zero_copy=False`` pickles
+    made on the first one (``slot_size=None``: slots the size of that first
+    large buffer, rounded up to a power of two, at least 1 MiB, the pool at
+    most 512 MiB and a quarter of the free /dev/shm): the receiver gets
+    read-only arrays over the slot, which returns when the last view of it
+    dies.  ``zero_copy=False`` pickles
     them into the ring like any object (private, writable arrays).
     """
 
@@ -1162,7 +1222,7 @@ class JoinableQueue(Queue):
 
 class SimpleQueue(_QueueBase):
     """``SimpleQueue(*, capacity_bytes=1 MiB, name=None, side_capacity_bytes=None,
-    zero_copy=True, slot_size=1 MiB, slot_count=8)``
+    zero_copy=True, slot_size=None, slot_count=8)``
 
     ``multiprocessing.SimpleQueue``'s ``put(obj)``, ``get()``, ``empty()``,
     ``close()`` (and the rest of Queue's methods, ``maxsize`` aside)."""
@@ -1176,7 +1236,7 @@ class SimpleQueue(_QueueBase):
         name: Optional[str] = None,
         side_capacity_bytes: Optional[int] = None,
         zero_copy: bool = True,
-        slot_size: int = DEFAULT_SLOT_SIZE,
+        slot_size: Optional[int] = None,
         slot_count: int = DEFAULT_SLOT_COUNT,
     ) -> None:
         super().__init__(

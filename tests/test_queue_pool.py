@@ -254,6 +254,73 @@ def test_zero_copy_false_gives_plain_writable_arrays():
         j.close()
 
 
+# -- slot size fitted to the first large buffer ---------------------------------------
+def _put_after_pool(q, ready, nbytes, out):
+    """Attached before the pool exists; puts once another process made it."""
+    assert ready.wait(T)
+    q.put(b"\x07" * nbytes, timeout=T)
+    out.put(q._slot_size)
+    q.close()
+
+
+def test_the_pool_fits_the_first_large_buffer(ctx):
+    """With the default slot_size, a 16 MiB array goes through one 16 MiB
+    slot, not the side path; a handle opened before the pool existed learns
+    the slot size from the pool (a 3 MiB bytes fits, a 17 MiB one does not)."""
+    q = shmq.Queue()
+    out = shmq.Queue(zero_copy=False)
+    ready = ctx.Event()
+    procs = [ctx.Process(target=_put_after_pool, args=(q, ready, n, out)) for n in (3 * MiB, 17 * MiB)]
+    try:
+        for p in procs:
+            p.start()
+        a = np.arange(4 * MiB, dtype=np.float32)  # 16 MiB
+        q.put(a)
+        pool = q._pool
+        assert (pool.slot_size, pool.slot_count) == (16 * MiB, 8)
+        back = q.get(timeout=T)
+        assert not back.flags.writeable and anchored(back) and np.array_equal(back, a)
+        del back
+        ready.set()
+        sizes = sorted(len(q.get(timeout=T)) for _ in procs)
+        assert sizes == [3 * MiB, 17 * MiB] and [out.get(timeout=T) for _ in procs] == [16 * MiB] * 2
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0, 0]
+        assert pool.statistics().allocations == 2  # the array and the 3 MiB bytes; 17 MiB took the side path
+    finally:
+        q.close()
+        out.close()
+
+
+def test_the_first_large_buffer_inside_a_dict_sizes_the_slots():
+    q = shmq.Queue(slot_count=3)
+    try:
+        q.put({"small": np.ones(10), "big": np.ones(3 * MiB, np.uint8), "mid": np.ones(100_000)})
+        assert (q._pool.slot_size, q._pool.slot_count) == (4 * MiB, 3)
+        msg = q.get(timeout=T)
+        assert msg["big"].shape == (3 * MiB,) and not msg["big"].flags.writeable and not msg["mid"].flags.writeable
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize(
+    "largest, count, free, expected",
+    [
+        (64 * KiB, 8, None, (MiB, 8)),  # never below the default
+        (16 * MiB, 8, None, (16 * MiB, 8)),
+        (16 * MiB + 1, 8, None, (32 * MiB, 8)),  # a power of two: room for larger ones later
+        (100 * MiB, 8, None, (128 * MiB, 4)),  # at most AUTO_POOL_BYTES (512 MiB)
+        (16 * MiB, 8, 256 * MiB, (16 * MiB, 4)),  # at most a quarter of the free /dev/shm
+        (16 * MiB, 8, 64 * MiB, (MiB, 8)),  # not even 2 slots: default slots, the array takes the side path
+        (16 * MiB, 1, 64 * MiB, (16 * MiB, 1)),  # one slot asked for, one slot fits
+    ],
+)
+def test_fitted_geometry(largest, count, free, expected):
+    from shmq.queue import _fitted_geometry
+
+    assert _fitted_geometry(largest, count, free) == expected
+
+
 def test_a_pool_dev_shm_cannot_hold_means_copies():
     q = shmq.Queue(slot_size=1 << 40, slot_count=1)  # 1 TiB: reserved only when made
     try:
@@ -266,7 +333,7 @@ def test_a_pool_dev_shm_cannot_hold_means_copies():
         q.close()
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, 1 << 41])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, 1 << 41, "1"])
 def test_pool_options_are_checked(bad):
     with pytest.raises(ValueError):
         shmq.Queue(slot_size=bad)
