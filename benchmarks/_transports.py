@@ -4,24 +4,28 @@
 ``receiver()`` open an endpoint in whichever process uses it; ``send``,
 ``recv``, ``send_batched``, ``recv_batched`` and ``recv_until_stop`` are the
 timed loops, written once per transport so the loop itself costs the same
-for everybody.  Message kinds: ``"raw"`` (bytes), ``"obj"`` (any picklable
-object: a transport that moves bytes pickles it, as a user would), and
-``"array"`` (a uint8 numpy array: sent as its buffer where the transport
-takes buffers, pickled otherwise).
+for everybody; ``getter``/``batch_getter`` hand out the bare receive call,
+for a loop that must see every message (written once, by its caller).
+Message kinds: ``"raw"`` (bytes), ``"obj"`` (any picklable object: a
+transport that moves bytes pickles it, as a user would), and ``"array"`` (a
+uint8 numpy array: sent as its buffer where the transport takes buffers,
+pickled otherwise).  ``one_to_one`` and ``fan_in`` run one measurement.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
 import tempfile
 import time
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
+import _harness
 import shmq
-from _harness import CTX, children, expect, library_available, pin
+from _harness import CTX, BenchError, children, expect, library_available, pin
 
 STOP_RAW = b""
 
@@ -69,6 +73,16 @@ class Transport:
         raise NotImplementedError
 
     def recv_batched(self, end: Any, n: int, batch: int) -> Any:
+        raise NotImplementedError
+
+    def getter(self, end: Any) -> Callable[[], Any]:
+        """The call that receives one message (blocking, bounded where the
+        library takes a timeout)."""
+        raise NotImplementedError
+
+    def batch_getter(self, end: Any) -> Callable[[int], List[Any]]:
+        """The call ``get(k)`` that receives 1 to ``k`` messages (blocking
+        for the first)."""
         raise NotImplementedError
 
 
@@ -213,6 +227,9 @@ class MpQueue(Transport):
     def send_stop(self, end: Any) -> None:
         end.put(stop_for(self.kind))
 
+    def getter(self, end: Any) -> Callable[[], Any]:
+        return end.get
+
 
 class FasterFifo(Transport):
     """faster_fifo.Queue: a shared-memory circular buffer driven from C."""
@@ -273,6 +290,13 @@ class FasterFifo(Transport):
         while not _is_stop(get(True, 60)):
             n += 1
         return n
+
+    def getter(self, end: Any) -> Callable[[], Any]:
+        return functools.partial(end.get, True, 60)
+
+    def batch_getter(self, end: Any) -> Callable[[int], List[Any]]:
+        get_many = end.get_many
+        return lambda k: get_many(True, 60, max_messages_to_get=k)
 
     def send_stop(self, end: Any) -> None:
         end.put(stop_for(self.kind), True, 60)
@@ -382,6 +406,9 @@ class Zmq(Transport):
             while recv():
                 n += 1
         return n
+
+    def getter(self, end: Any) -> Callable[[], Any]:
+        return end.recv_pyobj if self.kind == "obj" else end.recv
 
     def send_stop(self, end: Any) -> None:
         import zmq
@@ -548,6 +575,80 @@ def one_to_one(t: Transport, msgs: List[Any], warmup: List[Any], batch: int = 1)
                 t1 = expect(parent, "the end time")
             finally:
                 t.close_end(end)
+        return t1 - t0
+    finally:
+        t.cleanup()
+
+
+# -- several producers -> one consumer ----------------------------------------
+
+
+def _produce_main(
+    t: Transport, make: Callable[[int], List[Any]], index: int, batch: int, go: Any, done: Any, conn: Any
+) -> None:
+    pin(1)
+    msgs = make(index)  # built here, before the clock starts (no copy-on-write faults while timed)
+    end = t.sender()
+    try:
+        conn.send("ready")
+        if not go.wait(_harness.MEASURE_TIMEOUT):  # set once every producer is ready
+            raise BenchError("producer never released")
+        t0 = time.perf_counter()
+        if batch > 1:
+            t.send_batched(end, msgs, batch)
+        else:
+            t.send(end, msgs)
+        conn.send(t0)
+        # Keep the end open until the consumer has everything: a pyzmq PUSH
+        # closed while the PULL side is at its high-water mark drops what it
+        # still holds, linger or not (libzmq issues #1922, #3774).
+        done.wait(_harness.MEASURE_TIMEOUT)
+    finally:
+        t.close_end(end)
+
+
+def fan_in(
+    t: Transport,
+    n_each: int,
+    make: Callable[[int], List[Any]],
+    producers: int = 4,
+    batch: int = 1,
+    receive: Optional[Callable[[Any, int], Any]] = None,
+) -> float:
+    """Seconds from the first send of any of ``producers`` child processes
+    (producer ``p`` sends ``make(p)``: ``n_each`` messages, built in the
+    child before the clock starts) until this process has received all
+    ``producers * n_each``.  ``receive(end, n)`` receives them (default: the
+    transport's ``recv``/``recv_batched``).  The receiving end is opened
+    before the producers start, so a binding receiver (pyzmq) is there when
+    they connect; the producers close their ends only after the last
+    message is received."""
+    t.prepare()
+    try:
+        end = t.receiver()
+        try:
+            go, done = CTX.Event(), CTX.Event()
+            pipes = [CTX.Pipe() for _ in range(producers)]
+            args = [(t, make, p, batch, go, done, child) for p, (_, child) in enumerate(pipes)]
+            with children(_produce_main, args):
+                try:
+                    for parent, child in pipes:
+                        child.close()
+                        expect(parent, "ready")
+                    go.set()
+                    n = n_each * producers
+                    if receive is not None:
+                        receive(end, n)
+                    elif batch > 1:
+                        t.recv_batched(end, n, batch)
+                    else:
+                        t.recv(end, n)
+                    t1 = time.perf_counter()
+                finally:
+                    done.set()
+                t0 = min(expect(parent, "a producer's start time") for parent, _ in pipes)
+        finally:
+            t.close_end(end)
         return t1 - t0
     finally:
         t.cleanup()

@@ -7,9 +7,12 @@ locks are taken once per call: "single" is one lock round per message,
 "batched" one per 256).  Baselines in the same run: ``multiprocessing.Queue``
 (always), faster-fifo and pyzmq PUSH/PULL over ipc:// when installed.  The
 single side runs on core 0; the four others share the remaining cores (on a
-2-core machine, all four on core 1).  Fan-out ends with one stop message per
-consumer; its time runs to the last consumer's stop.  Reported: messages/s,
-median of the interleaved repeats, and the ratio to mp.Queue.
+2-core machine, all four on core 1).  Fan-in's time runs from the first
+producer's first send to the last message received (the shared
+``_transports.fan_in``, also used by ``bench_queue.py``).  Fan-out ends with
+one stop message per consumer; its time runs to the last consumer's stop.
+Reported: messages/s, median of the interleaved repeats, and the ratio to
+mp.Queue.
 """
 from __future__ import annotations
 
@@ -24,45 +27,11 @@ FAN = 4
 BATCH = 256
 
 
-def _producer_main(t: T.Transport, n: int, batch: int, go: Any, conn: Any) -> None:
-    H.pin(1)
-    end = t.sender()
-    conn.send("ready")
-    go.wait(H.MEASURE_TIMEOUT)  # set by the parent once every producer is ready
-    msgs = [PAYLOAD] * n
-    if batch > 1:
-        t.send_batched(end, msgs, batch)
-    else:
-        t.send(end, msgs)
-    t.close_end(end)
-
-
 def fan_in(t: T.Transport, n: int, batch: int) -> float:
     """Seconds for FAN child processes to deliver ``n`` messages in all to
-    this process."""
-    t.prepare()
-    try:
-        go = H.CTX.Event()
-        pipes = [H.CTX.Pipe() for _ in range(FAN)]
-        args = [(t, n // FAN, batch, go, c) for _, c in pipes]
-        with H.children(_producer_main, args):
-            end = t.receiver()
-            try:
-                for parent, child in pipes:
-                    child.close()
-                    H.expect(parent, "ready")
-                t0 = time.perf_counter()
-                go.set()
-                if batch > 1:
-                    t.recv_batched(end, n // FAN * FAN, batch)
-                else:
-                    t.recv(end, n // FAN * FAN)
-                t1 = time.perf_counter()
-            finally:
-                t.close_end(end)
-        return t1 - t0
-    finally:
-        t.cleanup()
+    this process, from the first one's first send."""
+    k = n // FAN
+    return T.fan_in(t, k, lambda p: [PAYLOAD] * k, FAN, batch)
 
 
 def _consumer_main(t: T.Transport, batch: int, conn: Any) -> None:
