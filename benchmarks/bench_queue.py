@@ -28,8 +28,8 @@ a measurement that fails the check is reported as an error, not a rate.
 
 Arrays workload (``--workloads arrays``): float32 numpy arrays of 1 and 16
 MiB, ``put``/``get`` one at a time, the consumer reading one element of
-each.  ``shmq.Queue`` with its slot pool (``slot_size`` = the array size, 8
-slots, ``maxsize=8``: one copy into a slot, read in place), the same with
+each.  ``shmq.Queue()`` with default settings (its slot pool fits its 8
+slots to the first array: one copy into a slot, read in place), the same with
 ``zero_copy=False`` (pickled through the side path, as before the pool), and
 ``multiprocessing.Queue``, in the same run.
 
@@ -97,8 +97,9 @@ def _recv_arrays(end: Any, n: int) -> None:
 
 
 class ShmqQueueArrays(ShmqQueue):
-    """shmq.Queue moving arrays: through slots of the array's size, or with
-    ``zero_copy=False`` through the side path."""
+    """shmq.Queue with default settings moving arrays: through its slot pool
+    (which fits its slots to the first array), or with ``zero_copy=False``
+    through the side path."""
 
     kinds = ("array",)
     batched = False
@@ -109,8 +110,7 @@ class ShmqQueueArrays(ShmqQueue):
         self.name = "shmq.Queue" if zero_copy else "shmq.Queue zero_copy=False"
 
     def prepare(self) -> None:
-        slot_size = max(shmq.queue.DEFAULT_SLOT_SIZE, self.msg_size)
-        self.q = shmq.Queue(maxsize=8, zero_copy=self.zero_copy, slot_size=slot_size, slot_count=8)
+        self.q = shmq.Queue(zero_copy=self.zero_copy)
 
     def recv(self, end: Any, n: int) -> Any:
         _recv_arrays(end, n)
