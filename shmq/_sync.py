@@ -33,6 +33,8 @@ SLICE_SECONDS = 0.02
 STALE_SECONDS = 0.5
 
 _monotonic = time.monotonic
+_sched_yield = getattr(os, "sched_yield", lambda: None)
+_YIELDS = 8
 _BusyError = P.BusyError
 _SignalError = P.SignalError
 _PID = os.getpid()
@@ -104,10 +106,21 @@ class RobustLock:
         self._sem.release()
 
     def _acquire_slow(self, timeout: Optional[float]) -> bool:
+        sem = self._sem
+        if timeout is None or timeout > 0:
+            # The holder is inside a short section, perhaps preempted: give it
+            # the CPU a few times before sleeping in the kernel (a futex wait
+            # and wake-up cost more than the section itself).
+            for _ in range(_YIELDS):
+                _sched_yield()
+                try:
+                    sem.acquire(0)
+                    return True
+                except _BusyError:
+                    pass
         deadline = None if timeout is None else _monotonic() + timeout
         seen: Optional[Tuple[int, int]] = None
         seen_at = 0.0
-        sem = self._sem
         w = self._words
         while True:
             wait = SLICE_SECONDS
