@@ -49,7 +49,7 @@ producer side and the consumer side never write the same line::
      325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
                                       task_done(), under the side ring's PRODUCER_LOCK
      326  JOIN_WAITING                a join() about to sleep on "all done" ("-jd")
-     327  POOL_CONFIG: slot pool for large buffers, SLOT_COUNT << 42 | SLOT_SIZE
+     327  POOL_CONFIG: slot pool for large buffers, SLOT_COUNT << 42 | SLOT_SIZE (0: fitted)
           (0: zero_copy=False, no pool)                       creator
           A queue's side ring (QUEUE_KIND_SIDE; records name large-item blobs):
      322  SIDE_LIMIT_BYTES            creator (blob bytes allowed in flight)
@@ -127,7 +127,7 @@ W_JOIN_WAITING = W_KIND_HEADER + 62  # main ring
 W_SIDE_LIMIT = W_KIND_HEADER + 58  # side ring
 W_SIDE_BYTES_IN = W_KIND_HEADER + 59  # side ring
 W_SIDE_BYTES_OUT = W_KIND_HEADER + 60  # side ring
-W_POOL_CONFIG = W_KIND_HEADER + 63  # main ring: SLOT_COUNT << POOL_COUNT_SHIFT | SLOT_SIZE, 0 = no pool
+W_POOL_CONFIG = W_KIND_HEADER + 63  # main ring: SLOT_COUNT << POOL_COUNT_SHIFT | SLOT_SIZE, size 0: fitted; 0 = no pool
 POOL_COUNT_SHIFT = 42
 W_POOL_NAME = W_KIND_HEADER + 61  # side ring: 3 words of ASCII, NUL-padded, 0 until the pool exists
 POOL_NAME_BYTES = 24
