@@ -29,7 +29,7 @@ from . import _platform as P
 from ._errors import ClosedError, MessageTooLarge
 from . import _sync
 from ._segment import Segment
-from ._sync import Doorbell, RobustLock
+from ._sync import Doorbell, RobustLock, lock_words
 
 __all__ = ("RingBuffer", "DEFAULT_CAPACITY_BYTES")
 
@@ -45,8 +45,8 @@ _CWAIT = L.W_CONSUMER_WAITING
 _PWAIT = L.W_PRODUCER_WAITING
 # RobustLock's owner and generation words, for its acquire/release inlined in
 # try_write/try_read (two Python calls fewer per record).
-_POWNER, _PGEN = L.W_PRODUCER_LOCK, L.W_PRODUCER_LOCK + 1
-_COWNER, _CGEN = L.W_CONSUMER_LOCK, L.W_CONSUMER_LOCK + 1
+_POWNER, _PGEN = lock_words(L.W_PRODUCER_LOCK)
+_COWNER, _CGEN = lock_words(L.W_CONSUMER_LOCK)
 _BusyError = P.BusyError
 
 

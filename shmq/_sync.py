@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 from . import _platform as P
 
-__all__ = ("RobustLock", "Doorbell", "SLICE_SECONDS", "STALE_SECONDS")
+__all__ = ("RobustLock", "Doorbell", "lock_words", "SLICE_SECONDS", "STALE_SECONDS")
 
 SLICE_SECONDS = 0.02
 STALE_SECONDS = 0.5
@@ -73,6 +73,12 @@ def _timed_acquire(sem, seconds: float) -> bool:
         _sigmask(_SIG_SETMASK, old)
 
 
+def lock_words(w_owner: int) -> Tuple[int, int]:
+    """The owner and generation words of the RobustLock whose owner word is
+    ``w_owner`` (for code that inlines its acquire and release)."""
+    return w_owner, w_owner + 1
+
+
 class RobustLock:
     """Mutex shared by every process attached to a segment."""
 
@@ -82,8 +88,7 @@ class RobustLock:
         self._sem = sem
         self._segment = segment
         self._words = segment.words
-        self._w_owner = w_owner
-        self._w_gen = w_owner + 1
+        self._w_owner, self._w_gen = lock_words(w_owner)
         self.stale_after = stale_after
         #: called (without the lock) after this process recovered the lock
         #: from a dead holder, to repair what the holder left half-done
