@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _layout as L
+from ._copy import copy_into
 from ._errors import ClosedError, SlotError
 from ._slots import RECLAIM_INTERVAL, SlotPool
 
@@ -270,7 +271,7 @@ def _place(
             n = src.nbytes
             dst = pool.view(i, n)
             try:
-                dst[:] = src.cast("B") if src.ndim != 1 or src.format != "B" else src
+                copy_into(dst, src)
             finally:
                 dst.release()
             sizes.append(n)

@@ -24,6 +24,7 @@ SAME_LAYER_OK = {
     ("_platform", "_errors"),  # every module may use the exception classes
     ("queue", "ring"),  # design.md: queue/channel may import ring, not each other
     ("channel", "ring"),
+    ("_codec", "_copy"),  # the copy into a slot
     ("__main__", "_cli"),
 }
 # third-party packages each layer may import (at module level)
