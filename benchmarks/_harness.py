@@ -21,6 +21,7 @@ pinning), then one row per (workload, transport)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -29,7 +30,7 @@ import signal
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 
 #: fork starts a child in milliseconds and lets it inherit the transports
@@ -66,6 +67,21 @@ def pin(index: int) -> Optional[int]:
     except OSError:
         return None
     return core
+
+
+@contextlib.contextmanager
+def unpinned() -> Iterator[None]:
+    """Let this process run on every core it started with, then restore
+    its affinity."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _cpu_model() -> str:

@@ -19,13 +19,14 @@ import os
 import pickle
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, List, Optional
 
 import numpy as np
 
 import _harness
 import shmq
-from _harness import CTX, BenchError, children, expect, library_available, pin
+from _harness import CTX, BenchError, children, expect, library_available, pin, unpinned
 
 STOP_RAW = b""
 
@@ -539,8 +540,9 @@ def peers(kind: str, msg_size: int = 64, **ring: Any) -> List[Transport]:
 # -- one producer -> one consumer ---------------------------------------------
 
 
-def _receive_main(t: Transport, n: int, warmup: int, batch: int, conn: Any) -> None:
-    pin(1)
+def _receive_main(t: Transport, n: int, warmup: int, batch: int, conn: Any, pinned: bool = True) -> None:
+    if pinned:
+        pin(1)
     end = t.receiver()
     conn.send("ready")
     t.recv(end, warmup)
@@ -553,14 +555,21 @@ def _receive_main(t: Transport, n: int, warmup: int, batch: int, conn: Any) -> N
     t.close_end(end)
 
 
-def one_to_one(t: Transport, msgs: List[Any], warmup: List[Any], batch: int = 1) -> float:
+def one_to_one(t: Transport, msgs: List[Any], warmup: List[Any], batch: int = 1, pinned: bool = True) -> float:
     """Seconds from the first timed send in this process to the moment a
     child process has received all of ``msgs`` (``perf_counter`` is one
-    clock for every process on Linux).  ``warmup`` goes first, untimed."""
+    clock for every process on Linux).  ``warmup`` goes first, untimed.
+    ``pinned=False``: both processes may run on every core (this one for the
+    duration of the call), as they would in a user's program."""
+    with (nullcontext() if pinned else unpinned()):
+        return _one_to_one(t, msgs, warmup, batch, pinned)
+
+
+def _one_to_one(t: Transport, msgs: List[Any], warmup: List[Any], batch: int, pinned: bool) -> float:
     t.prepare()
     try:
         parent, child = CTX.Pipe()
-        with children(_receive_main, [(t, len(msgs), len(warmup), batch, child)]):
+        with children(_receive_main, [(t, len(msgs), len(warmup), batch, child, pinned)]):
             child.close()
             expect(parent, "ready")
             end = t.sender()

@@ -62,6 +62,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence
 from . import _codec as C
 from . import _layout as L
 from . import _platform as P
+from ._copy import copy_into
 from ._errors import BrokenError, Empty, Full, LayoutError, MessageTooLarge, SharedMemoryFull, SlotError
 from ._ring import DEFAULT_CAPACITY_BYTES, _closed_class
 from ._segment import Segment
@@ -821,7 +822,11 @@ class _QueueBase:
             # Attributed to the queue's creator, so `shmq gc` keeps it while the queue lives.
             w[L.W_CREATOR_PID] = self._w[L.W_CREATOR_PID]
             w[L.W_CREATOR_START_US] = self._w[L.W_CREATOR_START_US]
-            seg.buf[L.DATA_OFFSET : L.DATA_OFFSET + nbytes] = data
+            dst = seg.buf[L.DATA_OFFSET : L.DATA_OFFSET + nbytes]
+            try:
+                copy_into(dst, memoryview(data))
+            finally:
+                dst.release()
             seg.publish()
             seg.disown()  # the consumer that takes it unlinks it, or the queue's owner
         except BaseException:
