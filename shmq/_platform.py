@@ -1,11 +1,18 @@
 """Operating-system access: POSIX shared memory and semaphores by name, space
 reservation, and process identity.  The only module that talks to posix_ipc,
-psutil or the shared-memory file system directly.
+psutil, ``_multiprocessing`` or the shared-memory file system directly.
 
 Segments are opened through posix_ipc, never through
 ``multiprocessing.shared_memory``: on Python < 3.13 the latter registers every
 attach with the resource tracker, which then unlinks segments other processes
 still use.  shmq's creator owns unlink, so no tracker is involved at all.
+
+Semaphores are CPython's own ``_multiprocessing.SemLock`` (what
+``multiprocessing.Lock`` is built on), opened by name.  Its non-blocking
+``acquire(False)`` tries the semaphore without releasing the GIL, and it
+returns False instead of raising: an uncontended acquire + release cost 45 ns
+against posix_ipc's 115 ns.  A timed wait runs signal handlers and lets
+their exceptions out (posix_ipc replaced them with its SignalError).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import stat
 import sys
 from typing import Optional
 
+import _multiprocessing
 import posix_ipc
 import psutil
 
@@ -31,8 +39,20 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")  # \Z: "$" would accept a trailing 
 # -rl, -rb: slot pool lock and return bell; -jd: JoinableQueue's "all tasks done" bell
 SEM_SUFFIXES = ("-pl", "-cl", "-ne", "-nf", "-rl", "-rb", "-jd")
 
-BusyError = posix_ipc.BusyError
-SignalError = posix_ipc.SignalError
+_SEMAPHORE = 1  # SemLock kind: a counting semaphore (0 would be a recursive mutex)
+SEM_VALUE_MAX = _multiprocessing.SemLock.SEM_VALUE_MAX
+
+
+class Semaphore(_multiprocessing.SemLock):
+    """A named POSIX semaphore.  ``acquire(block=True, timeout=None) -> bool``
+    (False: not taken; ``acquire(False)`` never waits), ``release()`` (raises
+    ValueError above ``maxvalue``), ``value``.  Closed when garbage-collected."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> int:
+        return self._get_value()
 
 
 def new_name() -> str:
@@ -143,24 +163,26 @@ def shm_unlink(name: str) -> bool:
     return existed
 
 
-def sem_create(name: str, initial_value: int) -> posix_ipc.Semaphore:
+def sem_create(name: str, initial_value: int, maxvalue: int = SEM_VALUE_MAX) -> Semaphore:
+    """Create semaphore ``name`` (mode 0600).  Raises FileExistsError."""
     try:
-        return posix_ipc.Semaphore("/" + name, posix_ipc.O_CREX, mode=0o600, initial_value=initial_value)
-    except posix_ipc.ExistentialError:
+        return Semaphore(_SEMAPHORE, initial_value, maxvalue, "/" + name, False)
+    except FileExistsError:
         raise FileExistsError(errno.EEXIST, f"semaphore {name!r} already exists", name) from None
 
 
-def sem_open(name: str) -> posix_ipc.Semaphore:
+def sem_open(name: str, maxvalue: int = SEM_VALUE_MAX) -> Semaphore:
+    """Open semaphore ``name``.  Raises FileNotFoundError."""
     try:
-        return posix_ipc.Semaphore("/" + name, 0)
-    except posix_ipc.ExistentialError:
+        return Semaphore._rebuild(0, _SEMAPHORE, maxvalue, "/" + name)
+    except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, f"no semaphore named {name!r}", name) from None
 
 
 def sem_unlink(name: str) -> None:
     try:
-        posix_ipc.unlink_semaphore("/" + name)
-    except posix_ipc.ExistentialError:
+        _multiprocessing.sem_unlink("/" + name)
+    except FileNotFoundError:
         pass
 
 

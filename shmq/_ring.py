@@ -47,7 +47,6 @@ _PWAIT = L.W_PRODUCER_WAITING
 # try_write/try_read (two Python calls fewer per record).
 _POWNER, _PGEN = lock_words(L.W_PRODUCER_LOCK)
 _COWNER, _CGEN = lock_words(L.W_CONSUMER_LOCK)
-_BusyError = P.BusyError
 
 
 def _as_bytes(data: Any) -> Any:
@@ -89,9 +88,9 @@ class RingBuffer:
         self._not_full = Doorbell(self._sem(name + "-nf", 0, create), w, _PWAIT)
         self._plock = self._clock = None
         if self.multi_producer:
-            self._plock = RobustLock(self._sem(name + "-pl", 1, create), segment, L.W_PRODUCER_LOCK)
+            self._plock = RobustLock(self._sem(name + "-pl", 1, create, 1), segment, L.W_PRODUCER_LOCK)
         if self.multi_consumer:
-            self._clock = RobustLock(self._sem(name + "-cl", 1, create), segment, L.W_CONSUMER_LOCK)
+            self._clock = RobustLock(self._sem(name + "-cl", 1, create, 1), segment, L.W_CONSUMER_LOCK)
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
         if self._plock is None:
@@ -111,8 +110,8 @@ class RingBuffer:
         self._tail_seen = 0
         self._closed = False
 
-    def _sem(self, name: str, value: int, create: bool):
-        sem = P.sem_create(name, value) if create else P.sem_open(name)
+    def _sem(self, name: str, value: int, create: bool, maxvalue: int = P.SEM_VALUE_MAX):
+        sem = P.sem_create(name, value, maxvalue) if create else P.sem_open(name, maxvalue)
         self._sems.append(sem)
         return sem
 
@@ -187,9 +186,7 @@ class RingBuffer:
         if lock is None:
             return self._write(data)
         sem = lock._sem
-        try:
-            sem.acquire(0)
-        except _BusyError:
+        if not sem.acquire(False):
             lock._acquire_slow(None)
         w = self._w
         w[_POWNER] = _sync._PID
@@ -430,9 +427,7 @@ class RingBuffer:
         if w[_HEAD] == w[_TAIL]:
             return None
         sem = lock._sem
-        try:
-            sem.acquire(0)
-        except _BusyError:
+        if not sem.acquire(False):
             lock._acquire_slow(None)
         w[_COWNER] = _sync._PID
         w[_CGEN] += 1
@@ -701,11 +696,7 @@ class RingBuffer:
             if opened and lock is not None and lock.holder() == os.getpid():
                 lock.release()
         self._reserved = self._peeked = 0
-        for sem in self._sems:
-            try:
-                sem.close()
-            except Exception:
-                pass
+        self._sems.clear()  # (a semaphore closes when its last reference goes)
         self._rbuf.release()
         self.__dict__.pop("try_write", None)
         self.__dict__.pop("try_read", None)

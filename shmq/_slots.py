@@ -186,7 +186,7 @@ class SlotPool:
             raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
         self._sems: list = []
         create = segment.is_creator
-        self._lock = RobustLock(self._sem(self.name + "-rl", 1, create), segment, L.W_POOL_LOCK)
+        self._lock = RobustLock(self._sem(self.name + "-rl", 1, create, 1), segment, L.W_POOL_LOCK)
         self._bell = Doorbell(self._sem(self.name + "-rb", 0, create), w, L.W_RETURN_WAITING)
         self.on_return: Optional[Callable[[int], object]] = None
         self.fence = None
@@ -217,8 +217,8 @@ class SlotPool:
         # The child is a different process: it holds nothing and sources nothing.
         self._init_local()
 
-    def _sem(self, name: str, value: int, create: bool):
-        sem = P.sem_create(name, value) if create else P.sem_open(name)
+    def _sem(self, name: str, value: int, create: bool, maxvalue: int = P.SEM_VALUE_MAX):
+        sem = P.sem_create(name, value, maxvalue) if create else P.sem_open(name, maxvalue)
         self._sems.append(sem)
         return sem
 
@@ -1163,11 +1163,7 @@ class SlotPool:
             except (ValueError, IndexError):
                 pass
         self._member = -1
-        for sem in self._sems:
-            try:
-                sem.close()
-            except Exception:
-                pass
+        self._sems.clear()  # (a semaphore closes when its last reference goes)
         try:
             self._rbuf.release()
         except BufferError:

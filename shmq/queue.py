@@ -322,7 +322,7 @@ def _unlink_queue(main: Ring, side: Ring, blob_prefix: str) -> None:
     P.shm_unlink(_pool_name(side.name))  # last: see _QueueBase._create_pool
 
 
-def _release_handle(main: Ring, side: Ring, sems: tuple, owner_pid: int, blob_prefix: str, zc: list) -> None:
+def _release_handle(main: Ring, side: Ring, owner_pid: int, blob_prefix: str, zc: list) -> None:
     """Close one handle (its finalizer: gets names, never the handle).
     ``zc``: [codec, pool] once the handle opened them."""
     if owner_pid == os.getpid():
@@ -340,11 +340,6 @@ def _release_handle(main: Ring, side: Ring, sems: tuple, owner_pid: int, blob_pr
         codec.close()
     if pool is not None:
         pool.close()  # (the mapping stays while received arrays view it)
-    for sem in sems:
-        try:
-            sem.close()
-        except Exception:
-            pass
     side.close()
     main.close()
 
@@ -420,8 +415,6 @@ class _QueueBase:
             with _owner_lock:
                 _owner_handles[main.name] = 1
         except BaseException:
-            for sem in sems:
-                sem.close()
             if side is not None:
                 side.unlink()
                 side.close()
@@ -465,8 +458,6 @@ class _QueueBase:
                     owner_pid = os.getpid()
             self._setup(main, side, sems, owner_pid)
         except BaseException:
-            for sem in sems:
-                sem.close()
             if side is not None:
                 side.close()
             main.close()
@@ -504,7 +495,7 @@ class _QueueBase:
         self._get_tlock = threading.Lock()
         self._closed = False
         self._finalizer = weakref.finalize(
-            self, _release_handle, main, side, tuple(sems), owner_pid, self._blob_prefix, self._zc
+            self, _release_handle, main, side, owner_pid, self._blob_prefix, self._zc
         )
         _live.add(self)
 

@@ -32,12 +32,11 @@ def lockseg():
     """A published segment plus the semaphores a lock and a doorbell need
     (named with suffixes that Segment.unlink removes)."""
     seg = Segment.create(L.KIND_RING, L.DATA_OFFSET + 4096)
-    sem = P.sem_create(seg.name + "-pl", 1)
+    sem = P.sem_create(seg.name + "-pl", 1, 1)
     bell = P.sem_create(seg.name + "-ne", 0)
     seg.publish()
     yield seg
-    sem.close()
-    bell.close()
+    del sem, bell
     seg.close()
     seg.unlink()
 
@@ -47,15 +46,14 @@ class Opened:
 
     def __init__(self, name, stale_after=STALE_SECONDS):
         self.seg = Segment.attach(name)
-        self.sem = P.sem_open(name + "-pl")
+        self.sem = P.sem_open(name + "-pl", 1)
         self.bell_sem = P.sem_open(name + "-ne")
         self.lock = RobustLock(self.sem, self.seg, W_LOCK, stale_after)
         self.bell = Doorbell(self.bell_sem, self.seg.words, W_FLAG)
         self.words = self.seg.words
 
     def close(self):
-        self.sem.close()
-        self.bell_sem.close()
+        self.sem = self.bell_sem = self.lock = self.bell = None
         self.seg.close()
 
 
@@ -304,8 +302,8 @@ sys.exit(3)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGALRM"])
 @pytest.mark.parametrize("what", ["lock", "doorbell"])
 def test_signals_interrupt_a_wait(lockseg, what, sig):
-    # posix_ipc turns a signal handler's exception (other than
-    # KeyboardInterrupt) into its own SignalError; shmq must not lose it.
+    # A signal handler's exception must end the wait (posix_ipc, which shmq
+    # used before, turned all but KeyboardInterrupt into its SignalError).
     o = Opened(lockseg.name)
     assert o.lock.acquire()
     try:
