@@ -93,11 +93,9 @@ class RingBuffer:
             self._clock = RobustLock(self._sem(name + "-cl", 1, create, 1), segment, L.W_CONSUMER_LOCK)
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
-        if self._plock is None:
-            # No lock on this side: skip one call level on the hot path.
-            self.try_write = self._write  # type: ignore[method-assign]
-        if self._clock is None:
-            self.try_read = self._read  # type: ignore[method-assign]
+        # The semaphores of the locks, for try_write/try_read (None: no lock).
+        self._psem = None if self._plock is None else self._plock._sem
+        self._csem = None if self._clock is None else self._clock._sem
         # size + 1 of the record reserve() / peek() opened on this handle, 0 if
         # none, and where it starts: each side has its own, so commit()/abort()
         # can never act on a peeked record nor release() on a reserved one.
@@ -182,54 +180,49 @@ class RingBuffer:
     def try_write(self, data: Any) -> bool:
         """Append one record.  True if written, False if the ring is full
         (in bytes or in messages).  Raises MessageTooLarge if it can never fit."""
-        lock = self._plock
-        if lock is None:
-            return self._write(data)
-        sem = lock._sem
-        if not sem.acquire(False):
-            lock._acquire_slow(None)
         w = self._w
-        w[_POWNER] = _sync._PID
-        w[_PGEN] += 1
+        sem = self._psem
+        if sem is not None:  # RobustLock.acquire, inlined (one call less per record)
+            if not sem.acquire(False):
+                self._plock._acquire_slow(None)
+            w[_POWNER] = _sync._PID
+            w[_PGEN] += 1
         try:
-            return self._write(data)
-        finally:
-            w[_POWNER] = 0
-            sem.release()
-
-    def _write(self, data: Any) -> bool:
-        if type(data) is not bytes:
-            data = _as_bytes(data)
-        n = len(data)
-        need = (n + 15) & -8
-        w = self._w
-        tail = w[_TAIL]
-        cap = self._cap
-        # HEAD is the consumers' cache line: read it only when the last value
-        # seen says there is no room (it only grows, so a stale one is safe).
-        free = cap - tail + self._head_seen
-        if need > free:
-            free = self._refresh_free(tail, need, n)
+            if type(data) is not bytes:
+                data = _as_bytes(data)
+            n = len(data)
+            need = (n + 15) & -8
+            tail = w[_TAIL]
+            cap = self._cap
+            # HEAD is the consumers' cache line: read it only when the last value
+            # seen says there is no room (it only grows, so a stale one is safe).
+            free = cap - tail + self._head_seen
             if need > free:
-                return False
-        if self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm:
-            return False
-        off = tail % cap
-        if need > cap - off:
-            if cap - off + need > free:  # the HEAD seen may be old: look again first
                 free = self._refresh_free(tail, need, n)
-            tail = self._pad(tail, cap - off, need, free)
-            if tail < 0:
+                if need > free:
+                    return False
+            if self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm:
                 return False
-            off = 0
-        pos = self._base + off
-        self._buf[pos + 8 : pos + 8 + n] = data
-        w[pos >> 3] = n
-        w[_MSGS_IN] += 1
-        w[_TAIL] = tail + need
-        if w[_CWAIT]:
-            self._not_empty.ring()
-        return True
+            off = tail % cap
+            if need > cap - off:
+                if cap - off + need > free:  # the HEAD seen may be old: look again first
+                    free = self._refresh_free(tail, need, n)
+                tail = self._pad(tail, cap - off, need, free)
+                if tail < 0:
+                    return False
+                off = 0
+            pos = self._base + off
+            self._buf[pos + 8 : pos + 8 + n] = data
+            w[pos >> 3] = n
+            w[_MSGS_IN] += 1
+            w[_TAIL] = tail + need
+            if w[_CWAIT]:
+                self._not_empty.ring()
+            return True
+        finally:
+            if sem is not None:
+                w[_POWNER] = 0
+                sem.release()
 
     def _refresh_free(self, tail: int, need: int, n: int) -> int:
         """Re-read HEAD; record peak occupancy; raise if ``n`` never fits."""
@@ -420,47 +413,43 @@ class RingBuffer:
     # -- reading --------------------------------------------------------
     def try_read(self) -> Optional[bytes]:
         """Remove and return the oldest record, or None if the ring is empty."""
-        lock = self._clock
-        if lock is None:
-            return self._read()
         w = self._w
-        if w[_HEAD] == w[_TAIL]:
-            return None
-        sem = lock._sem
-        if not sem.acquire(False):
-            lock._acquire_slow(None)
-        w[_COWNER] = _sync._PID
-        w[_CGEN] += 1
+        sem = self._csem
+        if sem is not None:
+            head = w[_HEAD]
+            if head >= self._tail_seen and head == w[_TAIL]:
+                return None  # empty: no need for the lock
+            if not sem.acquire(False):  # RobustLock.acquire, inlined
+                self._clock._acquire_slow(None)
+            w[_COWNER] = _sync._PID
+            w[_CGEN] += 1
         try:
-            return self._read()
-        finally:
-            w[_COWNER] = 0
-            sem.release()
-
-    def _read(self) -> Optional[bytes]:
-        w = self._w
-        head = w[_HEAD]
-        # TAIL is the producers' cache line: read it only when caught up.
-        if head >= self._tail_seen:  # >=: other consumers may be ahead of it
-            self._tail_seen = w[_TAIL]
-            if not self._segment.roles_marked & L.ROLE_CONSUMER:
-                self._segment.add_role(L.ROLE_CONSUMER)
-            if head == self._tail_seen:
-                return None
-        pos = self._base + head % self._cap
-        n = w[pos >> 3]
-        if n < 0:
-            head = self._skip_pad(head, n)
-            if head < 0:
-                return None
-            pos = self._base
+            head = w[_HEAD]
+            # TAIL is the producers' cache line: read it only when caught up.
+            if head >= self._tail_seen:  # >=: other consumers may be ahead of it
+                self._tail_seen = w[_TAIL]
+                if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                    self._segment.add_role(L.ROLE_CONSUMER)
+                if head == self._tail_seen:
+                    return None
+            pos = self._base + head % self._cap
             n = w[pos >> 3]
-        data = self._buf[pos + 8 : pos + 8 + n].tobytes()
-        w[_MSGS_OUT] += 1
-        w[_HEAD] = head + ((n + 15) & -8)
-        if w[_PWAIT]:
-            self._not_full.ring()
-        return data
+            if n < 0:
+                head = self._skip_pad(head, n)
+                if head < 0:
+                    return None
+                pos = self._base
+                n = w[pos >> 3]
+            data = self._buf[pos + 8 : pos + 8 + n].tobytes()
+            w[_MSGS_OUT] += 1
+            w[_HEAD] = head + ((n + 15) & -8)
+            if w[_PWAIT]:
+                self._not_full.ring()
+            return data
+        finally:
+            if sem is not None:
+                w[_COWNER] = 0
+                sem.release()
 
     def _skip_pad(self, head: int, pad: int) -> int:
         """Consume a pad record; the new head, or -1 if nothing follows it yet."""
@@ -698,8 +687,6 @@ class RingBuffer:
         self._reserved = self._peeked = 0
         self._sems.clear()  # (a semaphore closes when its last reference goes)
         self._rbuf.release()
-        self.__dict__.pop("try_write", None)
-        self.__dict__.pop("try_read", None)
         self._w = self._buf = self._rbuf = None  # type: ignore[assignment]
         self._segment.close()
         # Any later operation fails on None; make it a clear ClosedError instead.

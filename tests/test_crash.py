@@ -229,7 +229,6 @@ def verify_after_crash(ring, sh, where):
 
 TARGETS = {
     "try_write": RingBuffer.try_write,
-    "_write": RingBuffer._write,
     "_refresh_free": RingBuffer._refresh_free,
     "_pad": RingBuffer._pad,
     "try_write_many": RingBuffer.try_write_many,
@@ -238,7 +237,6 @@ TARGETS = {
     "commit": RingBuffer.commit,
     "abort": RingBuffer.abort,
     "try_read": RingBuffer.try_read,
-    "_read": RingBuffer._read,
     "_skip_pad": RingBuffer._skip_pad,
     "try_read_many": RingBuffer.try_read_many,
     "_read_many": RingBuffer._read_many,
@@ -247,7 +245,7 @@ TARGETS = {
     "RobustLock.acquire": RobustLock.acquire,
     "RobustLock.release": RobustLock.release,
 }
-LOCKED_ONLY = {"try_write", "try_read", "RobustLock.acquire", "RobustLock.release"}
+LOCKED_ONLY = {"RobustLock.acquire", "RobustLock.release"}
 SCRIPT_SEED = 7
 
 
