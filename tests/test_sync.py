@@ -161,6 +161,21 @@ def _start_holder(name, raw):
     return p, here
 
 
+def test_releasing_a_free_lock_raises_and_never_admits_two_holders(lockseg):
+    o = Opened(lockseg.name)
+    try:
+        assert o.lock.acquire()
+        o.lock.release()
+        with pytest.raises(ValueError):
+            o.lock.release()
+        assert o.sem.value == 1
+        assert o.lock.acquire(timeout=0)
+        assert o.lock.acquire(timeout=0) is False  # still a mutex
+        o.lock.release()
+    finally:
+        o.close()
+
+
 @pytest.mark.parametrize("reap", [False, True], ids=["zombie", "reaped"])
 def test_killed_holder_is_recovered_quickly(lockseg, reap):
     p, conn = _start_holder(lockseg.name, raw=False)
