@@ -17,6 +17,11 @@ Doorbell
     slices; a poster that sees the flag clears it and posts.  x86 may reorder
     "publish index, read flag" against "set flag, re-check index"; a wake-up
     lost that way costs one slice, never a hang.
+
+Waits are ``Semaphore.acquire(True, seconds)``: a signal handler that raises
+during one (SystemExit from a SIGTERM handler, Ctrl-C) ends it with that
+exception; a signal delivered to another thread is handled when the bounded
+wait ends.
 """
 from __future__ import annotations
 
@@ -44,14 +49,6 @@ def _refresh_pid() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_pid)
-
-
-def _timed_acquire(sem, seconds: float) -> bool:
-    """True if ``sem`` was taken within ``seconds``.  A signal handler that
-    raises during the wait (SystemExit from a SIGTERM handler, Ctrl-C) ends
-    it with that exception; a signal delivered to another thread is handled
-    when the (bounded) wait ends."""
-    return sem.acquire(True, seconds)
 
 
 def lock_words(w_owner: int) -> Tuple[int, int]:
@@ -110,7 +107,7 @@ class RobustLock:
                     return False
                 if wait > SLICE_SECONDS:
                     wait = SLICE_SECONDS
-            if _timed_acquire(sem, wait):
+            if sem.acquire(True, wait):
                 return True
             snap = (w[self._w_owner], w[self._w_gen])
             owner = snap[0]
@@ -159,9 +156,9 @@ class Doorbell:
         """Sleep up to ``seconds`` or until rung.  True if rung.  Signals are
         handled between slices of at most SLICE_SECONDS."""
         if seconds <= SLICE_SECONDS:
-            return _timed_acquire(self._sem, seconds)
+            return self._sem.acquire(True, seconds)
         end = _monotonic() + seconds
-        while not _timed_acquire(self._sem, min(seconds, SLICE_SECONDS)):
+        while not self._sem.acquire(True, min(seconds, SLICE_SECONDS)):
             seconds = end - _monotonic()
             if seconds <= 0:
                 return False
