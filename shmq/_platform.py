@@ -179,6 +179,13 @@ def sem_open(name: str, maxvalue: int = SEM_VALUE_MAX) -> Semaphore:
         raise FileNotFoundError(errno.ENOENT, f"no semaphore named {name!r}", name) from None
 
 
+def semaphore(name: str, create: bool, *, lock: bool = False) -> Semaphore:
+    """Create (``create``) or open semaphore ``name``: a lock (starts free,
+    never above 1) or, by default, a wake-up bell (starts at 0)."""
+    maxvalue = 1 if lock else SEM_VALUE_MAX
+    return sem_create(name, int(lock), maxvalue) if create else sem_open(name, maxvalue)
+
+
 def sem_unlink(name: str) -> None:
     try:
         _multiprocessing.sem_unlink("/" + name)

@@ -81,16 +81,15 @@ class RingBuffer:
         self._cap = cap
         self._base = L.DATA_OFFSET
         self._maxm = self.max_messages
-        self._sems: list = []
         name = segment.name
         create = segment.is_creator
-        self._not_empty = Doorbell(self._sem(name + "-ne", 0, create), w, _CWAIT)
-        self._not_full = Doorbell(self._sem(name + "-nf", 0, create), w, _PWAIT)
+        self._not_empty = Doorbell(P.semaphore(name + "-ne", create), w, _CWAIT)
+        self._not_full = Doorbell(P.semaphore(name + "-nf", create), w, _PWAIT)
         self._plock = self._clock = None
         if self.multi_producer:
-            self._plock = RobustLock(self._sem(name + "-pl", 1, create, 1), segment, L.W_PRODUCER_LOCK)
+            self._plock = RobustLock(P.semaphore(name + "-pl", create, lock=True), segment, L.W_PRODUCER_LOCK)
         if self.multi_consumer:
-            self._clock = RobustLock(self._sem(name + "-cl", 1, create, 1), segment, L.W_CONSUMER_LOCK)
+            self._clock = RobustLock(P.semaphore(name + "-cl", create, lock=True), segment, L.W_CONSUMER_LOCK)
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
         # The semaphores of the locks, for try_write/try_read (None: no lock).
@@ -107,11 +106,6 @@ class RingBuffer:
         self._head_seen = w[_HEAD] - cap
         self._tail_seen = 0
         self._closed = False
-
-    def _sem(self, name: str, value: int, create: bool, maxvalue: int = P.SEM_VALUE_MAX):
-        sem = P.sem_create(name, value, maxvalue) if create else P.sem_open(name, maxvalue)
-        self._sems.append(sem)
-        return sem
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -685,7 +679,6 @@ class RingBuffer:
             if opened and lock is not None and lock.holder() == os.getpid():
                 lock.release()
         self._reserved = self._peeked = 0
-        self._sems.clear()  # (a semaphore closes when its last reference goes)
         self._rbuf.release()
         self._w = self._buf = self._rbuf = None  # type: ignore[assignment]
         self._segment.close()

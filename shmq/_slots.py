@@ -184,10 +184,9 @@ class SlotPool:
         self._data = w[L.W_SLOT_DATA]
         if n <= 0 or self._q <= 0 or self._data + n * self._stride > segment.size:
             raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
-        self._sems: list = []
         create = segment.is_creator
-        self._lock = RobustLock(self._sem(self.name + "-rl", 1, create, 1), segment, L.W_POOL_LOCK)
-        self._bell = Doorbell(self._sem(self.name + "-rb", 0, create), w, L.W_RETURN_WAITING)
+        self._lock = RobustLock(P.semaphore(self.name + "-rl", create, lock=True), segment, L.W_POOL_LOCK)
+        self._bell = Doorbell(P.semaphore(self.name + "-rb", create), w, L.W_RETURN_WAITING)
         self.on_return: Optional[Callable[[int], object]] = None
         self.fence = None
         self.orphan_seconds = ORPHAN_SECONDS
@@ -216,11 +215,6 @@ class SlotPool:
     def _reset_after_fork(self) -> None:
         # The child is a different process: it holds nothing and sources nothing.
         self._init_local()
-
-    def _sem(self, name: str, value: int, create: bool, maxvalue: int = P.SEM_VALUE_MAX):
-        sem = P.sem_create(name, value, maxvalue) if create else P.sem_open(name, maxvalue)
-        self._sems.append(sem)
-        return sem
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -1163,7 +1157,6 @@ class SlotPool:
             except (ValueError, IndexError):
                 pass
         self._member = -1
-        self._sems.clear()  # (a semaphore closes when its last reference goes)
         try:
             self._rbuf.release()
         except BufferError:

@@ -1181,8 +1181,7 @@ class JoinableQueue(Queue):
     _KIND = L.QUEUE_KIND_JOINABLE
 
     def _open_semaphores(self, name: str, create: bool) -> list:
-        bell = name + "-jd"
-        return [P.sem_create(bell, 0) if create else P.sem_open(bell)]
+        return [P.semaphore(name + "-jd", create)]
 
     def _setup(self, main: Ring, side: Ring, sems: list, owner_pid: int) -> None:
         super()._setup(main, side, sems, owner_pid)
