@@ -177,6 +177,11 @@ def _encode(obj: Any) -> Any:
         return _encode_other(obj, exc)
 
 
+def _encode_error(obj: Any, exc: Exception) -> Any:
+    """The record for ``obj`` when the first pass raised ``exc``."""
+    return _LARGE if type(exc) is _LargeBuffer else _encode_other(obj, exc)
+
+
 def _encode_other(obj: Any, exc: Exception) -> Any:
     """The first pass failed with ``exc``."""
     if type(obj) is memoryview:
@@ -265,7 +270,9 @@ def _after_fork_in_child() -> None:
         q._put_tlock = threading.Lock()
         q._get_tlock = threading.Lock()
         q._zc_lock = threading.Lock()
-        q._reset_readers()  # the child lists itself as a consumer at its first read
+        if q._stash:  # records the parent took: they are the parent's to return
+            q._stash.clear()
+            q._reset_readers()
 
 
 if hasattr(os, "register_at_fork"):
@@ -487,7 +494,21 @@ class _QueueBase:
         self._stuck_pool: Optional[tuple] = None  # the pool's state when a put last copied instead
         # Hot methods bound once: one lookup each on the put/get paths.
         self._try_write = main.try_write
+        # put and get: the ring's closures with the pickling inlined (one
+        # Python frame per item), installed over the methods below unless a
+        # subclass overrides them.  They hold the handle (as a bound method
+        # would), through its slow-path methods.
+        self._fast_put = main.encoding_writer(
+            _dumps, _PROTOCOL, _oob, _encode_error, self._inline_max, self._put_long, self._put_wait
+        )
         self._stash: Deque[Any] = deque()  # records get_many took but could not return
+        self._fast_get = main.decoding_reader(
+            _decode, self._decode_other, self._get_slow, self._stash, self._get_stashed
+        )
+        if type(self).put is _QueueBase.put:
+            self.put = self._fast_put  # type: ignore[method-assign]
+        if type(self).get is _QueueBase.get:
+            self.get = self._fast_get  # type: ignore[method-assign]
         self._reset_readers()
         # Threads of this process share the handle's reserve() (large puts)
         # and peek() (large gets) state: one of each at a time.
@@ -507,18 +528,8 @@ class _QueueBase:
         """Put ``obj`` into the queue, waiting (up to ``timeout`` seconds) for
         room if ``block``.  Raises queue.Full (shmq.Full) if there is none;
         pickling errors raise here and leave the queue as it was."""
-        try:  # the first pass (see _encode), inlined
-            data = _dumps(obj, _PROTOCOL, buffer_callback=_oob)
-        except _LargeBuffer:
-            data = _LARGE
-        except Exception as exc:
-            data = _encode_other(obj, exc)
-        if len(data) <= self._inline_max:
-            if self._try_write(data):
-                return
-            self._put_wait(data, block, timeout)
-        else:
-            self._put_big(obj, data, block, _deadline(timeout) if block else None)
+        # (the first pass of _encode, then the record, or _put_long)
+        self._fast_put(obj, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
@@ -563,6 +574,9 @@ class _QueueBase:
                     raise Full(f"queue {self.name!r} is full: {i + done} of {total} items were put") from None
                 done += main.try_write_many(run[done:])
             i = j
+
+    def _put_long(self, obj: Any, data: Any, block: bool, timeout: Optional[float]) -> None:
+        self._put_big(obj, data, block, _deadline(timeout) if block else None)
 
     def _put_wait(self, data: Any, block: bool, timeout: Optional[float]) -> None:
         if not block:
@@ -624,9 +638,6 @@ class _QueueBase:
             if data is not _LARGE and len(obj) > self._slot_size:
                 return data, None
         if self._consumer_pid != os.getpid():
-            # Producers are listed as consumers of the ring too: if one dies
-            # between allocating slots and writing its message, the pool frees
-            # them by the orphan rule, which a consumer's death enables.
             self._note_consumer()
         started = _monotonic()
         while True:
@@ -866,6 +877,9 @@ class _QueueBase:
                 return self._decode_other(data, exc)
         return self._get_slow(data, block, timeout)
 
+    def _get_stashed(self, block: bool, timeout: Optional[float]) -> Any:
+        return _QueueBase.get(self, block, timeout)  # the method: _try_read is _pop_stash
+
     def get_nowait(self) -> Any:
         """``get(False)``."""
         return self.get(False)
@@ -975,8 +989,7 @@ class _QueueBase:
                 # long may be taken for an orphan once some consumer died.
                 records = [self._decode_ahead(rec) for rec in records]
             self._stash.extendleft(reversed(records))
-            self._try_read = self._pop_stash  # type: ignore[method-assign]
-            self._try_read_many = self._pop_stash_many  # type: ignore[method-assign]
+            self._reset_readers()
 
     def _pop_stash(self) -> Optional[bytes]:
         stash = self._stash
@@ -994,33 +1007,21 @@ class _QueueBase:
 
     def _reset_readers(self) -> None:
         """Point ``_try_read``/``_try_read_many`` at the stash if it holds
-        records, else at the ring -- through ``_first_read`` until this
-        process listed itself as a consumer (queues with zero copy)."""
+        records, else at the ring.  (The ring lists this process as a consumer
+        before its first record is taken: the orphan rule of docs/zero_copy.md.)"""
         if self._stash:
             self._try_read = self._pop_stash  # type: ignore[method-assign]
             self._try_read_many = self._pop_stash_many  # type: ignore[method-assign]
-        elif self._consumer_pid == os.getpid() or not self._zero_copy:
+        else:
             self._try_read = self._ring.try_read  # type: ignore[method-assign]
             self._try_read_many = self._ring.try_read_many  # type: ignore[method-assign]
-        else:
-            self._try_read = self._first_read  # type: ignore[method-assign]
-            self._try_read_many = self._first_read_many  # type: ignore[method-assign]
 
     def _note_consumer(self) -> None:
-        """List this process as a consumer of the main ring, before it reads:
-        if it dies between reading a slot message and decoding it, the pool
-        frees the slots (the orphan rule of docs/zero_copy.md)."""
+        """List this process as a consumer of the main ring (a producer of
+        slot messages: if it dies between allocating slots and writing its
+        message, the pool frees them by the orphan rule)."""
         self._ring.segment.add_role(L.ROLE_CONSUMER)
         self._consumer_pid = os.getpid()
-        self._reset_readers()
-
-    def _first_read(self) -> Optional[bytes]:
-        self._note_consumer()
-        return self._try_read()
-
-    def _first_read_many(self, max_items: int) -> List[Any]:
-        self._note_consumer()
-        return self._try_read_many(max_items)
 
     def _readable(self) -> bool:
         return self._ring.can_read() or self._orphan_ready()
@@ -1101,6 +1102,8 @@ class _QueueBase:
             return
         self._closed = True
         self._stash.clear()
+        self.__dict__.pop("put", None)
+        self.__dict__.pop("get", None)
         _live.discard(self)
         self._finalizer()
         self.__class__ = _closed_class(type(self), _KEEP_OPEN)

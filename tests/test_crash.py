@@ -72,10 +72,30 @@ def make_script(seed, n_ops=140, cap=CAP):
 ACKED_W, INFLIGHT_W, NLOG, INFLIGHT_R, LOG = range(5)
 
 
-def run_script(ring, ops, sh):
+def _identity_dumps(obj, protocol, buffer_callback=None):
+    return obj
+
+
+def _refuse(*args):
+    raise AssertionError(f"unexpected call with {args!r}")
+
+
+def object_closures(ring):
+    """``(write, read)``: the ring's encoding_writer and decoding_reader (as
+    shmq.Queue's put and get are), with records as their own encoding, shaped
+    like try_write and try_read (True/False, record/None)."""
+    put = ring.encoding_writer(_identity_dumps, 5, None, _refuse, ring.max_payload, _refuse, lambda *a: False)
+    get = ring.decoding_reader(bytes, _refuse, lambda data, block, timeout: None)
+    return (lambda rec: put(rec) is None), get
+
+
+def run_script(ring, ops, sh, closures=False):
     """Run ``ops`` on ``ring``, recording in ``sh`` (a shared int64 array)
-    every record written and every record read, as soon as the call returns."""
+    every record written and every record read, as soon as the call returns.
+    ``closures``: single records go through object_closures(ring) instead of
+    try_write / try_read."""
     seq = 0
+    try_write, try_read = object_closures(ring) if closures else (ring.try_write, ring.try_read)
 
     def log(recs):
         for rec in recs:
@@ -89,7 +109,7 @@ def run_script(ring, ops, sh):
         kind = op[0]
         if kind == "w":
             sh[INFLIGHT_W] = 1
-            if ring.try_write(make_record(1, seq, op[1])):
+            if try_write(make_record(1, seq, op[1])):
                 seq += 1
                 sh[ACKED_W] = seq
             sh[INFLIGHT_W] = 0
@@ -117,7 +137,7 @@ def run_script(ring, ops, sh):
             sh[INFLIGHT_W] = 0
         elif kind == "r":
             sh[INFLIGHT_R] = 1
-            rec = ring.try_read()
+            rec = try_read()
             log([] if rec is None else [rec])
             sh[INFLIGHT_R] = 0
         elif kind == "rm":
@@ -149,7 +169,7 @@ def _kill_at(code, line, hit, ring, ops, sh):
         return local
 
     sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-    run_script(ring, ops, sh)
+    run_script(ring, ops, sh, code in CLOSURE_CODES)
     sys.settrace(None)
 
 
@@ -163,7 +183,7 @@ def _record_lines(code, ring, ops, conn):
         return local
 
     sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-    run_script(ring, ops, sh=CTX.RawArray("q", LOG + 4096))
+    run_script(ring, ops, CTX.RawArray("q", LOG + 4096), code in CLOSURE_CODES)
     sys.settrace(None)
     conn.send(counts)
 
@@ -245,6 +265,24 @@ TARGETS = {
     "RobustLock.acquire": RobustLock.acquire,
     "RobustLock.release": RobustLock.release,
 }
+
+
+def _nested_code(method, name):
+    """The code of the closure ``name`` that ``method`` returns."""
+    return next(c for c in method.__code__.co_consts if getattr(c, "co_name", None) == name)
+
+
+class _Closure:
+    def __init__(self, code):
+        self.__code__ = code
+
+
+CLOSURE_CODES = {
+    _nested_code(RingBuffer.encoding_writer, "put"),
+    _nested_code(RingBuffer.decoding_reader, "get"),
+}
+TARGETS["encoding_writer.put"] = _Closure(_nested_code(RingBuffer.encoding_writer, "put"))
+TARGETS["decoding_reader.get"] = _Closure(_nested_code(RingBuffer.decoding_reader, "get"))
 LOCKED_ONLY = {"RobustLock.acquire", "RobustLock.release"}
 SCRIPT_SEED = 7
 

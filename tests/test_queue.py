@@ -609,6 +609,122 @@ def test_an_item_that_fails_to_unpickle():
     q.close()
 
 
+# -- put and get are the ring's closures (RingBuffer.encoding_writer / decoding_reader) --
+
+
+def test_put_and_get_hoisted_before_first_use():
+    q = shmq.Queue(capacity_bytes=1 << 12)  # wraps many times
+    try:
+        put, get = q.put, q.get  # as a hot loop would, before any get
+        for i in range(2001):
+            put((i, "x" * (i % 97)))
+            if i % 3 == 2:
+                for j in range(i - 2, i + 1):
+                    assert get(timeout=T) == (j, "x" * (j % 97))
+        assert q.empty()
+        # a batch that stops at a bad item keeps the rest for this handle:
+        # the hoisted get sees them first, then the ring again
+        q.put_many([1, Poison(), 2])
+        assert q.get_many() == [1]
+        with pytest.raises(RuntimeError, match="poison"):
+            get()
+        put(3)
+        assert [get(timeout=T), get(timeout=T)] == [2, 3]
+        with pytest.raises(pyqueue.Empty):
+            get(timeout=0.01)
+    finally:
+        q.close()
+
+
+class LoggingQueue(shmq.Queue):
+    def put(self, obj, block=True, timeout=None):
+        self.log.append(("put", obj))
+        super().put(obj, block, timeout)
+
+    def get(self, block=True, timeout=None):
+        obj = super().get(block, timeout)
+        self.log.append(("get", obj))
+        return obj
+
+
+def test_a_subclass_overriding_put_and_get_is_called():
+    q = LoggingQueue()
+    q.log = []
+    try:
+        q.put("a")
+        q.put_nowait("b")
+        assert q.get() == "a" and q.get_nowait() == "b"
+        assert q.log == [("put", "a"), ("put", "b"), ("get", "a"), ("get", "b")]
+    finally:
+        q.close()
+
+
+def test_hoisted_put_and_get_of_a_closed_handle_raise_and_free_the_lock():
+    q = shmq.Queue()
+    try:
+        other = shmq.Queue.attach(q.name)
+        put, get = other.put, other.get
+        other.close()
+        with pytest.raises(ValueError):
+            put(1)
+        with pytest.raises(ValueError):
+            get()
+        # the producer lock was released (else this waits for stale-lock recovery)
+        q.put(1, timeout=0.2)
+        assert q.get(timeout=T) == 1
+    finally:
+        q.close()
+
+
+def _get_and_report_role(q, conn):
+    item = q.get(timeout=T)
+    me = [p for p in q._ring.participants() if p.pid == os.getpid()]
+    conn.send((item, bool(me and me[0].role & L.ROLE_CONSUMER)))
+
+
+def test_a_forked_child_is_listed_as_a_consumer_by_its_first_get():
+    ctx = mp.get_context("fork")
+    q = shmq.Queue()
+    try:
+        q.put(1)
+        q.put(2)
+        assert q.get() == 1  # this handle has seen TAIL past the child's first record
+        here, there = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_get_and_report_role, args=(q, there))
+        p.start()
+        assert here.poll(T) and here.recv() == (2, True)
+        join_all([p])
+    finally:
+        q.close()
+
+
+def _get_nowait_in_child(q, conn):
+    try:
+        conn.send(("got", q.get_nowait()))
+    except pyqueue.Empty:
+        conn.send(("empty", None))
+    except Exception as exc:
+        conn.send(("raised", repr(exc)))
+
+
+def test_a_forked_child_does_not_inherit_records_its_parent_took():
+    ctx = mp.get_context("fork")
+    q = shmq.Queue()
+    try:
+        q.put_many([1, Poison(), 2])
+        assert q.get_many() == [1]  # Poison() and 2 are kept for this handle
+        here, there = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_get_nowait_in_child, args=(q, there))
+        p.start()
+        assert here.poll(T) and here.recv() == ("empty", None)
+        join_all([p])
+        with pytest.raises(RuntimeError, match="poison"):
+            q.get()
+        assert q.get_nowait() == 2 and q.empty()
+    finally:
+        q.close()
+
+
 # -- threads ----------------------------------------------------------------------
 
 
