@@ -40,8 +40,9 @@ producer side and the consumer side never write the same line::
      283  EMPTY_WAITS, 284 EMPTY_WAIT_NS  consumers, after a blocked read
      288  CONSUMER_WAITING            a consumer about to sleep on "not empty"
      296  PRODUCER_WAITING            a producer about to sleep on "not full"
-     304  PRODUCER_LOCK owner pid, 305 generation
-     312  CONSUMER_LOCK owner pid, 313 generation
+     304  PRODUCER_LOCK owner pid, 305 generation (bumped by recoveries:
+          MSGS_IN shows this lock's progress, see _sync)
+     312  CONSUMER_LOCK owner pid, 313 generation (recoveries; MSGS_OUT)
      320  (reserved)
      321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
           A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):

@@ -44,10 +44,12 @@ _MSGS_OUT = L.W_MSGS_OUT
 _PEAK = L.W_PEAK_BYTES
 _CWAIT = L.W_CONSUMER_WAITING
 _PWAIT = L.W_PRODUCER_WAITING
-# RobustLock's owner and generation words, for its acquire/release inlined in
-# try_write/try_read (two Python calls fewer per record).
-_POWNER, _PGEN = lock_words(L.W_PRODUCER_LOCK)
-_COWNER, _CGEN = lock_words(L.W_CONSUMER_LOCK)
+# RobustLock's owner words, for its acquire/release inlined in the per-record
+# paths.  A ring's locks show progress by their side's message counter, which
+# every holder that writes or reads a record moves anyway (see _sync), so
+# those paths store the owner and never touch the generation.
+_POWNER = lock_words(L.W_PRODUCER_LOCK)[0]
+_COWNER = lock_words(L.W_CONSUMER_LOCK)[0]
 
 
 def _as_bytes(data: Any) -> Any:
@@ -102,9 +104,13 @@ class RingBuffer:
         self._not_full = Doorbell(P.semaphore(name + "-nf", create), w, _PWAIT)
         self._plock = self._clock = None
         if self.multi_producer:
-            self._plock = RobustLock(P.semaphore(name + "-pl", create, lock=True), segment, L.W_PRODUCER_LOCK)
+            self._plock = RobustLock(
+                P.semaphore(name + "-pl", create, lock=True), segment, L.W_PRODUCER_LOCK, w_progress=_MSGS_IN
+            )
         if self.multi_consumer:
-            self._clock = RobustLock(P.semaphore(name + "-cl", create, lock=True), segment, L.W_CONSUMER_LOCK)
+            self._clock = RobustLock(
+                P.semaphore(name + "-cl", create, lock=True), segment, L.W_CONSUMER_LOCK, w_progress=_MSGS_OUT
+            )
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
         # The semaphores of the locks, for try_write/try_read (None: no lock).
@@ -201,7 +207,6 @@ class RingBuffer:
         try:
             if sem is not None:
                 w[_POWNER] = _sync._PID
-                w[_PGEN] += 1
             if type(data) is not bytes:
                 data = _as_bytes(data)
             n = len(data)
@@ -440,7 +445,6 @@ class RingBuffer:
         try:
             if sem is not None:
                 w[_COWNER] = _sync._PID
-                w[_CGEN] += 1
             head = w[_HEAD]
             # TAIL is the producers' cache line: read it only when caught up.
             if head >= self._tail_seen:  # >=: other consumers may be ahead of it
@@ -529,7 +533,6 @@ class RingBuffer:
             try:
                 if sem is not None:
                     w[_POWNER] = _sync._PID
-                    w[_PGEN] += 1
                 need = (n + 15) & -8
                 tail = w[_TAIL]
                 free = cap - tail + ring._head_seen
@@ -595,7 +598,6 @@ class RingBuffer:
             try:
                 if sem is not None:
                     w[_COWNER] = _sync._PID
-                    w[_CGEN] += 1
                 head = w[_HEAD]
                 tail_seen = ring._tail_seen
                 if head >= tail_seen:

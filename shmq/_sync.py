@@ -2,14 +2,17 @@
 
 RobustLock
     A named POSIX semaphore used as a mutex (about 45 ns uncontended), made
-    safe against a holder that dies: the holder writes its pid and bumps a
-    generation word in the segment.  Waiters sleep in bounded slices; between
-    slices they look at the owner word.  A dead owner, or an empty owner word
-    whose generation has not moved for ``stale_after`` seconds (the holder died
-    between taking the semaphore and writing its pid, or between clearing it and
-    posting), means the lock is orphaned.  Recovery re-checks the same snapshot
-    under the segment's flock (which the kernel releases if the recoverer dies)
-    and posts the semaphore exactly once.
+    safe against a holder that dies: the holder writes its pid in the owner
+    word, and the lock's progress shows in a second word -- a generation that
+    every acquire bumps, or, for a lock whose holders always move a counter
+    of their own (a ring side's message count), that counter, which saves the
+    per-record paths a read-modify-write.  Waiters sleep in bounded slices;
+    between slices they look at the owner word.  A dead owner, or an empty
+    owner word with no progress for ``stale_after`` seconds (the holder died
+    between taking the semaphore and writing its pid, or between clearing it
+    and posting), means the lock is orphaned.  Recovery re-checks the same
+    snapshot under the segment's flock (which the kernel releases if the
+    recoverer dies), bumps the generation and posts the semaphore exactly once.
 
 Doorbell
     A semaphore that is only a wake-up hint, never the source of truth: the
@@ -60,13 +63,22 @@ def lock_words(w_owner: int) -> Tuple[int, int]:
 class RobustLock:
     """Mutex shared by every process attached to a segment."""
 
-    __slots__ = ("_sem", "_words", "_w_owner", "_w_gen", "_segment", "stale_after", "on_recover")
+    __slots__ = ("_sem", "_words", "_w_owner", "_w_gen", "_w_progress", "_segment", "stale_after", "on_recover")
 
-    def __init__(self, sem, segment, w_owner: int, stale_after: float = STALE_SECONDS) -> None:
+    def __init__(
+        self, sem, segment, w_owner: int, stale_after: float = STALE_SECONDS, w_progress: Optional[int] = None
+    ) -> None:
+        """``w_progress``: a word every holder changes before it releases the
+        lock -- almost every holder: a lock held in turn only by holders that
+        leave it unchanged looks stale after ``stale_after`` seconds if each
+        look also falls between a semaphore operation and the owner word's
+        store, nanoseconds wide -- instead of the generation, which acquire then
+        leaves alone (recoveries still bump it)."""
         self._sem = sem
         self._segment = segment
         self._words = segment.words
         self._w_owner, self._w_gen = lock_words(w_owner)
+        self._w_progress = self._w_gen if w_progress is None else w_progress
         self.stale_after = stale_after
         #: called (without the lock) after this process recovered the lock
         #: from a dead holder, to repair what the holder left half-done
@@ -78,7 +90,8 @@ class RobustLock:
             return False
         w = self._words
         w[self._w_owner] = _PID
-        w[self._w_gen] += 1
+        if self._w_progress == self._w_gen:
+            w[self._w_gen] += 1
         return True
 
     def release(self) -> None:
@@ -96,7 +109,7 @@ class RobustLock:
                 if sem.acquire(False):
                     return True
         deadline = None if timeout is None else _monotonic() + timeout
-        seen: Optional[Tuple[int, int]] = None
+        seen: Optional[Tuple[int, int, int]] = None
         seen_at = 0.0
         w = self._words
         while True:
@@ -109,7 +122,7 @@ class RobustLock:
                     wait = SLICE_SECONDS
             if sem.acquire(True, wait):
                 return True
-            snap = (w[self._w_owner], w[self._w_gen])
+            snap = (w[self._w_owner], w[self._w_gen], w[self._w_progress])
             owner = snap[0]
             if owner:
                 seen = None
@@ -121,10 +134,10 @@ class RobustLock:
                 self._recover(snap)
                 seen = None
 
-    def _recover(self, snap: Tuple[int, int]) -> None:
+    def _recover(self, snap: Tuple[int, int, int]) -> None:
         w = self._words
         with self._segment.admin_lock():
-            if (w[self._w_owner], w[self._w_gen]) != snap:
+            if (w[self._w_owner], w[self._w_gen], w[self._w_progress]) != snap:
                 return  # somebody took or recovered it meanwhile
             w[self._w_owner] = 0
             w[self._w_gen] = snap[1] + 1

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -218,6 +219,42 @@ def test_holder_killed_before_writing_its_pid_is_recovered(lockseg):
     finally:
         o.close()
         conn.close()
+
+
+def test_a_lock_with_a_progress_word_watches_it_instead_of_a_generation(lockseg):
+    # A ring's locks: the side's message counter shows progress, and acquire
+    # leaves the generation alone.
+    o = Opened(lockseg.name)
+    lock = RobustLock(o.sem, o.seg, W_LOCK, stale_after=0.3, w_progress=W_COUNTER)
+    try:
+        gen = o.words[W_LOCK + 1]
+        assert lock.acquire(timeout=0)
+        assert lock.holder() == os.getpid() and o.words[W_LOCK + 1] == gen
+        lock.release()
+        # taken with no owner written (a holder killed before its pid store),
+        # but the counter keeps moving for a while: not stale until it stops
+        assert o.sem.acquire(False)
+        moving_until = time.monotonic() + 1.0
+        stop = threading.Event()
+
+        def count():
+            while not stop.is_set() and time.monotonic() < moving_until:
+                o.words[W_COUNTER] += 1
+                stop.wait(0.01)
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        try:
+            assert lock.acquire(timeout=10)  # recovered
+            assert time.monotonic() >= moving_until
+        finally:
+            stop.set()
+            counter.join(10)
+        assert o.words[W_LOCK + 1] == gen + 1  # recoveries still bump the generation
+        lock.release()
+        assert o.sem.value == 1
+    finally:
+        o.close()
 
 
 def _wait_and_count(name, results):
