@@ -487,13 +487,14 @@ class RingBuffer:
         return head
 
     # -- one record per object: try_write/try_read with the codec inlined --
-    # shmq.Queue's put and get are these closures: with the encoding, the lock
-    # and the record in one Python frame (and the ring's fields in cells, not
-    # attributes), an item costs about 70 ns less on each side than a method
-    # that calls try_write / try_read.  They follow try_write / try_read line
-    # for line (tests/test_crash.py kills a process before each line of all
-    # four); the ring still never pickles: ``dumps`` and ``loads`` are the
-    # caller's.
+    # shmq.Queue's put and get are these closures, bound to the queue handle
+    # as methods (types.MethodType: they pickle as the handle's put and get):
+    # with the encoding, the lock and the record in one Python frame (and the
+    # ring's fields in cells, not attributes), an item costs about 70 ns less
+    # on each side than a method that calls try_write / try_read.  They follow
+    # try_write / try_read line for line (tests/test_crash.py kills a process
+    # before each line of all four); the ring still never pickles: ``dumps``
+    # and ``loads`` are the caller's.
     def encoding_writer(
         self,
         dumps: Callable[..., Any],
@@ -501,18 +502,19 @@ class RingBuffer:
         buffer_callback: Optional[Callable[[Any], Any]],
         on_error: Callable[[Any, Exception], Any],
         limit: int,
-        on_long: Callable[[Any, Any, bool, Optional[float]], Any],
-        on_full: Callable[[Any, bool, Optional[float]], Any],
+        on_long: Callable[[Any, Any, Any, bool, Optional[float]], Any],
+        on_full: Callable[[Any, Any, bool, Optional[float]], Any],
     ) -> Callable[..., Any]:
-        """A function ``put(obj, block=True, timeout=None)`` that appends
-        ``dumps(obj, protocol, buffer_callback=buffer_callback)`` as one record.
+        """A function ``put(owner, obj, block=True, timeout=None)`` that
+        appends ``dumps(obj, protocol, buffer_callback=buffer_callback)`` as
+        one record (bind it to ``owner`` with types.MethodType).
 
         If ``dumps`` raises an Exception, ``on_error(obj, exc)`` gives the
         record (or raises).  A record longer than ``limit`` (at most
-        ``max_payload``) is handed to ``on_long(obj, data, block, timeout)``;
-        when the ring is full, ``on_full(data, block, timeout)`` is called once
-        the lock is released.  ``put`` returns None when it wrote the record,
-        else what the handler returned."""
+        ``max_payload``) is handed to ``on_long(owner, obj, data, block,
+        timeout)``; when the ring is full, ``on_full(owner, data, block,
+        timeout)`` is called once the lock is released.  ``put`` returns None
+        when it wrote the record, else what the handler returned."""
         if limit > self.max_payload:
             raise ValueError(f"'limit' must be at most {self.max_payload}, got {limit}")
         ring = self
@@ -520,14 +522,14 @@ class RingBuffer:
         sem, lock = self._psem, self._plock
         refresh, pad, ring_bell = self._refresh_free, self._pad, self._not_empty.ring
 
-        def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+        def put(owner: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
             try:
                 data = dumps(obj, protocol, buffer_callback=buffer_callback)
             except Exception as exc:
                 data = on_error(obj, exc)
             n = len(data)
             if n > limit:
-                return on_long(obj, data, block, timeout)
+                return on_long(owner, obj, data, block, timeout)
             if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
                 lock._acquire_slow(None)
             try:
@@ -560,38 +562,40 @@ class RingBuffer:
                         w[_POWNER] = 0
                     finally:  # (a handle closed under a hoisted put: still free the lock)
                         sem.release()
-            return on_full(data, block, timeout)
+            return on_full(owner, data, block, timeout)
 
         return put
 
     def decoding_reader(
         self,
         loads: Callable[[Any], Any],
-        on_error: Callable[[Any, Exception], Any],
-        on_empty: Callable[[Optional[bytes], bool, Optional[float]], Any],
+        on_error: Callable[[Any, Any, Exception], Any],
+        on_empty: Callable[[Any, Optional[bytes], bool, Optional[float]], Any],
         held: Any = (),
-        on_held: Optional[Callable[[bool, Optional[float]], Any]] = None,
+        on_held: Optional[Callable[[Any, bool, Optional[float]], Any]] = None,
     ) -> Callable[..., Any]:
-        """A function ``get(block=True, timeout=None)`` that removes the oldest
-        record and returns ``loads(record)``.
+        """A function ``get(owner, block=True, timeout=None)`` that removes the
+        oldest record and returns ``loads(record)`` (bind it to ``owner`` with
+        types.MethodType).
 
-        If ``loads`` raises an Exception, ``on_error(record, exc)`` gives the
-        result.  When the ring is empty (record None) or the record is empty
-        (b""), ``get`` returns ``on_empty(record, block, timeout)``.  While
-        ``held`` (records the caller took earlier, to return first) is not
-        empty, ``get`` returns ``on_held(block, timeout)`` instead."""
+        If ``loads`` raises an Exception, ``on_error(owner, record, exc)``
+        gives the result.  When the ring is empty (record None) or the record
+        is empty (b""), ``get`` returns ``on_empty(owner, record, block,
+        timeout)``.  While ``held`` (records the caller took earlier, to return
+        first) is not empty, ``get`` returns ``on_held(owner, block, timeout)``
+        instead."""
         ring = self
         w, buf, cap, base = self._w, self._buf, self._cap, self._base
         sem, lock = self._csem, self._clock
         segment, skip_pad, ring_bell = self._segment, self._skip_pad, self._not_full.ring
 
-        def get(block: bool = True, timeout: Optional[float] = None) -> Any:
+        def get(owner: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
             if held:
-                return on_held(block, timeout)
+                return on_held(owner, block, timeout)
             if sem is not None:
                 head = w[_HEAD]
                 if head >= ring._tail_seen and head == w[_TAIL]:
-                    return on_empty(None, block, timeout)  # empty: no need for the lock
+                    return on_empty(owner, None, block, timeout)  # empty: no need for the lock
                 if not sem.acquire(False):  # RobustLock.acquire, inlined
                     lock._acquire_slow(None)
             data = None
@@ -627,8 +631,8 @@ class RingBuffer:
                 try:
                     return loads(data)
                 except Exception as exc:
-                    return on_error(data, exc)
-            return on_empty(data, block, timeout)
+                    return on_error(owner, data, exc)
+            return on_empty(owner, data, block, timeout)
 
         return get
 

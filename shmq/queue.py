@@ -495,20 +495,22 @@ class _QueueBase:
         # Hot methods bound once: one lookup each on the put/get paths.
         self._try_write = main.try_write
         # put and get: the ring's closures with the pickling inlined (one
-        # Python frame per item), installed over the methods below unless a
-        # subclass overrides them.  They hold the handle (as a bound method
-        # would), through its slow-path methods.
+        # Python frame per item), bound to this handle over the methods below
+        # unless a subclass overrides them.  (Bound methods pickle as the
+        # handle's put and get; they make a reference cycle, which the garbage
+        # collector takes care of for a handle dropped without close().)
         self._fast_put = main.encoding_writer(
-            _dumps, _PROTOCOL, _oob, _encode_error, self._inline_max, self._put_long, self._put_wait
+            _dumps, _PROTOCOL, _oob, _encode_error, self._inline_max, _QueueBase._put_long, _QueueBase._put_wait
         )
         self._stash: Deque[Any] = deque()  # records get_many took but could not return
         self._fast_get = main.decoding_reader(
-            _decode, self._decode_other, self._get_slow, self._stash, self._get_stashed
+            _decode, _QueueBase._decode_other, _QueueBase._get_slow, self._stash, _QueueBase._get_stashed
         )
-        if type(self).put is _QueueBase.put:
-            self.put = self._fast_put  # type: ignore[method-assign]
-        if type(self).get is _QueueBase.get:
-            self.get = self._fast_get  # type: ignore[method-assign]
+        for attr, fast in (("put", self._fast_put), ("get", self._fast_get)):
+            method = getattr(_QueueBase, attr)
+            fast.__name__, fast.__qualname__, fast.__doc__ = attr, method.__qualname__, method.__doc__
+            if getattr(type(self), attr) is method:
+                setattr(self, attr, types.MethodType(fast, self))
         self._reset_readers()
         # Threads of this process share the handle's reserve() (large puts)
         # and peek() (large gets) state: one of each at a time.
@@ -529,7 +531,7 @@ class _QueueBase:
         room if ``block``.  Raises queue.Full (shmq.Full) if there is none;
         pickling errors raise here and leave the queue as it was."""
         # (the first pass of _encode, then the record, or _put_long)
-        self._fast_put(obj, block, timeout)
+        self._fast_put(self, obj, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""

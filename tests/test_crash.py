@@ -85,8 +85,8 @@ def object_closures(ring):
     shmq.Queue's put and get are), with records as their own encoding, shaped
     like try_write and try_read (True/False, record/None)."""
     put = ring.encoding_writer(_identity_dumps, 5, None, _refuse, ring.max_payload, _refuse, lambda *a: False)
-    get = ring.decoding_reader(bytes, _refuse, lambda data, block, timeout: None)
-    return (lambda rec: put(rec) is None), get
+    get = ring.decoding_reader(bytes, _refuse, lambda owner, data, block, timeout: None)
+    return (lambda rec: put(None, rec) is None), (lambda: get(None))
 
 
 def run_script(ring, ops, sh, closures=False):

@@ -636,6 +636,39 @@ def test_put_and_get_hoisted_before_first_use():
         q.close()
 
 
+def _call(func, *args):
+    return func(*args)
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn", "forkserver"], indirect=True)
+def test_put_and_get_pickle_as_the_handles_methods(ctx):
+    q = shmq.Queue()
+    try:
+        put, get = pickle.loads(pickle.dumps((q.put, q.get)))
+        assert put.__self__ is not q and put.__self__.name == q.name and put.__name__ == "put"
+        put("through a copy")
+        assert q.get(timeout=T) == "through a copy"
+        q.put("back")
+        assert get(timeout=T) == "back"
+        put.__self__.close()
+        # as a Process target, and through a pool
+        p = ctx.Process(target=q.put, args=("from a child",))
+        p.start()
+        join_all([p])
+        assert p.exitcode == 0 and q.get(timeout=T) == "from a child"
+        with ctx.Pool(1) as pool:
+            pool.apply(_call, (q.put, "from a pool"))
+            assert q.get(timeout=T) == "from a pool"
+            q.put("to a pool")
+            assert pool.apply(_call, (q.get, True, T)) == "to a pool"
+        for method in ("put", "get"):
+            ours = [(p.name, p.default) for p in inspect.signature(getattr(q, method)).parameters.values()]
+            theirs = [(p.name, p.default) for p in inspect.signature(getattr(mpq.Queue, method)).parameters.values()]
+            assert ours == theirs[1:]
+    finally:
+        q.close()
+
+
 class LoggingQueue(shmq.Queue):
     def put(self, obj, block=True, timeout=None):
         self.log.append(("put", obj))
