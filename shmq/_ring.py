@@ -30,7 +30,7 @@ from . import _platform as P
 from ._errors import ClosedError, MessageTooLarge
 from . import _sync
 from ._segment import Segment
-from ._sync import Doorbell, RobustLock, lock_words
+from ._sync import Doorbell, RobustLock
 
 __all__ = ("RingBuffer", "DEFAULT_CAPACITY_BYTES")
 
@@ -48,8 +48,8 @@ _PWAIT = L.W_PRODUCER_WAITING
 # paths.  A ring's locks show progress by their side's message counter, which
 # every holder that writes or reads a record moves anyway (see _sync), so
 # those paths store the owner and never touch the generation.
-_POWNER = lock_words(L.W_PRODUCER_LOCK)[0]
-_COWNER = lock_words(L.W_CONSUMER_LOCK)[0]
+_POWNER = L.W_PRODUCER_LOCK
+_COWNER = L.W_CONSUMER_LOCK
 
 
 def _as_bytes(data: Any) -> Any:
@@ -613,8 +613,9 @@ class RingBuffer:
                     n = w[pos >> 3]
                     if n < 0:
                         head = skip_pad(head, n)
-                        pos = base
-                        n = w[pos >> 3]
+                        if head >= 0:
+                            pos = base
+                            n = w[pos >> 3]
                     if head >= 0:
                         data = buf[pos + 8 : pos + 8 + n].tobytes()
                         w[_MSGS_OUT] += 1
