@@ -70,15 +70,42 @@ def name_stem() -> str:
 
 
 def check_name(name: object) -> str:
+    """``name`` without a leading "/", or TypeError/ValueError saying why not:
+    1-MAX_NAME_LENGTH characters of letters, digits, '_', '.', '-' (a queue's
+    part may add a PART suffix, see :func:`part_name`), not "sem.*" (that is
+    where Linux keeps POSIX semaphores in /dev/shm)."""
     if not isinstance(name, str):
         raise TypeError(f"'name' must be a str, got {type(name).__name__}")
     if name.startswith("/"):
         name = name[1:]
-    if not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name) or name in (".", ".."):
+    owner = owner_of(name) or name
+    if not owner or len(owner) > MAX_NAME_LENGTH or not _NAME_RE.match(name) or name in (".", ".."):
         raise ValueError(
             f"'name' must be 1-{MAX_NAME_LENGTH} characters of letters, digits, '_', '.', '-', got {name!r}"
         )
+    if name.startswith("sem."):
+        raise ValueError(f"'name' must not start with 'sem.' (the POSIX semaphores' namespace in {SHM_DIR}), got {name!r}")
     return name
+
+
+# A queue's parts (side ring, slot pool, large-item blobs) are named after the
+# queue: "<queue>.s", "<queue>.p", "<queue>.b<hex>", so that `ls --prefix`,
+# `stat` and `gc` see a queue and its parts as one thing.
+_PART_RE = re.compile(r"\.(s|p|b[0-9a-f]{1,16})\Z")
+
+
+def part_name(owner: str, part: str) -> str:
+    """The name of ``owner``'s part: ``part`` is "s", "p" or "b<hex>"."""
+    name = f"{owner}.{part}"
+    if not _PART_RE.search(name):
+        raise ValueError(f"'part' must be 's', 'p' or 'b' and 1-16 hex digits, got {part!r}")
+    return name
+
+
+def owner_of(name: str) -> Optional[str]:
+    """The queue whose part ``name`` is (see :func:`part_name`), or None."""
+    m = _PART_RE.search(name)
+    return name[: m.start()] if m and m.start() > 0 else None
 
 
 def shm_free_bytes() -> Optional[int]:
