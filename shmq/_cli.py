@@ -4,20 +4,24 @@ Commands::
 
     shmq ls    [--prefix P] [--json]                 the shmq segments on this machine
     shmq stat  NAME [--interval S] [--json]          one statistics snapshot (and rates)
-    shmq top   [--prefix P] [--interval S] [--iterations N]   live view; Ctrl-C quits
+    shmq top   [--prefix P] [--interval S] [--iterations N] [--json]   live view; Ctrl-C quits
     shmq gc    [--prefix P] [--dry-run] [--json]     remove what only dead processes used
     shmq bench [--quick] [--only NAME] [--json] [--plot FILE.png]   run benchmarks/
     shmq demo  [-n COUNT] [-s SIZE]                  move messages between two processes
 
-Every command reads segments read-only by name (it never joins them).  An
-error is one line on stderr and exit status 1 (2 for bad usage); set
-SHMQ_DEBUG=1 to see the traceback instead.
+Every command reads segments read-only by name (it never joins them).  A
+queue's parts (side ring, slot pool, large-item blobs) are shown with it.
+An error is one line on stderr and exit status 1 (2 for bad usage); a
+segment that cannot be read is one line on stderr, and the command goes on.
+Set SHMQ_DEBUG=1 to see the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import threading
 import multiprocessing as mp
 import os
 import shutil
@@ -87,14 +91,23 @@ def _table(rows: List[List[str]], header: List[str], right: Tuple[int, ...] = ()
     return "\n".join(lines)
 
 
+def _wall_time(taken_at: float) -> float:
+    """``time.monotonic()`` value ``taken_at`` as seconds since the epoch."""
+    return time.time() - (time.monotonic() - taken_at)
+
+
 def _as_json(obj: Any) -> Any:
-    """A statistics dataclass as a JSON-ready dict, derived properties included."""
+    """A statistics dataclass as a JSON-ready dict, derived properties
+    included, and ``timestamp``: the wall-clock time (seconds since the
+    epoch) the snapshot was taken, when it says."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"type": type(obj).__name__}
         out.update(dataclasses.asdict(obj))
         for prop in ("fill_ratio", "age_seconds", "in_use"):
             if hasattr(obj, prop):
                 out[prop] = getattr(obj, prop)
+        if isinstance(getattr(obj, "taken_at", None), float):
+            out["timestamp"] = _wall_time(obj.taken_at)
         return out
     return obj
 
@@ -106,8 +119,18 @@ def _print_json(obj: Any) -> None:
 # -- ls ---------------------------------------------------------------------
 
 
+def _shown_name(info: Any) -> str:
+    """A queue's part indented under its queue."""
+    return f"  {info.name}" if getattr(info, "owner", None) else info.name
+
+
+def _report_problems(problems: List[Tuple[str, str]]) -> None:
+    for name, reason in problems:
+        print(f"shmq: cannot read {name}: {reason}", file=sys.stderr)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """The shmq segments on this machine."""
+    """The shmq segments on this machine, a queue's parts under it."""
     problems: List[Tuple[str, str]] = []
     infos = ll.list_segments(args.prefix, problems)
     if args.json:
@@ -120,7 +143,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             alive = sum(p.alive for p in i.participants)
             rows.append(
                 [
-                    i.name,
+                    _shown_name(i),
                     i.kind,
                     _size(i.size_bytes),
                     str(i.creator_pid),
@@ -130,8 +153,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 ]
             )
         print(_table(rows, ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS"], right=(2, 3, 5, 6)))
-    for name, reason in problems:
-        print(f"shmq: cannot read {name}: {reason}", file=sys.stderr)
+    _report_problems(problems)
     return 0
 
 
@@ -143,11 +165,15 @@ def _ring_text(s: ll.RingStatistics) -> str:
     lines = [
         ("ring", f"{s.name}: {_size(s.capacity_bytes)} data area{limit}"),
         ("creator", f"{s.creator_pid} ({'alive' if s.creator_alive else 'dead'})"),
-        ("messages", f"in {s.messages_in:,}, out {s.messages_out:,}, held {s.messages_used:,}"),
+        (
+            "messages",
+            f"in {s.messages_in:,}, out {s.messages_out:,}, held {s.messages_used:,}"
+            + (f" {_bar(s.messages_used / s.max_messages)}" if s.max_messages else ""),
+        ),
         (
             "bytes",
-            f"in {s.bytes_in:,}, out {s.bytes_out:,}, held {s.bytes_used:,} {_bar(s.fill_ratio)}, "
-            f"peak {s.peak_bytes:,}",
+            f"in {s.bytes_in:,}, out {s.bytes_out:,}, held {s.bytes_used:,} "
+            f"{_bar(s.bytes_used / s.capacity_bytes if s.capacity_bytes else 0.0)}, peak {s.peak_bytes:,}",
         ),
         ("full waits", f"{s.full_waits:,} producer waits for room, {s.full_wait_seconds:.3f} s in total"),
         ("empty waits", f"{s.empty_waits:,} consumer waits for a record, {s.empty_wait_seconds:.3f} s in total"),
@@ -201,8 +227,25 @@ def _has_rates(stats: Any) -> bool:
     return all(hasattr(stats, a) for a in ("messages_in", "full_wait_seconds", "fill_ratio", "taken_at"))
 
 
+def _part_text(part: Any, info: Any) -> str:
+    """One line about a part of a queue."""
+    if isinstance(part, ll.RingStatistics):
+        return (
+            f"{info.kind} {part.name}: {part.messages_used:,} held, {part.messages_in:,} in, "
+            f"{part.messages_out:,} out, {_size(part.bytes_used)} of {_size(part.capacity_bytes)}"
+        )
+    if isinstance(part, ll.SlotPoolStatistics):
+        return (
+            f"pool {part.name}: {part.slot_count - part.free} of {part.slot_count} slots of "
+            f"{_size(part.slot_size)} in use ({part.loaned} loaned, {part.sent} sent), "
+            f"{part.allocations:,} allocations"
+        )
+    return f"{info.kind} {info.name}: {_size(info.size_bytes)}, created by {info.creator_pid}"
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
-    """One statistics snapshot of NAME (two, and the rates between them, with --interval)."""
+    """One statistics snapshot of NAME (two, and the rates between them, with
+    --interval); a queue's parts follow it."""
     stats = ll.read_statistics(args.name)
     rates = None
     if args.interval is not None:
@@ -213,82 +256,188 @@ def cmd_stat(args: argparse.Namespace) -> int:
             later = ll.read_statistics(args.name)
             rates = ll.rates(stats, later)
             stats = later
+    parts = []
+    for info in [i for i in ll.list_segments(args.name) if i.owner == args.name]:
+        try:
+            parts.append((ll.read_statistics(info.name), info))
+        except FileNotFoundError:
+            continue  # a blob consumed meanwhile
+        except (OSError, shmq.LayoutError) as exc:
+            print(f"shmq: cannot read {info.name}: {_error_line(exc)}", file=sys.stderr)
     if args.json:
         out = _as_json(stats)
+        out["timestamp"] = time.time() if "timestamp" not in out else out["timestamp"]
         if rates is not None:
             out["rates"] = _as_json(rates)
+        if parts:
+            out["parts"] = [dict(_as_json(p), kind=i.kind) for p, i in parts]
         _print_json(out)
         return 0
     print(_ring_text(stats) if isinstance(stats, ll.RingStatistics) else _generic_text(stats))
     if rates is not None:
         print(_rates_text(rates))
+    if parts:
+        print(_fields_text([("parts", _part_text(*parts[0]))] + [("", _part_text(*p)) for p in parts[1:]]))
     return 0
 
 
 # -- top --------------------------------------------------------------------
 
 
-def _top_frame(prefix: str, previous: Dict[str, Any], interval: float, width: int = 0) -> str:
-    """One screen: every segment, rates since ``previous`` (updated in place);
-    lines cut at ``width`` columns when given."""
-    infos = ll.list_segments(prefix)
-    rows = []
+_TOP_HEADER = ["NAME", "KIND", "IN/s", "OUT/s", "MB/s", "FILL", "P-WAIT", "C-WAIT", "VERDICT", "PROCS"]
+
+
+def _top_sample(
+    prefix: str, previous: Dict[str, Any], problems: Optional[List[Tuple[str, str]]] = None
+) -> List[Dict[str, Any]]:
+    """One reading of every segment (a queue's parts after it), with rates
+    since ``previous`` (name -> statistics, updated in place).  A segment
+    whose creator and participants are all dead is marked ``dead`` and
+    gets no rates.  Unreadable shmq entries go to ``problems``."""
+    infos = ll.list_segments(prefix, problems)
+    out = []
     current: Dict[str, Any] = {}
     for info in infos:
         try:
             stats = ll.read_statistics(info.name)
         except (OSError, shmq.LayoutError):
             continue  # vanished since the listing
-        procs = f"{sum(p.alive for p in info.participants)}/{len(info.participants)}"
-        row = [info.name, info.kind, "-", "-", "-", "-", "-", "-", "-", procs]
+        entry: Dict[str, Any] = {
+            "name": info.name,
+            "kind": info.kind,
+            "owner": info.owner,
+            "dead": not info.in_use,
+            "procs_alive": sum(p.alive for p in info.participants),
+            "procs": len(info.participants),
+            "fill_ratio": None,
+            "rates": None,
+        }
         if _has_rates(stats):
             current[info.name] = stats
-            row[5] = _bar(stats.fill_ratio)
+            entry["fill_ratio"] = stats.fill_ratio
             before = previous.get(info.name)
             # A counter that went back means the name now holds a new segment.
-            if before is not None and stats.messages_in >= before.messages_in and stats.taken_at > before.taken_at:
-                r = ll.rates(before, stats)
-                row[2] = _count(r.messages_in_per_second)
-                row[3] = _count(r.messages_out_per_second)
-                row[4] = f"{r.bytes_out_per_second / 1e6:.1f}"
-                row[6] = f"{r.producer_wait_ratio * 100:.0f}%"
-                row[7] = f"{r.consumer_wait_ratio * 100:.0f}%"
-                row[8] = r.verdict
+            if (
+                info.in_use
+                and before is not None
+                and stats.messages_in >= before.messages_in
+                and stats.taken_at > before.taken_at
+            ):
+                entry["rates"] = ll.rates(before, stats)
         elif getattr(stats, "slot_count", 0):  # a pool: slots in use
-            row[5] = _bar((stats.slot_count - stats.free) / stats.slot_count)
-        rows.append(row)
+            entry["fill_ratio"] = (stats.slot_count - stats.free) / stats.slot_count
+        out.append(entry)
     previous.clear()
     previous.update(current)
+    return out
+
+
+def _top_row(e: Dict[str, Any]) -> List[str]:
+    name = f"  {e['name']}" if e["owner"] else e["name"]
+    row = [name, e["kind"], "-", "-", "-", "-", "-", "-", "-", f"{e['procs_alive']}/{e['procs']}"]
+    if e["fill_ratio"] is not None:
+        row[5] = _bar(e["fill_ratio"])
+    r = e["rates"]
+    if e["dead"]:
+        row[8] = "DEAD (shmq gc removes it)"
+    elif r is not None:
+        row[2] = _count(r.messages_in_per_second)
+        row[3] = _count(r.messages_out_per_second)
+        row[4] = f"{r.bytes_out_per_second / 1e6:.1f}"
+        row[6] = f"{r.producer_wait_ratio * 100:.0f}%"
+        row[7] = f"{r.consumer_wait_ratio * 100:.0f}%"
+        row[8] = r.verdict
+    return row
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its middle elided."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    keep = width - 1
+    return text[: (keep + 1) // 2] + "~" + text[len(text) - keep // 2 :]
+
+
+def _top_text(
+    entries: List[Dict[str, Any]],
+    prefix: str,
+    interval: float,
+    width: int = 0,
+    problems: Optional[List[Tuple[str, str]]] = None,
+) -> str:
+    """One screen.  With ``width`` (a terminal's), the NAME column is
+    shortened so that every other column still fits; no other column is cut."""
     title = (
         f"shmq top  {time.strftime('%H:%M:%S')}  every {interval:g} s  "
-        f"{len(rows)} segment{'s' if len(rows) != 1 else ''}"
+        f"{len(entries)} segment{'s' if len(entries) != 1 else ''}"
         + (f" named {prefix}*" if prefix else "")
         + "  (Ctrl-C quits)"
     )
-    if not rows:
-        return title + "\n\nno shmq segments"
-    header = ["NAME", "KIND", "IN/s", "OUT/s", "MB/s", "FILL", "P-WAIT", "C-WAIT", "VERDICT", "PROCS"]
-    table = _table(rows, header, right=(2, 3, 4, 6, 7, 9))
+    notes = "".join(f"\ncannot read {n}: {r}" for n, r in problems or ())
     if width:
-        table = "\n".join(line[:width] for line in table.splitlines())
-    return title + "\n\n" + table
+        notes = "\n".join(_shorten(line, width) for line in notes.split("\n"))
+    if not entries:
+        return title + "\n\nno shmq segments" + notes
+    rows = [_top_row(e) for e in entries]
+    right = (2, 3, 4, 6, 7, 9)
+    if width:
+        others = [max(len(str(r[i])) for r in [_TOP_HEADER] + rows) for i in range(1, len(_TOP_HEADER))]
+        room = width - sum(others) - 2 * (len(_TOP_HEADER) - 1)
+        room = max(room, len("NAME"))
+        for r in rows:
+            r[0] = _shorten(r[0], room)
+    return title + "\n\n" + _table(rows, _TOP_HEADER, right=right) + notes
+
+
+def _top_json(entries: List[Dict[str, Any]], interval: float, problems: List[Tuple[str, str]]) -> str:
+    frame: Dict[str, Any] = {
+        "timestamp": time.time(),
+        "interval": interval,
+        "segments": [],
+        "unreadable": [{"name": n, "reason": r} for n, r in problems],
+    }
+    for e in entries:
+        e = dict(e)
+        if e["rates"] is not None:
+            e["rates"] = _as_json(e["rates"])
+        frame["segments"].append(e)
+    return json.dumps(frame)
+
+
+def _top_frame(prefix: str, previous: Dict[str, Any], interval: float, width: int = 0) -> str:
+    """One screen: every segment, rates since ``previous`` (updated in place)."""
+    return _top_text(_top_sample(prefix, previous), prefix, interval, width)
+
+
+#: seconds between the two readings before the first frame (so it has rates)
+FIRST_FRAME_SAMPLE = 0.5
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     """A live view of every queue, refreshed every --interval seconds."""
     if args.interval <= 0:
         raise CliError(f"--interval must be positive, got {args.interval}")
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and not args.json
     previous: Dict[str, Any] = {}
     n = 0
     try:
+        # A first reading, so that the first frame already has rates.
+        _top_sample(args.prefix, previous)
+        time.sleep(min(args.interval, FIRST_FRAME_SAMPLE))
         while True:
-            width = shutil.get_terminal_size().columns if tty else 0
-            frame = _top_frame(args.prefix, previous, args.interval, width)
-            if tty:
-                sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n")
+            problems: List[Tuple[str, str]] = []
+            entries = _top_sample(args.prefix, previous, problems)
+            if args.json:
+                sys.stdout.write(_top_json(entries, args.interval, problems) + "\n")
+            elif tty:
+                width = shutil.get_terminal_size().columns
+                text = _top_text(entries, args.prefix, args.interval, width, problems)
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             else:
-                sys.stdout.write(("\n" if n else "") + frame + "\n")
+                text = _top_text(entries, args.prefix, args.interval, 0, problems)
+                sys.stdout.write(("\n" if n else "") + text + "\n")
             sys.stdout.flush()
             n += 1
             if args.iterations and n >= args.iterations:
@@ -304,10 +453,20 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove segments and semaphores that only dead processes used."""
-    items = ll.collect_garbage(args.prefix, dry_run=args.dry_run)
+    """Remove segments and semaphores that only dead processes used (a queue
+    and its parts as one)."""
+    problems: List[Tuple[str, str]] = []
+    items = ll.collect_garbage(args.prefix, dry_run=args.dry_run, problems=problems)
     if args.json:
-        _print_json({"dry_run": args.dry_run, "removed": [_as_json(g) for g in items]})
+        _print_json(
+            {
+                "timestamp": time.time(),
+                "dry_run": args.dry_run,
+                "removed": [_as_json(g) for g in items],
+                "unreadable": [{"name": n, "reason": r} for n, r in problems],
+            }
+        )
+        _report_problems(problems)
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for g in items:
@@ -315,40 +474,103 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {what}: {g.reason}")
     segs = sum(g.kind != "semaphore" for g in items)
     sems = len(items) - segs
-    print(f"{'would remove' if args.dry_run else 'removed'} {segs} segment(s) and {sems} orphan semaphore(s)")
+    print(f"{verb} {segs} segment(s) and {sems} orphan semaphore(s)")
+    _report_problems(problems)
     return 0
 
 
 # -- bench ------------------------------------------------------------------
 
 
+#: the peers the benchmarks compare with when installed: module -> pip name
+PEERS = {"faster_fifo": "faster-fifo", "zmq": "pyzmq", "iceoryx2": "iceoryx2"}
+
+
 def _bench_dir(arg: Optional[str]) -> Path:
     if arg:
         path = Path(arg)
-    else:
-        path = Path(shmq.__file__).resolve().parent.parent / "benchmarks"
-    if not (path / "_harness.py").is_file():
-        raise CliError(f"no shmq benchmark suite in {path}: run from a source checkout, or pass --dir")
-    return path
+        if not (path / "_harness.py").is_file():
+            raise CliError(f"no shmq benchmark suite in {path} (no _harness.py there)")
+        return path
+    # A source checkout: benchmarks/ next to the package, or in the current directory.
+    for path in (Path(shmq.__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"):
+        if (path / "_harness.py").is_file():
+            return path
+    raise CliError(
+        "the benchmark scripts are not installed with the shmq package: run 'shmq bench' in a "
+        "source checkout of shmq, or pass --dir PATH/TO/shmq/benchmarks"
+    )
 
 
-def _run_script(script: Path, args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], str]:
+def _compares_with(script: Path, module: str) -> bool:
+    """Whether ``script`` measures the peer library ``module`` when it is installed."""
+    try:
+        text = script.read_text()
+        if f'"{module}"' in text:
+            return True
+        shared = script.parent / "_transports.py"
+        return "_transports" in text and f'"{module}"' in shared.read_text()
+    except OSError:
+        return False
+
+
+def _pump(stream: Any, label: str, tail: List[str]) -> None:
+    """Copy a script's stderr (its progress) to ours, each line labelled."""
+    for line in stream:
+        line = line.rstrip("\n")
+        tail.append(line)
+        del tail[:-20]
+        print(f"  [{label}] {line}", file=sys.stderr, flush=True)
+
+
+def _run_script(script: Path, args: argparse.Namespace, index: int = 1, total: int = 1) -> Tuple[List[Dict[str, Any]], str]:
     cmd = [sys.executable, str(script), "--json"] + (["--quick"] if args.quick else [])
-    print(f"running {script.name} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    print(f"[{index}/{total}] running {script.name}{' --quick' if args.quick else ''} ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail: List[str] = []
+    pump = threading.Thread(target=_pump, args=(proc.stderr, script.name, tail), daemon=True)
+    pump.start()
     rows, other = [], []
-    for line in proc.stdout.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            other.append(line)
-            continue
-        if isinstance(obj, dict):
-            obj.setdefault("script", script.name)
-            rows.append(obj)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CliError(f"{script.name} failed with exit status {proc.returncode}: {last}")
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(args.timeout, stop)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                other.append(line.rstrip("\n"))
+                continue
+            if isinstance(obj, dict):
+                obj.setdefault("script", script.name)
+                rows.append(obj)
+                if "meta" not in obj:
+                    found = _row_value(obj)
+                    figure = f"{_fmt_value(found[1], found[2])} {found[2]}" if found else obj.get("error", "no result")
+                    print(
+                        f"  [{script.name}] {obj.get('workload', '')} / {obj.get('transport', '')}: {figure}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pump.join(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(cmd, args.timeout)
+    if returncode != 0:
+        last = (tail or ["(no output)"])[-1]
+        raise CliError(f"{script.name} failed with exit status {returncode}: {last}")
     return rows, "\n".join(other)
 
 
@@ -374,8 +596,16 @@ def _row_value(r: Dict[str, Any]) -> Optional[Tuple[str, float, str]]:
 def _bench_table(rows: List[Dict[str, Any]]) -> str:
     table = []
     for r in rows:
+        if "meta" in r:
+            continue
+        bench = r.get("bench") or str(r.get("script", "?")).replace("bench_", "").replace(".py", "")
+        if r.get("not_installed"):
+            table.append([bench, "-", str(r.get("transport", "")), "not installed", "-", "-"])
+            continue
         found = _row_value(r)
-        if "meta" in r or found is None:
+        if found is None:
+            what = "error: " + str(r["error"])[:60] if r.get("error") else "no result"
+            table.append([bench, str(r.get("workload", "")), str(r.get("transport", "")), what, "-", "-"])
             continue
         _, value, unit = found
         low, high = r.get("min"), r.get("max")
@@ -386,7 +616,6 @@ def _bench_table(rows: List[Dict[str, Any]]) -> str:
         workload = r.get("workload") or ", ".join(
             f"{k}={r[k]}" for k in r if k.startswith("size") and not isinstance(r[k], (list, dict))
         )
-        bench = r.get("bench") or str(r.get("script", "?")).replace("bench_", "").replace(".py", "")
         table.append(
             [
                 bench,
@@ -450,9 +679,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         scripts.append(bench_dir / "bench_sizes.py")
     all_rows: List[Dict[str, Any]] = []
     failures = []
-    for script in scripts:
+    missing = [module for module in PEERS if importlib.util.find_spec(module) is None]
+    if missing:
+        print(
+            f"not installed, so not compared: {', '.join(PEERS[m] for m in missing)} (pip install 'shmq[bench]')",
+            file=sys.stderr,
+        )
+    for k, script in enumerate(scripts, 1):
         try:
-            rows, other = _run_script(script, args)
+            rows, other = _run_script(script, args, k, len(scripts))
         except CliError as exc:
             failures.append(str(exc))
             print(f"shmq: {exc}", file=sys.stderr)
@@ -462,6 +697,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"shmq: {script.name} did not finish in {args.timeout} s", file=sys.stderr)
             continue
         all_rows.extend(rows)
+        bench = next((r.get("bench") for r in rows if r.get("bench")), script.stem.replace("bench_", ""))
+        all_rows.extend(
+            {"bench": bench, "script": script.name, "transport": PEERS[module], "not_installed": True}
+            for module in missing
+            if _compares_with(script, module)
+        )
         if other.strip() and not args.json:
             print(f"--- {script.name} (not JSON) ---\n{other}")
     if args.json:
@@ -484,50 +725,117 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------
 
 
-def _demo_consumer(name: str, count: int) -> None:
-    ring = shmq.Ring.attach(name)
+#: the largest message ``shmq demo -s`` takes
+DEMO_MAX_SIZE = 64 << 20
+#: seconds the demo's producer or consumer waits for the other before giving up
+DEMO_PATIENCE = 60.0
+
+
+def _demo_consumer(name: str, count: int, ready: Any, done: Any) -> None:
+    """The demo's consumer (a spawned process): attach, say ready, read
+    ``count`` messages, say done.  Errors end it with one line, exit status 1."""
     try:
-        for _ in range(count):
-            ring.read(timeout=60)
-    finally:
-        ring.close()
+        ring = shmq.Ring.attach(name)
+        try:
+            read = ring.read
+            ready.set()
+            for _ in range(count):
+                read(timeout=DEMO_PATIENCE)
+            done.set()
+        finally:
+            ring.close()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        print(f"shmq demo: consumer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _demo_ring_capacity(size: int) -> int:
+    """Room for at least 16 records of ``size`` bytes, at least 1 MiB."""
+    record = 8 + (size + 7) // 8 * 8
+    return max(1 << 20, 16 * record)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A producer process and a consumer process move messages; print the rate."""
-    ctx = mp.get_context("spawn")
-    with shmq.Ring.create(1 << 20, multi_producer=False, multi_consumer=False) as ring:
+    """A producer process and a consumer process move messages; print the rate.
+
+    The clock runs from the moment the consumer is attached and waiting to
+    the moment it has read the last message: process start-up is not timed.
+    """
+    method = "spawn"
+    ctx = mp.get_context(method)
+    capacity = _demo_ring_capacity(args.size)
+    ready, done = ctx.Event(), ctx.Event()
+    with shmq.Ring.create(capacity, multi_producer=False, multi_consumer=False) as ring:
+        proc = ctx.Process(target=_demo_consumer, args=(ring.name, args.count, ready, done))
         try:
-            proc = ctx.Process(target=_demo_consumer, args=(ring.name, args.count))
             proc.start()
+            while not ready.wait(0.1):
+                if not proc.is_alive():
+                    raise CliError(f"the consumer process ended before it was ready (exit status {proc.exitcode})")
             payload = b"x" * args.size
             write = ring.write
             t0 = time.perf_counter()
             for _ in range(args.count):
-                write(payload, 60)
-            proc.join(120)
+                try:
+                    write(payload, 1.0)
+                except shmq.Full:
+                    if not proc.is_alive():
+                        raise CliError(f"the consumer process died (exit status {proc.exitcode})") from None
+                    write(payload, DEMO_PATIENCE)
+            while not done.wait(0.1):
+                if not proc.is_alive():
+                    raise CliError(f"the consumer process died (exit status {proc.exitcode})")
             elapsed = time.perf_counter() - t0
+            proc.join(DEMO_PATIENCE)
         finally:
             ring.unlink()
-    if proc.exitcode != 0:
-        print(f"consumer failed with exit code {proc.exitcode}", file=sys.stderr)
-        return 1
-    rate = args.count / elapsed
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+    rate = args.count / elapsed if elapsed > 0 else float("inf")
     print(
         f"shmq {shmq.__version__}: moved {args.count:,} messages of {args.size} bytes "
-        f"from one process to another in {elapsed:.2f} s: {rate:,.0f} msg/s, "
-        f"{rate * args.size / 1e6:,.1f} MB/s"
+        f"from one process to another in {elapsed:.3f} s: {rate:,.0f} msg/s, "
+        f"{rate * args.size / 1e6:,.1f} MB/s\n"
+        f"measured: this process -> 1 consumer process (start method {method}), one message at a time "
+        f"(Ring.write / Ring.read) through a single-producer single-consumer shmq.Ring of {_size(capacity)}; "
+        f"timed from the consumer being ready to its last read (process start-up not included)"
     )
     return 0
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _size_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
+    if not 0 <= value <= DEMO_MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {DEMO_MAX_SIZE:,} bytes, got {value:,}")
+    return value
 
 
 # -- entry point ------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The module docstring is reST; --help shows it without the markup.
+    description = (__doc__ or "").split("\n\n")[0].replace("``", "").rstrip(":")
     parser = argparse.ArgumentParser(
-        prog="shmq", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="shmq", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"shmq {shmq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def prefix_arg(p: argparse.ArgumentParser) -> None:
@@ -548,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefix_arg(top)
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (1)")
     top.add_argument("--iterations", type=int, default=0, metavar="N", help="stop after N refreshes (0: never)")
+    top.add_argument("--json", action="store_true", help="print one JSON object per refresh, one per line")
     top.set_defaults(func=cmd_top)
 
     gc = sub.add_parser("gc", help="remove segments and semaphores whose creator and participants are all dead")
@@ -566,8 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="move messages between two processes and print the rate")
-    demo.add_argument("-n", "--count", type=int, default=500_000)
-    demo.add_argument("-s", "--size", type=int, default=64)
+    demo.add_argument("-n", "--count", type=_count_arg, default=500_000, help="messages to move (500000)")
+    demo.add_argument("-s", "--size", type=_size_arg, default=64, help="bytes per message (64)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

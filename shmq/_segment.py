@@ -483,13 +483,18 @@ class SegmentView:
             mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        self = cls(name, mm, (st.st_dev, st.st_ino))
         try:
-            check_header(name, self._buf, st.st_size)
+            # Check a copy of the header: a view of the mapping kept alive by
+            # the exception's traceback would make mm.close() raise BufferError.
+            header = memoryview(mm[: L.DATA_OFFSET])
+            check_header(name, header, st.st_size)
+            kind = header.cast("q")[L.W_KIND]
+            if kind not in L.KIND_NAMES:
+                raise LayoutError(f"{name!r} is an shmq segment of unknown kind {kind}")
         except BaseException:
-            self.close()
+            mm.close()
             raise
-        return self
+        return cls(name, mm, (st.st_dev, st.st_ino))
 
     @property
     def creator_pid(self) -> int:
@@ -524,7 +529,10 @@ class SegmentView:
         self._mmap = None
         self.words.release()
         self._buf.release()
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a caller still holds a view of it: unmapped when that goes
 
     def __enter__(self) -> "SegmentView":
         return self

@@ -19,9 +19,12 @@ there is no drop counter: back-pressure shows as ``full_waits``.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _layout as L
 from . import _platform as P
@@ -129,6 +132,9 @@ class SegmentInfo:
     participants: Tuple[ParticipantInfo, ...]
     #: time.monotonic() when the snapshot was taken
     taken_at: float
+    #: the queue this segment is a part of (its side ring, slot pool or a
+    #: large-item blob), or None for a queue's main ring and anything else
+    owner: Optional[str] = None
 
     @property
     def age_seconds(self) -> float:
@@ -195,7 +201,7 @@ def _kind_name(view: SegmentView) -> str:
     return L.KIND_NAMES.get(view.kind, f"kind {view.kind}")
 
 
-def _segment_info(view: SegmentView) -> SegmentInfo:
+def _segment_info(view: SegmentView, owner: Optional[str] = None) -> SegmentInfo:
     w = view.words
     return SegmentInfo(
         name=view.name,
@@ -206,7 +212,118 @@ def _segment_info(view: SegmentView) -> SegmentInfo:
         created=w[L.W_CREATED_NS] / 1e9,
         participants=_participants(view),
         taken_at=time.monotonic(),
+        owner=owner,
     )
+
+
+def _name_word(view: SegmentView, word: int, nbytes: int) -> str:
+    """A NUL-padded ASCII name stored in the header at ``word`` ("" if none or not ASCII)."""
+    raw = view.words[word : word + nbytes // L.WORD].tobytes().rstrip(b"\0")
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+
+
+def _queue_side_name(view: SegmentView) -> str:
+    """The side ring named in a queue's main ring, or ""."""
+    if view.kind != L.KIND_RING or view.words[L.W_QUEUE_KIND] not in (
+        L.QUEUE_KIND_QUEUE,
+        L.QUEUE_KIND_JOINABLE,
+        L.QUEUE_KIND_SIMPLE,
+    ):
+        return ""
+    return _name_word(view, L.W_SIDE_NAME, L.SIDE_NAME_BYTES)
+
+
+class _Inventory:
+    """One pass over /dev/shm: every shmq segment's SegmentInfo, the entries
+    that carry shmq's magic but cannot be read (``problems``), and which
+    queue each part belongs to.
+
+    A queue's parts are found two ways: by name (``<queue>.s``, ``.p``,
+    ``.b<hex>``: :func:`~shmq._platform.owner_of`) and through the side-ring
+    name its main ring records (queues made before parts were named after
+    their queue: side ``<stem>s``, pool ``<stem>p``, blobs ``<stem>b<hex>``).
+    """
+
+    def __init__(self) -> None:
+        self.names: List[str] = P.list_shm_names()
+        self.infos: Dict[str, SegmentInfo] = {}
+        self.idents: Dict[str, Tuple[int, int]] = {}
+        #: shmq-looking entries that could not be read: name -> reason
+        self.problems: Dict[str, str] = {}
+        #: queue (main ring) name -> the side ring it records
+        self.side_of: Dict[str, str] = {}
+        stems: Dict[str, str] = {}  # side-ring stem -> queue (main ring) name
+        for name in self.names:
+            try:
+                with SegmentView.open(name) as view:
+                    info = _segment_info(view)
+                    side = _queue_side_name(view)
+                    self.idents[name] = view._ident
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except PermissionError as exc:
+                self.problems[name] = exc.strerror or "permission denied"
+                continue
+            except LayoutError as exc:
+                if _has_magic(name):  # an shmq segment we cannot use; anything else is not ours
+                    self.problems[name] = str(exc)
+                continue
+            except (OSError, ValueError):
+                continue  # not a regular file, or a name shmq never makes
+            self.infos[name] = info
+            if side:
+                self.side_of[name] = side
+                stems[side[:-1]] = name
+        for name, info in self.infos.items():
+            owner = P.owner_of(name)
+            if owner is None:
+                owner = _owner_by_stem(name, stems)
+            if owner is not None and owner != name:
+                self.infos[name] = dataclasses.replace(info, owner=owner)
+
+    def group(self, name: str) -> str:
+        """The queue ``name`` belongs to (``name`` itself if it is no part)."""
+        info = self.infos.get(name)
+        owner = info.owner if info is not None else P.owner_of(name)
+        return owner or name
+
+    def members(self) -> Dict[str, List[str]]:
+        """group name -> its segments (the queue's main ring first, then its parts)."""
+        out: Dict[str, List[str]] = {}
+        for name in sorted(set(self.infos) | set(self.problems)):
+            out.setdefault(self.group(name), []).append(name)
+        for group, names in out.items():
+            names.sort(key=lambda n: (n != group, n))
+        return out
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _owner_by_stem(name: str, stems: Dict[str, str]) -> Optional[str]:
+    for stem, queue in stems.items():
+        if name.startswith(stem):
+            rest = name[len(stem) :]
+            if rest in ("s", "p") or (rest[:1] == "b" and 1 < len(rest) and set(rest[1:]) <= _HEX):
+                return queue
+    return None
+
+
+def _has_magic(name: str) -> bool:
+    """True if the entry ``name`` in /dev/shm starts with shmq's magic."""
+    try:
+        fd = P.shm_open_readonly(name)
+    except (OSError, ValueError):
+        return False
+    try:
+        return os.pread(fd, len(L.MAGIC), 0) == L.MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def segment_info(name: str) -> SegmentInfo:
@@ -231,29 +348,23 @@ def read_statistics(name: str) -> Any:
 
 
 def list_segments(prefix: str = "", problems: Optional[List[Tuple[str, str]]] = None) -> List[SegmentInfo]:
-    """Every shmq segment in /dev/shm whose name starts with ``prefix``,
-    identified by its magic (other files are ignored).  Entries that look
-    like shmq but cannot be read (another user's, another layout version) are
-    appended to ``problems`` as ``(name, reason)`` when it is given."""
+    """Every shmq segment in /dev/shm whose name starts with ``prefix`` (or
+    that is a part of a queue whose name does), identified by its magic
+    (other files are ignored), a queue's parts right after it (see
+    ``SegmentInfo.owner``).  Entries that carry shmq's magic but cannot be
+    read (another user's, another layout version, truncated, a header that
+    contradicts itself) are appended to ``problems`` as ``(name, reason)``
+    when it is given."""
+    inv = _Inventory()
     out = []
-    for name in P.list_shm_names():
-        if not name.startswith(prefix):
+    for group, names in inv.members().items():
+        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
             continue
-        try:
-            with SegmentView.open(name) as view:
-                out.append(_segment_info(view))
-        except FileNotFoundError:
-            continue  # removed meanwhile
-        except PermissionError as exc:
-            if problems is not None:
-                problems.append((name, exc.strerror or "permission denied"))
-        except LayoutError as exc:
-            # A foreign file, or a segment whose creator has not published it
-            # yet: not ours to show.  Another shmq layout version is.
-            if problems is not None and "layout version" in str(exc):
-                problems.append((name, str(exc)))
-        except ValueError:
-            continue  # a name shmq never makes (too long): not an shmq segment
+        for name in names:
+            if name in inv.infos:
+                out.append(inv.infos[name])
+            elif problems is not None:
+                problems.append((name, inv.problems[name]))
     return out
 
 
@@ -366,67 +477,111 @@ class Garbage:
     reason: str
 
 
-def _dead_segment(view: SegmentView) -> Optional[Garbage]:
-    info = _segment_info(view)
-    if info.in_use:
-        return None
+def _death_reason(info: SegmentInfo) -> str:
     others = sorted({p.pid for p in info.participants} - {info.creator_pid})
     reason = f"creator {info.creator_pid} is dead"
     if others:
         reason += f", and so are participants {', '.join(map(str, others))}"
     elif info.participants:
         reason += ", and so is every participant"
-    return Garbage(info.kind, info.name, info.size_bytes, reason)
+    return reason
 
 
-def _orphan_semaphore(name: str, segments: Set[str]) -> Optional[Garbage]:
+_OLD_PART_RE = re.compile(r"^" + P.NAME_PREFIX + r"(?:[A-Za-z0-9]{1,6}_)?q[0-9a-f]{6}[sp]\Z")
+
+
+def _orphan_semaphore(name: str, segments: Set[str], sides: Set[str]) -> Optional[Garbage]:
+    """``name`` as Garbage if it is a semaphore whose segment is gone and
+    that nobody can open again.  ``segments``: the segment names that stay;
+    ``sides``: the side rings named by the queues that stay."""
     for suffix in P.SEM_SUFFIXES:
         if name.endswith(suffix):
             break
     else:
         return None
-    if name[: -len(suffix)] in segments:
+    base = name[: -len(suffix)]
+    if base in segments:
         return None  # belongs to an existing segment: goes (or stays) with it
     pid = P.generated_name_pid(name)
-    if not pid or P.is_alive(pid):
-        return None
-    return Garbage("semaphore", name, 0, f"its segment is gone and its creator {pid} is dead")
+    if pid:
+        if P.is_alive(pid):
+            return None
+        return Garbage("semaphore", name, 0, f"its segment is gone and its creator {pid} is dead")
+    owner = P.owner_of(base)
+    if owner is not None:
+        if owner in segments:
+            return None
+        return Garbage("semaphore", name, 0, f"its segment and its queue {owner} are gone")
+    if _OLD_PART_RE.match(base):
+        # A queue part named before parts were named after their queue
+        # ("<stem>s" side ring, "<stem>p" pool): its queue names the side ring.
+        side = base[:-1] + "s"
+        if side in segments or side in sides:
+            return None
+        return Garbage("semaphore", name, 0, "its segment and its queue are gone")
+    return None  # an explicitly named segment's: nothing tells whose it is
 
 
-def collect_garbage(prefix: str = "", dry_run: bool = False) -> List[Garbage]:
+def collect_garbage(
+    prefix: str = "", dry_run: bool = False, problems: Optional[List[Tuple[str, str]]] = None
+) -> List[Garbage]:
     """Find, and unless ``dry_run`` remove, what nobody alive can use:
 
     * shmq segments (recognised by their magic) whose creator and every
       registered participant are dead (a zombie, or a pid now used by another
-      process, counts as dead), together with their semaphores;
-    * semaphores with an shmq suffix whose segment is gone, named by
-      ``new_name()`` after a creator pid that is dead.
+      process, counts as dead), together with their semaphores.  A queue and
+      its parts (side ring, slot pool, large-item blobs) count as one: all of
+      them stay while any process of any of them lives (a blob made by a
+      producer that died stays while a consumer of its queue lives);
+    * semaphores with an shmq suffix whose segment is gone: named by
+      ``new_name()`` after a creator pid that is dead, or named after a queue
+      part whose queue is gone too.
 
-    Only names starting with ``prefix`` are considered.  A segment is removed
-    only if its name still refers to the file that was checked.  Returns what
-    was (or would be) removed.
+    Only names starting with ``prefix`` are considered (a queue's parts go
+    with it).  A segment is removed only if its name still refers to the
+    file that was checked.  Entries that carry shmq's magic but cannot be
+    read are never touched; they are appended to ``problems`` as ``(name,
+    reason)`` when it is given.  Returns what was (or would be) removed.
     """
+    inv = _Inventory()
     found: List[Garbage] = []
-    names = P.list_shm_names()
-    for name in names:
-        if not name.startswith(prefix):
+    removed: Set[str] = set()
+    for group, names in inv.members().items():
+        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
             continue
-        try:
-            with SegmentView.open(name) as view:
-                item = _dead_segment(view)
-                if item is None or not view.is_current():
-                    continue
-                if not dry_run:
-                    P.shm_unlink(name)  # the segment and its semaphores
-        except (OSError, LayoutError, ValueError):
-            continue  # gone, not ours to read, or not an shmq segment (or name)
-        found.append(item)
-    segments = set(names)
+        bad = [n for n in names if n in inv.problems]
+        if problems is not None:
+            problems.extend((n, inv.problems[n]) for n in bad)
+        infos = [inv.infos[n] for n in names if n in inv.infos]
+        if bad or any(i.in_use for i in infos):
+            continue  # something of the queue lives (or cannot be judged): keep all of it
+        for info in infos:
+            reason = _death_reason(info)
+            if info.owner is not None:
+                reason += f" (part of queue {info.owner}, whose processes are all dead)"
+            if not _still_names(info.name, inv.idents.get(info.name)):
+                continue
+            if not dry_run:
+                P.shm_unlink(info.name)  # the segment and its semaphores
+            removed.add(info.name)
+            found.append(Garbage(info.kind, info.name, info.size_bytes, reason))
+    segments = set(inv.names) - removed
+    # the side rings that queues staying on record (old-style parts' semaphores name no queue)
+    sides = {side for queue, side in inv.side_of.items() if queue in segments}
     for name in P.list_shm_semaphores():
         if name.startswith(prefix):
-            item = _orphan_semaphore(name, segments)
+            item = _orphan_semaphore(name, segments, sides)
             if item is not None:
                 if not dry_run:
                     P.sem_unlink(name)
                 found.append(item)
     return found
+
+
+def _still_names(name: str, ident: Optional[Tuple[int, int]]) -> bool:
+    """True while ``name`` still refers to the file identified by ``ident``."""
+    try:
+        st = os.stat(os.path.join(P.SHM_DIR, name))
+    except OSError:
+        return False
+    return ident is not None and (st.st_dev, st.st_ino) == ident

@@ -372,3 +372,105 @@ def test_bench_plot(tmp_path):
         return
     assert res.returncode == 0, res.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- bad segments (issue 16, item 4) -------------------------------------------------
+
+import struct  # noqa: E402
+
+from shmq import _layout as L  # noqa: E402
+from shmq._segment import Segment  # noqa: E402
+
+
+def _header(version=L.LAYOUT_VERSION, kind=L.KIND_RING, size=L.DATA_OFFSET, magic=L.MAGIC):
+    return magic + struct.pack("<qqq", version, kind, size)
+
+
+#: case -> (file contents, whether the file carries shmq's magic)
+BAD_SEGMENTS = {
+    "other-layout-version": (_header(version=L.LAYOUT_VERSION + 1).ljust(L.DATA_OFFSET, b"\0"), True),
+    "empty": (b"", False),
+    "magic-only-8-bytes": (L.MAGIC, True),
+    "half-a-header": (_header().ljust(L.DATA_OFFSET // 2, b"\0"), True),
+    "wrong-magic": (_header(magic=b"\x89SHMQ\r\n\x01").ljust(L.DATA_OFFSET, b"\0"), False),
+    "wrong-kind": (_header(kind=99).ljust(L.DATA_OFFSET, b"\0"), True),
+    "size-word-larger-than-file": (_header(size=2 * L.DATA_OFFSET).ljust(L.DATA_OFFSET, b"\0"), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SEGMENTS))
+def test_a_bad_segment_is_reported_in_one_line_and_every_command_goes_on(case):
+    contents, has_magic = BAD_SEGMENTS[case]
+    prefix = unique_name("bad")
+    bad = prefix + "x"
+    path = os.path.join(SHM, bad)
+    with open(path, "wb") as f:
+        f.write(contents)
+    child, dead = _kill_leaving_zombie(prefix + "d")
+    live = shmq.Ring.create(4096, name=prefix + "g")
+    try:
+
+        def reported(res):
+            lines = [line for line in res.stderr.splitlines() if bad in line]
+            if has_magic:
+                assert len(lines) == 1 and lines[0].startswith(f"shmq: cannot read {bad}: "), res.stderr
+            else:
+                assert lines == [], res.stderr  # not an shmq segment: not ours to mention
+
+        res = shmq_cli("ls", "--prefix", prefix)
+        assert res.returncode == 0, res.stderr
+        assert live.name in res.stdout and dead in res.stdout and bad not in res.stdout
+        reported(res)
+        res = shmq_cli("ls", "--prefix", prefix, "--json")
+        assert {d["name"] for d in json.loads(res.stdout)} == {live.name, dead}
+        reported(res)
+
+        one_error_line(shmq_cli("stat", bad), f"shmq stat: '{bad}'")
+        assert shmq_cli("stat", live.name).returncode == 0
+
+        res = shmq_cli("top", "--prefix", prefix, "--iterations", "1", "--interval", "0.1")
+        assert res.returncode == 0 and live.name in res.stdout, res.stderr
+        assert (f"cannot read {bad}" in res.stdout) == has_magic
+
+        res = shmq_cli("gc", "--prefix", prefix, "--dry-run")
+        assert res.returncode == 0, res.stderr
+        assert f"would remove ring {dead}" in res.stdout and bad not in res.stdout
+        reported(res)
+        res = shmq_cli("gc", "--prefix", prefix)
+        assert res.returncode == 0, res.stderr
+        assert f"removed ring {dead}" in res.stdout and bad not in res.stdout
+        reported(res)
+        assert entries(dead) == [] and os.path.exists(path), "gc must remove the dead ring and never the bad file"
+        assert os.path.exists(os.path.join(SHM, live.name))
+
+        for attach in (
+            lambda: Segment.attach(bad, L.KIND_RING, wait=0.05),
+            lambda: shmq.Ring.attach(bad),
+            lambda: shmq.Queue.attach(bad),
+        ):
+            with pytest.raises(shmq.LayoutError):
+                attach()
+    finally:
+        _reap(child)
+        live.close()
+        live.unlink()
+        os.unlink(path)
+        for e in entries(prefix):
+            os.unlink(os.path.join(SHM, e))
+
+
+def test_the_reported_other_version_segment_no_longer_crashes_ls():
+    """The exact reproduction of the report: `shmq ls` beside a layout-2 segment."""
+    name = unique_name("relver")
+    path = os.path.join(SHM, name)
+    with open(path, "wb") as f:
+        f.write(b"\x89SHMQ\r\n\x00" + struct.pack("<qqq", 2, 1, 4096) + bytes(4064))
+    try:
+        for args in (["ls"], ["gc", "--dry-run"], ["top", "--iterations", "1", "--interval", "0.1"]):
+            res = shmq_cli(*args, "--prefix", name)
+            assert res.returncode == 0, res.stderr
+        res = shmq_cli("ls", "--prefix", name)
+        assert res.stderr.strip() == f"shmq: cannot read {name}: '{name}' has shmq layout version 2, expected 1"
+        assert res.stdout.startswith("no shmq segments")
+    finally:
+        os.unlink(path)
