@@ -490,17 +490,18 @@ def _death_reason(info: SegmentInfo) -> str:
 _OLD_PART_RE = re.compile(r"^" + P.NAME_PREFIX + r"(?:[A-Za-z0-9]{1,6}_)?q[0-9a-f]{6}[sp]\Z")
 
 
-def _orphan_semaphore(name: str, segments: Set[str], sides: Set[str]) -> Optional[Garbage]:
+def _orphan_semaphore(name: str, existing: Set[str], segments: Set[str], sides: Set[str]) -> Optional[Garbage]:
     """``name`` as Garbage if it is a semaphore whose segment is gone and
-    that nobody can open again.  ``segments``: the segment names that stay;
-    ``sides``: the side rings named by the queues that stay."""
+    that nobody can open again.  ``existing``: every segment name found
+    (a segment's semaphores go, or stay, with it); ``segments``: those that
+    stay; ``sides``: the side rings named by the queues that stay."""
     for suffix in P.SEM_SUFFIXES:
         if name.endswith(suffix):
             break
     else:
         return None
     base = name[: -len(suffix)]
-    if base in segments:
+    if base in existing:
         return None  # belongs to an existing segment: goes (or stays) with it
     pid = P.generated_name_pid(name)
     if pid:
@@ -570,7 +571,7 @@ def collect_garbage(
     sides = {side for queue, side in inv.side_of.items() if queue in segments}
     for name in P.list_shm_semaphores():
         if name.startswith(prefix):
-            item = _orphan_semaphore(name, segments, sides)
+            item = _orphan_semaphore(name, set(inv.names), segments, sides)
             if item is not None:
                 if not dry_run:
                     P.sem_unlink(name)

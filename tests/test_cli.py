@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 import shmq
+from shmq import lowlevel as ll
 from conftest import SESSION_TAG, unique_name
 from shmq._stats import VERDICTS
 
@@ -474,3 +475,147 @@ def test_the_reported_other_version_segment_no_longer_crashes_ls():
         assert res.stdout.startswith("no shmq segments")
     finally:
         os.unlink(path)
+
+
+# -- gc and a queue's parts (issue 16, item 5) ----------------------------------------
+
+QUEUE_WITH_LARGE_ITEM = (
+    "import shmq,sys; q=shmq.Queue(name=sys.argv[1], zero_copy=False); q.put(b'L' * int(sys.argv[2])); "
+    "print('put', flush=True); sys.stdin.read()"
+)
+
+
+def test_gc_keeps_a_queue_and_its_in_flight_blob_while_an_attacher_lives():
+    qname = unique_name("gcq")
+    large = 4 << 20  # bigger than the main ring: the side path, a blob
+    child = subprocess.Popen(
+        [sys.executable, "-c", QUEUE_WITH_LARGE_ITEM, qname, str(large)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    parts = []
+    try:
+        assert child.stdout.readline().strip() == "put"
+        attacher = shmq.Queue.attach(qname)
+        try:
+            parts = [i for i in ll.list_segments(PREFIX) if i.creator_pid == child.pid and i.name != qname]
+            assert {p.kind for p in parts} == {"blob", "queue-side"}, parts
+            os.kill(child.pid, signal.SIGKILL)
+            _reap(child)
+
+            # the session's whole namespace: parts named unlike their queue are judged too
+            for args in (["--dry-run"], []):
+                res = shmq_cli("gc", "--prefix", PREFIX, *args)
+                assert res.returncode == 0, res.stderr
+                assert qname not in res.stdout and not any(p.name in res.stdout for p in parts), res.stdout
+            for p in parts:
+                assert os.path.exists(os.path.join(SHM, p.name)), f"gc removed {p.kind} {p.name} of a live queue"
+            assert attacher.get(timeout=30) == b"L" * large
+            # ls --prefix QUEUE shows the parts with it
+            assert {i.name for i in ll.list_segments(qname) if i.owner == qname} == {p.name for p in parts} - {
+                p.name for p in parts if p.kind == "blob"
+            }
+        finally:
+            attacher.close()
+        res = shmq_cli("gc", "--prefix", qname, "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert isinstance(out["timestamp"], float) and abs(out["timestamp"] - time.time()) < 60
+        removed = {g["name"] for g in out["removed"]}
+        assert qname in removed
+        left = [e for e in os.listdir(SHM) if qname in e or any(p.name in e for p in parts)]
+        assert left == [], left
+    finally:
+        if child.poll() is None:
+            child.kill()
+            _reap(child)
+        for e in os.listdir(SHM):
+            if qname in e or any(p.name in e for p in parts):
+                os.unlink(os.path.join(SHM, e))
+
+
+MAKE_PARTS = """
+import sys, time
+import shmq
+from shmq import _layout as L, _platform as P
+from shmq._segment import Segment
+q = sys.argv[1]
+main = shmq.Ring.create(4096, name=q)
+side = shmq.Ring.create(4096, name=P.part_name(q, "s"))
+blob = Segment.create(L.KIND_BLOB, L.DATA_OFFSET + 4096, name=P.part_name(q, "b1f"))
+blob.publish()
+sems = [P.semaphore(P.part_name(q, "p") + s, True) for s in ("-rl", "-rb")]
+print("made", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_gc_judges_parts_named_after_their_queue_by_the_queue_and_takes_their_semaphores():
+    from shmq import _platform as P
+
+    q = unique_name("gcp")[:20]
+    child = subprocess.Popen([sys.executable, "-c", MAKE_PARTS, q], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "made"
+        attacher = shmq.Ring.attach(q)  # a live participant of the queue's main ring
+        os.kill(child.pid, signal.SIGKILL)
+        _reap(child)
+        made = entries(q)
+        assert {f"{q}.s", f"{q}.b1f", f"sem.{q}.p-rl", f"sem.{q}.p-rb"} <= set(made), made
+        try:
+            assert ll.collect_garbage(q) == []
+            assert entries(q) == made
+            ls = shmq_cli("ls", "--prefix", q).stdout.splitlines()
+            assert [line.split()[0] for line in ls[1:]] == [q, f"{q}.b1f", f"{q}.s"]
+            assert ls[2].startswith("  ") and not ls[1].startswith(" ")  # parts under their queue
+        finally:
+            attacher.close()
+        dry = ll.collect_garbage(q, dry_run=True)
+        assert sorted((g.kind, g.name) for g in dry) == [
+            ("blob", f"{q}.b1f"),
+            ("ring", q),
+            ("ring", f"{q}.s"),
+            ("semaphore", f"{q}.p-rb"),
+            ("semaphore", f"{q}.p-rl"),
+        ]
+        assert entries(q) == made
+        assert sorted(g.name for g in ll.collect_garbage(q)) == sorted(g.name for g in dry)
+        assert entries(q) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            _reap(child)
+        for e in entries(q):
+            os.unlink(os.path.join(SHM, e))
+
+
+def test_gc_takes_old_style_part_semaphores_once_their_queue_is_gone():
+    """Semaphores of parts named before parts were named after their queue
+    (``<stem>q<hex>s`` / ``p``) carry no pid: the queue's record of its side
+    ring is what keeps them."""
+    from shmq import _platform as P
+
+    stem = f"{PREFIX}q{os.urandom(3).hex()}"
+    orphan = P.semaphore(stem + "p-rl", True)  # its side ring and queue are gone
+    del orphan
+    kept_stem = f"{PREFIX}q{os.urandom(3).hex()}"
+    kept = P.semaphore(kept_stem + "p-rl", True)
+    main = shmq.Ring.create(4096, name=unique_name("gco"))
+    try:
+        # a queue's main ring that names the side ring kept_stem + "s" (which no longer exists)
+        w = main.segment.words
+        main.segment.buf[L.W_SIDE_NAME * 8 : L.W_SIDE_NAME * 8 + L.SIDE_NAME_BYTES] = (kept_stem + "s").encode().ljust(
+            L.SIDE_NAME_BYTES, b"\0"
+        )
+        w[L.W_QUEUE_KIND] = L.QUEUE_KIND_QUEUE
+        assert [(g.kind, g.name) for g in ll.collect_garbage(stem)] == [("semaphore", stem + "p-rl")]
+        assert entries(stem) == []
+        assert ll.collect_garbage(kept_stem) == []
+        assert entries(kept_stem) == [f"sem.{kept_stem}p-rl"]
+    finally:
+        del kept
+        main.close()
+        main.unlink()
+        P.sem_unlink(stem + "p-rl")
+        P.sem_unlink(kept_stem + "p-rl")
