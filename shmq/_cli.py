@@ -160,7 +160,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # -- stat -------------------------------------------------------------------
 
 
-def _ring_text(s: ll.RingStatistics) -> str:
+def _ring_lines(s: ll.RingStatistics) -> List[Tuple[str, str]]:
     limit = f", at most {s.max_messages:,} records" if s.max_messages else ""
     lines = [
         ("ring", f"{s.name}: {_size(s.capacity_bytes)} data area{limit}"),
@@ -179,7 +179,7 @@ def _ring_text(s: ll.RingStatistics) -> str:
         ("empty waits", f"{s.empty_waits:,} consumer waits for a record, {s.empty_wait_seconds:.3f} s in total"),
         ("participants", _participants(s.participants)),
     ]
-    return _fields_text(lines)
+    return lines
 
 
 def _fields_text(lines: List[Tuple[str, str]]) -> str:
@@ -187,7 +187,7 @@ def _fields_text(lines: List[Tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 
 
-def _generic_text(obj: Any) -> str:
+def _generic_lines(obj: Any) -> List[Tuple[str, str]]:
     lines = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -202,25 +202,22 @@ def _generic_text(obj: Any) -> str:
         else:
             text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
         lines.append((f.name.replace("_", " "), text))
-    return _fields_text(lines)
+    return lines
 
 
-def _rates_text(r: ll.Rates) -> str:
-    return _fields_text(
-        [
-            (
-                f"rates ({r.interval_seconds:.1f} s)",
-                f"in {_count(r.messages_in_per_second)} msg/s, out {_count(r.messages_out_per_second)} msg/s, "
-                f"{r.bytes_out_per_second / 1e6:,.1f} MB/s out",
-            ),
-            (
-                "blocked",
-                f"producers {r.producer_wait_ratio * 100:.0f}% of the time, "
-                f"consumers {r.consumer_wait_ratio * 100:.0f}%",
-            ),
-            ("verdict", r.verdict),
-        ]
-    )
+def _rates_lines(r: ll.Rates) -> List[Tuple[str, str]]:
+    return [
+        (
+            f"rates ({r.interval_seconds:.1f} s)",
+            f"in {_count(r.messages_in_per_second)} msg/s, out {_count(r.messages_out_per_second)} msg/s, "
+            f"{r.bytes_out_per_second / 1e6:,.1f} MB/s out",
+        ),
+        (
+            "blocked",
+            f"producers {r.producer_wait_ratio * 100:.0f}% of the time, consumers {r.consumer_wait_ratio * 100:.0f}%",
+        ),
+        ("verdict", r.verdict),
+    ]
 
 
 def _has_rates(stats: Any) -> bool:
@@ -257,7 +254,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
             rates = ll.rates(stats, later)
             stats = later
     parts = []
-    for info in [i for i in ll.list_segments(args.name) if i.owner == args.name]:
+    order = {"queue-side": 0, "pool": 1}
+    mine = [i for i in ll.list_segments(args.name) if i.owner == args.name]
+    for info in sorted(mine, key=lambda i: (order.get(i.kind, 2), i.name)):
         try:
             parts.append((ll.read_statistics(info.name), info))
         except FileNotFoundError:
@@ -273,11 +272,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
             out["parts"] = [dict(_as_json(p), kind=i.kind) for p, i in parts]
         _print_json(out)
         return 0
-    print(_ring_text(stats) if isinstance(stats, ll.RingStatistics) else _generic_text(stats))
+    lines = _ring_lines(stats) if isinstance(stats, ll.RingStatistics) else _generic_lines(stats)
     if rates is not None:
-        print(_rates_text(rates))
-    if parts:
-        print(_fields_text([("parts", _part_text(*parts[0]))] + [("", _part_text(*p)) for p in parts[1:]]))
+        lines += _rates_lines(rates)
+    lines += [("parts" if k == 0 else "", _part_text(*p)) for k, p in enumerate(parts)]
+    print(_fields_text(lines))
     return 0
 
 

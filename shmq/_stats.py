@@ -295,8 +295,10 @@ class _Inventory:
         out: Dict[str, List[str]] = {}
         for name in sorted(set(self.infos) | set(self.problems)):
             out.setdefault(self.group(name), []).append(name)
+        order = {"queue-side": 0, "pool": 1}
         for group, names in out.items():
-            names.sort(key=lambda n: (n != group, n))
+            # the queue, then its side ring, its pool, its blobs
+            names.sort(key=lambda n: (n != group, order.get(getattr(self.infos.get(n), "kind", ""), 2), n))
         return out
 
 

@@ -543,6 +543,8 @@ from shmq._segment import Segment
 q = sys.argv[1]
 main = shmq.Ring.create(4096, name=q)
 side = shmq.Ring.create(4096, name=P.part_name(q, "s"))
+main.segment.words[L.W_QUEUE_KIND] = L.QUEUE_KIND_QUEUE
+side.segment.words[L.W_QUEUE_KIND] = L.QUEUE_KIND_SIDE
 blob = Segment.create(L.KIND_BLOB, L.DATA_OFFSET + 4096, name=P.part_name(q, "b1f"))
 blob.publish()
 sems = [P.semaphore(P.part_name(q, "p") + s, True) for s in ("-rl", "-rb")]
@@ -567,15 +569,15 @@ def test_gc_judges_parts_named_after_their_queue_by_the_queue_and_takes_their_se
             assert ll.collect_garbage(q) == []
             assert entries(q) == made
             ls = shmq_cli("ls", "--prefix", q).stdout.splitlines()
-            assert [line.split()[0] for line in ls[1:]] == [q, f"{q}.b1f", f"{q}.s"]
+            assert [line.split()[0] for line in ls[1:]] == [q, f"{q}.s", f"{q}.b1f"]
             assert ls[2].startswith("  ") and not ls[1].startswith(" ")  # parts under their queue
         finally:
             attacher.close()
         dry = ll.collect_garbage(q, dry_run=True)
         assert sorted((g.kind, g.name) for g in dry) == [
             ("blob", f"{q}.b1f"),
-            ("ring", q),
-            ("ring", f"{q}.s"),
+            ("queue", q),
+            ("queue-side", f"{q}.s"),
             ("semaphore", f"{q}.p-rb"),
             ("semaphore", f"{q}.p-rl"),
         ]
@@ -619,3 +621,172 @@ def test_gc_takes_old_style_part_semaphores_once_their_queue_is_gone():
         main.unlink()
         P.sem_unlink(stem + "p-rl")
         P.sem_unlink(kept_stem + "p-rl")
+
+
+# -- the command line as a new user meets it (issue 16, items 11 and 12) ---------------
+
+
+def test_version_and_help_without_markup():
+    res = shmq_cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"shmq {shmq.__version__}"
+    res = shmq_cli("--help")
+    assert res.returncode == 0 and "`" not in res.stdout, res.stdout
+    for command in ("ls", "stat", "top", "gc", "bench", "demo"):
+        assert "`" not in shmq_cli(command, "--help").stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["-n", "-5"], "argument -n/--count: must be at least 1, got -5"),
+        (["-n", "0"], "argument -n/--count: must be at least 1, got 0"),
+        (["-s", "-1"], "argument -s/--size: must be between 0 and"),
+        (["-s", str(1 << 30)], "argument -s/--size: must be between 0 and"),
+    ],
+)
+def test_demo_refuses_bad_counts_and_sizes_as_usage_errors(args, fragment):
+    res = shmq_cli("demo", *args)
+    assert res.returncode == 2 and "usage:" in res.stderr and fragment in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+def test_demo_times_only_the_stream_and_says_what_it_measured():
+    res = shmq_cli("demo", "-n", "20000", timeout=120)
+    assert res.returncode == 0, res.stderr
+    first, measured = res.stdout.strip().splitlines()
+    assert "moved 20,000 messages of 64 bytes" in first
+    seconds = float(first.split(" in ")[1].split(" s:")[0])
+    # spawning the consumer alone takes longer than moving 20,000 small messages
+    assert seconds < 0.5, first
+    for fact in ("1 consumer process", "start method spawn", "start-up not included", "Ring.write"):
+        assert fact in measured, measured
+
+
+def test_demo_with_messages_larger_than_the_default_ring_works():
+    res = shmq_cli("demo", "-n", "20", "-s", "2000000", timeout=120)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "moved 20 messages of 2000000 bytes" in res.stdout
+
+
+def test_stat_fill_bars_match_their_lines_and_json_has_a_wall_clock_time():
+    with shmq.Ring.create(1024, max_messages=4, name=unique_name("fill")) as ring:
+        try:
+            for _ in range(2):
+                ring.write(b"x" * 8)  # 2 of 4 records, 32 of 1024 bytes
+            res = shmq_cli("stat", ring.name)
+            assert res.returncode == 0, res.stderr
+            lines = {line.split()[0]: line for line in res.stdout.splitlines()}
+            assert "[###.......]  50%" in lines["messages"] or "[#####.....]  50%" in lines["messages"], lines
+            assert "[..........]   3%" in lines["bytes"], lines["bytes"]
+            before = time.time()
+            data = json.loads(shmq_cli("stat", ring.name, "--json").stdout)
+            assert before - 1 <= data["timestamp"] <= time.time() + 1
+            data = json.loads(shmq_cli("ls", "--prefix", ring.name, "--json").stdout)
+            assert abs(data[0]["timestamp"] - time.time()) < 30
+        finally:
+            ring.unlink()
+
+
+def test_stat_of_a_queue_shows_its_parts():
+    q = shmq.Queue(name=unique_name("stq"), zero_copy=False)
+    try:
+        q.put(b"L" * (4 << 20))  # a blob through the side ring
+        res = shmq_cli("stat", q.name)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        k = next(k for k, line in enumerate(lines) if line.startswith("parts"))
+        assert lines[k].split()[1] == "queue-side" and lines[k + 1].split()[0] == "blob", res.stdout
+        assert lines[k].index("queue-side") == lines[k + 1].index("blob") == lines[0].index(q.name)
+        data = json.loads(shmq_cli("stat", q.name, "--json").stdout)
+        assert {p["kind"] for p in data["parts"]} == {"queue-side", "blob"}
+        assert q.get(timeout=30) == b"L" * (4 << 20)
+    finally:
+        q.close()
+
+
+def test_top_json_has_rates_in_the_first_frame_and_marks_dead_segments():
+    child, dead = _kill_leaving_zombie(unique_name("topd"))
+    prefix = dead[:-1]
+    try:
+        with shmq.Ring.create(1 << 16, name=prefix + "!"[:0] + "L", multi_consumer=False) as ring:
+            try:
+                ring.write(b"x" * 100)
+                res = shmq_cli("top", "--prefix", prefix, "--json", "--iterations", "2", "--interval", "0.2")
+                assert res.returncode == 0, res.stderr
+                frames = [json.loads(line) for line in res.stdout.splitlines()]
+                assert len(frames) == 2
+                for frame in frames:
+                    assert abs(frame["timestamp"] - time.time()) < 60 and frame["interval"] == 0.2
+                    by_name = {s["name"]: s for s in frame["segments"]}
+                    assert by_name[ring.name]["rates"]["verdict"] in VERDICTS  # the first frame too
+                    assert not by_name[ring.name]["dead"]
+                    assert by_name[dead]["dead"] and by_name[dead]["rates"] is None
+                text = shmq_cli("top", "--prefix", prefix, "--iterations", "1", "--interval", "0.1").stdout
+                dead_row = next(line for line in text.splitlines() if line.startswith(dead))
+                assert "DEAD" in dead_row
+                live_row = next(line for line in text.splitlines() if line.startswith(ring.name))
+                assert live_row.split()[2] != "-"  # IN/s in the first frame
+            finally:
+                ring.unlink()
+    finally:
+        _reap(child)
+        for e in entries(dead):
+            os.unlink(os.path.join(SHM, e))
+
+
+def test_top_cuts_no_column_when_not_a_terminal_and_fits_names_into_a_terminal():
+    from shmq import _cli
+
+    entry = {
+        "name": "shmq_" + "n" * 19,
+        "kind": "joinable-queue",
+        "owner": None,
+        "dead": False,
+        "procs_alive": 10,
+        "procs": 12,
+        "fill_ratio": 0.5,
+        "rates": ll.Rates("x", 1.0, 1234567.0, 1234567.0, 1e9, 1e9, 0.5, 0.5, 0.5, "consumer-bound"),
+    }
+    wide = _cli._top_text([entry], "", 1.0)
+    row = wide.splitlines()[-1]
+    assert len(row) > 80 and row.endswith("10/12") and entry["name"] in row
+    narrow = _cli._top_text([entry], "", 1.0, width=100)
+    row = narrow.splitlines()[-1]
+    assert len(row) <= 100 and row.endswith("10/12") and "consumer-bound" in row
+
+
+def test_bench_outside_a_source_checkout_says_what_to_do(tmp_path):
+    import shutil as sh
+
+    pkg = os.path.dirname(shmq.__file__)
+    sh.copytree(pkg, tmp_path / "shmq", ignore=sh.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    res = shmq_cli("bench", "--quick", cwd=tmp_path, env=env)
+    line = one_error_line(res, "not installed with the shmq package", "--dir")
+    assert line.startswith("shmq bench: ")
+
+
+def test_bench_shows_progress_and_peers_that_are_not_installed(tmp_path):
+    """A stand-in suite: one script that reports one row, measured against a
+    peer that is not installed here."""
+    (tmp_path / "_harness.py").write_text("")
+    (tmp_path / "bench_fake.py").write_text(
+        "import json, sys\n"
+        "print('  warm-up round done', file=sys.stderr, flush=True)\n"
+        "print(json.dumps({'bench': 'fake', 'meta': {'python': '3'}}))\n"
+        "print(json.dumps({'bench': 'fake', 'workload': '64 B', 'transport': 'shmq Ring', 'unit': 'msg/s',"
+        " 'median': 1000.0, 'min': 900.0, 'max': 1100.0}))\n"
+        "if False: import_module('faster_fifo', 'zmq', 'iceoryx2')  # names the peers: \"faster_fifo\" \"zmq\" \"iceoryx2\"\n"
+    )
+    res = shmq_cli("bench", "--dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "[1/1] running bench_fake.py" in res.stderr
+    assert "[bench_fake.py]   warm-up round done" in res.stderr
+    assert "[bench_fake.py] 64 B / shmq Ring: 1.00k msg/s" in res.stderr
+    import importlib.util
+
+    missing = [pip for mod, pip in (("faster_fifo", "faster-fifo"), ("zmq", "pyzmq"), ("iceoryx2", "iceoryx2"))
+               if importlib.util.find_spec(mod) is None]
+    for pip in missing:
+        row = next(line for line in res.stdout.splitlines() if f" {pip} " in line + " ")
+        assert "not installed" in row, res.stdout
