@@ -189,6 +189,8 @@ def measure(cases: Sequence[Case], repeats: int, progress: bool = True, warmup: 
             case = cases[(k + max(r, 0)) % n]
             if case.error is not None:
                 continue
+            if progress and r == (-1 if warm else 0):
+                print(f"  {case.workload} / {case.transport} ...", file=sys.stderr, flush=True)
             try:
                 value = case.run()
             except Exception as exc:  # one broken peer must not end the run
