@@ -118,7 +118,7 @@ class SegmentInfo:
     name: str
     #: "ring", "pool", "blob", "queue"/"joinable-queue"/"simple-queue" (the
     #: main ring of a shmq queue), "queue-side" (its side ring for large
-    #: items), or "kind <n>" for a kind this version does not know
+    #: items)
     kind: str
     #: total bytes of the segment (header included)
     size_bytes: int
