@@ -405,11 +405,6 @@ def _top_json(entries: List[Dict[str, Any]], interval: float, problems: List[Tup
     return json.dumps(frame)
 
 
-def _top_frame(prefix: str, previous: Dict[str, Any], interval: float, width: int = 0) -> str:
-    """One screen: every segment, rates since ``previous`` (updated in place)."""
-    return _top_text(_top_sample(prefix, previous), prefix, interval, width)
-
-
 #: seconds between the two readings before the first frame (so it has rates)
 FIRST_FRAME_SAMPLE = 0.5
 

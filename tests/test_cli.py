@@ -708,7 +708,7 @@ def test_top_json_has_rates_in_the_first_frame_and_marks_dead_segments():
     child, dead = _kill_leaving_zombie(unique_name("topd"))
     prefix = dead[:-1]
     try:
-        with shmq.Ring.create(1 << 16, name=prefix + "!"[:0] + "L", multi_consumer=False) as ring:
+        with shmq.Ring.create(1 << 16, name=prefix + "L", multi_consumer=False) as ring:
             try:
                 ring.write(b"x" * 100)
                 res = shmq_cli("top", "--prefix", prefix, "--json", "--iterations", "2", "--interval", "0.2")
