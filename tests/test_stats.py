@@ -337,3 +337,28 @@ def test_sigkilled_creator_is_garbage_and_a_live_one_is_not():
     finally:
         live.close()
         live.unlink()
+
+
+def test_a_header_of_another_layout_version_is_a_layout_error_and_a_problem_not_a_crash():
+    import struct
+
+    from shmq import _layout as L
+
+    name = unique_name("ver")
+    path = f"/dev/shm/{name}"
+    with open(path, "wb") as f:
+        f.write(L.MAGIC + struct.pack("<qqq", L.LAYOUT_VERSION + 1, L.KIND_RING, L.DATA_OFFSET) + bytes(L.DATA_OFFSET - 32))
+    try:
+        for _ in range(3):  # no mapping is left half-closed behind
+            with pytest.raises(shmq.LayoutError, match="layout version"):
+                ll.SegmentView.open(name)
+        with pytest.raises(shmq.LayoutError, match="layout version"):
+            ll.read_statistics(name)
+        problems = []
+        assert ll.list_segments(name, problems) == []
+        assert problems == [(name, f"'{name}' has shmq layout version {L.LAYOUT_VERSION + 1}, expected {L.LAYOUT_VERSION}")]
+        problems = []
+        assert ll.collect_garbage(name, problems=problems) == []
+        assert [n for n, _ in problems] == [name] and os.path.exists(path)
+    finally:
+        os.unlink(path)
