@@ -116,13 +116,16 @@ class RingFence:
 
     def someone_died(self) -> bool:
         """True once a process registered as a consumer of the ring (see
-        :meth:`Codec.note_consumer`) is found dead (checked at most every
+        :meth:`Codec.note_consumer`), or as a writer of slot messages, is
+        found dead (checked at most every
         RECLAIM_INTERVAL)."""
         if not self._died:
             now = _monotonic()
             if now - self._checked >= RECLAIM_INTERVAL:
                 self._checked = now
-                self._died = any(not p.alive and p.role & L.ROLE_CONSUMER for p in self._segment.participants())
+                self._died = any(
+                    not p.alive and p.role & (L.ROLE_CONSUMER | L.ROLE_SLOT_WRITER) for p in self._segment.participants()
+                )
         return self._died
 
 

@@ -98,6 +98,8 @@ ROLE_ATTACHED = 1
 ROLE_PRODUCER = 2
 ROLE_CONSUMER = 4
 ROLE_CREATOR = 8
+#: puts slot messages (a queue's array producer): its death frees their slots by the orphan rule, as a consumer's does
+ROLE_SLOT_WRITER = 16
 
 W_KIND_HEADER = W_PARTICIPANTS + PARTICIPANTS * PARTICIPANT_WORDS  # 264
 DATA_OFFSET = 4096

@@ -1019,10 +1019,10 @@ class _QueueBase:
             self._try_read_many = self._ring.try_read_many  # type: ignore[method-assign]
 
     def _note_consumer(self) -> None:
-        """List this process as a consumer of the main ring (a producer of
-        slot messages: if it dies between allocating slots and writing its
-        message, the pool frees them by the orphan rule)."""
-        self._ring.segment.add_role(L.ROLE_CONSUMER)
+        """List this process in the main ring as a writer of slot messages:
+        if it dies between allocating slots and writing its message, the pool
+        frees them by the orphan rule (as for a consumer that dies)."""
+        self._ring.segment.add_role(L.ROLE_SLOT_WRITER)
         self._consumer_pid = os.getpid()
 
     def _readable(self) -> bool:

@@ -790,3 +790,26 @@ def test_bench_shows_progress_and_peers_that_are_not_installed(tmp_path):
     for pip in missing:
         row = next(line for line in res.stdout.splitlines() if f" {pip} " in line + " ")
         assert "not installed" in row, res.stdout
+
+
+def test_a_pure_producer_is_labelled_producer():
+    q = shmq.Queue(name=unique_name("role"))
+    code = (
+        "import shmq, sys, numpy as np; q = shmq.Queue.attach(sys.argv[1]); "
+        "q.put(1); q.put(np.zeros(100_000)); q.put(b'x' * (4 << 20)); print('put', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, q.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "put"
+        data = json.loads(shmq_cli("stat", q.name, "--json").stdout)
+        roles = {p["pid"]: p["role"] for p in data["participants"]}
+        assert roles[child.pid] == "producer", roles
+        for _ in range(3):
+            q.get(timeout=30)
+        data = json.loads(shmq_cli("stat", q.name, "--json").stdout)
+        assert {p["pid"]: p["role"] for p in data["participants"]}[os.getpid()] == "creator+consumer"
+    finally:
+        child.stdin.close()
+        child.wait(30)
+        child.stdout.close()
+        q.close()
