@@ -292,8 +292,14 @@ def _top_sample(
     """One reading of every segment (a queue's parts after it), with rates
     since ``previous`` (name -> statistics, updated in place).  A segment
     whose creator and participants are all dead is marked ``dead`` and
-    gets no rates.  Unreadable shmq entries go to ``problems``."""
-    infos = ll.list_segments(prefix, problems)
+    gets no rates; a queue and its parts live or die together (as for
+    ``gc``).  Unreadable shmq entries go to ``problems``."""
+    unreadable: List[Tuple[str, str]] = []
+    infos = ll.list_segments(prefix, unreadable)
+    if problems is not None:
+        problems.extend(unreadable)
+    live_groups = {i.owner or i.name for i in infos if i.in_use}
+    live_groups.update(n for n, _ in unreadable)  # gc keeps what it cannot judge
     out = []
     current: Dict[str, Any] = {}
     for info in infos:
@@ -305,7 +311,7 @@ def _top_sample(
             "name": info.name,
             "kind": info.kind,
             "owner": info.owner,
-            "dead": not info.in_use,
+            "dead": (info.owner or info.name) not in live_groups,
             "procs_alive": sum(p.alive for p in info.participants),
             "procs": len(info.participants),
             "fill_ratio": None,
@@ -317,7 +323,7 @@ def _top_sample(
             before = previous.get(info.name)
             # A counter that went back means the name now holds a new segment.
             if (
-                info.in_use
+                not entry["dead"]
                 and before is not None
                 and stats.messages_in >= before.messages_in
                 and stats.taken_at > before.taken_at

@@ -571,6 +571,9 @@ def test_gc_judges_parts_named_after_their_queue_by_the_queue_and_takes_their_se
             ls = shmq_cli("ls", "--prefix", q).stdout.splitlines()
             assert [line.split()[0] for line in ls[1:]] == [q, f"{q}.s", f"{q}.b1f"]
             assert ls[2].startswith("  ") and not ls[1].startswith(" ")  # parts under their queue
+            # top agrees with gc: the blob of a dead producer lives with its queue
+            frame = json.loads(shmq_cli("top", "--prefix", q, "--json", "--iterations", "1", "--interval", "0.1").stdout)
+            assert {s["name"]: s["dead"] for s in frame["segments"]} == {q: False, f"{q}.s": False, f"{q}.b1f": False}
         finally:
             attacher.close()
         dry = ll.collect_garbage(q, dry_run=True)
