@@ -731,29 +731,10 @@ DEMO_MAX_SIZE = 64 << 20
 DEMO_PATIENCE = 60.0
 
 
-def _demo_cores() -> List[int]:
-    """Two distinct cores for the producer and the consumer (as the
-    benchmarks pin them), or [] when this process may use fewer than two."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return []
-    return allowed[:2] if len(allowed) >= 2 else []
-
-
-def _pin(core: Optional[int]) -> None:
-    if core is not None:
-        try:
-            os.sched_setaffinity(0, {core})
-        except OSError:
-            pass
-
-
-def _demo_consumer(name: str, count: int, ready: Any, done: Any, core: Optional[int] = None) -> None:
+def _demo_consumer(name: str, count: int, ready: Any, done: Any) -> None:
     """The demo's consumer (a spawned process): attach, say ready, read
     ``count`` messages, say done.  Errors end it with one line, exit status 1."""
     try:
-        _pin(core)
         ring = shmq.Ring.attach(name)
         try:
             read = ring.read
@@ -786,13 +767,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ctx = mp.get_context(method)
     capacity = _demo_ring_capacity(args.size)
     ready, done = ctx.Event(), ctx.Event()
-    cores = _demo_cores()
-    affinity = os.sched_getaffinity(0) if cores else None
     with shmq.Ring.create(capacity, multi_producer=False, multi_consumer=False) as ring:
-        proc = ctx.Process(target=_demo_consumer, args=(ring.name, args.count, ready, done, cores[1] if cores else None))
+        proc = ctx.Process(target=_demo_consumer, args=(ring.name, args.count, ready, done))
         try:
             proc.start()
-            _pin(cores[0] if cores else None)
             while not ready.wait(0.1):
                 if not proc.is_alive():
                     raise CliError(f"the consumer process ended before it was ready (exit status {proc.exitcode})")
@@ -812,19 +790,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - t0
             proc.join(DEMO_PATIENCE)
         finally:
-            if affinity is not None:
-                os.sched_setaffinity(0, affinity)
             ring.unlink()
             if proc.is_alive():
                 proc.kill()
                 proc.join(10)
-    pinned = f", pinned to cores {cores[0]} and {cores[1]}" if cores else ""
     rate = args.count / elapsed if elapsed > 0 else float("inf")
     print(
         f"shmq {shmq.__version__}: moved {args.count:,} messages of {args.size} bytes "
         f"from one process to another in {elapsed:.3f} s: {rate:,.0f} msg/s, "
         f"{rate * args.size / 1e6:,.1f} MB/s\n"
-        f"measured: this process -> 1 consumer process (start method {method}{pinned}), one message at a time "
+        f"measured: this process -> 1 consumer process (start method {method}), one message at a time "
         f"(Ring.write / Ring.read) through a single-producer single-consumer shmq.Ring of {_size(capacity)}; "
         f"timed from the consumer being ready to its last read (process start-up not included)"
     )
