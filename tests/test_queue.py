@@ -41,13 +41,13 @@ def shm_names():
 
 
 def blobs(q):
-    return sorted(n for n in shm_names() if n.startswith(q._blob_prefix))
+    return sorted(n for n in shm_names() if n.startswith(q.name + ".b"))
 
 
 def queue_names(q):
-    """Every /dev/shm entry of the queue (rings, semaphores, blobs, slot pool)."""
-    stems = (q.name, q._side.name, q._blob_prefix, q._side.name[:-1] + "p")
-    return sorted(n for n in shm_names() if any(s in n for s in stems))
+    """Every /dev/shm entry of the queue (rings, semaphores, blobs, slot pool:
+    every part is named after the queue)."""
+    return sorted(n for n in shm_names() if q.name in n)
 
 
 def digest(obj) -> str:
@@ -138,9 +138,16 @@ def test_closed_handle_state_and_no_ops():
     for call in (q.qsize, q.empty, q.full, q.get_many, q.statistics):
         with pytest.raises(shmq.ClosedError):
             call()
-    assert isinstance(q, shmq.Queue)
-    with pytest.raises(FileNotFoundError):  # still pickles as its name, but the creator unlinked it
-        pickle.loads(pickle.dumps(q))
+    assert type(q) is shmq.Queue  # (no class swap: a check in each method)
+    # one rule for every handle, as multiprocessing refuses closed things
+    ring = shmq.Ring.create(1024)
+    ring.unlink()
+    for handle in (q, ring):
+        handle.close()
+        with pytest.raises(shmq.ClosedError, match=r"is closed$"):
+            pickle.dumps(handle)
+    with pytest.raises(shmq.ClosedError, match=r"^Queue '.*' is closed$"):
+        pickle.dumps(q.put)  # a bound method pickles its handle
 
 
 def test_properties_repr_statistics_context_manager():
@@ -291,7 +298,7 @@ def test_attach_errors():
         with pytest.raises(shmq.LayoutError, match=r"is a shmq.SimpleQueue, expected a shmq.Queue$"):
             shmq.Queue.attach(s.name)
         with pytest.raises(shmq.LayoutError, match=r"is the side ring of a queue"):
-            shmq.Queue.attach(q._side.name)
+            shmq.Queue.attach(q._side.ring.name)
         with shmq.Ring.create(4096) as ring:
             try:
                 with pytest.raises(shmq.LayoutError, match=r"is a ring, not a queue"):
@@ -466,7 +473,7 @@ def test_side_path_back_pressure():
         assert time.monotonic() - t0 >= 0.15
         assert len(blobs(q)) == 2 and q.qsize() == 2  # nothing made for the refused puts
         # a taker makes room once the put is waiting; the put then goes through
-        taker = threading.Thread(target=_get_when_a_producer_waits, args=(q, q._sw))
+        taker = threading.Thread(target=_get_when_a_producer_waits, args=(q, q._side.ring.segment.words))
         taker.start()
         q.put(item, timeout=T)
         taker.join(T)
@@ -878,7 +885,7 @@ _CREATOR = textwrap.dedent(
     q = shmq.Queue(name=sys.argv[2], capacity_bytes=1 << 16, side_capacity_bytes=3 << 20, zero_copy=False)
     j = shmq.JoinableQueue(name=sys.argv[3])
     q.put(b"x" * (1 << 20)); j.put("task")        # a large item: a blob
-    print(q._side.name, q._blob_prefix, j._side.name, flush=True)
+    print(q._side.ring.name, q.name + '.b', j._side.ring.name, flush=True)
     if mode == "exception":
         raise RuntimeError("boom")
     if mode == "sigint-get":
@@ -1001,7 +1008,7 @@ def test_a_consumer_killed_while_taking_a_large_item(ctx, tmp_path):
 
 def _hold_lock_forever(name, which, ready):
     q = shmq.Queue.attach(name)
-    lock = {"producer": q._ring._plock, "consumer": q._ring._clock, "side": q._side._plock}[which]
+    lock = {"producer": q._ring._plock, "consumer": q._ring._clock, "side": q._side.ring._plock}[which]
     lock.acquire()
     ready.set()
     threading.Event().wait()  # until SIGKILL
