@@ -53,8 +53,13 @@ def check_ring(ring: RingBuffer) -> None:
     """Raise BrokenError unless ``ring``'s HEAD and TAIL could have been
     written by shmq: aligned, HEAD <= TAIL <= HEAD + capacity."""
     w = ring.segment.words
-    head, tail = w[L.W_HEAD], w[L.W_TAIL]
-    if head < 0 or (head | tail) & 7 or not 0 <= tail - head <= ring.capacity_bytes:
+    # HEAD before and after TAIL: both only grow, so a live ring always has
+    # head <= tail <= later head + capacity, however busy (one read of each
+    # could mix two moments).
+    head = w[L.W_HEAD]
+    tail = w[L.W_TAIL]
+    later = w[L.W_HEAD]
+    if head < 0 or (head | tail) & 7 or not head <= tail <= later + ring.capacity_bytes or later < head:
         raise BrokenError(
             f"ring {ring.name!r} is corrupt: HEAD {head}, TAIL {tail} for a capacity of "
             f"{ring.capacity_bytes} bytes (was its memory written by something else?)"

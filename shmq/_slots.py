@@ -1203,6 +1203,18 @@ class SlotPool:
                 in_transit = True
         return in_transit, tuple(signature)
 
+    def return_queue_intact(self) -> bool:
+        """Whether this process's return queue has plausible indices
+        (RQ_HEAD <= RQ_TAIL <= RQ_HEAD + capacity): a corrupt RQ_TAIL would
+        make the next allocation drain it for ever.  Reads two words."""
+        m = self._member
+        if m < 0:
+            return True
+        mb = self._members + m * L.MEMBER_WORDS
+        w = self._w
+        head = w[mb + L.M_RQ_HEAD]
+        return 0 <= w[mb + L.M_RQ_TAIL] - head <= self._q and head >= 0
+
 
 _TOKEN = object()
 

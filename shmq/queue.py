@@ -45,7 +45,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 from . import _codec as C
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, Empty, Full, LayoutError, MessageTooLarge, SharedMemoryFull, SlotError
+from ._errors import BrokenError, ClosedError, Empty, Full, LayoutError, MessageTooLarge, SharedMemoryFull, SlotError
 from ._queue_pool import (
     AUTO_POOL_BYTES,
     DEFAULT_SLOT_COUNT,
@@ -467,8 +467,11 @@ class _QueueBase:
                 return data, None
         if self._consumer_pid != os.getpid():
             self._note_consumer()
+        pool = codec.pool
         started = _monotonic()
         while True:
+            if not pool.return_queue_intact():
+                raise BrokenError(f"the slot pool of queue {self.name!r} is corrupt (its return queue indices)")
             if not block:
                 wait = 0.0
             elif deadline is None:
@@ -481,7 +484,7 @@ class _QueueBase:
                 pass
             except MessageTooLarge:  # more large buffers than the pool has slots
                 break
-            in_transit, signature = codec.pool.in_transit()
+            in_transit, signature = pool.in_transit()
             now = _monotonic()
             if not in_transit and (not block or signature == self._stuck_pool or now - started >= _POOL_GRACE):
                 self._stuck_pool = signature
@@ -621,6 +624,7 @@ class _QueueBase:
             raise ValueError(f"'max_items' must be at least 1, got {max_items!r}")
         deadline = _deadline(timeout) if block else None
         try:
+            check_ring(self._ring)  # (a corrupt HEAD or TAIL would make the batch endless)
             records = self._try_read_many(max_items)
             while True:
                 if records:
@@ -637,6 +641,7 @@ class _QueueBase:
                     raise Empty(f"queue {self.name!r} is empty")
                 else:
                     self._ring._block_reading(deadline, self._readable)
+                check_ring(self._ring)
                 records = self._try_read_many(max_items)
         except Exception:
             if self._closed:
