@@ -12,7 +12,6 @@ the queue's creator, which unlinks it with the queue.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Tuple
 
 from . import _layout as L

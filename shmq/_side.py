@@ -35,7 +35,7 @@ from ._errors import BrokenError, LayoutError, NoFreeName
 from ._ring import RingBuffer
 from ._segment import Segment
 
-__all__ = ("SidePath", "Blob", "NOTHING", "SIDE_RING_BYTES", "check_ring")
+__all__ = ("SidePath", "Blob", "NOTHING", "SIDE_RING_BYTES", "check_ring", "blob_names")
 
 SIDE_RING_BYTES = 16 << 10  # about 680 large items in flight
 #: A side record: the pickle's length in bytes, the blob's number.
