@@ -1331,3 +1331,43 @@ def test_threads_blocked_in_get_or_put_get_closed_error_when_another_closes():
             t.join(T)
         assert time.monotonic() - t0 < 1.0
         assert all(type(r) is shmq.ClosedError for r in results), results
+
+
+def test_out_of_names_for_blobs_is_no_free_name(monkeypatch):
+    from shmq import _side
+
+    q = shmq.Queue(capacity_bytes=1 << 16)
+    taken = shmq.Ring.create(1024, name=q.name + ".b0000000000001234")
+    try:
+        monkeypatch.setattr(_side.secrets, "randbits", lambda bits: 0x1234)
+        with pytest.raises(shmq.NoFreeName, match=r"no free name for a large item"):
+            q.put(b"x" * 50_000)
+        assert not isinstance(shmq.NoFreeName("x"), FileExistsError)
+        assert q.qsize() == 0 and blobs(q) == [taken.name]
+    finally:
+        taken.unlink()
+        taken.close()
+        q.close()
+
+
+def test_a_dead_queues_side_ring_is_replaced_a_live_segment_is_not():
+    name = unique_name("dq")
+    code = f"import os, shmq; q = shmq.Queue(name={name!r}); print(flush=True); os.kill(os.getpid(), 9)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL and name + ".s" in shm_names()
+    P.shm_unlink(name)  # the main ring is gone (say, `shmq gc --prefix` removed it first)
+    q = shmq.Queue(name=name)  # the dead queue's side ring is removed and made anew
+    try:
+        q.put(b"y" * (1 << 19))
+        assert q.get(timeout=T) == b"y" * (1 << 19)
+    finally:
+        q.close()
+    assert not [n for n in shm_names() if name in n]
+    live = shmq.Ring.create(1024, name=name + ".s")
+    try:
+        with pytest.raises(FileExistsError, match=r"is taken by a live segment"):
+            shmq.Queue(name=name)
+        assert sorted(n for n in shm_names() if name in n and not n.startswith("sem.")) == [live.name]
+    finally:
+        live.unlink()
+        live.close()
