@@ -313,12 +313,9 @@ class _QueueBase:
         _live.add(self)
 
     def __reduce__(self):
-        self._check_open()  # as multiprocessing refuses to pickle closed things
-        return (_attach, (self.name,))
-
-    def _check_open(self) -> None:
-        if self._closed:
+        if self._closed:  # as multiprocessing refuses to pickle closed things
             raise self._closed_error()
+        return (_attach, (self.name,))
 
     def _closed_error(self) -> ClosedError:
         return ClosedError(f"{type(self).__name__} {self.name!r} is closed")
@@ -330,7 +327,8 @@ class _QueueBase:
         pickling errors raise here and leave the queue as it was."""
         # (Run only by a subclass's super().put and on a closed handle: an
         # open handle's put is self._fast_put, bound in _setup.)
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         self._fast_put(self, obj, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
@@ -342,7 +340,8 @@ class _QueueBase:
         items at once.  Every item is pickled first, so a pickling error puts
         nothing.  Raises Full if ``timeout`` expires (the message says how
         many items were put: those before it)."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         if not isinstance(items, (list, tuple)):
             items = list(items)
         try:  # no Python call per item while every item is small and plain
@@ -569,7 +568,8 @@ class _QueueBase:
         seconds) for one if ``block``.  Raises queue.Empty (shmq.Empty)."""
         # (Run by a subclass's super().get, on a closed handle, and with
         # records in the stash: an open handle's get is self._fast_get.)
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         data = self._try_read()
         if data:
             try:
@@ -619,7 +619,8 @@ class _QueueBase:
     def get_many(self, max_items: int = 1 << 30, block: bool = True, timeout: Optional[float] = None) -> List[Any]:
         """Remove and return up to ``max_items`` items (at least one: waits
         like ``get``), taking their records at once."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         if max_items < 1:
             raise ValueError(f"'max_items' must be at least 1, got {max_items!r}")
         deadline = _deadline(timeout) if block else None
@@ -768,17 +769,20 @@ class _QueueBase:
     # -- state --------------------------------------------------------------
     def qsize(self) -> int:
         """Items in the queue now, exact (read from the shared counters)."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         return self._ring.qsize() + len(self._stash)
 
     def empty(self) -> bool:
         """``qsize() == 0``."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         return not self._stash and self._ring.qsize() == 0
 
     def full(self) -> bool:
         """True when ``maxsize`` items are held, or the ring has no byte left."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         return self._ring.full()
 
     @property
@@ -793,7 +797,8 @@ class _QueueBase:
 
     def statistics(self) -> RingStatistics:
         """A snapshot of the main ring's shared counters (the same in every process)."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         return self._ring.statistics()
 
     # -- lifetime -------------------------------------------------------------
@@ -889,7 +894,8 @@ class JoinableQueue(Queue):
     def task_done(self) -> None:
         """Say one item taken with ``get`` has been processed.  Raises
         ValueError if called more times than items were put."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         w = self._w
         lock = self._task_lock
         lock.acquire()
@@ -908,13 +914,15 @@ class JoinableQueue(Queue):
         """Wait until every item put has been marked done with
         ``task_done()``.  Returns True, or False if ``timeout`` (seconds)
         expired first."""
-        self._check_open()
+        if self._closed:
+            raise self._closed_error()
         w = self._w
         try:
             done = wait_until(
                 lambda: self._closed or w[L.W_MSGS_IN] - w[L.W_TASKS_DONE] <= 0, self._join_bell, _deadline(timeout)
             )
-            self._check_open()
+            if self._closed:
+                raise self._closed_error()
             return done
         except Exception:
             if self._closed:
