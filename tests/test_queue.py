@@ -1371,3 +1371,22 @@ def test_a_dead_queues_side_ring_is_replaced_a_live_segment_is_not():
     finally:
         live.unlink()
         live.close()
+
+
+def test_a_join_blocked_when_another_thread_closes_gets_closed_error():
+    j = shmq.JoinableQueue()
+    j.put("a task nobody finishes")
+    results = []
+
+    def join():
+        try:
+            results.append(j.join(timeout=T))
+        except BaseException as exc:  # noqa: BLE001 - the test reports what came out
+            results.append(exc)
+
+    t = threading.Thread(target=join)
+    t.start()
+    _wait_blocked([t])
+    j.close()
+    t.join(T)
+    assert len(results) == 1 and type(results[0]) is shmq.ClosedError, results
