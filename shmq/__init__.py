@@ -10,6 +10,7 @@ from ._errors import SharedMemoryFull as SharedMemoryFull
 from ._errors import ShmqError as ShmqError
 from ._errors import SlotError as SlotError
 from ._errors import WouldBlock as WouldBlock
+from ._errors import NoFreeName as NoFreeName
 from .channel import ChannelStatistics as ChannelStatistics
 from .channel import ReceiveChannel as ReceiveChannel
 from .channel import ReceiveLoan as ReceiveLoan
@@ -47,5 +48,6 @@ __all__ = (
     "SimpleQueue",
     "SlotError",
     "WouldBlock",
+    "NoFreeName",
     "__version__",
 )

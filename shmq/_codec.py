@@ -31,6 +31,14 @@ whose own base is not an array).  A weak reference with a callback watches
 the anchor: when the last view dies, the slot is released and returned to its
 source.  ``copy=True`` gives private, writable copies and releases at once.
 
+The first pass (``shmq.Queue.put``): a queue pickles every object once with
+:func:`stop_at_large` as the buffer callback.  An object without a buffer of
+``DEFAULT_THRESHOLD`` bytes or more comes out as its plain pickle, the record;
+one with such a buffer stops the pass before anything large is copied, and
+:func:`first_pass_failed` answers :data:`LARGE`: the queue then encodes it
+again with :func:`encode` (or :func:`pickle_in_band`).  Every pickling here
+falls back, once, to ``multiprocessing``'s ForkingPickler (:func:`_pickle`).
+
 A message must be decoded exactly once per delivery.  The consumer reads the
 message off the ring *before* it acquires the slots, so a receiver killed
 between the two leaves an orphan: once a consumer of the ring is found dead,
@@ -44,6 +52,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -58,12 +67,18 @@ from ._slots import RECLAIM_INTERVAL, SlotPool
 __all__ = (
     "DEFAULT_THRESHOLD",
     "MAGIC",
+    "LARGE",
     "Codec",
     "Lease",
     "RingFence",
     "encode",
     "decode",
     "is_slot_message",
+    "stop_at_large",
+    "first_pass",
+    "first_pass_failed",
+    "pickle_in_band",
+    "largest_buffer",
 )
 
 #: buffers at least this large travel through a slot instead of the ring
@@ -246,16 +261,134 @@ def _pickle(obj: Any, buffer_callback: Optional[Callable], bufs: Optional[list] 
     try:
         return _dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
     except Exception as exc:
-        from multiprocessing.reduction import ForkingPickler
-
         if bufs:
             bufs.clear()
-        out = io.BytesIO()
+        return _pickle_refused(obj, buffer_callback, exc)
+
+
+def _pickle_refused(obj: Any, buffer_callback: Optional[Callable], exc: Exception) -> bytes:
+    """The pickle of ``obj``, which plain pickle refused with ``exc``: through
+    ``multiprocessing``'s ForkingPickler (the one fallback), or for a
+    memoryview, a pickle that rebuilds a read-only memoryview of its bytes.
+    Raises ``exc`` if that fails too."""
+    if type(obj) is memoryview:
+        return _dumps(_MemoryviewOf(obj.tobytes()), PROTOCOL)
+    from multiprocessing.reduction import ForkingPickler
+
+    out = io.BytesIO()
+    try:
+        ForkingPickler(out, PROTOCOL, True, buffer_callback).dump(obj)  # it takes positional arguments only
+    except Exception:
+        raise exc from None
+    return out.getvalue()
+
+
+class _MemoryviewOf:
+    """Pickles as ``memoryview(data)``: a memoryview, which pickle refuses,
+    arrives as a read-only memoryview of its bytes (as a large one does
+    through a slot)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        return (memoryview, (self.data,))
+
+
+# -- the first pass (shmq.Queue.put) -------------------------------------------------
+class _LargeBuffer(Exception):
+    """Raised by stop_at_large to end the first pass."""
+
+
+def stop_at_large(buf: pickle.PickleBuffer) -> bool:
+    """Buffer callback of the first pass: a small (or non-contiguous) buffer
+    stays in the pickle; a large one stops the pass, before it is copied."""
+    try:
+        with buf.raw() as m:
+            large = m.nbytes >= DEFAULT_THRESHOLD
+    except BufferError:  # not contiguous: pickled in-band
+        return True
+    if large:
+        raise _LargeBuffer
+    return True
+
+
+class _Large:
+    """What the first pass gives for an object with a large buffer: longer
+    than any record, so ``put``'s one length test sends it off the fast path."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __repr__(self) -> str:
+        return "<an object with large buffers>"
+
+
+#: The first pass's answer for an object with a large buffer (see _Large).
+LARGE = _Large()
+
+
+def first_pass_failed(obj: Any, exc: Exception) -> Any:
+    """The record for ``obj`` when ``pickle.dumps(obj, 5,
+    buffer_callback=stop_at_large)`` raised ``exc``: LARGE if it stopped at a
+    large buffer (or ``obj`` is a large memoryview, which the codec sends
+    through a slot), else the pickle from the fallback; raises ``exc`` if
+    ``obj`` cannot be pickled."""
+    if type(exc) is _LargeBuffer:
+        return LARGE
+    if type(obj) is memoryview and obj.nbytes >= DEFAULT_THRESHOLD:
+        return LARGE
+    return _pickle_refused(obj, None, exc)
+
+
+def first_pass(obj: Any) -> Any:
+    """The first pass over ``obj``: its record (its pickle), or LARGE after
+    checking that it pickles (copying no buffer), so that a pickling error
+    raises from ``put``.  (``put`` inlines this; ``put_many`` calls it.)"""
+    try:
+        return _dumps(obj, PROTOCOL, buffer_callback=stop_at_large)
+    except Exception as exc:
+        data = first_pass_failed(obj, exc)
+    if data is LARGE and type(obj) is not memoryview:
+        _pickle(obj, _out_of_band)  # raises its pickling error now; copies no buffer
+    return data
+
+
+def _out_of_band(buf: pickle.PickleBuffer) -> bool:
+    return False
+
+
+def pickle_in_band(obj: Any) -> bytes:
+    """The protocol-5 pickle of ``obj`` with every buffer in it (what a
+    queue without a slot pool sends)."""
+    return _pickle(obj, None)
+
+
+def largest_buffer(obj: Any) -> int:
+    """Bytes in the largest buffer ``obj`` pickles out of band (or its
+    length, for a bytes-like); 0 if none."""
+    if type(obj) in _RAW_TYPES:
+        return memoryview(obj).nbytes
+    largest = 0
+
+    def measure(buf: pickle.PickleBuffer) -> bool:
+        nonlocal largest
         try:
-            ForkingPickler(out, PROTOCOL, True, buffer_callback).dump(obj)  # it takes positional arguments only
-        except Exception:
-            raise exc from None
-        return out.getvalue()
+            with buf.raw() as m:
+                largest = max(largest, m.nbytes)
+        except BufferError:
+            pass
+        return False  # out of band: measured, not copied
+
+    try:
+        _dumps(obj, PROTOCOL, buffer_callback=measure)
+    except Exception:
+        pass
+    return largest
 
 
 def _place(

@@ -21,6 +21,7 @@ __all__ = (
     "MessageTooLarge",
     "SharedMemoryFull",
     "SlotError",
+    "NoFreeName",
 )
 
 
@@ -72,3 +73,10 @@ class SharedMemoryFull(ShmqError, OSError):
 class SlotError(ShmqError):
     """A slot was released twice, released by a process that does not hold it,
     or an index came back that does not belong to the pool."""
+
+
+class NoFreeName(ShmqError):
+    """shmq made up names for a new segment (a large item's blob, a queue's
+    side ring or slot pool) and found each one taken, as many times as it
+    tried.  Something else keeps creating names like them in /dev/shm.
+    (``FileExistsError`` keeps its meaning: a name *you* gave is taken.)"""

@@ -46,7 +46,7 @@ producer side and the consumer side never write the same line::
      320  (reserved)
      321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
           A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):
-     322  SIDE_NAME: 3 words, the name of the queue's side ring    creator
+     322  (3 words unused: the side ring's name follows from the queue's, "<queue>.s")
      325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
                                       task_done(), under the side ring's PRODUCER_LOCK
      326  JOIN_WAITING                a join() about to sleep on "all done" ("-jd")
@@ -56,10 +56,9 @@ producer side and the consumer side never write the same line::
      322  SIDE_LIMIT_BYTES            creator (blob bytes allowed in flight)
      323  SIDE_BYTES_IN               producers, under its PRODUCER_LOCK
      324  SIDE_BYTES_OUT              consumers, under its CONSUMER_LOCK
-     325  POOL_NAME: 3 words, the name of the queue's slot pool (ASCII,
-          NUL-padded; zero until the pool exists: it is created on the first
-          large buffer put, under the main ring's admin lock, and its name
-          written here last)          the pool's creator
+     325  POOL_MADE: 1 once the queue's slot pool "<queue>.p" exists (it is
+          created on the first large buffer put, under the main ring's admin
+          lock, and this word written last; 326-327 unused)  the pool's creator
 
 TAIL and HEAD only grow; ``position % CAPACITY_BYTES`` is the offset in the
 data area.  A record is one header word followed by its payload, padded to a
@@ -123,8 +122,6 @@ W_PRODUCER_LOCK = W_KIND_HEADER + 40
 W_CONSUMER_LOCK = W_KIND_HEADER + 48
 # shmq.queue's words, in the rest of the last cache line (see the map above)
 W_QUEUE_KIND = W_KIND_HEADER + 57
-W_SIDE_NAME = W_KIND_HEADER + 58  # main ring: 3 words of ASCII, NUL-padded
-SIDE_NAME_BYTES = 24
 W_TASKS_DONE = W_KIND_HEADER + 61  # main ring
 W_JOIN_WAITING = W_KIND_HEADER + 62  # main ring
 W_SIDE_LIMIT = W_KIND_HEADER + 58  # side ring
@@ -132,8 +129,7 @@ W_SIDE_BYTES_IN = W_KIND_HEADER + 59  # side ring
 W_SIDE_BYTES_OUT = W_KIND_HEADER + 60  # side ring
 W_POOL_CONFIG = W_KIND_HEADER + 63  # main ring: SLOT_COUNT << POOL_COUNT_SHIFT | SLOT_SIZE, size 0: fitted; 0 = no pool
 POOL_COUNT_SHIFT = 42
-W_POOL_NAME = W_KIND_HEADER + 61  # side ring: 3 words of ASCII, NUL-padded, 0 until the pool exists
-POOL_NAME_BYTES = 24
+W_POOL_MADE = W_KIND_HEADER + 61  # side ring: 1 once the pool "<queue>.p" exists
 QUEUE_KIND_QUEUE = 1
 QUEUE_KIND_JOINABLE = 2
 QUEUE_KIND_SIMPLE = 3

@@ -1178,6 +1178,43 @@ class SlotPool:
             return f"<SlotPool {getattr(self, 'name', '?')!r} closed>"
         return f"<SlotPool {self.name!r} {self.free_count()}/{self.slot_count} slots free of {self.slot_size} bytes>"
 
+    # -- read-only, for shmq.queue's back-pressure (added with the queue restructuring)
+    def in_transit(self) -> Tuple[bool, tuple]:
+        """``(in_transit, signature)``: whether some slot holds a message
+        still on its way -- loaned (being written), or sent and not yet
+        acquired by every receiver it was sent to -- and a value that changes
+        whenever any slot changes hands.  Reads the tables within this
+        handle's geometry; writes nothing."""
+        w = self._w
+        n = self.slot_count
+        members = min(w[L.W_MEMBERS_HIGH], self.max_members)
+        in_transit = False
+        signature = []
+        for i in range(n):
+            s = self._slots + i * L.SLOT_WORDS
+            state = w[s + L.S_STATE]
+            acquired = released = 0
+            for m in range(members):
+                v = w[self._holdw + m * n + i]
+                acquired += v >> 32
+                released += v & _MASK
+            signature.append((state, w[s + L.S_GEN], acquired, released))
+            if state == _LOANED or (state == _SENT and acquired < w[s + L.S_DELIVERIES]):
+                in_transit = True
+        return in_transit, tuple(signature)
+
+    def return_queue_intact(self) -> bool:
+        """Whether this process's return queue has plausible indices
+        (RQ_HEAD <= RQ_TAIL <= RQ_HEAD + capacity): a corrupt RQ_TAIL would
+        make the next allocation drain it for ever.  Reads two words."""
+        m = self._member
+        if m < 0:
+            return True
+        mb = self._members + m * L.MEMBER_WORDS
+        w = self._w
+        head = w[mb + L.M_RQ_HEAD]
+        return 0 <= w[mb + L.M_RQ_TAIL] - head <= self._q and head >= 0
+
 
 _TOKEN = object()
 

@@ -41,13 +41,13 @@ def shm_names():
 
 
 def blobs(q):
-    return sorted(n for n in shm_names() if n.startswith(q._blob_prefix))
+    return sorted(n for n in shm_names() if n.startswith(q.name + ".b"))
 
 
 def queue_names(q):
-    """Every /dev/shm entry of the queue (rings, semaphores, blobs, slot pool)."""
-    stems = (q.name, q._side.name, q._blob_prefix, q._side.name[:-1] + "p")
-    return sorted(n for n in shm_names() if any(s in n for s in stems))
+    """Every /dev/shm entry of the queue (rings, semaphores, blobs, slot pool:
+    every part is named after the queue)."""
+    return sorted(n for n in shm_names() if q.name in n)
 
 
 def digest(obj) -> str:
@@ -138,9 +138,16 @@ def test_closed_handle_state_and_no_ops():
     for call in (q.qsize, q.empty, q.full, q.get_many, q.statistics):
         with pytest.raises(shmq.ClosedError):
             call()
-    assert isinstance(q, shmq.Queue)
-    with pytest.raises(FileNotFoundError):  # still pickles as its name, but the creator unlinked it
-        pickle.loads(pickle.dumps(q))
+    assert type(q) is shmq.Queue  # (no class swap: a check in each method)
+    # one rule for every handle, as multiprocessing refuses closed things
+    ring = shmq.Ring.create(1024)
+    ring.unlink()
+    for handle in (q, ring):
+        handle.close()
+        with pytest.raises(shmq.ClosedError, match=r"is closed$"):
+            pickle.dumps(handle)
+    with pytest.raises(shmq.ClosedError, match=r"^Queue '.*' is closed$"):
+        pickle.dumps(q.put)  # a bound method pickles its handle
 
 
 def test_properties_repr_statistics_context_manager():
@@ -291,7 +298,7 @@ def test_attach_errors():
         with pytest.raises(shmq.LayoutError, match=r"is a shmq.SimpleQueue, expected a shmq.Queue$"):
             shmq.Queue.attach(s.name)
         with pytest.raises(shmq.LayoutError, match=r"is the side ring of a queue"):
-            shmq.Queue.attach(q._side.name)
+            shmq.Queue.attach(q._side.ring.name)
         with shmq.Ring.create(4096) as ring:
             try:
                 with pytest.raises(shmq.LayoutError, match=r"is a ring, not a queue"):
@@ -466,7 +473,7 @@ def test_side_path_back_pressure():
         assert time.monotonic() - t0 >= 0.15
         assert len(blobs(q)) == 2 and q.qsize() == 2  # nothing made for the refused puts
         # a taker makes room once the put is waiting; the put then goes through
-        taker = threading.Thread(target=_get_when_a_producer_waits, args=(q, q._sw))
+        taker = threading.Thread(target=_get_when_a_producer_waits, args=(q, q._side.ring.segment.words))
         taker.start()
         q.put(item, timeout=T)
         taker.join(T)
@@ -878,7 +885,7 @@ _CREATOR = textwrap.dedent(
     q = shmq.Queue(name=sys.argv[2], capacity_bytes=1 << 16, side_capacity_bytes=3 << 20, zero_copy=False)
     j = shmq.JoinableQueue(name=sys.argv[3])
     q.put(b"x" * (1 << 20)); j.put("task")        # a large item: a blob
-    print(q._side.name, q._blob_prefix, j._side.name, flush=True)
+    print(q._side.ring.name, q.name + '.b', j._side.ring.name, flush=True)
     if mode == "exception":
         raise RuntimeError("boom")
     if mode == "sigint-get":
@@ -1001,7 +1008,7 @@ def test_a_consumer_killed_while_taking_a_large_item(ctx, tmp_path):
 
 def _hold_lock_forever(name, which, ready):
     q = shmq.Queue.attach(name)
-    lock = {"producer": q._ring._plock, "consumer": q._ring._clock, "side": q._side._plock}[which]
+    lock = {"producer": q._ring._plock, "consumer": q._ring._clock, "side": q._side.ring._plock}[which]
     lock.acquire()
     ready.set()
     threading.Event().wait()  # until SIGKILL
@@ -1122,3 +1129,264 @@ def test_consumers_killed_at_random_times_lose_at_most_what_they_held():
     assert q.empty() and not blobs(q)
     q.close()
     results.close()
+
+
+# -- hostile or corrupt shared memory (issue 16, items 6, 7) -------------------------------
+
+_CORRUPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import shmq
+    from shmq import _layout as L
+    case, name = sys.argv[1], sys.argv[2]
+    q = shmq.Queue(name=name, capacity_bytes=1 << 16)
+    mw, sw = q._ring.segment.words, q._side.ring.segment.words
+    saved = []
+
+    def corrupt(words, index, value):
+        saved.append((words, index, words[index]))
+        words[index] = value
+
+    if case == "rq-tail":
+        q.put(np.ones(100_000)); q.get(timeout=5)
+        pool = q._pool
+        mb = (pool.segment.words[L.W_MEMBER_TABLE] >> 3) + pool._member * L.MEMBER_WORDS
+    if case in ("side-nbytes", "blob-bytes", "side-head-misaligned"):
+        q.put(b"x" * 40_000)  # a large item: a blob, a side record, a marker
+    t0 = time.monotonic()
+    try:
+        if case == "main-head":  # past TAIL: the zeros beyond read as markers
+            corrupt(mw, L.W_HEAD, mw[L.W_TAIL] + 64)
+            q.get(timeout=1)
+        elif case == "main-head-many":
+            corrupt(mw, L.W_HEAD, mw[L.W_TAIL] + 64)
+            q.get_many(timeout=1)
+        elif case == "side-head":
+            corrupt(sw, L.W_HEAD, sw[L.W_TAIL] + 64)
+            q.get(timeout=1)
+        elif case == "side-head-misaligned":
+            corrupt(sw, L.W_HEAD, 3)
+            q.get(timeout=1)
+        elif case == "side-tail":
+            corrupt(sw, L.W_TAIL, sw[L.W_HEAD] + (1 << 40))
+            q.put(b"x" * 40_000, timeout=1)
+        elif case == "side-nbytes":  # the record claims 2**64 - 1 bytes
+            corrupt(sw, ((L.DATA_OFFSET + sw[L.W_HEAD] % q._side.ring.capacity_bytes) >> 3) + 1, -1)
+            q.get(timeout=1)
+        elif case == "blob-bytes":
+            from shmq._segment import Segment
+            seg = Segment.attach(q._side.blob_names()[0], L.KIND_BLOB)
+            seg.words[L.W_BLOB_BYTES] = 1 << 50
+            seg.close()
+            q.get(timeout=1)
+        elif case == "rq-tail":
+            corrupt(pool.segment.words, mb + L.M_RQ_TAIL, 1 << 60)
+            q.put(np.ones(100_000), timeout=1)
+        outcome = "returned"
+    except Exception as exc:
+        outcome = type(exc).__name__
+    elapsed = time.monotonic() - t0
+    for words, index, value in saved:
+        words[index] = value
+    q.put("after")  # the queue still answers (the bad item, if any, was dropped)
+    print(outcome, elapsed, q.get(timeout=5), flush=True)
+    q.close()
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["main-head", "main-head-many", "side-head", "side-head-misaligned", "side-tail", "side-nbytes", "blob-bytes", "rq-tail"],
+)
+def test_corrupt_words_raise_broken_within_the_timeout(case):
+    """Before: main-head, main-head-many and rq-tail spun at 100% CPU for
+    ever; side-nbytes left the side consumer lock held; side-head gave a
+    ValueError about a name.  Now: BrokenError at once, and nothing hangs."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CORRUPT, case, unique_name("cw")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    outcome, elapsed, after = proc.stdout.split()
+    assert outcome == "BrokenError" and float(elapsed) < 1.2 and after == "after", proc.stdout
+
+
+def _forge_large_item(q, record: bytes) -> None:
+    """Publish a side record and its marker as a producer would, with any bytes."""
+    q._side.ring.write(record)
+    q._ring.write(b"")
+
+
+def test_a_forged_side_record_never_removes_another_segment():
+    q = shmq.Queue(capacity_bytes=1 << 16)
+    victim = shmq.Ring.create(1024, name=unique_name("victim"))
+    # a segment in the queue's own namespace that is not one of its blobs
+    imposter = shmq.Ring.create(1024, name=q.name + ".b" + "00000000deadbeef")
+    try:
+        # the side record before parts were named after the queue: length + any name
+        _forge_large_item(q, (100).to_bytes(8, "little") + victim.name.encode())
+        with pytest.raises(shmq.BrokenError, match="bytes long"):
+            q.get(timeout=T)
+        _forge_large_item(q, (100).to_bytes(8, "little") + (0xDEADBEEF).to_bytes(8, "little"))
+        with pytest.raises(shmq.BrokenError, match="not a blob"):
+            q.get(timeout=T)
+        _forge_large_item(q, (100).to_bytes(8, "little") + (0xFEED).to_bytes(8, "little"))
+        with pytest.raises(shmq.BrokenError, match="is gone"):
+            q.get(timeout=T)
+        assert victim.name in shm_names() and imposter.name in shm_names()
+        # the forged records were dropped; the queue goes on, large items too
+        q.put("small")
+        q.put(b"L" * 50_000)
+        assert q.get(timeout=T) == "small" and q.get(timeout=T) == b"L" * 50_000
+        assert blobs(q) == [imposter.name]
+    finally:
+        for r in (victim, imposter):
+            r.unlink()
+            r.close()
+        q.close()
+
+
+def test_parts_are_named_after_the_queue():
+    name = unique_name("pn")
+    q = shmq.Queue(name=name, capacity_bytes=1 << 16)
+    try:
+        q.put(np.ones(100_000))  # the pool
+        q.put(b"B" * 50_000)  # below the slot threshold, above a quarter of the ring: a blob
+        q.put(np.ones(3 << 20))  # larger than a slot: through the side path
+        ours = sorted(n for n in P.list_shm_names() if n.startswith(name))
+        blob = [n for n in ours if n.startswith(name + ".b")]
+        assert len(blob) == 2 and sorted(set(ours) - set(blob)) == [name, name + ".p", name + ".s"]
+        assert {P.owner_of(n) for n in ours[1:]} == {name}
+        assert q.get(timeout=T).sum() == 100_000 and q.get(timeout=T) == b"B" * 50_000
+        assert q.get(timeout=T).sum() == 3 << 20
+        with pytest.raises(ValueError, match=r"must not end like a queue's part"):
+            shmq.Queue(name=name + ".s")
+    finally:
+        q.close()
+    assert not [n for n in shm_names() if name in n]
+
+
+def test_memoryviews_of_every_size():
+    for zero_copy in (True, False):
+        q = shmq.Queue(capacity_bytes=1 << 16, zero_copy=zero_copy)
+        try:
+            for size in (0, 3, 20_000, 100_000):
+                data = bytes(range(256)) * (size // 256) + b"m" * (size % 256)
+                q.put(memoryview(data))
+                back = q.get(timeout=T)
+                assert type(back) is memoryview and back.readonly and back.tobytes() == data
+            q.put_many([memoryview(b""), memoryview(b"ab")])
+            assert [m.tobytes() for m in q.get_many()] == [b"", b"ab"]
+        finally:
+            q.close()
+
+
+def _blocked_in(thread: threading.Thread, function: str) -> bool:
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _wait_blocked(threads, function="wait_until"):
+    deadline = time.monotonic() + T
+    while not all(_blocked_in(t, function) for t in threads):
+        assert time.monotonic() < deadline, "the threads never blocked"
+        time.sleep(0.001)
+
+
+def test_threads_blocked_in_get_or_put_get_closed_error_when_another_closes():
+    """Before: now and then ``ValueError: released memoryview`` (or a
+    TypeError) instead of ClosedError (about 3% of the calls racing close())."""
+    for rep in range(100):
+        q = shmq.Queue(1)
+        results = []
+        go = threading.Event()
+
+        def call(method, *args):
+            go.wait()
+            try:
+                method(*args, timeout=T)
+                results.append("returned")
+            except BaseException as exc:  # noqa: BLE001 - the test reports what came out
+                results.append(exc)
+
+        if rep % 10 == 9:  # now and then, producers blocked on a full queue instead
+            q.put("fills it")
+            threads = [threading.Thread(target=call, args=(q.put, "no room")) for _ in range(4)]
+        else:
+            threads = [threading.Thread(target=call, args=(q.get,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        go.set()
+        if rep % 2:  # blocked for sure; else close() races the calls
+            _wait_blocked(threads)
+        t0 = time.monotonic()
+        q.close()
+        for t in threads:
+            t.join(T)
+        assert time.monotonic() - t0 < 1.0
+        assert all(type(r) is shmq.ClosedError for r in results), results
+
+
+def test_out_of_names_for_blobs_is_no_free_name(monkeypatch):
+    from shmq import _side
+
+    q = shmq.Queue(capacity_bytes=1 << 16)
+    taken = shmq.Ring.create(1024, name=q.name + ".b0000000000001234")
+    try:
+        monkeypatch.setattr(_side.secrets, "randbits", lambda bits: 0x1234)
+        with pytest.raises(shmq.NoFreeName, match=r"no free name for a large item"):
+            q.put(b"x" * 50_000)
+        assert not isinstance(shmq.NoFreeName("x"), FileExistsError)
+        assert q.qsize() == 0 and blobs(q) == [taken.name]
+    finally:
+        taken.unlink()
+        taken.close()
+        q.close()
+
+
+def test_a_dead_queues_side_ring_is_replaced_a_live_segment_is_not():
+    name = unique_name("dq")
+    code = f"import os, shmq; q = shmq.Queue(name={name!r}); print(flush=True); os.kill(os.getpid(), 9)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL and name + ".s" in shm_names()
+    P.shm_unlink(name)  # the main ring is gone (say, `shmq gc --prefix` removed it first)
+    q = shmq.Queue(name=name)  # the dead queue's side ring is removed and made anew
+    try:
+        q.put(b"y" * (1 << 19))
+        assert q.get(timeout=T) == b"y" * (1 << 19)
+    finally:
+        q.close()
+    assert not [n for n in shm_names() if name in n]
+    live = shmq.Ring.create(1024, name=name + ".s")
+    try:
+        with pytest.raises(FileExistsError, match=r"is taken by a live segment"):
+            shmq.Queue(name=name)
+        assert sorted(n for n in shm_names() if name in n and not n.startswith("sem.")) == [live.name]
+    finally:
+        live.unlink()
+        live.close()
+
+
+def test_a_join_blocked_when_another_thread_closes_gets_closed_error():
+    j = shmq.JoinableQueue()
+    j.put("a task nobody finishes")
+    results = []
+
+    def join():
+        try:
+            results.append(j.join(timeout=T))
+        except BaseException as exc:  # noqa: BLE001 - the test reports what came out
+            results.append(exc)
+
+    t = threading.Thread(target=join)
+    t.start()
+    _wait_blocked([t])
+    j.close()
+    t.join(T)
+    assert len(results) == 1 and type(results[0]) is shmq.ClosedError, results

@@ -29,7 +29,7 @@ def shm_names():
 
 
 def pool_name(q):
-    return q._side.name[:-1] + "p"
+    return q.name + ".p"
 
 
 def anchored(a):
@@ -316,9 +316,9 @@ def test_the_first_large_buffer_inside_a_dict_sizes_the_slots():
     ],
 )
 def test_fitted_geometry(largest, count, free, expected):
-    from shmq.queue import _fitted_geometry
+    from shmq._queue_pool import fitted_geometry
 
-    assert _fitted_geometry(largest, count, free) == expected
+    assert fitted_geometry(largest, count, free) == expected
 
 
 def test_a_pool_dev_shm_cannot_hold_means_copies():
@@ -563,7 +563,7 @@ def test_a_message_read_by_a_consumer_killed_before_decoding_frees_its_slot(ctx)
 
 
 def _encode_and_die(q, out):
-    data, lease = q._encode_pooled(frame(5), shmq.queue._LARGE, True, None)
+    data, lease = q._encode_pooled(frame(5), C.LARGE, True, None)
     out.put(lease is not None)  # slots allocated and marked sent...
     os.kill(os.getpid(), signal.SIGKILL)  # ...and the message never written
 
