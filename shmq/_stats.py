@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -216,35 +215,13 @@ def _segment_info(view: SegmentView, owner: Optional[str] = None) -> SegmentInfo
     )
 
 
-def _name_word(view: SegmentView, word: int, nbytes: int) -> str:
-    """A NUL-padded ASCII name stored in the header at ``word`` ("" if none or not ASCII)."""
-    raw = view.words[word : word + nbytes // L.WORD].tobytes().rstrip(b"\0")
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        return ""
-
-
-def _queue_side_name(view: SegmentView) -> str:
-    """The side ring named in a queue's main ring, or ""."""
-    if view.kind != L.KIND_RING or view.words[L.W_QUEUE_KIND] not in (
-        L.QUEUE_KIND_QUEUE,
-        L.QUEUE_KIND_JOINABLE,
-        L.QUEUE_KIND_SIMPLE,
-    ):
-        return ""
-    return _name_word(view, L.W_SIDE_NAME, L.SIDE_NAME_BYTES)
-
-
 class _Inventory:
     """One pass over /dev/shm: every shmq segment's SegmentInfo, the entries
     that carry shmq's magic but cannot be read (``problems``), and which
     queue each part belongs to.
 
-    A queue's parts are found two ways: by name (``<queue>.s``, ``.p``,
-    ``.b<hex>``: :func:`~shmq._platform.owner_of`) and through the side-ring
-    name its main ring records (queues made before parts were named after
-    their queue: side ``<stem>s``, pool ``<stem>p``, blobs ``<stem>b<hex>``).
+    A queue's parts are found by name (``<queue>.s``, ``.p``, ``.b<hex>``:
+    :func:`~shmq._platform.owner_of`).
     """
 
     def __init__(self) -> None:
@@ -253,14 +230,10 @@ class _Inventory:
         self.idents: Dict[str, Tuple[int, int]] = {}
         #: shmq-looking entries that could not be read: name -> reason
         self.problems: Dict[str, str] = {}
-        #: queue (main ring) name -> the side ring it records
-        self.side_of: Dict[str, str] = {}
-        stems: Dict[str, str] = {}  # side-ring stem -> queue (main ring) name
         for name in self.names:
             try:
                 with SegmentView.open(name) as view:
                     info = _segment_info(view)
-                    side = _queue_side_name(view)
                     self.idents[name] = view._ident
             except FileNotFoundError:
                 continue  # removed meanwhile
@@ -274,13 +247,8 @@ class _Inventory:
             except (OSError, ValueError):
                 continue  # not a regular file, or a name shmq never makes
             self.infos[name] = info
-            if side:
-                self.side_of[name] = side
-                stems[side[:-1]] = name
         for name, info in self.infos.items():
             owner = P.owner_of(name)
-            if owner is None:
-                owner = _owner_by_stem(name, stems)
             if owner is not None and owner != name:
                 self.infos[name] = dataclasses.replace(info, owner=owner)
 
@@ -300,18 +268,6 @@ class _Inventory:
             # the queue, then its side ring, its pool, its blobs
             names.sort(key=lambda n: (n != group, order.get(getattr(self.infos.get(n), "kind", ""), 2), n))
         return out
-
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def _owner_by_stem(name: str, stems: Dict[str, str]) -> Optional[str]:
-    for stem, queue in stems.items():
-        if name.startswith(stem):
-            rest = name[len(stem) :]
-            if rest in ("s", "p") or (rest[:1] == "b" and 1 < len(rest) and set(rest[1:]) <= _HEX):
-                return queue
-    return None
 
 
 def _has_magic(name: str) -> bool:
@@ -489,14 +445,11 @@ def _death_reason(info: SegmentInfo) -> str:
     return reason
 
 
-_OLD_PART_RE = re.compile(r"^" + P.NAME_PREFIX + r"(?:[A-Za-z0-9]{1,6}_)?q[0-9a-f]{6}[sp]\Z")
-
-
-def _orphan_semaphore(name: str, existing: Set[str], segments: Set[str], sides: Set[str]) -> Optional[Garbage]:
+def _orphan_semaphore(name: str, existing: Set[str], segments: Set[str]) -> Optional[Garbage]:
     """``name`` as Garbage if it is a semaphore whose segment is gone and
     that nobody can open again.  ``existing``: every segment name found
     (a segment's semaphores go, or stay, with it); ``segments``: those that
-    stay; ``sides``: the side rings named by the queues that stay."""
+    stay."""
     for suffix in P.SEM_SUFFIXES:
         if name.endswith(suffix):
             break
@@ -515,13 +468,6 @@ def _orphan_semaphore(name: str, existing: Set[str], segments: Set[str], sides: 
         if owner in segments:
             return None
         return Garbage("semaphore", name, 0, f"its segment and its queue {owner} are gone")
-    if _OLD_PART_RE.match(base):
-        # A queue part named before parts were named after their queue
-        # ("<stem>s" side ring, "<stem>p" pool): its queue names the side ring.
-        side = base[:-1] + "s"
-        if side in segments or side in sides:
-            return None
-        return Garbage("semaphore", name, 0, "its segment and its queue are gone")
     return None  # an explicitly named segment's: nothing tells whose it is
 
 
@@ -569,11 +515,9 @@ def collect_garbage(
             removed.add(info.name)
             found.append(Garbage(info.kind, info.name, info.size_bytes, reason))
     segments = set(inv.names) - removed
-    # the side rings that queues staying on record (old-style parts' semaphores name no queue)
-    sides = {side for queue, side in inv.side_of.items() if queue in segments}
     for name in P.list_shm_semaphores():
         if name.startswith(prefix):
-            item = _orphan_semaphore(name, set(inv.names), segments, sides)
+            item = _orphan_semaphore(name, set(inv.names), segments)
             if item is not None:
                 if not dry_run:
                     P.sem_unlink(name)

@@ -595,37 +595,6 @@ def test_gc_judges_parts_named_after_their_queue_by_the_queue_and_takes_their_se
             os.unlink(os.path.join(SHM, e))
 
 
-def test_gc_takes_old_style_part_semaphores_once_their_queue_is_gone():
-    """Semaphores of parts named before parts were named after their queue
-    (``<stem>q<hex>s`` / ``p``) carry no pid: the queue's record of its side
-    ring is what keeps them."""
-    from shmq import _platform as P
-
-    stem = f"{PREFIX}q{os.urandom(3).hex()}"
-    orphan = P.semaphore(stem + "p-rl", True)  # its side ring and queue are gone
-    del orphan
-    kept_stem = f"{PREFIX}q{os.urandom(3).hex()}"
-    kept = P.semaphore(kept_stem + "p-rl", True)
-    main = shmq.Ring.create(4096, name=unique_name("gco"))
-    try:
-        # a queue's main ring that names the side ring kept_stem + "s" (which no longer exists)
-        w = main.segment.words
-        main.segment.buf[L.W_SIDE_NAME * 8 : L.W_SIDE_NAME * 8 + L.SIDE_NAME_BYTES] = (kept_stem + "s").encode().ljust(
-            L.SIDE_NAME_BYTES, b"\0"
-        )
-        w[L.W_QUEUE_KIND] = L.QUEUE_KIND_QUEUE
-        assert [(g.kind, g.name) for g in ll.collect_garbage(stem)] == [("semaphore", stem + "p-rl")]
-        assert entries(stem) == []
-        assert ll.collect_garbage(kept_stem) == []
-        assert entries(kept_stem) == [f"sem.{kept_stem}p-rl"]
-    finally:
-        del kept
-        main.close()
-        main.unlink()
-        P.sem_unlink(stem + "p-rl")
-        P.sem_unlink(kept_stem + "p-rl")
-
-
 # -- the command line as a new user meets it (issue 16, items 11 and 12) ---------------
 
 
