@@ -21,6 +21,7 @@ __all__ = (
     "MessageTooLarge",
     "SharedMemoryFull",
     "SlotError",
+    "TooManyMembers",
 )
 
 
@@ -72,3 +73,9 @@ class SharedMemoryFull(ShmqError, OSError):
 class SlotError(ShmqError):
     """A slot was released twice, released by a process that does not hold it,
     or an index came back that does not belong to the pool."""
+
+
+class TooManyMembers(ShmqError):
+    """A shared table of the processes using an object is full: more
+    processes (or handles handed to children and not yet claimed) use it at
+    once than it has room for.  The message says how many fit."""
