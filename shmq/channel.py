@@ -361,40 +361,53 @@ class _Shared:
         self._fork_ticket: Optional[Tuple[int, int]] = None
         self.entry = -1
         if ticket is not None:
-            self.entry, senders, receivers = self.members.claim(ticket)
-        if self.entry < 0:
+            entry, claimed_senders, claimed_receivers = self.members.claim(ticket)
+            if entry >= 0:
+                self.entry, senders, receivers = entry, claimed_senders, claimed_receivers
+        if self.entry < 0:  # no ticket, or it lapsed: count the handles anew
             self.entry = self.members.join(senders, receivers)
         self.handles = [senders, receivers]
+        self.dormant = 0  # endpoints here that were inherited by fork, not passed (see _after_mp_child)
+        self.inherited = False  # came through os.fork: not sorted into passed/dormant yet
+        self.exited = self.unmapped = False
+        self.endpoints: "weakref.WeakSet[_Endpoint]" = weakref.WeakSet()
         self.codec = Codec(pool, ring=ring, threshold=threshold)
         _live.add(self)
         _hook_exit()
 
     # -- counting ---------------------------------------------------------
     def retain(self, side: int) -> None:
-        """One more open handle of ``side`` here (clone)."""
+        """One more open handle of ``side`` here (clone, revival)."""
         with self._lock:
+            if self.exited:
+                raise ClosedError(f"channel {self.name!r} was closed in this process at exit")
             if self.entry < 0:
-                raise ClosedError(f"channel {self.name!r} was closed in this process (at exit)")
-            self.members.change(self.entry, side == _SEND, side == _RECEIVE)
+                self.entry = self.members.join(side == _SEND, side == _RECEIVE)
+            else:
+                self.members.change(self.entry, side == _SEND, side == _RECEIVE)
             self.handles[side] += 1
 
-    def release(self, side: int) -> None:
-        """One handle of ``side`` closed; the last one here frees the entry
-        and unmaps the channel."""
+    def release(self, side: int, *, dormant: int = 0) -> None:
+        """One handle of ``side`` closed (``dormant``: it stays in this process
+        uncounted, +1, or such a handle is gone now, -1).  The last handle
+        here frees the entry; once none is left, counted or dormant, the
+        channel is unmapped here."""
         with self._lock:
-            if self.entry < 0 or self.handles[side] <= 0:
-                return  # released at exit already
-            self.handles[side] -= 1
-            if any(self.handles):
-                bits = self.members.change(self.entry, -(side == _SEND), -(side == _RECEIVE))
-                last = False
-            else:
-                bits = self.members.leave(self.entry)
-                self.entry = -1
-                last = True
+            bits = 0
+            if side >= 0 and self.entry >= 0 and self.handles[side] > 0:
+                self.handles[side] -= 1
+                if any(self.handles):
+                    bits = self.members.change(self.entry, -(side == _SEND), -(side == _RECEIVE))
+                else:
+                    bits = self.members.leave(self.entry)
+                    self.entry = -1
+            self.dormant += dormant
+            unmap = self.entry < 0 and not self.dormant and not self.unmapped and not any(self.handles)
+            if unmap:
+                self.unmapped = True
         if bits:
             _wake(self.ring, self.pool, bits)
-        if last:
+        if unmap:
             _live.discard(self)
             self.codec.close()
             self.pool.close()
@@ -404,6 +417,7 @@ class _Shared:
         """At process exit: every handle here counts as closed (the mappings
         stay until the interpreter ends)."""
         with self._lock:
+            self.exited = True
             if self.entry < 0:
                 return
             bits = self.members.leave(self.entry)
@@ -424,6 +438,7 @@ class _Shared:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        self.inherited = True
         ticket, self._fork_ticket = self._fork_ticket, None
         if ticket is None:
             self.entry, self.handles = -1, [0, 0]  # nothing to inherit: the handles here are uncounted
@@ -481,19 +496,79 @@ def _release_all_at_exit() -> None:
             pass
 
 
-atexit.register(_release_all_at_exit)
+_atexit_registered = False
+
+
+class _AfterForkToken:
+    """multiprocessing keeps after-fork callbacks by a weak reference to an object."""
+
+
+_after_fork_token = _AfterForkToken()
+_after_fork_registered = False
 
 
 def _hook_exit() -> None:
     """multiprocessing's fork and forkserver children end in os._exit(), which
-    skips atexit; they run multiprocessing's exit finalizers instead."""
-    global _exit_hook_pid
+    skips atexit; they run multiprocessing's exit finalizers instead.  Its
+    children clear the finalizers at start (after unpickling their arguments)
+    and then run its after-fork callbacks: register again from one of those."""
+    global _exit_hook_pid, _after_fork_registered, _atexit_registered
+    if not _atexit_registered:
+        # Registered after the segments' own finalizers (weakref.finalize's
+        # atexit hook), so it runs before they unmap: atexit runs LIFO.
+        _atexit_registered = True
+        atexit.register(_release_all_at_exit)
     pid = os.getpid()
-    if _exit_hook_pid != pid:
-        _exit_hook_pid = pid
-        mp_util = sys.modules.get("multiprocessing.util")
-        if mp_util is not None:
-            mp_util.Finalize(None, _release_all_at_exit, exitpriority=10)
+    if _exit_hook_pid == pid:
+        return
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None:
+        return  # not using multiprocessing (yet): atexit does it
+    _exit_hook_pid = pid
+    mp_util.Finalize(None, _release_all_at_exit, exitpriority=10)
+    if not _after_fork_registered:
+        _after_fork_registered = True
+        mp_util.register_after_fork(_after_fork_token, _after_mp_child)
+
+
+def _after_mp_child(_token: object) -> None:
+    """In a multiprocessing child, once it knows its Process object: a forked
+    child keeps counted handles only of the endpoints it was *passed* (in the
+    Process's arguments or attributes), as a spawned child would get; the
+    others it merely inherited go dormant (uncounted, counted again on first
+    use), so that a producer child does not keep the receive side open."""
+    global _exit_hook_pid
+    _exit_hook_pid = 0
+    inherited = [shared for shared in list(_live) if shared.inherited]
+    if inherited:
+        mp = sys.modules.get("multiprocessing")
+        passed: set = set()
+        if mp is not None:
+            _collect_endpoints(vars(mp.current_process()), passed, 3)
+        for shared in inherited:
+            shared.inherited = False
+            for endpoint in list(shared.endpoints):
+                if id(endpoint) not in passed and endpoint._shared is shared:
+                    endpoint._go_dormant()
+    if _live:
+        _hook_exit()
+
+
+def _collect_endpoints(obj: Any, found: set, depth: int) -> None:
+    """Add id() of every endpoint in ``obj``, looking ``depth`` containers deep."""
+    if isinstance(obj, _Endpoint):
+        found.add(id(obj))
+    elif depth <= 0:
+        return
+    elif isinstance(obj, dict):
+        for value in list(obj.values()):
+            _collect_endpoints(value, found, depth - 1)
+    elif isinstance(obj, (tuple, list, set, frozenset)):
+        for value in list(obj):
+            _collect_endpoints(value, found, depth - 1)
+    elif hasattr(obj, "__self__") and not isinstance(obj, type):  # a bound method as the target
+        _collect_endpoints(getattr(obj, "__self__", None), found, depth - 1)
+        _collect_endpoints(getattr(getattr(obj, "__self__", None), "__dict__", None), found, depth - 1)
 
 
 def _before_fork() -> None:
@@ -624,7 +699,8 @@ def _unclosed(shared: _Shared, side: int, what: str) -> None:
 
 
 class _Endpoint:
-    _shared: Optional[_Shared] = None
+    _shared: Optional[_Shared] = None  # None: closed (or dormant)
+    _dormant: Optional[_Shared] = None  # inherited by fork, not passed: counted on first use
     _side = _SEND
 
     def __init__(self, shared: _Shared, *, _token: object = None) -> None:
@@ -636,10 +712,35 @@ class _Endpoint:
         self._pool = shared.pool
         self._codec = shared.codec
         self._w = shared.words
+        self._watch(shared)
+        shared.endpoints.add(self)
+
+    def _watch(self, shared: _Shared) -> None:
         # Not closed when collected in trio; here a leaked handle would keep
         # the channel from ending for as long as its process lives.
         self._finalizer = weakref.finalize(self, _unclosed, shared, self._side, f"{type(self).__name__} {self.name!r}")
         self._finalizer.atexit = False
+
+    def _go_dormant(self) -> None:
+        """Uncount this handle in this process (inherited by fork, not passed)."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            self._dormant = shared
+            self._finalizer.detach()
+            shared.release(self._side, dormant=1)
+
+    def _revive(self) -> _Shared:
+        """The attachment of a dormant handle, counted again (first use in a
+        forked child that was not passed it); ClosedError for a closed one."""
+        shared = self._dormant
+        if shared is None:
+            raise ClosedError(f"{type(self).__name__} {self.name!r} is closed")
+        shared.retain(self._side)
+        self._dormant = None
+        shared.release(-1, dormant=-1)
+        self._watch(shared)
+        self._shared = shared
+        return shared
 
     @classmethod
     def attach(cls, name: str, *, threshold: int = DEFAULT_THRESHOLD):
@@ -652,12 +753,12 @@ class _Endpoint:
     def _check(self) -> _Shared:
         shared = self._shared
         if shared is None:
-            raise ClosedError(f"{type(self).__name__} {self.name!r} is closed")
+            shared = self._revive()  # raises ClosedError unless dormant
         return shared
 
     @property
     def closed(self) -> bool:
-        return self._shared is None
+        return self._shared is None and self._dormant is None
 
     def clone(self):
         """Another counted handle of the same side of the same channel: the
@@ -676,6 +777,9 @@ class _Endpoint:
         if shared is not None:
             self._finalizer.detach()
             shared.release(self._side)
+        dormant, self._dormant = self._dormant, None
+        if dormant is not None:
+            dormant.release(-1, dormant=-1)
 
     def unlink(self) -> None:
         """Remove the channel's names (ring, pool, semaphores) for everybody.
@@ -728,7 +832,7 @@ class SendChannel(_Endpoint):
         ClosedError if this handle is closed."""
         shared = self._shared
         if shared is None:
-            raise ClosedError(f"SendChannel {self.name!r} is closed")
+            shared = self._revive()  # raises ClosedError unless dormant
         if self._w[_W_STATE] & _SEND_STOPPED:
             raise shared.why_send_stopped()
         deadline = None if timeout is None else deadline_for(timeout)
@@ -959,7 +1063,7 @@ class ReceiveChannel(_Endpoint):
         if a sender's process died without closing: BrokenError naming it
         (after the drain, too).  ClosedError if this handle is closed."""
         if self._shared is None:
-            raise ClosedError(f"ReceiveChannel {self.name!r} is closed")
+            self._revive()  # raises ClosedError unless dormant
         if timeout is not None and timeout < 0:
             deadline_for(timeout)  # raises ValueError, even when a message is there
         codec = self._codec
@@ -979,7 +1083,7 @@ class ReceiveChannel(_Endpoint):
         it is released (explicitly, or at the end of a ``with`` block).
         Raises as :meth:`receive`."""
         if self._shared is None:
-            raise ClosedError(f"ReceiveChannel {self.name!r} is closed")
+            self._revive()  # raises ClosedError unless dormant
         codec = self._codec
         codec.note_consumer()
         data = self._ring.try_read()
