@@ -60,6 +60,8 @@ producer side and the consumer side never write the same line::
           NUL-padded; zero until the pool exists: it is created on the first
           large buffer put, under the main ring's admin lock, and its name
           written here last)          the pool's creator
+     384  a channel's ring: CH_* words and its member table, up to DATA_OFFSET
+          (see "A channel's member table" below)
 
 TAIL and HEAD only grow; ``position % CAPACITY_BYTES`` is the offset in the
 data area.  A record is one header word followed by its payload, padded to a

@@ -229,8 +229,10 @@ class _Members:
         with self._seg.admin_lock():
             if w[base + L.CH_PID] != L.CH_RESERVED or w[base + L.CH_START_US] != expiry:
                 return -1, 0, 0
-            w[base + L.CH_START_US] = start
+            # PID first: a claimer killed between the two stores leaves an
+            # entry that looks dead (it is), never a reservation that cannot lapse.
             w[base + L.CH_PID] = os.getpid()
+            w[base + L.CH_START_US] = start
             handles = w[base + L.CH_HANDLES]
         return i, handles >> L.CH_HANDLE_SHIFT, handles & _LOW
 
@@ -258,9 +260,16 @@ class _Members:
         handles = w[base + L.CH_HANDLES]
         mine_s = max(0, (handles >> L.CH_HANDLE_SHIFT) + senders)
         mine_r = max(0, (handles & _LOW) + receivers)
-        w[base + L.CH_HANDLES] = (mine_s << L.CH_HANDLE_SHIFT) | mine_r
-        total_s = max(0, w[L.W_CH_SENDERS] + senders)
-        total_r = max(0, w[L.W_CH_RECEIVERS] + receivers)
+        w[base + L.CH_HANDLES] = (mine_s << L.CH_HANDLE_SHIFT) | mine_r  # one store
+        # The totals are recounted from the entries, not adjusted: a holder
+        # killed halfway through this leaves nothing for the next one to undo.
+        total_s = total_r = 0
+        for i in range(L.CH_MEMBERS):
+            entry = L.channel_member_word(i)
+            if w[entry + L.CH_PID]:
+                handles = w[entry + L.CH_HANDLES]
+                total_s += max(0, handles >> L.CH_HANDLE_SHIFT)
+                total_r += max(0, handles & _LOW)
         w[L.W_CH_SENDERS] = total_s
         w[L.W_CH_RECEIVERS] = total_r
         old = w[_W_STATE]

@@ -103,6 +103,15 @@ def _receive_one_then_hang(rx, ready):
     time.sleep(120)
 
 
+def _clone_and_close_forever(tx, progress):
+    k = 0
+    while True:
+        extra = tx.clone()
+        extra.send(k, timeout=60)
+        extra.close()
+        progress.value = k = k + 1
+
+
 def _send_some_and_exit(tx, count):
     for k in range(count):
         tx.send(k, timeout=60)
@@ -460,3 +469,45 @@ def test_an_unrelated_producer_that_exits_ends_the_stream(channel):
         proc.communicate()
     assert proc.returncode == 0, err
     assert got == list(range(3000))
+
+
+# -- faults: kills in the middle of the bookkeeping, a corrupted table -----------------------
+def test_a_holder_killed_while_cloning_and_closing_leaves_the_counts_right(channel):
+    tx, rx = channel
+    ctx = mp.get_context("spawn")
+    progress = ctx.Value("q", 0)
+    child = ctx.Process(target=_clone_and_close_forever, args=(tx, progress))
+    child.start()
+    stop_at = random.randint(5, 60)
+    got = []
+    while progress.value < stop_at:
+        got.append(rx.receive(timeout=60))
+    os.kill(child.pid, signal.SIGKILL)
+    join_all([child])
+    stats = rx.statistics()
+    assert (stats.open_senders, stats.open_receivers) == (1, 1)  # ours; the child's are gone
+    tx.send("ours still works")
+    tx.close()
+    with pytest.raises(shmq.BrokenError, match=str(child.pid)):
+        while True:
+            got.append(rx.receive(timeout=30))
+    assert got[-1] == "ours still works" and got[:-1] == list(range(len(got) - 1))
+
+
+def test_a_corrupted_member_table_raises_no_worse_than_shmq_errors(channel):
+    tx, rx = channel
+    w = ring_words(tx)
+    rng = random.Random(7)
+    for word in range(L.W_CH_STATE, L.channel_member_word(L.CH_MEMBERS)):
+        w[word] = rng.choice([0, -1, 1, 2**62, -(2**62), rng.getrandbits(63), os.getpid()])
+    for attempt in (rx.statistics, lambda: tx.send(1, timeout=0.2), lambda: rx.receive(timeout=0.2), tx.clone):
+        try:
+            result = attempt()
+        except shmq.ShmqError:
+            pass
+        else:
+            if isinstance(result, shmq.SendChannel):
+                result.close()
+    w[L.W_CH_TAG] = 0
+    with pytest.raises(shmq.LayoutError, match="has no member table"):
+        shmq.attach_channel(tx.name)
