@@ -56,7 +56,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -102,6 +102,7 @@ SLICE_SECONDS = 0.1
 RESERVE_SECONDS = 30.0
 
 _SEND, _RECEIVE = 0, 1
+_E = TypeVar("_E", bound="_Endpoint")
 _SIDE_NAMES = ("send", "receive")
 _LOW = (1 << L.CH_HANDLE_SHIFT) - 1
 # Sending stops once every receiver is gone, or once every sender had closed
@@ -752,7 +753,7 @@ class _Endpoint:
         return shared
 
     @classmethod
-    def attach(cls, name: str, *, threshold: int = DEFAULT_THRESHOLD):
+    def attach(cls: "type[_E]", name: str, *, threshold: int = DEFAULT_THRESHOLD) -> _E:
         """Open one counted handle of this side of the channel ``name``
         created by any process (``attach_channel`` opens both).  Raises as
         :func:`attach_channel`."""
@@ -769,7 +770,7 @@ class _Endpoint:
     def closed(self) -> bool:
         return self._shared is None and self._dormant is None
 
-    def clone(self):
+    def clone(self: _E) -> _E:
         """Another counted handle of the same side of the same channel: the
         side stays open until every handle of it is closed.  Raises
         ClosedError if this handle is closed."""
@@ -807,7 +808,7 @@ class _Endpoint:
         shared = self._check()
         return (_unpickle_endpoint, (self._side, self.name, self._codec.threshold, shared.reserve(self._side)))
 
-    def __enter__(self):
+    def __enter__(self: _E) -> _E:
         return self
 
     def __exit__(self, *exc: object) -> None:

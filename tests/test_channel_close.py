@@ -112,6 +112,15 @@ def _clone_and_close_forever(tx, progress):
         progress.value = k = k + 1
 
 
+_INHERITED = {}
+
+
+def _send_through_an_inherited_handle(count):
+    tx = _INHERITED["tx"]  # not passed: dormant in this forked child until used here
+    for k in range(count):
+        tx.send(k, timeout=60)
+
+
 def _send_some_and_exit(tx, count):
     for k in range(count):
         tx.send(k, timeout=60)
@@ -343,6 +352,21 @@ def test_a_child_gets_a_counted_handle_of_its_own(ctx, channel):
     assert list(rx) == list(range(10))  # the child's normal exit closed its handle
     join_all([child])
     assert child.exitcode == 0
+
+
+def test_a_forked_child_counts_an_inherited_handle_once_it_uses_it(channel):
+    tx, rx = channel
+    _INHERITED["tx"] = tx
+    try:
+        child = mp.get_context("fork").Process(target=_send_through_an_inherited_handle, args=(5,))
+        child.start()
+        assert rx.receive(timeout=60) == 0  # the child uses its inherited sender: counted now
+        tx.close()
+        assert list(rx) == [1, 2, 3, 4]  # ends at the child's exit
+        join_all([child])
+        assert child.exitcode == 0
+    finally:
+        _INHERITED.clear()
 
 
 def test_a_killed_child_counts_as_closed(ctx, channel):
