@@ -9,6 +9,7 @@ from ._errors import MessageTooLarge as MessageTooLarge
 from ._errors import SharedMemoryFull as SharedMemoryFull
 from ._errors import ShmqError as ShmqError
 from ._errors import SlotError as SlotError
+from ._errors import TooManyMembers as TooManyMembers
 from ._errors import WouldBlock as WouldBlock
 from ._errors import NoFreeName as NoFreeName
 from .channel import ChannelStatistics as ChannelStatistics
@@ -47,6 +48,7 @@ __all__ = (
     "ShmqError",
     "SimpleQueue",
     "SlotError",
+    "TooManyMembers",
     "WouldBlock",
     "NoFreeName",
     "__version__",

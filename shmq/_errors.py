@@ -22,6 +22,7 @@ __all__ = (
     "SharedMemoryFull",
     "SlotError",
     "NoFreeName",
+    "TooManyMembers",
 )
 
 
@@ -80,3 +81,9 @@ class NoFreeName(ShmqError):
     side ring or slot pool) and found each one taken, as many times as it
     tried.  Something else keeps creating names like them in /dev/shm.
     (``FileExistsError`` keeps its meaning: a name *you* gave is taken.)"""
+
+
+class TooManyMembers(ShmqError):
+    """A shared table of the processes using an object is full: more
+    processes (or handles handed to children and not yet claimed) use it at
+    once than it has room for.  The message says how many fit."""

@@ -59,6 +59,8 @@ producer side and the consumer side never write the same line::
      325  POOL_MADE: 1 once the queue's slot pool "<queue>.p" exists (it is
           created on the first large buffer put, under the main ring's admin
           lock, and this word written last; 326-327 unused)  the pool's creator
+     384  a channel's ring: CH_* words and its member table, up to DATA_OFFSET
+          (see "A channel's member table" below)
 
 TAIL and HEAD only grow; ``position % CAPACITY_BYTES`` is the offset in the
 data area.  A record is one header word followed by its payload, padded to a
@@ -136,6 +138,50 @@ QUEUE_KIND_SIMPLE = 3
 QUEUE_KIND_SIDE = 4
 W_RING_HEADER_END = W_KIND_HEADER + 64
 assert W_RING_HEADER_END * WORD <= DATA_OFFSET
+
+# A channel's member table (shmq.channel), in the last 1 KiB of its ring's
+# header, past the ring's own words: who holds how many endpoints of each side.
+# Written under the ring segment's admin lock (flock); CH_STATE is read without
+# it (one aligned word, bits are only ever set, in one store)::
+#
+#   word  field
+#    384  CH_TAG: CHANNEL_TAG once the table is ready (the creator, before the
+#         pool that names the channel is published)
+#    385  CH_STATE: CH_SENDERS_DONE | CH_SENDER_DIED | CH_RECEIVERS_DONE |
+#         CH_RECEIVER_DIED (persistent: bits are set, never cleared)
+#    386  CH_SENDERS: open send handles, every process (reservations included)
+#    387  CH_RECEIVERS: open receive handles
+#    388  CH_DEAD_SENDER: pid of the first process found dead holding a sender
+#    389  CH_DEAD_RECEIVER: same for receivers
+#    392  member table: CH_MEMBERS entries of CH_MEMBER_WORDS words:
+#         PID (> 0: the holder; CH_RESERVED: handles pickled or forked and not
+#         claimed yet; 0: free), START_US (the holder's start time; for a
+#         reservation its expiry, CLOCK_MONOTONIC microseconds), HANDLES
+#         (senders << 32 | receivers held through this entry)
+W_CH_TAG = W_KIND_HEADER + 120  # 384
+W_CH_STATE = W_CH_TAG + 1
+W_CH_SENDERS = W_CH_TAG + 2
+W_CH_RECEIVERS = W_CH_TAG + 3
+W_CH_DEAD_SENDER = W_CH_TAG + 4
+W_CH_DEAD_RECEIVER = W_CH_TAG + 5
+W_CH_MEMBERS = W_CH_TAG + 8  # 392
+CH_MEMBERS = 40
+CH_MEMBER_WORDS = 3
+CH_PID, CH_START_US, CH_HANDLES = 0, 1, 2
+CH_RESERVED = -1
+CH_HANDLE_SHIFT = 32
+CHANNEL_TAG = int.from_bytes(b"shmqchn1", "little")
+CH_SENDERS_DONE = 1  # every send handle closed (or its process died)
+CH_SENDER_DIED = 2  # a process died holding a send handle: the stream was cut
+CH_RECEIVERS_DONE = 4  # every receive handle closed (or its process died)
+CH_RECEIVER_DIED = 8
+assert W_CH_TAG >= W_RING_HEADER_END
+assert (W_CH_MEMBERS + CH_MEMBERS * CH_MEMBER_WORDS) * WORD <= DATA_OFFSET
+
+
+def channel_member_word(index: int) -> int:
+    return W_CH_MEMBERS + index * CH_MEMBER_WORDS
+
 
 FLAG_MULTI_PRODUCER = 1
 FLAG_MULTI_CONSUMER = 2

@@ -209,6 +209,13 @@ def test_statistics(channel):
     stats = rx.statistics()
     assert stats.ring.messages_in == 2
     assert stats.pool.sent == 1 and stats.pool.slot_size == 1 << 16
+    assert (stats.open_senders, stats.open_receivers) == (1, 1)
+    rx2 = shmq.ReceiveChannel.attach(tx.name)  # one side only
+    tx2 = shmq.SendChannel.attach(tx.name)
+    assert (tx.statistics().open_senders, tx.statistics().open_receivers) == (2, 2)
+    rx2.close()
+    tx2.close()
+    assert (tx.statistics().open_senders, tx.statistics().open_receivers) == (1, 1)
 
 
 # -- loans: the producer writes in place --------------------------------------------
