@@ -27,6 +27,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import LayoutError
 from ._segment import SegmentView
+from ._segment import set_sweeper as _set_sweeper
 from ._slots import view_statistics as pool_view_statistics
 
 __all__ = (
@@ -430,3 +431,7 @@ def collect_garbage(prefix: str = "", dry_run: bool = False) -> List[Garbage]:
                     P.sem_unlink(name)
                 found.append(item)
     return found
+
+
+# SHMQ_SWEEP=1: each process runs collect_garbage() once, before it creates its first segment.
+_set_sweeper(collect_garbage)

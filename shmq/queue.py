@@ -65,7 +65,7 @@ from . import _platform as P
 from ._copy import copy_into
 from ._errors import BrokenError, Empty, Full, LayoutError, MessageTooLarge, SharedMemoryFull, SlotError
 from ._ring import DEFAULT_CAPACITY_BYTES, _closed_class
-from ._segment import Segment
+from ._segment import Segment, call_at_exit, call_now, cancel_at_exit
 from ._slots import SlotPool
 from ._stats import RingStatistics
 from ._sync import Doorbell
@@ -340,7 +340,7 @@ def _release_handle(main: Ring, side: Ring, owner_pid: int, blob_prefix: str, zc
             else:
                 _owner_handles.pop(main.name, None)
         if left == 0:
-            _unlink_queue(main, side, blob_prefix)
+            call_now(main.name)  # _unlink_queue, unless the process's exit cleanup did it
     codec, pool = zc
     zc[:] = [None, None]
     if codec is not None:
@@ -421,6 +421,7 @@ class _QueueBase:
             self._setup(main, side, sems, os.getpid())
             with _owner_lock:
                 _owner_handles[main.name] = 1
+            call_at_exit(main.name, _unlink_queue, main, side, self._blob_prefix)  # also at os._exit/SIGTERM
         except BaseException:
             if side is not None:
                 side.unlink()
@@ -1122,6 +1123,7 @@ class _QueueBase:
         mapped.  The creating process does this when its last handle closes."""
         with _owner_lock:
             _owner_handles.pop(self.name, None)
+        cancel_at_exit(self.name)
         _unlink_queue(self._ring, self._side, self._blob_prefix)
 
     def __enter__(self):
