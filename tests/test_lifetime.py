@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -222,6 +223,11 @@ def test_a_child_that_creates_and_returns_leaves_nothing(ctx, tag, kind):
 
 def linger_then_use(name, returned, seen):
     returned.wait(T)  # the child's target has returned; it now joins us
+    # Give an early unlink time to show: a child that unlinked before joining
+    # would have done so within milliseconds of returning.
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline and os.path.exists(os.path.join(SHM_DIR, name)):
+        time.sleep(0.01)
     q = shmq.Queue.attach(name)  # fails if the child's exit unlinked it already
     q.put("still here")
     seen.set()
@@ -452,3 +458,33 @@ def test_fork_children_of_an_owner_never_unlink_its_segments(tag):
     rc, out, err = finish(run_program(FORKS, tag))
     assert rc == 0 and "intact" in out, (rc, out, err)
     assert entries(tag) == []
+
+
+REPLACED = """
+    import shmq, sys
+    ring = shmq.Ring.create(1 << 16, name=sys.argv[1])
+    print("ready", flush=True)
+    sys.stdin.readline()  # meanwhile the name is unlinked and made again by another process
+"""
+
+
+def test_exit_leaves_a_name_made_again_by_another_process(tag):
+    from shmq import _platform as P
+
+    name = f"shmq_{tag}_again"
+    proc = run_program(REPLACED, tag, name)
+    read_until(proc, "ready")
+    P.shm_unlink(name)  # (as `unlink()` in an attacher, or `shmq gc`)
+    ring = shmq.Ring.create(1 << 16, name=name)  # ours now
+    try:
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        rc, out, err = finish(proc)
+        assert rc == 0, err
+        ring.write(b"still ours")
+        other = shmq.Ring.attach(name)
+        assert other.read(timeout=T) == b"still ours"
+        other.close()
+    finally:
+        ring.close()
+        ring.unlink()
