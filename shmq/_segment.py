@@ -69,11 +69,11 @@ _exit_calls: Dict[str, Tuple[int, Callable[..., object], tuple]] = {}
 # Reentrant: the SIGTERM handler runs in the main thread, which it may have
 # interrupted while it held the lock.
 _registry_lock = threading.RLock()
-_hooked_pid = 0  # the process whose multiprocessing exit finalizer is registered
+_finalizer_pid = 0  # the process whose multiprocessing exit finalizer is registered
 _sigterm_pid = 0  # the process that decided (from its main thread) about SIGTERM
 #: multiprocessing.util.Finalize priority: negative, so it runs after a
 #: multiprocessing process has joined its non-daemon children (which may
-#: still use the names), like every finalizer registered without one
+#: still use the names); finalizers of priority >= 0 run before that join
 EXIT_PRIORITY = -10
 
 # Open segments, so a forked child can take fresh lock descriptors.
@@ -115,7 +115,7 @@ def _unlink_if_ours(name: str, dev: int, ino: int) -> None:
 
 def _at_interpreter_exit() -> None:
     mp_util = sys.modules.get("multiprocessing.util")
-    if _hooked_pid == os.getpid() and mp_util is not None and not getattr(mp_util, "_exiting", True):
+    if _finalizer_pid == os.getpid() and mp_util is not None and not getattr(mp_util, "_exiting", True):
         # multiprocessing's own atexit function runs after this one: it joins
         # this process's children first, then runs run_exit_cleanup.
         return
@@ -123,19 +123,32 @@ def _at_interpreter_exit() -> None:
 
 
 atexit.register(_at_interpreter_exit)
+_exiting_pid = 0  # set when this process has begun to run its atexit functions
+_exit_marked = False  # _mark_exiting is registered (fork children inherit it)
+
+
+def _mark_exiting() -> None:
+    global _exiting_pid
+    _exiting_pid = os.getpid()
 
 
 def _hook_exit() -> None:
     """Make sure this process runs run_exit_cleanup however it ends."""
-    global _hooked_pid
+    global _finalizer_pid, _exit_marked
     pid = os.getpid()
-    if _hooked_pid != pid:
+    if not _exit_marked:
+        # Registered after weakref.finalize's own atexit function (a segment
+        # makes its finalizer before it is owned), so it runs before it.
+        _exit_marked = True
+        atexit.register(_mark_exiting)
+    if _finalizer_pid != pid:
+        # A multiprocessing child's exit path (os._exit after these), which
+        # its _bootstrap resets: registered per process.  (Without
+        # multiprocessing loaded, atexit is the whole story.)
         mp_util = sys.modules.get("multiprocessing.util")
         if mp_util is not None:
-            # A multiprocessing child's exit path (os._exit after these), which
-            # its _bootstrap resets: registered per process.
             mp_util.Finalize(None, run_exit_cleanup, exitpriority=EXIT_PRIORITY)
-        _hooked_pid = pid
+            _finalizer_pid = pid
     if _sigterm_pid != pid:
         _install_sigterm_handler()
 
@@ -203,7 +216,13 @@ def cancel_at_exit(key: str) -> None:
 def call_now(key: str) -> bool:
     """Run the call registered as ``key`` now, once; False if there was none
     (never registered, cancelled, already run, or registered by the parent
-    of this forked process)."""
+    of this forked process, or the interpreter is exiting).
+
+    At exit, weakref finalizers (a handle's) run from atexit, possibly before
+    multiprocessing has joined this process's children: the call is then left
+    to run_exit_cleanup, which runs after that join."""
+    if _exiting_pid == os.getpid():
+        return False
     with _registry_lock:
         entry = _exit_calls.pop(key, None)
     if entry is None or entry[0] != os.getpid():

@@ -488,3 +488,34 @@ def test_exit_leaves_a_name_made_again_by_another_process(tag):
     finally:
         ring.close()
         ring.unlink()
+
+
+MAIN_RETURNS = """
+    import os, sys, time
+    if sys.argv[1] == "before":
+        import multiprocessing.util  # its atexit function registered before shmq's
+    import shmq
+    q = shmq.Queue()
+    import multiprocessing as mp
+
+    def late_user(name, returned):
+        returned.wait(30)
+        deadline = time.monotonic() + 0.5  # time for an early unlink to show
+        while time.monotonic() < deadline and os.path.exists("/dev/shm/" + name):
+            time.sleep(0.01)
+        shmq.Queue.attach(name).close()
+        print("attached", flush=True)
+
+    returned = mp.get_context("fork").Event()
+    mp.get_context("fork").Process(target=late_user, args=(q.name, returned)).start()
+    returned.set()  # the main module ends here: exit joins the child, then unlinks
+"""
+
+
+@pytest.mark.parametrize("imported", ["before", "after"])
+def test_the_main_process_unlinks_after_joining_its_children(tag, imported):
+    """Whether multiprocessing was imported before shmq or after the first
+    queue, the creator's exit unlinks only once its children are joined."""
+    rc, out, err = finish(run_program(MAIN_RETURNS, tag, imported))
+    assert rc == 0 and "attached" in out, (rc, out, err)
+    assert entries(tag) == []
