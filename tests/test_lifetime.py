@@ -519,3 +519,27 @@ def test_the_main_process_unlinks_after_joining_its_children(tag, imported):
     rc, out, err = finish(run_program(MAIN_RETURNS, tag, imported))
     assert rc == 0 and "attached" in out, (rc, out, err)
     assert entries(tag) == []
+
+
+THREAD_FIRST = """
+    import signal, threading
+    import shmq
+    def state():
+        h = signal.getsignal(signal.SIGTERM)
+        return "default" if h is signal.SIG_DFL else h.__qualname__
+    rings = []
+    t = threading.Thread(target=lambda: rings.append(shmq.Ring.create(4096)))
+    t.start(); t.join(30)
+    print(state())                       # a thread may not set handlers: none yet
+    rings.append(shmq.Ring.create(4096))
+    print(state())                       # the main thread's first create installs it
+    for r in rings:
+        r.close(); r.unlink()
+"""
+
+
+def test_the_sigterm_handler_is_installed_from_the_main_thread_only(tag):
+    rc, out, err = finish(run_program(THREAD_FIRST, tag))
+    assert rc == 0, err
+    assert out.split() == ["default", "_on_sigterm"], out
+    assert entries(tag) == []
