@@ -3,9 +3,12 @@
 Lifetimes follow CPython's SharedMemory: ``close()`` ends this handle in this
 process; ``unlink()`` removes the name for everybody.  Unlike SharedMemory, the
 creator *owns* the name: a process that created segments and has not unlinked
-them unlinks them when it exits normally (a SIGKILLed creator cannot; ``shmq
-gc`` reaps those).  Attaching never registers with multiprocessing's resource
-tracker.
+them unlinks them when it ends -- at normal exit, at the end of a
+multiprocessing child (any start method), and on SIGTERM while the program
+has no SIGTERM handler of its own (see ``run_exit_cleanup``).  A SIGKILLed
+creator cannot; ``shmq gc`` reaps those, and so does the first segment a
+process creates with ``SHMQ_SWEEP=1`` in its environment.  Attaching never
+registers with multiprocessing's resource tracker, and never unlinks.
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import atexit
 import fcntl
 import mmap
 import os
+import signal
 import sys
 import threading
 import time
 import warnings
 import weakref
-from typing import List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
@@ -44,46 +48,234 @@ class Participant(NamedTuple):
         return names or ["attached"]
 
 
-# Names this process created and has not unlinked: unlinked at normal exit.
-_owned: dict = {}
-_owned_lock = threading.Lock()
+# -- what this process removes when it ends ----------------------------------
+#
+# One registry for everything a process has to unlink when it ends, however
+# it ends short of SIGKILL:
+#   * normal interpreter exit: atexit;
+#   * a multiprocessing child: multiprocessing.util's exit finalizers (fork
+#     and forkserver children leave through os._exit(), which skips atexit);
+#     they run after the child has joined its non-daemon children;
+#   * SIGTERM, while no handler of the program's own is installed (below).
+# It holds the names this process created (unlinked at the end only while
+# the name still refers to the file created here) and named calls of the
+# layers above (a queue's owner unlinks the parts other processes made for
+# it).  A forked child starts empty: it owns nothing its parent made.
+
+#: name -> (pid, st_dev, st_ino) of the segment this process created
+_owned: Dict[str, Tuple[int, int, int]] = {}
+#: key -> (pid, function, args): calls of the layers above, run before the names go
+_exit_calls: Dict[str, Tuple[int, Callable[..., object], tuple]] = {}
+# Reentrant: the SIGTERM handler runs in the main thread, which it may have
+# interrupted while it held the lock.
+_registry_lock = threading.RLock()
+_finalizer_pid = 0  # the process whose multiprocessing exit finalizer is registered
+_sigterm_pid = 0  # the process that decided (from its main thread) about SIGTERM
+#: multiprocessing.util.Finalize priority: negative, so it runs after a
+#: multiprocessing process has joined its non-daemon children (which may
+#: still use the names); finalizers of priority >= 0 run before that join
+EXIT_PRIORITY = -10
+
 # Open segments, so a forked child can take fresh lock descriptors.
 _open_segments: "weakref.WeakSet[Segment]" = weakref.WeakSet()
 
 
-def _unlink_owned_at_exit() -> None:
+def run_exit_cleanup() -> None:
+    """Unlink everything this process owns now: run the registered calls
+    (newest first), then unlink the segments it created that still carry
+    their name.  Empties the registry; never raises for a name already gone.
+    Runs by itself at the end of the process (see above)."""
     pid = os.getpid()
-    with _owned_lock:
-        names = [n for n, owner in _owned.items() if owner == pid]
+    with _registry_lock:
+        calls = [(fn, args) for owner, fn, args in _exit_calls.values() if owner == pid]
+        _exit_calls.clear()
+    for fn, args in reversed(calls):
+        try:
+            fn(*args)
+        except Exception:  # one failed call must not keep the rest
+            pass
+    with _registry_lock:
+        owned = [(name, dev, ino) for name, (owner, dev, ino) in _owned.items() if owner == pid]
         _owned.clear()
-    for name in names:
-        P.shm_unlink(name)
+    for name, dev, ino in owned:
+        _unlink_if_ours(name, dev, ino)
 
 
-atexit.register(_unlink_owned_at_exit)
-_exit_hook_pid = 0
+def _unlink_if_ours(name: str, dev: int, ino: int) -> None:
+    try:
+        st = os.stat(os.path.join(P.SHM_DIR, name))
+    except FileNotFoundError:
+        st = None  # gone: its semaphores are still ours to remove
+    except OSError:
+        return
+    if st is not None and (st.st_dev, st.st_ino) != (dev, ino):
+        return  # unlinked and made again by someone else: theirs now
+    P.shm_unlink(name)
 
 
-def _own(name: str) -> None:
-    """Record that this process created ``name``: it unlinks it at exit."""
-    global _exit_hook_pid
+def _at_interpreter_exit() -> None:
+    mp_util = sys.modules.get("multiprocessing.util")
+    if _finalizer_pid == os.getpid() and mp_util is not None and not getattr(mp_util, "_exiting", True):
+        # multiprocessing's own atexit function runs after this one: it joins
+        # this process's children first, then runs run_exit_cleanup.
+        return
+    run_exit_cleanup()
+
+
+atexit.register(_at_interpreter_exit)
+_exiting_pid = 0  # set when this process has begun to run its atexit functions
+_exit_marked = False  # _mark_exiting is registered (fork children inherit it)
+
+
+def _mark_exiting() -> None:
+    global _exiting_pid
+    _exiting_pid = os.getpid()
+
+
+def _hook_exit() -> None:
+    """Make sure this process runs run_exit_cleanup however it ends."""
+    global _finalizer_pid, _exit_marked
     pid = os.getpid()
-    with _owned_lock:
-        _owned[name] = pid
-    if _exit_hook_pid != pid:
-        # multiprocessing's fork and forkserver children end in os._exit(),
-        # which skips atexit; they run multiprocessing's own exit finalizers.
-        _exit_hook_pid = pid
+    if not _exit_marked:
+        # Registered after weakref.finalize's own atexit function (a segment
+        # makes its finalizer before it is owned), so it runs before it.
+        _exit_marked = True
+        atexit.register(_mark_exiting)
+    if _finalizer_pid != pid:
+        # A multiprocessing child's exit path (os._exit after these), which
+        # its _bootstrap resets: registered per process.  (Without
+        # multiprocessing loaded, atexit is the whole story.)
         mp_util = sys.modules.get("multiprocessing.util")
         if mp_util is not None:
-            mp_util.Finalize(None, _unlink_owned_at_exit, exitpriority=0)
+            mp_util.Finalize(None, run_exit_cleanup, exitpriority=EXIT_PRIORITY)
+            _finalizer_pid = pid
+    if _sigterm_pid != pid:
+        _install_sigterm_handler()
+
+
+def _install_sigterm_handler() -> None:
+    """Route SIGTERM through run_exit_cleanup if, and only if, the process
+    still has the default disposition: a handler of the program's own (or
+    SIG_IGN, or one set outside Python) is left alone.  Only the main thread
+    may set signal handlers; other threads leave the decision to it."""
+    global _sigterm_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_pid = os.getpid()
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, RuntimeError):
+        pass  # not the interpreter's main thread after all, or no signals here
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM's default action, preceded by unlinking what this process owns."""
+    try:
+        run_exit_cleanup()
+    finally:
+        # Now what SIGTERM does by default: the process ends at once, and its
+        # parent sees it killed by SIGTERM (no atexit, no finally blocks).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        # (still here only if SIGTERM is blocked: it stays pending, as by default)
+
+
+def _own(name: str, fd: int) -> None:
+    """Record that this process created ``name`` (open as ``fd``): it unlinks
+    it when it ends, unless it unlinks or disowns it first."""
+    st = os.fstat(fd)
+    with _registry_lock:
+        _owned[name] = (os.getpid(), st.st_dev, st.st_ino)
+    _hook_exit()
+
+
+def disown(name: str) -> None:
+    """This process no longer unlinks ``name`` when it ends."""
+    with _registry_lock:
+        _owned.pop(name, None)
+
+
+def call_at_exit(key: str, fn: Callable[..., object], *args: object) -> None:
+    """Have this process call ``fn(*args)`` when it ends (before it unlinks
+    the segments it created), unless :func:`call_now` or
+    :func:`cancel_at_exit` with ``key`` comes first.  A later call with the
+    same ``key`` replaces the earlier.  For names a process is responsible
+    for without having created them (a queue's parts made by its users)."""
+    with _registry_lock:
+        _exit_calls[key] = (os.getpid(), fn, args)
+    _hook_exit()
+
+
+def cancel_at_exit(key: str) -> None:
+    """Forget the call registered as ``key`` (no error if there is none)."""
+    with _registry_lock:
+        _exit_calls.pop(key, None)
+
+
+def call_now(key: str) -> bool:
+    """Run the call registered as ``key`` now, once; False if there was none
+    (never registered, cancelled, already run, or registered by the parent
+    of this forked process, or the interpreter is exiting).
+
+    At exit, weakref finalizers (a handle's) run from atexit, possibly before
+    multiprocessing has joined this process's children: the call is then left
+    to run_exit_cleanup, which runs after that join."""
+    if _exiting_pid == os.getpid():
+        return False
+    with _registry_lock:
+        entry = _exit_calls.pop(key, None)
+    if entry is None or entry[0] != os.getpid():
+        return False
+    entry[1](*entry[2])
+    return True
+
+
+# SHMQ_SWEEP: collect dead creators' segments before this process makes its first.
+_sweeper: Optional[Callable[[str], object]] = None
+_swept_pid = 0
+
+
+def set_sweeper(fn: Callable[[str], object]) -> None:
+    """Install what ``SHMQ_SWEEP=1`` runs, with a name prefix, before a
+    process creates its first segment (``_stats.collect_garbage``, which
+    lives above this layer).  The prefix is ``shmq_<tag>_`` when
+    ``SHMQ_NAME_TAG`` is set (a tagged application sweeps its own
+    namespace only), else "" (every shmq segment of this user)."""
+    global _sweeper
+    _sweeper = fn
+
+
+def _sweep_once() -> None:
+    global _swept_pid
+    pid = os.getpid()
+    if _swept_pid == pid:
+        return
+    _swept_pid = pid
+    if os.environ.get("SHMQ_SWEEP", "") in ("", "0") or _sweeper is None:
+        return
+    stem = P.name_stem()
+    try:
+        _sweeper(stem if stem != P.NAME_PREFIX else "")
+    except Exception as exc:  # a sweep is a courtesy: never a reason to fail a create
+        warnings.warn(f"SHMQ_SWEEP: collecting dead creators' segments failed: {exc!r}", RuntimeWarning, stacklevel=3)
 
 
 def _after_fork_in_child() -> None:
+    global _registry_lock
+    # The child owns nothing its parent made: the parent unlinks it.
+    _registry_lock = threading.RLock()
+    _owned.clear()
+    _exit_calls.clear()
+    # Nor does it keep shmq's SIGTERM handler: until it creates a segment of
+    # its own, SIGTERM does to it what it would without shmq.
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError, RuntimeError):
+        pass
     # flock() locks belong to an open file description, which fork shares:
     # without a fresh one the child would "hold" every lock its parent holds.
-    with _owned_lock:
-        _owned.clear()
     for seg in list(_open_segments):
         seg._reopen_lock_fd()
 
@@ -146,6 +338,7 @@ class Segment:
         """
         if size < L.DATA_OFFSET:
             raise ValueError(f"'size' must be at least {L.DATA_OFFSET}, got {size}")
+        _sweep_once()
         if name is None:
             for _ in range(8):  # a random suffix can collide; only O_CREX can tell
                 name = P.new_name()
@@ -176,7 +369,7 @@ class Segment:
             raise
         self.kind = kind
         self.is_creator = True
-        _own(name)
+        _own(name, fd)
         return self
 
     def publish(self) -> None:
@@ -366,8 +559,7 @@ class Segment:
     def disown(self) -> None:
         """Hand the name's lifetime to others: this process no longer unlinks
         it at exit (whoever consumes the segment does, or ``shmq gc``)."""
-        with _owned_lock:
-            _owned.pop(self.name, None)
+        disown(self.name)
 
     def __enter__(self) -> "Segment":
         return self

@@ -29,6 +29,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import LayoutError
 from ._segment import SegmentView
+from ._segment import set_sweeper as _set_sweeper
 from ._slots import view_statistics as pool_view_statistics
 
 __all__ = (
@@ -532,3 +533,7 @@ def _still_names(name: str, ident: Optional[Tuple[int, int]]) -> bool:
     except OSError:
         return False
     return ident is not None and (st.st_dev, st.st_ino) == ident
+
+
+# SHMQ_SWEEP=1: each process runs collect_garbage() once, before it creates its first segment.
+_set_sweeper(collect_garbage)

@@ -57,6 +57,7 @@ from ._queue_pool import (
 )
 from ._ring import DEFAULT_CAPACITY_BYTES
 from ._side import NOTHING, SidePath, blob_names, check_ring
+from ._segment import call_at_exit, call_now, cancel_at_exit
 from ._slots import SlotPool
 from ._stats import RingStatistics
 from ._sync import Doorbell
@@ -165,7 +166,7 @@ def _release_handle(main: Ring, side: Ring, owner_pid: int, zc: list) -> None:
             else:
                 _owner_handles.pop(main.name, None)
         if left == 0:
-            _unlink_queue(main, side)
+            call_now(main.name)  # _unlink_queue, unless the process's exit cleanup did it
     codec, pool = zc
     zc[:] = [None, None]
     if codec is not None:
@@ -224,6 +225,7 @@ class _QueueBase:
             self._setup(main, side, sems, os.getpid())
             with _owner_lock:
                 _owner_handles[main.name] = 1
+            call_at_exit(main.name, _unlink_queue, main, side.ring)  # also at os._exit/SIGTERM
         except BaseException:
             if side is not None:
                 side.ring.unlink()
@@ -834,6 +836,7 @@ class _QueueBase:
         mapped.  The creating process does this when its last handle closes."""
         with _owner_lock:
             _owner_handles.pop(self.name, None)
+        cancel_at_exit(self.name)
         _unlink_queue(self._ring, self._side.ring)
 
     def __enter__(self):
