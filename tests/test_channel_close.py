@@ -17,7 +17,7 @@ import pytest
 
 import shmq
 from shmq import _layout as L
-from shmq import channel as channel_module
+from shmq import _members
 from conftest import join_all, unique_name
 
 # "within 1 s" of the event, plus a little for a loaded 2-core machine
@@ -387,7 +387,7 @@ def test_a_killed_child_counts_as_closed(ctx, channel):
 
 def test_a_pickled_handle_that_nobody_claims_lapses(channel, monkeypatch):
     tx, rx = channel
-    monkeypatch.setattr(channel_module, "RESERVE_SECONDS", 0.3)
+    monkeypatch.setattr(_members, "RESERVE_SECONDS", 0.3)
     data = pickle.dumps(tx)
     tx.close()
     assert rx.statistics().open_senders == 1  # the reservation
