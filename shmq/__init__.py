@@ -10,6 +10,7 @@ from ._errors import SharedMemoryFull as SharedMemoryFull
 from ._errors import ShmqError as ShmqError
 from ._errors import SlotError as SlotError
 from ._errors import WouldBlock as WouldBlock
+from ._errors import CorruptError as CorruptError
 from .channel import ChannelStatistics as ChannelStatistics
 from .channel import ReceiveChannel as ReceiveChannel
 from .channel import ReceiveLoan as ReceiveLoan
@@ -48,4 +49,5 @@ __all__ = (
     "SlotError",
     "WouldBlock",
     "__version__",
+    "CorruptError",
 )

@@ -21,6 +21,7 @@ __all__ = (
     "MessageTooLarge",
     "SharedMemoryFull",
     "SlotError",
+    "CorruptError",
 )
 
 
@@ -72,3 +73,10 @@ class SharedMemoryFull(ShmqError, OSError):
 class SlotError(ShmqError):
     """A slot was released twice, released by a process that does not hold it,
     or an index came back that does not belong to the pool."""
+
+
+class CorruptError(BrokenError):
+    """A word in shared memory holds a value the protocol never writes (an
+    index out of the ring's geometry, a record length running past the
+    published data): another process wrote garbage into the segment.  The
+    structure is unusable; no record was delivered twice."""
