@@ -61,8 +61,8 @@ def _as_bytes(data: Any) -> Any:
 
 # Open rings, so a forked child starts them stale (see _forget_seen).
 _live_rings: "weakref.WeakSet[RingBuffer]" = weakref.WeakSet()
-# A TAIL older than any (positions only grow from 0): a reader holding it
-# re-reads TAIL, and checks HEAD against it, before its first record.
+# A HEAD / TAIL older than any (positions only grow from 0): a writer holding
+# it re-reads HEAD, a reader TAIL, and checks both, before its first record.
 _LONG_AGO = -(1 << 63)
 
 
@@ -148,8 +148,7 @@ class RingBuffer:
         # Start stale, so each side's first operation in a process takes the
         # refresh branch, which records the process's role in the participant
         # table (before a reader takes its first record: see docs/zero_copy.md).
-        self._head_seen = self._w[_HEAD] - self._cap
-        self._tail_seen = _LONG_AGO
+        self._head_seen = self._tail_seen = _LONG_AGO
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -303,8 +302,12 @@ class RingBuffer:
         it, at the start of the data area, or (-1, -1, -1) if none follows it
         yet (the pad is consumed).  Raises CorruptError for a bad pad or record."""
         w = self._w
-        self._tail_seen = tail = w[_TAIL]
-        head = self._check_pad(head, pad, tail)
+        tail = w[_TAIL]
+        end = self._check_pad(head, pad, tail)
+        if tail > head + self._cap:
+            raise self._corrupt_indices(head, tail)
+        self._tail_seen = tail
+        head = end
         if head == tail:
             w[_HEAD] = head
             if w[_PWAIT]:
@@ -634,11 +637,12 @@ class RingBuffer:
             tail_seen = self._tail_seen
             # TAIL is the producers' cache line: read it only when caught up.
             if head >= tail_seen:  # >=: other consumers may be ahead of it
-                self._tail_seen = tail_seen = w[_TAIL]
+                tail_seen = w[_TAIL]
                 if not self._segment.roles_marked & L.ROLE_CONSUMER:
                     self._segment.add_role(L.ROLE_CONSUMER)
                 if not 0 <= head <= tail_seen <= head + cap:
                     raise self._corrupt_indices(head, tail_seen)
+                self._tail_seen = tail_seen  # (only once checked: later reads trust it)
             if head == tail_seen:
                 return None
             pos = base + head % cap
@@ -673,11 +677,12 @@ class RingBuffer:
         out: List[bytes] = []
         try:
             head = start = w[_HEAD]
-            self._tail_seen = tail_seen = w[_TAIL]
+            tail_seen = w[_TAIL]
             if not self._segment.roles_marked & L.ROLE_CONSUMER:
                 self._segment.add_role(L.ROLE_CONSUMER)
             if not 0 <= head <= tail_seen <= head + cap:
                 raise self._corrupt_indices(head, tail_seen)
+            self._tail_seen = tail_seen  # (only once checked: later reads trust it)
             append = out.append
             nbytes = 0
             while head != tail_seen and len(out) < max_items and nbytes < max_bytes:
@@ -719,11 +724,12 @@ class RingBuffer:
             tail_seen = self._tail_seen
             # TAIL is the producers' cache line: read it only when caught up.
             if head >= tail_seen:  # >=: other consumers may be ahead of it
-                self._tail_seen = tail_seen = w[_TAIL]
+                tail_seen = w[_TAIL]
                 if not self._segment.roles_marked & L.ROLE_CONSUMER:
                     self._segment.add_role(L.ROLE_CONSUMER)
                 if not 0 <= head <= tail_seen <= head + cap:
                     raise self._corrupt_indices(head, tail_seen)
+                self._tail_seen = tail_seen  # (only once checked: later reads trust it)
             n = -1
             if head != tail_seen:
                 pos = base + head % cap
@@ -804,11 +810,12 @@ class RingBuffer:
                 tail_seen = self._tail_seen
                 # TAIL is the producers' cache line: read it only when caught up.
                 if head >= tail_seen:  # >=: other consumers may be ahead of it
-                    self._tail_seen = tail_seen = w[_TAIL]
+                    tail_seen = w[_TAIL]
                     if not self._segment.roles_marked & L.ROLE_CONSUMER:
                         self._segment.add_role(L.ROLE_CONSUMER)
                     if not 0 <= head <= tail_seen <= head + cap:
                         raise self._corrupt_indices(head, tail_seen)
+                    self._tail_seen = tail_seen  # (only once checked: later reads trust it)
                 if head != tail_seen:
                     pos = base + head % cap
                     n = w[pos >> 3]

@@ -258,6 +258,7 @@ TARGETS = {
     "abort": RingBuffer.abort,
     "try_read": RingBuffer.try_read,
     "_skip_pad": RingBuffer._skip_pad,
+    "_check_pad": RingBuffer._check_pad,
     "try_read_many": RingBuffer.try_read_many,
     "_read_many": RingBuffer._read_many,
     "peek": RingBuffer.peek,

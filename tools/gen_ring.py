@@ -111,10 +111,11 @@ SNIPPETS = {
             @load_tail
     """,
     "load_tail": """
-        self._tail_seen = tail_seen = w[_TAIL]
+        tail_seen = w[_TAIL]
         if not self._segment.roles_marked & L.ROLE_CONSUMER:
             self._segment.add_role(L.ROLE_CONSUMER)
         @check_indices
+        self._tail_seen = tail_seen  # (only once checked: later reads trust it)
     """,
     # Unread bytes lie between HEAD and TAIL, at most the capacity.
     "check_indices": """
