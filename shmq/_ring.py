@@ -370,12 +370,11 @@ class RingBuffer:
     def try_write(self, data: Any) -> bool:
         """Append one record.  True if written, False if the ring is full
         (in bytes or in messages).  Raises MessageTooLarge if it can never fit."""
-        if self._closed:
-            raise self._closed_error()
         if type(data) is not bytes:
             data = _as_bytes(data)
         n = len(data)
-        w, buf, cap, base, maxm = self._w, self._buf, self._cap, self._base, self._maxm
+        w = self._w
+        cap = self._cap
         sem = self._psem
         if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
             self._plock._acquire_slow(None)
@@ -389,19 +388,19 @@ class RingBuffer:
             free = cap - tail + self._head_seen
             if need > free:
                 free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
-            pos = -1
-            if need <= free and not (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
-                off = tail % cap
-                if need > cap - off:
-                    if cap - off + need > free:  # the HEAD seen may be old: look again first
-                        free = self._refresh_free(tail, n)
-                    tail = self._pad(tail, cap - off, need, free)
-                    off = 0
-                if tail >= 0:
-                    pos = base + off
+            off = tail % cap
+            if need > free or (self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm):
+                pos = -1
+            elif need <= cap - off:
+                pos = self._base + off
+            else:  # the record would wrap: pad the end of the data area, start it at 0
+                if cap - off + need > free:  # the HEAD seen may be old: look again first
+                    free = self._refresh_free(tail, n)
+                tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                pos = self._base if tail >= 0 else -1
             if pos < 0:
                 return False
-            buf[pos + 8 : pos + 8 + n] = data
+            self._buf[pos + 8 : pos + 8 + n] = data
             w[pos >> 3] = n
             w[_MSGS_IN] += 1
             w[_TAIL] = tail + need
@@ -414,12 +413,18 @@ class RingBuffer:
             if sem is not None:
                 try:
                     w[_POWNER] = 0
-                finally:  # (a handle closed under a hoisted call: still free the lock)
+                except ValueError:  # a closed handle's released view: nothing was stored
+                    pass
+                finally:
                     sem.release()
 
     def _write_many(self, items: Iterable[Any]) -> int:
         """try_write_many under the producer lock."""
-        w, buf, cap, base, maxm = self._w, self._buf, self._cap, self._base, self._maxm
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        maxm = self._maxm
         tail = w[_TAIL]
         room_msgs = (maxm - (w[_MSGS_IN] - w[_MSGS_OUT])) if maxm else -1
         count = pending = 0  # records written; of those, not yet published
@@ -436,22 +441,22 @@ class RingBuffer:
                 free = cap - tail + self._head_seen
                 if need > free:
                     free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
-                pos = -1
-                if need <= free and not (count == room_msgs):
-                    off = tail % cap
-                    if need > cap - off:
-                        if cap - off + need > free:  # the HEAD seen may be old: look again first
-                            free = self._refresh_free(tail, n)
-                        if pending:
-                            w[_MSGS_IN] += pending
-                            w[_TAIL] = tail
-                            if w[_CWAIT]:
-                                self._not_empty.ring()
-                            pending = 0
-                        tail = self._pad(tail, cap - off, need, free)
-                        off = 0
-                    if tail >= 0:
-                        pos = base + off
+                off = tail % cap
+                if need > free or count == room_msgs:
+                    pos = -1
+                elif need <= cap - off:
+                    pos = base + off
+                else:  # the record would wrap: pad the end of the data area, start it at 0
+                    if cap - off + need > free:  # the HEAD seen may be old: look again first
+                        free = self._refresh_free(tail, n)
+                    if pending:
+                        w[_MSGS_IN] += pending
+                        w[_TAIL] = tail
+                        if w[_CWAIT]:
+                            self._not_empty.ring()
+                        pending = 0
+                    tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                    pos = base if tail >= 0 else -1
                 if pos < 0:
                     break
                 buf[pos + 8 : pos + 8 + n] = data
@@ -479,7 +484,11 @@ class RingBuffer:
         n = int(nbytes)
         if n < 0:
             raise ValueError(f"'nbytes' must be >= 0, got {nbytes!r}")
-        w, buf, cap, base, maxm = self._w, self._buf, self._cap, self._base, self._maxm
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        maxm = self._maxm
         lock = self._plock
         if lock is not None:
             lock.acquire()
@@ -491,16 +500,16 @@ class RingBuffer:
             free = cap - tail + self._head_seen
             if need > free:
                 free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
-            pos = -1
-            if need <= free and not (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
-                off = tail % cap
-                if need > cap - off:
-                    if cap - off + need > free:  # the HEAD seen may be old: look again first
-                        free = self._refresh_free(tail, n)
-                    tail = self._pad(tail, cap - off, need, free)
-                    off = 0
-                if tail >= 0:
-                    pos = base + off
+            off = tail % cap
+            if need > free or (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
+                pos = -1
+            elif need <= cap - off:
+                pos = base + off
+            else:  # the record would wrap: pad the end of the data area, start it at 0
+                if cap - off + need > free:  # the HEAD seen may be old: look again first
+                    free = self._refresh_free(tail, n)
+                tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                pos = base if tail >= 0 else -1
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -562,7 +571,11 @@ class RingBuffer:
         once this ring handle is closed."""
         if limit > self.max_payload:
             raise ValueError(f"'limit' must be at most {self.max_payload}, got {limit}")
-        w, buf, cap, base, maxm = self._w, self._buf, self._cap, self._base, self._maxm
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        maxm = self._maxm
         sem = self._psem
 
         def put(owner: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
@@ -585,16 +598,16 @@ class RingBuffer:
                 free = cap - tail + self._head_seen
                 if need > free:
                     free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
-                pos = -1
-                if need <= free and not (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
-                    off = tail % cap
-                    if need > cap - off:
-                        if cap - off + need > free:  # the HEAD seen may be old: look again first
-                            free = self._refresh_free(tail, n)
-                        tail = self._pad(tail, cap - off, need, free)
-                        off = 0
-                    if tail >= 0:
-                        pos = base + off
+                off = tail % cap
+                if need > free or (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
+                    pos = -1
+                elif need <= cap - off:
+                    pos = base + off
+                else:  # the record would wrap: pad the end of the data area, start it at 0
+                    if cap - off + need > free:  # the HEAD seen may be old: look again first
+                        free = self._refresh_free(tail, n)
+                    tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                    pos = base if tail >= 0 else -1
                 if pos >= 0:
                     buf[pos + 8 : pos + 8 + n] = data
                     w[pos >> 3] = n
@@ -609,7 +622,9 @@ class RingBuffer:
                 if sem is not None:
                     try:
                         w[_POWNER] = 0
-                    finally:  # (a handle closed under a hoisted call: still free the lock)
+                    except ValueError:  # a closed handle's released view: nothing was stored
+                        pass
+                    finally:
                         sem.release()
             return on_full(owner, data, block, timeout)
 
@@ -620,9 +635,7 @@ class RingBuffer:
         """Remove and return the oldest record, or None if the ring is empty.
         Raises CorruptError if the ring's indices or the record's length
         word are impossible."""
-        if self._closed:
-            raise self._closed_error()
-        w, buf, cap, base = self._w, self._buf, self._cap, self._base
+        w = self._w
         sem = self._csem
         if sem is not None:
             head = w[_HEAD]
@@ -640,23 +653,23 @@ class RingBuffer:
                 tail_seen = w[_TAIL]
                 if not self._segment.roles_marked & L.ROLE_CONSUMER:
                     self._segment.add_role(L.ROLE_CONSUMER)
-                if not 0 <= head <= tail_seen <= head + cap:
+                if not 0 <= head <= tail_seen <= head + self._cap:
                     raise self._corrupt_indices(head, tail_seen)
                 self._tail_seen = tail_seen  # (only once checked: later reads trust it)
-            if head == tail_seen:
-                return None
-            pos = base + head % cap
+                if head == tail_seen:
+                    return None
+            pos = self._base + head % self._cap
             n = w[pos >> 3]
             if n < 0:  # a pad fills the end of the data area: the record after it starts the area
                 head, n, end = self._skip_pad(head, n)  # (validates the pad and that record)
-                pos = base
+                pos = self._base
+                if n < 0:
+                    return None
             else:
                 end = head + ((n + 15) & -8)
                 if end > tail_seen:
                     raise self._corrupt_record(head, n, tail_seen)
-            if n < 0:
-                return None
-            data = buf[pos + 8 : pos + 8 + n].tobytes()
+            data = self._buf[pos + 8 : pos + 8 + n].tobytes()
             w[_MSGS_OUT] += 1
             w[_HEAD] = end
             if w[_PWAIT]:
@@ -668,12 +681,17 @@ class RingBuffer:
             if sem is not None:
                 try:
                     w[_COWNER] = 0
+                except ValueError:  # a closed handle's released view: nothing was stored
+                    pass
                 finally:
                     sem.release()
 
     def _read_many(self, max_items: int, max_bytes: int) -> List[bytes]:
         """try_read_many under the consumer lock."""
-        w, buf, cap, base = self._w, self._buf, self._cap, self._base
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
         out: List[bytes] = []
         try:
             head = start = w[_HEAD]
@@ -790,14 +808,20 @@ class RingBuffer:
         first) is not empty, ``get`` returns ``on_held(owner, block, timeout)``
         instead.  Raises CorruptError as try_read does; ClosedError once this
         ring handle is closed."""
-        w, buf, cap, base = self._w, self._buf, self._cap, self._base
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
         sem = self._csem
 
         def get(owner: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
             if held:
                 return on_held(owner, block, timeout)
             if sem is not None:
-                head = w[_HEAD]
+                try:  # (the closure outlives the handle: this is where a closed one is noticed)
+                    head = w[_HEAD]
+                except ValueError as exc:
+                    raise self._failure(exc)
                 if head >= self._tail_seen and head == w[_TAIL]:
                     return on_empty(owner, None, block, timeout)  # empty: no need for the lock
                 if not sem.acquire(False):  # RobustLock.acquire, inlined
@@ -838,6 +862,8 @@ class RingBuffer:
                 if sem is not None:
                     try:
                         w[_COWNER] = 0
+                    except ValueError:  # a closed handle's released view: nothing was stored
+                        pass
                     finally:
                         sem.release()
             if data:
@@ -976,10 +1002,13 @@ class RingBuffer:
             if opened and lock is not None and lock.holder() == os.getpid():
                 lock.release()
         self._reserved = self._peeked = 0
+        # A closed handle takes no lock, and its views are released: the
+        # record moves (and the Queue's closures over them) meet a ValueError
+        # on their first word, which _failure turns into ClosedError; every
+        # other operation checks _closed first (_check_open).
+        self._psem = self._csem = None
         self._rbuf.release()
-        # (every operation checks _closed first: none reaches these Nones)
-        self._w = self._buf = self._rbuf = None  # type: ignore[assignment]
-        self._segment.close()
+        self._segment.close()  # (releases self._w and self._buf)
 
     def unlink(self) -> None:
         """Remove the ring's name and semaphores for every process."""
