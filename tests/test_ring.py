@@ -1003,3 +1003,27 @@ def test_threads_share_a_multi_producer_multi_consumer_ring(make):
     assert len(seen) == n_prod * per
     assert r.empty() and r.qsize() == 0
     assert r._plock._sem.value == 1 and r._clock._sem.value == 1
+
+
+def test_the_queue_closures_raise_closed_error_after_close(make, mode):
+    """encoding_writer/decoding_reader's closures (shmq.Queue's put and get)
+    outlive the handle: after close() they raise ClosedError, not a
+    released-memoryview ValueError, and leave no lock held."""
+    r = make(256, **MODES[mode])
+    other = shmq.Ring.attach(r.name)
+    try:
+        def refuse(*args):
+            raise AssertionError(args)
+
+        put = other.encoding_writer(pickle.dumps, 5, None, refuse, other.max_payload, refuse, refuse)
+        get = other.decoding_reader(pickle.loads, refuse, lambda owner, data, block, timeout: data)
+        assert put(None, "kept") is None
+        other.close()
+        for call in (lambda: put(None, "lost"), lambda: get(None)):
+            with pytest.raises(shmq.ClosedError, match="closed"):
+                call()
+        r.write(b"more", timeout=5)  # neither lock was left held
+        assert pickle.loads(r.read(timeout=5)) == "kept"
+        assert r.read(timeout=5) == b"more"
+    finally:
+        other.close()

@@ -235,3 +235,15 @@ def test_attach_checks_the_capacity(value):
     finally:
         ring.close()
         ring.unlink()
+
+
+@pytest.mark.parametrize("word, value", [(L.W_MAX_MESSAGES, -1), (L.W_FLAGS, -1), (L.W_FLAGS, 4)])
+def test_attach_checks_max_messages_and_flags(word, value):
+    ring = shmq.Ring.create(CAP)
+    try:
+        ring.segment.words[word] = value
+        with pytest.raises(shmq.LayoutError):
+            shmq.Ring.attach(ring.name)
+    finally:
+        ring.close()
+        ring.unlink()
