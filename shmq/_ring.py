@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, CorruptError, LayoutError, MessageTooLarge, ShmqError
+from ._errors import BrokenError, ClosedError, CorruptError, LayoutError, MessageTooLarge, ShmqError
 from . import _sync
 from ._segment import Segment
 from ._sync import Doorbell, RobustLock
@@ -114,19 +114,13 @@ class RingBuffer:
         self._cap = cap
         self._base = L.DATA_OFFSET
         self._maxm = self.max_messages
-        name = segment.name
-        create = segment.is_creator
-        self._not_empty = Doorbell(P.semaphore(name + "-ne", create), w, _CWAIT)
-        self._not_full = Doorbell(P.semaphore(name + "-nf", create), w, _PWAIT)
+        self._not_empty = Doorbell(self._semaphore("-ne"), w, _CWAIT)
+        self._not_full = Doorbell(self._semaphore("-nf"), w, _PWAIT)
         self._plock = self._clock = None
         if self.multi_producer:
-            self._plock = RobustLock(
-                P.semaphore(name + "-pl", create, lock=True), segment, L.W_PRODUCER_LOCK, w_progress=_MSGS_IN
-            )
+            self._plock = RobustLock(self._semaphore("-pl", lock=True), segment, L.W_PRODUCER_LOCK, w_progress=_MSGS_IN)
         if self.multi_consumer:
-            self._clock = RobustLock(
-                P.semaphore(name + "-cl", create, lock=True), segment, L.W_CONSUMER_LOCK, w_progress=_MSGS_OUT
-            )
+            self._clock = RobustLock(self._semaphore("-cl", lock=True), segment, L.W_CONSUMER_LOCK, w_progress=_MSGS_OUT)
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
         # The semaphores of the locks, for try_write/try_read (None: no lock).
@@ -143,6 +137,18 @@ class RingBuffer:
         self._forget_seen()
         self._closed = False
         _live_rings.add(self)
+
+    def _semaphore(self, suffix: str, lock: bool = False):
+        """The ring's semaphore ``name + suffix``: created by the creator,
+        opened by an attacher (BrokenError if it is missing)."""
+        name = self._segment.name + suffix
+        try:
+            return P.semaphore(name, self._segment.is_creator, lock=lock)
+        except FileNotFoundError as exc:
+            raise BrokenError(
+                f"ring {self.name!r}: semaphore {name!r} is missing (removed, for example by systemd's "
+                "RemoveIPC, or FLAGS name a lock the ring was created without)"
+            ) from exc
 
     def _forget_seen(self) -> None:
         # Start stale, so each side's first operation in a process takes the

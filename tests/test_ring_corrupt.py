@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import signal
+import time
 import traceback
 
 import pytest
@@ -29,6 +29,11 @@ CTX = mp.get_context("fork")
 CAP = 256
 TIMEOUT = 0.02  # seconds, for every blocking operation of the child
 CHILD_LIMIT = 20.0  # seconds a child may take (all its operations: well under 1 s)
+OP_LIMIT = TIMEOUT + 1.0  # seconds one operation may take: its timeout holds
+MODES = {
+    "mpmc": dict(multi_producer=True, multi_consumer=True),
+    "spsc": dict(multi_producer=False, multi_consumer=False),
+}
 HUGE = (1 << 63) - 1
 
 
@@ -37,10 +42,10 @@ def item(seq: int) -> bytes:
     return b"item%05d:" % seq + bytes([65 + seq % 26]) * (seq * 7 % 41)
 
 
-def build(name_holder: list) -> tuple:
+def build(name_holder: list, mode: str = "mpmc") -> tuple:
     """A ring that has wrapped, with three unread records.  Returns (ring,
     the records the parent consumed)."""
-    ring = shmq.Ring.create(CAP)
+    ring = shmq.Ring.create(CAP, **MODES[mode])
     name_holder.append(ring)
     consumed = set()
     seq = 0
@@ -61,7 +66,7 @@ def _child(name: str, conn) -> None:
         try:
             ring = shmq.Ring.attach(name)
         except shmq.ShmqError as exc:
-            conn.send(([("attach", type(exc).__name__)], [], None))
+            conn.send(([("attach", type(exc).__name__, 0.0)], [], None))
             return
         put = ring.encoding_writer(
             lambda obj, protocol, buffer_callback=None: obj, 5, None, None, ring.max_payload,
@@ -90,17 +95,18 @@ def _child(name: str, conn) -> None:
             ("reserve", lambda: ring.reserve(8)),
         ]
         for what, op in ops:
+            t0 = time.monotonic()
             try:
                 result = op()
             except shmq.ShmqError as exc:
-                outcomes.append((what, type(exc).__name__))
+                outcomes.append((what, type(exc).__name__, time.monotonic() - t0))
                 continue
             if what == "reserve" and result is not None:
                 result.release()
                 ring.abort()
             elif isinstance(result, list):
                 delivered += [r for r in result if r is not None]
-            outcomes.append((what, "ok"))
+            outcomes.append((what, "ok", time.monotonic() - t0))
         ring.close()
     except BaseException:
         failure = traceback.format_exc()
@@ -124,7 +130,9 @@ def run_case(ring, consumed, where):
     assert not again, f"{where}: records consumed before were delivered again: {again[:3]}"
     mine = [r for r in delivered if r.startswith(b"item")]
     assert len(mine) == len(set(mine)), f"{where}: a record was delivered twice: {mine}"
-    return outcomes
+    slow = [(what, round(seconds, 2)) for what, _, seconds in outcomes if seconds > OP_LIMIT]
+    assert not slow, f"{where}: operations ran past their timeout: {slow}"
+    return [(what, outcome) for what, outcome, _ in outcomes]
 
 
 HEADER_WORDS = range(L.W_KIND_HEADER, L.W_RING_HEADER_END)
@@ -136,14 +144,15 @@ def values(original: int) -> list:
     return list(dict.fromkeys(v for v in out if v != original))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("word", HEADER_WORDS, ids=lambda w: f"w{w}")
-def test_a_corrupt_header_word_never_hangs_crashes_or_redelivers(word):
+def test_a_corrupt_header_word_never_hangs_crashes_or_redelivers(word, mode):
     made = []
     try:
-        for value in values(build(made)[0].segment.words[word]):
-            ring, consumed = build(made)
+        for value in values(build(made, mode)[0].segment.words[word]):
+            ring, consumed = build(made, mode)
             ring.segment.words[word] = value
-            run_case(ring, consumed, f"word {word} = {value}")
+            run_case(ring, consumed, f"word {word} = {value} ({mode})")
     finally:
         for ring in made:
             ring.close()
