@@ -12,6 +12,7 @@ from ._errors import SlotError as SlotError
 from ._errors import TooManyMembers as TooManyMembers
 from ._errors import WouldBlock as WouldBlock
 from ._errors import NoFreeName as NoFreeName
+from ._errors import CorruptError as CorruptError
 from .channel import ChannelStatistics as ChannelStatistics
 from .channel import ReceiveChannel as ReceiveChannel
 from .channel import ReceiveLoan as ReceiveLoan
@@ -52,4 +53,5 @@ __all__ = (
     "WouldBlock",
     "NoFreeName",
     "__version__",
+    "CorruptError",
 )

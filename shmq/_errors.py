@@ -23,6 +23,7 @@ __all__ = (
     "SlotError",
     "NoFreeName",
     "TooManyMembers",
+    "CorruptError",
 )
 
 
@@ -87,3 +88,10 @@ class TooManyMembers(ShmqError):
     """A shared table of the processes using an object is full: more
     processes (or handles handed to children and not yet claimed) use it at
     once than it has room for.  The message says how many fit."""
+
+
+class CorruptError(BrokenError):
+    """A word in shared memory holds a value the protocol never writes (an
+    index out of the ring's geometry, a record length running past the
+    published data): another process wrote garbage into the segment.  The
+    structure is unusable; no record was delivered twice."""

@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import weakref
 from threading import get_ident
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, MessageTooLarge
+from ._errors import BrokenError, ClosedError, CorruptError, LayoutError, MessageTooLarge, ShmqError
 from . import _sync
 from ._segment import Segment
 from ._sync import Doorbell, RobustLock
@@ -61,6 +61,9 @@ def _as_bytes(data: Any) -> Any:
 
 # Open rings, so a forked child starts them stale (see _forget_seen).
 _live_rings: "weakref.WeakSet[RingBuffer]" = weakref.WeakSet()
+# A HEAD / TAIL older than any (positions only grow from 0): a writer holding
+# it re-reads HEAD, a reader TAIL, and checks both, before its first record.
+_LONG_AGO = -(1 << 63)
 
 
 def _after_fork_in_child() -> None:
@@ -85,53 +88,73 @@ class RingBuffer:
 
     def __init__(self, segment: Segment) -> None:
         self._segment = segment
-        w = self._w = segment.words
+        self.name = segment.name
+        w = segment.words
+        cap, maxm, flags = w[L.W_CAPACITY], w[L.W_MAX_MESSAGES], w[L.W_FLAGS]
+        # The geometry is read once, here: check it against the segment, so a
+        # corrupt header fails the attach rather than a later read or write.
+        if cap < L.MIN_CAPACITY or cap % L.WORD or L.ring_segment_size(cap) > segment.size:
+            raise LayoutError(
+                f"ring {self.name!r}: CAPACITY {cap} does not fit a segment of {segment.size} bytes "
+                f"(expected a multiple of {L.WORD}, at least {L.MIN_CAPACITY}, at most "
+                f"{segment.size - L.ring_segment_size(0)})"
+            )
+        if maxm < 0:
+            raise LayoutError(f"ring {self.name!r}: MAX_MESSAGES {maxm} is negative")
+        if flags & ~(L.FLAG_MULTI_PRODUCER | L.FLAG_MULTI_CONSUMER):
+            raise LayoutError(f"ring {self.name!r}: unknown FLAGS {flags:#x}")
+        self._w = w
         self._buf = segment.buf
         self._rbuf = segment.buf.toreadonly()
-        self.name = segment.name
-        self.capacity_bytes = cap = w[L.W_CAPACITY]
-        self.max_messages = w[L.W_MAX_MESSAGES]
+        self.capacity_bytes = cap
+        self.max_messages = maxm
         self.max_payload = L.max_payload(cap)
-        flags = w[L.W_FLAGS]
         self.multi_producer = bool(flags & L.FLAG_MULTI_PRODUCER)
         self.multi_consumer = bool(flags & L.FLAG_MULTI_CONSUMER)
         self._cap = cap
         self._base = L.DATA_OFFSET
         self._maxm = self.max_messages
-        name = segment.name
-        create = segment.is_creator
-        self._not_empty = Doorbell(P.semaphore(name + "-ne", create), w, _CWAIT)
-        self._not_full = Doorbell(P.semaphore(name + "-nf", create), w, _PWAIT)
+        self._not_empty = Doorbell(self._semaphore("-ne"), w, _CWAIT)
+        self._not_full = Doorbell(self._semaphore("-nf"), w, _PWAIT)
         self._plock = self._clock = None
         if self.multi_producer:
-            self._plock = RobustLock(
-                P.semaphore(name + "-pl", create, lock=True), segment, L.W_PRODUCER_LOCK, w_progress=_MSGS_IN
-            )
+            self._plock = RobustLock(self._semaphore("-pl", lock=True), segment, L.W_PRODUCER_LOCK, w_progress=_MSGS_IN)
         if self.multi_consumer:
-            self._clock = RobustLock(
-                P.semaphore(name + "-cl", create, lock=True), segment, L.W_CONSUMER_LOCK, w_progress=_MSGS_OUT
-            )
+            self._clock = RobustLock(self._semaphore("-cl", lock=True), segment, L.W_CONSUMER_LOCK, w_progress=_MSGS_OUT)
         if self._plock is not None and self._clock is not None:
             self._plock.on_recover = self._clock.on_recover = self._repair_counters
         # The semaphores of the locks, for try_write/try_read (None: no lock).
         self._psem = None if self._plock is None else self._plock._sem
         self._csem = None if self._clock is None else self._clock._sem
         # size + 1 of the record reserve() / peek() opened on this handle, 0 if
-        # none, and where it starts: each side has its own, so commit()/abort()
-        # can never act on a peeked record nor release() on a reserved one.
-        self._reserved = self._reserved_pos = 0
-        self._peeked = self._peeked_pos = 0
+        # none; where the reserved record's header goes (byte position, ring
+        # position) and where the peeked one ends: each side has its own, so
+        # commit()/abort() can never act on a peeked record nor release() on a
+        # reserved one.
+        self._reserved = self._reserved_pos = self._reserved_tail = 0
+        self._peeked = self._peeked_end = 0
         self._repairing = 0  # thread repairing the counters (see _repair_counters)
         self._forget_seen()
         self._closed = False
         _live_rings.add(self)
 
+    def _semaphore(self, suffix: str, lock: bool = False):
+        """The ring's semaphore ``name + suffix``: created by the creator,
+        opened by an attacher (BrokenError if it is missing)."""
+        name = self._segment.name + suffix
+        try:
+            return P.semaphore(name, self._segment.is_creator, lock=lock)
+        except FileNotFoundError as exc:
+            raise BrokenError(
+                f"ring {self.name!r}: semaphore {name!r} is missing (removed, for example by systemd's "
+                "RemoveIPC, or FLAGS name a lock the ring was created without)"
+            ) from exc
+
     def _forget_seen(self) -> None:
         # Start stale, so each side's first operation in a process takes the
         # refresh branch, which records the process's role in the participant
         # table (before a reader takes its first record: see docs/zero_copy.md).
-        self._head_seen = self._w[_HEAD] - self._cap
-        self._tail_seen = 0
+        self._head_seen = self._tail_seen = _LONG_AGO
 
     # -- construction ---------------------------------------------------
     @classmethod
@@ -192,67 +215,55 @@ class RingBuffer:
         return self
 
     def __reduce__(self):
-        if self._closed:
-            raise ClosedError(f"{type(self).__mro__[1].__name__} {self.name!r} is closed")
+        self._check_open()
         return (type(self).attach, (self.name,))
 
-    # -- writing --------------------------------------------------------
-    def try_write(self, data: Any) -> bool:
-        """Append one record.  True if written, False if the ring is full
-        (in bytes or in messages).  Raises MessageTooLarge if it can never fit."""
-        w = self._w
-        sem = self._psem
-        if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
-            self._plock._acquire_slow(None)
-        try:
-            if sem is not None:
-                w[_POWNER] = _sync._PID
-            if type(data) is not bytes:
-                data = _as_bytes(data)
-            n = len(data)
-            need = (n + 15) & -8
-            tail = w[_TAIL]
-            cap = self._cap
-            # HEAD is the consumers' cache line: read it only when the last value
-            # seen says there is no room (it only grows, so a stale one is safe).
-            free = cap - tail + self._head_seen
-            if need > free:
-                free = self._refresh_free(tail, need, n)
-                if need > free:
-                    return False
-            if self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm:
-                return False
-            off = tail % cap
-            if need > cap - off:
-                if cap - off + need > free:  # the HEAD seen may be old: look again first
-                    free = self._refresh_free(tail, need, n)
-                tail = self._pad(tail, cap - off, need, free)
-                if tail < 0:
-                    return False
-                off = 0
-            pos = self._base + off
-            self._buf[pos + 8 : pos + 8 + n] = data
-            w[pos >> 3] = n
-            w[_MSGS_IN] += 1
-            w[_TAIL] = tail + need
-            if w[_CWAIT]:
-                self._not_empty.ring()
-            return True
-        finally:
-            if sem is not None:
-                try:
-                    w[_POWNER] = 0
-                finally:  # (a closed ring under a hoisted try_write: still free the lock)
-                    sem.release()
+    # -- checks -------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
 
-    def _refresh_free(self, tail: int, need: int, n: int) -> int:
-        """Re-read HEAD; record peak occupancy; raise if ``n`` never fits."""
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(f"{type(self).__name__} {self.name!r} is closed")
+
+    def _failure(self, exc: ValueError) -> Exception:
+        """What a ValueError inside a record move means: ``exc`` itself if it
+        is shmq's (MessageTooLarge); else this handle was closed meanwhile
+        (its views released), or a shared word overflowed int64."""
+        if isinstance(exc, ShmqError):
+            return exc
+        err = self._closed_error() if self._closed else CorruptError(
+            f"ring {self.name!r}: a shared word is out of range ({exc})"
+        )
+        err.__cause__ = exc
+        return err
+
+    def _corrupt_indices(self, head: int, tail: int) -> CorruptError:
+        return CorruptError(
+            f"ring {self.name!r} is corrupt: HEAD {head}, TAIL {tail} (capacity {self._cap}; "
+            "0 <= HEAD <= TAIL <= HEAD + capacity, multiples of 8)"
+        )
+
+    def _corrupt_record(self, head: int, n: int, tail: int) -> CorruptError:
+        return CorruptError(
+            f"ring {self.name!r} is corrupt: the record at {head} has length word {n}, "
+            f"which does not fit before TAIL {tail} (capacity {self._cap})"
+        )
+
+    # -- off the common path of a record move ------------------------------------
+    def _refresh_free(self, tail: int, n: int) -> int:
+        """Re-read HEAD; record peak occupancy; the free bytes.  Raises
+        MessageTooLarge if ``n`` never fits, CorruptError for impossible
+        indices."""
         w = self._w
         cap = self._cap
-        self._head_seen = head = w[_HEAD]
+        head = w[_HEAD]
+        used = tail - head
+        if not 0 <= used <= cap or (head | tail) & 7:
+            raise self._corrupt_indices(head, tail)
+        self._head_seen = head
         if not self._segment.roles_marked & L.ROLE_PRODUCER:
             self._segment.add_role(L.ROLE_PRODUCER)
-        used = tail - head
         if used > w[_PEAK]:
             w[_PEAK] = used
         if n > cap - 8:
@@ -283,9 +294,43 @@ class RingBuffer:
             self._not_empty.ring()
         return tail if room + need <= free else -1
 
+    def _check_pad(self, head: int, pad: int, tail: int) -> int:
+        """Where the pad record (header word ``pad`` < 0) at ``head`` ends.
+        Raises CorruptError unless it fills the rest of the data area and
+        was published (ends by ``tail``)."""
+        end = head - pad
+        if end % self._cap or -pad >= self._cap or end > tail:
+            raise self._corrupt_record(head, pad, tail)
+        return end
+
+    def _skip_pad(self, head: int, pad: int) -> Tuple[int, int, int]:
+        """Pass the pad at ``head``: (head, length, end) of the record after
+        it, at the start of the data area, or (-1, -1, -1) if none follows it
+        yet (the pad is consumed).  Raises CorruptError for a bad pad or record."""
+        w = self._w
+        tail = w[_TAIL]
+        end = self._check_pad(head, pad, tail)
+        if tail > head + self._cap:
+            raise self._corrupt_indices(head, tail)
+        self._tail_seen = tail
+        head = end
+        if head == tail:
+            w[_HEAD] = head
+            if w[_PWAIT]:
+                self._not_full.ring()
+            return -1, -1, -1
+        n = w[self._base >> 3]
+        end = head + ((n + 15) & -8)
+        if n < 0 or end > tail:
+            raise self._corrupt_record(head, n, tail)
+        return head, n, end
+
+    # -- batches and split moves: the locking around the generated parts ---------
     def try_write_many(self, items: Iterable[Any]) -> int:
-        """Append records from ``items`` until one does not fit; publish once.
-        Returns how many were written (a prefix of ``items``)."""
+        """Append records from ``items`` until one does not fit; publish once
+        (twice if the batch wraps around the end of the data area).  Returns
+        how many were written (a prefix of ``items``)."""
+        self._check_open()
         lock = self._plock
         if lock is not None:
             lock.acquire()
@@ -295,351 +340,19 @@ class RingBuffer:
             if lock is not None:
                 lock.release()
 
-    def _write_many(self, items: Iterable[Any]) -> int:
-        if not self._segment.roles_marked & L.ROLE_PRODUCER:
-            self._segment.add_role(L.ROLE_PRODUCER)
-        w = self._w
-        buf = self._buf
-        cap = self._cap
-        base = self._base
-        maxm = self._maxm
-        tail = start_tail = w[_TAIL]
-        head = w[_HEAD]
-        msgs = w[_MSGS_IN]
-        room_msgs = (maxm - (msgs - w[_MSGS_OUT])) if maxm else -1
-        count = 0
-        nbytes = 0
-        for data in items:
-            if type(data) is not bytes:
-                data = _as_bytes(data)
-            n = len(data)
-            need = (n + 15) & -8
-            free = cap - tail + head
-            if need > free or count == room_msgs:
-                if n > cap - 8:
-                    if count:
-                        break
-                    raise MessageTooLarge(f"record of {n} bytes can never fit a ring of {cap} bytes (max {cap - 8})")
-                if need > free:
-                    head = w[_HEAD]
-                    free = cap - tail + head
-                if need > free or count == room_msgs:
-                    break
-            off = tail % cap
-            if need > cap - off:
-                if count == 0:  # as try_write does: the pad may be skipped at once
-                    tail = self._pad(tail, cap - off, need, free)
-                    if tail < 0:
-                        return 0
-                    start_tail = tail  # _pad published it
-                    head = w[_HEAD]
-                elif cap - off + need <= free:
-                    w[(base + off) >> 3] = off - cap
-                    tail += cap - off
-                else:
-                    break
-                off = 0
-            pos = base + off
-            buf[pos + 8 : pos + 8 + n] = data
-            w[pos >> 3] = n
-            tail += need
-            count += 1
-            nbytes += n
-        if tail != start_tail:
-            w[_MSGS_IN] = msgs + count
-            used = tail - head
-            if used > w[_PEAK]:
-                w[_PEAK] = used
-            w[_TAIL] = tail
-            if w[_CWAIT]:
-                self._not_empty.ring()
-        return count
-
-    def reserve(self, nbytes: int) -> Optional[memoryview]:
-        """Claim room for a record of up to ``nbytes`` and return a writable
-        view to build it in place; None if full.  Finish with :meth:`commit`
-        or :meth:`abort`.  On a multi-producer ring the producer lock is held
-        in between: keep it short.  Release the view before ``close()``."""
-        if self._reserved:
-            raise RuntimeError("a reserved record is still open: commit() or abort() it first")
-        if not self._segment.roles_marked & L.ROLE_PRODUCER:
-            self._segment.add_role(L.ROLE_PRODUCER)
-        lock = self._plock
-        if lock is not None:
-            lock.acquire()
-        try:
-            n = int(nbytes)
-            need = (n + 15) & -8
-            w = self._w
-            cap = self._cap
-            tail = w[_TAIL]
-            free = cap - tail + w[_HEAD]
-            if n < 0 or n > cap - 8:
-                raise MessageTooLarge(f"record of {n} bytes can never fit a ring of {cap} bytes (max {cap - 8})")
-            if need > free or (self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm):
-                view = None
-            else:
-                off = tail % cap
-                if need > cap - off:
-                    tail = self._pad(tail, cap - off, need, free)
-                    off = 0
-                if tail < 0:
-                    view = None
-                else:
-                    pos = self._base + off
-                    self._reserved = n + 1
-                    self._reserved_pos = tail - tail % cap + off
-                    return self._buf[pos + 8 : pos + 8 + n]
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        if lock is not None:
-            lock.release()
-        return view
-
-    def commit(self, nbytes: Optional[int] = None) -> None:
-        """Publish the reserved record, ``nbytes`` long (default: as reserved)."""
-        reserved = self._reserved - 1
-        if reserved < 0:
-            raise RuntimeError("commit() without reserve()")
-        n = reserved if nbytes is None else int(nbytes)
-        if not 0 <= n <= reserved:
-            raise ValueError(f"'nbytes' must be between 0 and {reserved}, got {nbytes}")
-        w = self._w
-        start = self._reserved_pos
-        self._reserved = 0
-        try:
-            w[(self._base + start % self._cap) >> 3] = n
-            w[_MSGS_IN] += 1
-            tail = start + ((n + 15) & -8)
-            used = tail - w[_HEAD]
-            if used > w[_PEAK]:
-                w[_PEAK] = used
-            w[_TAIL] = tail
-            if w[_CWAIT]:
-                self._not_empty.ring()
-        finally:
-            if self._plock is not None:
-                self._plock.release()
-
     def abort(self) -> None:
         """Drop the reserved record without publishing anything."""
+        self._check_open()
         if not self._reserved:
             return
         self._reserved = 0
         if self._plock is not None:
             self._plock.release()
 
-    # -- reading --------------------------------------------------------
-    def try_read(self) -> Optional[bytes]:
-        """Remove and return the oldest record, or None if the ring is empty."""
-        w = self._w
-        sem = self._csem
-        if sem is not None:
-            head = w[_HEAD]
-            if head >= self._tail_seen and head == w[_TAIL]:
-                return None  # empty: no need for the lock
-            if not sem.acquire(False):  # RobustLock.acquire, inlined
-                self._clock._acquire_slow(None)
-        try:
-            if sem is not None:
-                w[_COWNER] = _sync._PID
-            head = w[_HEAD]
-            # TAIL is the producers' cache line: read it only when caught up.
-            if head >= self._tail_seen:  # >=: other consumers may be ahead of it
-                self._tail_seen = w[_TAIL]
-                if not self._segment.roles_marked & L.ROLE_CONSUMER:
-                    self._segment.add_role(L.ROLE_CONSUMER)
-                if head == self._tail_seen:
-                    return None
-            pos = self._base + head % self._cap
-            n = w[pos >> 3]
-            if n < 0:
-                head = self._skip_pad(head, n)
-                if head < 0:
-                    return None
-                pos = self._base
-                n = w[pos >> 3]
-            data = self._buf[pos + 8 : pos + 8 + n].tobytes()
-            w[_MSGS_OUT] += 1
-            w[_HEAD] = head + ((n + 15) & -8)
-            if w[_PWAIT]:
-                self._not_full.ring()
-            return data
-        finally:
-            if sem is not None:
-                try:
-                    w[_COWNER] = 0
-                finally:
-                    sem.release()
-
-    def _skip_pad(self, head: int, pad: int) -> int:
-        """Consume a pad record; the new head, or -1 if nothing follows it yet."""
-        w = self._w
-        head -= pad
-        self._tail_seen = w[_TAIL]
-        if head == self._tail_seen:
-            w[_HEAD] = head
-            if w[_PWAIT]:
-                self._not_full.ring()
-            return -1
-        return head
-
-    # -- one record per object: try_write/try_read with the codec inlined --
-    # shmq.Queue's put and get are these closures, bound to the queue handle
-    # as methods (types.MethodType: they pickle as the handle's put and get):
-    # with the encoding, the lock and the record in one Python frame (and the
-    # ring's fields in cells, not attributes), an item costs about 70 ns less
-    # on each side than a method that calls try_write / try_read.  They follow
-    # try_write / try_read line for line (tests/test_crash.py kills a process
-    # before each line of all four); the ring still never pickles: ``dumps``
-    # and ``loads`` are the caller's.
-    def encoding_writer(
-        self,
-        dumps: Callable[..., Any],
-        protocol: int,
-        buffer_callback: Optional[Callable[[Any], Any]],
-        on_error: Callable[[Any, Exception], Any],
-        limit: int,
-        on_long: Callable[[Any, Any, Any, bool, Optional[float]], Any],
-        on_full: Callable[[Any, Any, bool, Optional[float]], Any],
-    ) -> Callable[..., Any]:
-        """A function ``put(owner, obj, block=True, timeout=None)`` that
-        appends ``dumps(obj, protocol, buffer_callback=buffer_callback)`` as
-        one record (bind it to ``owner`` with types.MethodType).
-
-        If ``dumps`` raises an Exception, ``on_error(obj, exc)`` gives the
-        record (or raises).  A record longer than ``limit`` (at most
-        ``max_payload``) is handed to ``on_long(owner, obj, data, block,
-        timeout)``; when the ring is full, ``on_full(owner, data, block,
-        timeout)`` is called once the lock is released.  ``put`` returns None
-        when it wrote the record, else what the handler returned."""
-        if limit > self.max_payload:
-            raise ValueError(f"'limit' must be at most {self.max_payload}, got {limit}")
-        ring = self
-        w, buf, cap, base, maxm = self._w, self._buf, self._cap, self._base, self._maxm
-        sem, lock = self._psem, self._plock
-        refresh, pad, ring_bell = self._refresh_free, self._pad, self._not_empty.ring
-
-        def put(owner: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
-            try:
-                data = dumps(obj, protocol, buffer_callback=buffer_callback)
-            except Exception as exc:
-                data = on_error(obj, exc)
-            n = len(data)
-            if n > limit:
-                return on_long(owner, obj, data, block, timeout)
-            if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
-                lock._acquire_slow(None)
-            try:
-                if sem is not None:
-                    w[_POWNER] = _sync._PID
-                need = (n + 15) & -8
-                tail = w[_TAIL]
-                free = cap - tail + ring._head_seen
-                if need > free:
-                    free = refresh(tail, need, n)
-                if need <= free and not (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
-                    off = tail % cap
-                    if need > cap - off:
-                        if cap - off + need > free:
-                            free = refresh(tail, need, n)
-                        tail = pad(tail, cap - off, need, free)
-                        off = 0
-                    if tail >= 0:
-                        pos = base + off
-                        buf[pos + 8 : pos + 8 + n] = data
-                        w[pos >> 3] = n
-                        w[_MSGS_IN] += 1
-                        w[_TAIL] = tail + need
-                        if w[_CWAIT]:
-                            ring_bell()
-                        return None
-            finally:
-                if sem is not None:
-                    try:
-                        w[_POWNER] = 0
-                    finally:  # (a handle closed under a hoisted put: still free the lock)
-                        sem.release()
-            return on_full(owner, data, block, timeout)
-
-        return put
-
-    def decoding_reader(
-        self,
-        loads: Callable[[Any], Any],
-        on_error: Callable[[Any, Any, Exception], Any],
-        on_empty: Callable[[Any, Optional[bytes], bool, Optional[float]], Any],
-        held: Any = (),
-        on_held: Optional[Callable[[Any, bool, Optional[float]], Any]] = None,
-    ) -> Callable[..., Any]:
-        """A function ``get(owner, block=True, timeout=None)`` that removes the
-        oldest record and returns ``loads(record)`` (bind it to ``owner`` with
-        types.MethodType).
-
-        If ``loads`` raises an Exception, ``on_error(owner, record, exc)``
-        gives the result.  When the ring is empty (record None) or the record
-        is empty (b""), ``get`` returns ``on_empty(owner, record, block,
-        timeout)``.  While ``held`` (records the caller took earlier, to return
-        first) is not empty, ``get`` returns ``on_held(owner, block, timeout)``
-        instead."""
-        ring = self
-        w, buf, cap, base = self._w, self._buf, self._cap, self._base
-        sem, lock = self._csem, self._clock
-        segment, skip_pad, ring_bell = self._segment, self._skip_pad, self._not_full.ring
-
-        def get(owner: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
-            if held:
-                return on_held(owner, block, timeout)
-            if sem is not None:
-                head = w[_HEAD]
-                if head >= ring._tail_seen and head == w[_TAIL]:
-                    return on_empty(owner, None, block, timeout)  # empty: no need for the lock
-                if not sem.acquire(False):  # RobustLock.acquire, inlined
-                    lock._acquire_slow(None)
-            data = None
-            try:
-                if sem is not None:
-                    w[_COWNER] = _sync._PID
-                head = w[_HEAD]
-                tail_seen = ring._tail_seen
-                if head >= tail_seen:
-                    ring._tail_seen = tail_seen = w[_TAIL]
-                    if not segment.roles_marked & L.ROLE_CONSUMER:
-                        segment.add_role(L.ROLE_CONSUMER)
-                if head != tail_seen:
-                    pos = base + head % cap
-                    n = w[pos >> 3]
-                    if n < 0:
-                        head = skip_pad(head, n)
-                        if head >= 0:
-                            pos = base
-                            n = w[pos >> 3]
-                    if head >= 0:
-                        data = buf[pos + 8 : pos + 8 + n].tobytes()
-                        w[_MSGS_OUT] += 1
-                        w[_HEAD] = head + ((n + 15) & -8)
-                        if w[_PWAIT]:
-                            ring_bell()
-            finally:
-                if sem is not None:
-                    try:
-                        w[_COWNER] = 0
-                    finally:
-                        sem.release()
-            if data:
-                try:
-                    return loads(data)
-                except Exception as exc:
-                    return on_error(owner, data, exc)
-            return on_empty(owner, data, block, timeout)
-
-        return get
-
     def try_read_many(self, max_items: int = 1 << 30, max_bytes: int = 1 << 62) -> List[bytes]:
         """Remove up to ``max_items`` records (and about ``max_bytes`` of
         payload, always at least one record); publish once.  [] if empty."""
+        self._check_open()
         lock = self._clock
         if lock is not None:
             w = self._w
@@ -652,79 +365,522 @@ class RingBuffer:
             if lock is not None:
                 lock.release()
 
-    def _read_many(self, max_items: int, max_bytes: int) -> List[bytes]:
-        if not self._segment.roles_marked & L.ROLE_CONSUMER:
-            self._segment.add_role(L.ROLE_CONSUMER)
+    # The record moves: written out by tools/gen_ring.py from one template
+    # (see docs/ring-hot-path.md).  try_write/try_read are one function each,
+    # with the lock inlined; shmq.Queue's put and get are the closures of
+    # encoding_writer/decoding_reader, bound to the queue handle as methods
+    # (types.MethodType: they pickle as the handle's put and get).  The ring
+    # never pickles: ``dumps`` and ``loads`` are the caller's.
+    # ---- generated by tools/gen_ring.py from its TEMPLATE: edit there, then run it ----
+    # -- writing --------------------------------------------------------
+    def try_write(self, data: Any) -> bool:
+        """Append one record.  True if written, False if the ring is full
+        (in bytes or in messages).  Raises MessageTooLarge if it can never fit."""
+        if type(data) is not bytes:
+            data = _as_bytes(data)
+        n = len(data)
+        w = self._w
+        cap = self._cap
+        sem = self._psem
+        if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
+            self._plock._acquire_slow(None)
+        try:
+            if sem is not None:
+                w[_POWNER] = _sync._PID
+            tail = w[_TAIL]
+            need = (n + 15) & -8
+            # HEAD is the consumers' cache line: read it only when the last value
+            # seen says there is no room (it only grows, so a stale one is safe).
+            free = cap - tail + self._head_seen
+            if need > free:
+                free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
+            off = tail % cap
+            if need > free or (self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm):
+                pos = -1
+            elif need <= cap - off:
+                pos = self._base + off
+            else:  # the record would wrap: pad the end of the data area, start it at 0
+                if cap - off + need > free:  # the HEAD seen may be old: look again first
+                    free = self._refresh_free(tail, n)
+                tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                pos = self._base if tail >= 0 else -1
+            if pos < 0:
+                return False
+            self._buf[pos + 8 : pos + 8 + n] = data
+            w[pos >> 3] = n
+            w[_MSGS_IN] += 1
+            w[_TAIL] = tail + need
+            if w[_CWAIT]:
+                self._not_empty.ring()
+            return True
+        except ValueError as exc:
+            raise self._failure(exc)
+        finally:
+            if sem is not None:
+                try:
+                    w[_POWNER] = 0
+                except ValueError:  # a closed handle's released view: nothing was stored
+                    pass
+                finally:
+                    sem.release()
+
+    def _write_many(self, items: Iterable[Any]) -> int:
+        """try_write_many under the producer lock."""
         w = self._w
         buf = self._buf
         cap = self._cap
         base = self._base
-        head = start = w[_HEAD]
+        maxm = self._maxm
         tail = w[_TAIL]
-        out: List[bytes] = []
-        append = out.append
-        nbytes = 0
-        while head != tail and len(out) < max_items and nbytes < max_bytes:
-            pos = base + head % cap
+        room_msgs = (maxm - (w[_MSGS_IN] - w[_MSGS_OUT])) if maxm else -1
+        count = pending = 0  # records written; of those, not yet published
+        try:
+            for data in items:
+                if type(data) is not bytes:
+                    data = _as_bytes(data)
+                n = len(data)
+                if count and n > cap - 8:
+                    break  # (the first record raises MessageTooLarge below)
+                need = (n + 15) & -8
+                # HEAD is the consumers' cache line: read it only when the last value
+                # seen says there is no room (it only grows, so a stale one is safe).
+                free = cap - tail + self._head_seen
+                if need > free:
+                    free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
+                off = tail % cap
+                if need > free or count == room_msgs:
+                    pos = -1
+                elif need <= cap - off:
+                    pos = base + off
+                else:  # the record would wrap: pad the end of the data area, start it at 0
+                    if cap - off + need > free:  # the HEAD seen may be old: look again first
+                        free = self._refresh_free(tail, n)
+                    if pending:
+                        w[_MSGS_IN] += pending
+                        w[_TAIL] = tail
+                        if w[_CWAIT]:
+                            self._not_empty.ring()
+                        pending = 0
+                    tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                    pos = base if tail >= 0 else -1
+                if pos < 0:
+                    break
+                buf[pos + 8 : pos + 8 + n] = data
+                w[pos >> 3] = n
+                tail += need  # (tail is where the record went: past a pad, if any)
+                count += 1
+                pending += 1
+            if pending:
+                w[_MSGS_IN] += pending
+                w[_TAIL] = tail
+                if w[_CWAIT]:
+                    self._not_empty.ring()
+            return count
+        except ValueError as exc:
+            raise self._failure(exc)
+
+    def reserve(self, nbytes: int) -> Optional[memoryview]:
+        """Claim room for a record of up to ``nbytes`` and return a writable
+        view to build it in place; None if full.  Finish with :meth:`commit`
+        or :meth:`abort`.  On a multi-producer ring the producer lock is held
+        in between: keep it short.  Release the view before ``close()``."""
+        self._check_open()
+        if self._reserved:
+            raise RuntimeError("a reserved record is still open: commit() or abort() it first")
+        n = int(nbytes)
+        if n < 0:
+            raise ValueError(f"'nbytes' must be >= 0, got {nbytes!r}")
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        maxm = self._maxm
+        lock = self._plock
+        if lock is not None:
+            lock.acquire()
+        try:
+            tail = w[_TAIL]
+            need = (n + 15) & -8
+            # HEAD is the consumers' cache line: read it only when the last value
+            # seen says there is no room (it only grows, so a stale one is safe).
+            free = cap - tail + self._head_seen
+            if need > free:
+                free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
+            off = tail % cap
+            if need > free or (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
+                pos = -1
+            elif need <= cap - off:
+                pos = base + off
+            else:  # the record would wrap: pad the end of the data area, start it at 0
+                if cap - off + need > free:  # the HEAD seen may be old: look again first
+                    free = self._refresh_free(tail, n)
+                tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                pos = base if tail >= 0 else -1
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if pos < 0:
+            if lock is not None:
+                lock.release()
+            return None
+        self._reserved = n + 1
+        self._reserved_pos = pos
+        self._reserved_tail = tail
+        return buf[pos + 8 : pos + 8 + n]
+
+    def commit(self, nbytes: Optional[int] = None) -> None:
+        """Publish the reserved record, ``nbytes`` long (default: as reserved)."""
+        self._check_open()
+        reserved = self._reserved - 1
+        if reserved < 0:
+            raise RuntimeError("commit() without reserve()")
+        n = reserved if nbytes is None else int(nbytes)
+        if not 0 <= n <= reserved:
+            raise ValueError(f"'nbytes' must be between 0 and {reserved}, got {nbytes}")
+        w, pos, tail = self._w, self._reserved_pos, self._reserved_tail
+        need = (n + 15) & -8
+        self._reserved = 0
+        try:
+            w[pos >> 3] = n
+            w[_MSGS_IN] += 1
+            w[_TAIL] = tail + need
+            if w[_CWAIT]:
+                self._not_empty.ring()
+        except ValueError as exc:
+            raise self._failure(exc)
+        finally:
+            if self._plock is not None:
+                self._plock.release()
+
+    def encoding_writer(
+        self,
+        dumps: Callable[..., Any],
+        protocol: int,
+        buffer_callback: Optional[Callable[[Any], Any]],
+        on_error: Callable[[Any, Exception], Any],
+        limit: int,
+        on_long: Callable[[Any, Any, Any, bool, Optional[float]], Any],
+        on_full: Callable[[Any, Any, bool, Optional[float]], Any],
+    ) -> Callable[..., Any]:
+        """A function ``put(owner, obj, block=True, timeout=None)`` that
+        appends ``dumps(obj, protocol, buffer_callback=buffer_callback)`` as
+        one record (bind it to ``owner`` with types.MethodType): try_write
+        with the encoding in the same frame.
+
+        If ``dumps`` raises an Exception, ``on_error(obj, exc)`` gives the
+        record (or raises).  A record longer than ``limit`` (at most
+        ``max_payload``) is handed to ``on_long(owner, obj, data, block,
+        timeout)``; when the ring is full, ``on_full(owner, data, block,
+        timeout)`` is called once the lock is released.  ``put`` returns None
+        when it wrote the record, else what the handler returned; ClosedError
+        once this ring handle is closed."""
+        if limit > self.max_payload:
+            raise ValueError(f"'limit' must be at most {self.max_payload}, got {limit}")
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        maxm = self._maxm
+        sem = self._psem
+
+        def put(owner: Any, obj: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+            try:
+                data = dumps(obj, protocol, buffer_callback=buffer_callback)
+            except Exception as exc:
+                data = on_error(obj, exc)
+            n = len(data)
+            if n > limit:
+                return on_long(owner, obj, data, block, timeout)
+            if sem is not None and not sem.acquire(False):  # RobustLock.acquire, inlined
+                self._plock._acquire_slow(None)
+            try:
+                if sem is not None:
+                    w[_POWNER] = _sync._PID
+                tail = w[_TAIL]
+                need = (n + 15) & -8
+                # HEAD is the consumers' cache line: read it only when the last value
+                # seen says there is no room (it only grows, so a stale one is safe).
+                free = cap - tail + self._head_seen
+                if need > free:
+                    free = self._refresh_free(tail, n)  # (raises MessageTooLarge, CorruptError)
+                off = tail % cap
+                if need > free or (maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= maxm):
+                    pos = -1
+                elif need <= cap - off:
+                    pos = base + off
+                else:  # the record would wrap: pad the end of the data area, start it at 0
+                    if cap - off + need > free:  # the HEAD seen may be old: look again first
+                        free = self._refresh_free(tail, n)
+                    tail = self._pad(tail, cap - off, need, free)  # (-1: no room after the pad)
+                    pos = base if tail >= 0 else -1
+                if pos >= 0:
+                    buf[pos + 8 : pos + 8 + n] = data
+                    w[pos >> 3] = n
+                    w[_MSGS_IN] += 1
+                    w[_TAIL] = tail + need
+                    if w[_CWAIT]:
+                        self._not_empty.ring()
+                    return None
+            except ValueError as exc:
+                raise self._failure(exc)
+            finally:
+                if sem is not None:
+                    try:
+                        w[_POWNER] = 0
+                    except ValueError:  # a closed handle's released view: nothing was stored
+                        pass
+                    finally:
+                        sem.release()
+            return on_full(owner, data, block, timeout)
+
+        return put
+
+    # -- reading --------------------------------------------------------
+    def try_read(self) -> Optional[bytes]:
+        """Remove and return the oldest record, or None if the ring is empty.
+        Raises CorruptError if the ring's indices or the record's length
+        word are impossible."""
+        w = self._w
+        sem = self._csem
+        if sem is not None:
+            head = w[_HEAD]
+            if head >= self._tail_seen and head == w[_TAIL]:
+                return None  # empty: no need for the lock
+            if not sem.acquire(False):  # RobustLock.acquire, inlined
+                self._clock._acquire_slow(None)
+        try:
+            if sem is not None:
+                w[_COWNER] = _sync._PID
+            head = w[_HEAD]
+            tail_seen = self._tail_seen
+            # TAIL is the producers' cache line: read it only when caught up.
+            if head >= tail_seen:  # >=: other consumers may be ahead of it
+                tail_seen = w[_TAIL]
+                if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                    self._segment.add_role(L.ROLE_CONSUMER)
+                if not 0 <= head <= tail_seen <= head + self._cap:
+                    raise self._corrupt_indices(head, tail_seen)
+                self._tail_seen = tail_seen  # (only once checked: later reads trust it)
+                if head == tail_seen:
+                    return None
+            pos = self._base + head % self._cap
             n = w[pos >> 3]
-            if n < 0:
-                head -= n
-                continue
-            append(buf[pos + 8 : pos + 8 + n].tobytes())
-            nbytes += n
-            head += (n + 15) & -8
-        if head != start:
-            w[_MSGS_OUT] += len(out)
-            w[_HEAD] = head
+            if n < 0:  # a pad fills the end of the data area: the record after it starts the area
+                head, n, end = self._skip_pad(head, n)  # (validates the pad and that record)
+                pos = self._base
+                if n < 0:
+                    return None
+            else:
+                end = head + ((n + 15) & -8)
+                if end > tail_seen:
+                    raise self._corrupt_record(head, n, tail_seen)
+            data = self._buf[pos + 8 : pos + 8 + n].tobytes()
+            w[_MSGS_OUT] += 1
+            w[_HEAD] = end
             if w[_PWAIT]:
                 self._not_full.ring()
-        return out
+            return data
+        except ValueError as exc:
+            raise self._failure(exc)
+        finally:
+            if sem is not None:
+                try:
+                    w[_COWNER] = 0
+                except ValueError:  # a closed handle's released view: nothing was stored
+                    pass
+                finally:
+                    sem.release()
+
+    def _read_many(self, max_items: int, max_bytes: int) -> List[bytes]:
+        """try_read_many under the consumer lock."""
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        out: List[bytes] = []
+        try:
+            head = start = w[_HEAD]
+            tail_seen = w[_TAIL]
+            if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                self._segment.add_role(L.ROLE_CONSUMER)
+            if not 0 <= head <= tail_seen <= head + cap:
+                raise self._corrupt_indices(head, tail_seen)
+            self._tail_seen = tail_seen  # (only once checked: later reads trust it)
+            append = out.append
+            nbytes = 0
+            while head != tail_seen and len(out) < max_items and nbytes < max_bytes:
+                pos = base + head % cap
+                n = w[pos >> 3]
+                if n < 0:
+                    head = self._check_pad(head, n, tail_seen)
+                    continue
+                end = head + ((n + 15) & -8)
+                if end > tail_seen:
+                    raise self._corrupt_record(head, n, tail_seen)
+                append(buf[pos + 8 : pos + 8 + n].tobytes())
+                nbytes += n
+                head = end
+            if head != start:
+                w[_MSGS_OUT] += len(out)
+                w[_HEAD] = head
+                if w[_PWAIT]:
+                    self._not_full.ring()
+            return out
+        except ValueError as exc:
+            raise self._failure(exc)
 
     def peek(self) -> Optional[memoryview]:
         """A read-only view of the oldest record, in place, or None if empty.
         The record stays until :meth:`release`; on a multi-consumer ring the
         consumer lock is held until then.  Release the view before ``close()``."""
+        self._check_open()
         if self._peeked:
             raise RuntimeError("a peeked record is still open: release() it first")
-        if not self._segment.roles_marked & L.ROLE_CONSUMER:
-            self._segment.add_role(L.ROLE_CONSUMER)
+        w, cap, base = self._w, self._cap, self._base
         lock = self._clock
-        w = self._w
         if lock is not None:
             if w[_HEAD] == w[_TAIL]:
                 return None
             lock.acquire()
-        head = w[_HEAD]
-        if head != w[_TAIL]:
-            pos = self._base + head % self._cap
-            n = w[pos >> 3]
-            if n < 0:
-                head = self._skip_pad(head, n)
-                pos = self._base
-                n = w[pos >> 3] if head >= 0 else 0
-            if head >= 0:
-                self._peeked = n + 1
-                self._peeked_pos = head  # the record's own position
-                return self._rbuf[pos + 8 : pos + 8 + n]
-        if lock is not None:
-            lock.release()
-        return None
+        try:
+            head = w[_HEAD]
+            tail_seen = self._tail_seen
+            # TAIL is the producers' cache line: read it only when caught up.
+            if head >= tail_seen:  # >=: other consumers may be ahead of it
+                tail_seen = w[_TAIL]
+                if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                    self._segment.add_role(L.ROLE_CONSUMER)
+                if not 0 <= head <= tail_seen <= head + cap:
+                    raise self._corrupt_indices(head, tail_seen)
+                self._tail_seen = tail_seen  # (only once checked: later reads trust it)
+            n = -1
+            if head != tail_seen:
+                pos = base + head % cap
+                n = w[pos >> 3]
+                if n < 0:  # a pad fills the end of the data area: the record after it starts the area
+                    head, n, end = self._skip_pad(head, n)  # (validates the pad and that record)
+                    pos = base
+                else:
+                    end = head + ((n + 15) & -8)
+                    if end > tail_seen:
+                        raise self._corrupt_record(head, n, tail_seen)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if n < 0:
+            if lock is not None:
+                lock.release()
+            return None
+        self._peeked = n + 1
+        self._peeked_end = end
+        return self._rbuf[pos + 8 : pos + 8 + n]
 
     def release(self) -> None:
         """Remove the record returned by :meth:`peek`."""
-        n = self._peeked - 1
-        if n < 0:
+        self._check_open()
+        if not self._peeked:
             raise RuntimeError("release() without peek()")
         self._peeked = 0
         w = self._w
         try:
             w[_MSGS_OUT] += 1
-            w[_HEAD] = self._peeked_pos + ((n + 15) & -8)
+            w[_HEAD] = self._peeked_end
             if w[_PWAIT]:
                 self._not_full.ring()
+        except ValueError as exc:
+            raise self._failure(exc)
         finally:
             if self._clock is not None:
                 self._clock.release()
+
+    def decoding_reader(
+        self,
+        loads: Callable[[Any], Any],
+        on_error: Callable[[Any, Any, Exception], Any],
+        on_empty: Callable[[Any, Optional[bytes], bool, Optional[float]], Any],
+        held: Any = (),
+        on_held: Optional[Callable[[Any, bool, Optional[float]], Any]] = None,
+    ) -> Callable[..., Any]:
+        """A function ``get(owner, block=True, timeout=None)`` that removes the
+        oldest record and returns ``loads(record)`` (bind it to ``owner`` with
+        types.MethodType): try_read with the decoding in the same frame.
+
+        If ``loads`` raises an Exception, ``on_error(owner, record, exc)``
+        gives the result.  When the ring is empty (record None) or the record
+        is empty (b""), ``get`` returns ``on_empty(owner, record, block,
+        timeout)``.  While ``held`` (records the caller took earlier, to return
+        first) is not empty, ``get`` returns ``on_held(owner, block, timeout)``
+        instead.  Raises CorruptError as try_read does; ClosedError once this
+        ring handle is closed."""
+        w = self._w
+        buf = self._buf
+        cap = self._cap
+        base = self._base
+        sem = self._csem
+
+        def get(owner: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+            if held:
+                return on_held(owner, block, timeout)
+            if sem is not None:
+                try:  # (the closure outlives the handle: this is where a closed one is noticed)
+                    head = w[_HEAD]
+                except ValueError as exc:
+                    raise self._failure(exc)
+                if head >= self._tail_seen and head == w[_TAIL]:
+                    return on_empty(owner, None, block, timeout)  # empty: no need for the lock
+                if not sem.acquire(False):  # RobustLock.acquire, inlined
+                    self._clock._acquire_slow(None)
+            data = None
+            try:
+                if sem is not None:
+                    w[_COWNER] = _sync._PID
+                head = w[_HEAD]
+                tail_seen = self._tail_seen
+                # TAIL is the producers' cache line: read it only when caught up.
+                if head >= tail_seen:  # >=: other consumers may be ahead of it
+                    tail_seen = w[_TAIL]
+                    if not self._segment.roles_marked & L.ROLE_CONSUMER:
+                        self._segment.add_role(L.ROLE_CONSUMER)
+                    if not 0 <= head <= tail_seen <= head + cap:
+                        raise self._corrupt_indices(head, tail_seen)
+                    self._tail_seen = tail_seen  # (only once checked: later reads trust it)
+                if head != tail_seen:
+                    pos = base + head % cap
+                    n = w[pos >> 3]
+                    if n < 0:  # a pad fills the end of the data area: the record after it starts the area
+                        head, n, end = self._skip_pad(head, n)  # (validates the pad and that record)
+                        pos = base
+                    else:
+                        end = head + ((n + 15) & -8)
+                        if end > tail_seen:
+                            raise self._corrupt_record(head, n, tail_seen)
+                    if n >= 0:
+                        data = buf[pos + 8 : pos + 8 + n].tobytes()
+                        w[_MSGS_OUT] += 1
+                        w[_HEAD] = end
+                        if w[_PWAIT]:
+                            self._not_full.ring()
+            except ValueError as exc:
+                raise self._failure(exc)
+            finally:
+                if sem is not None:
+                    try:
+                        w[_COWNER] = 0
+                    except ValueError:  # a closed handle's released view: nothing was stored
+                        pass
+                    finally:
+                        sem.release()
+            if data:
+                try:
+                    return loads(data)
+                except Exception as exc:
+                    return on_error(owner, data, exc)
+            return on_empty(owner, data, block, timeout)
+
+        return get
+    # ---- end of generated code ----
 
     def _repair_counters(self) -> None:
         """Make MSGS_IN - MSGS_OUT equal the records between HEAD and TAIL.
@@ -758,6 +914,8 @@ class RingBuffer:
                 w = self._w
                 cap, base = self._cap, self._base
                 head, tail = w[_HEAD], w[_TAIL]
+                if not 0 <= tail - head <= cap:
+                    return  # corrupt indices: the next record move raises CorruptError
                 records = 0
                 while head < tail:
                     n = w[(base + head % cap) >> 3]
@@ -782,21 +940,25 @@ class RingBuffer:
     # -- state ----------------------------------------------------------
     def qsize(self) -> int:
         """Records in the ring now (exact when no operation is in flight)."""
+        self._check_open()
         w = self._w
         n = w[_MSGS_IN] - w[_MSGS_OUT]
         return n if n > 0 else 0
 
     def bytes_used(self) -> int:
         """Ring bytes held by unread records, headers and padding included."""
+        self._check_open()
         w = self._w
         return w[_TAIL] - w[_HEAD]
 
     def empty(self) -> bool:
+        self._check_open()
         w = self._w
         return w[_HEAD] == w[_TAIL]
 
     def full(self) -> bool:
         """True if not even an empty record fits now."""
+        self._check_open()
         w = self._w
         if self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm:
             return True
@@ -804,6 +966,7 @@ class RingBuffer:
 
     def can_write(self, nbytes: int) -> bool:
         """Whether a record of ``nbytes`` would fit now (a hint: no lock)."""
+        self._check_open()
         w = self._w
         if self._maxm and w[_MSGS_IN] - w[_MSGS_OUT] >= self._maxm:
             return False
@@ -814,35 +977,21 @@ class RingBuffer:
         return need <= free and (need <= room or room + need <= free or room <= free)
 
     def can_read(self) -> bool:
+        self._check_open()
         w = self._w
         return w[_HEAD] != w[_TAIL]
 
-    def counters(self) -> Dict[str, int]:
-        """A snapshot of the header counters (see ``_layout``)."""
-        w = self._w
-        return {
-            "capacity_bytes": self._cap,
-            "max_messages": self._maxm,
-            "messages_in": w[_MSGS_IN],
-            "bytes_in": w[_TAIL],
-            "messages_out": w[_MSGS_OUT],
-            "bytes_out": w[_HEAD],
-            "bytes_used": w[_TAIL] - w[_HEAD],
-            "peak_bytes": w[_PEAK],
-            "full_waits": w[L.W_FULL_WAITS],
-            "full_wait_ns": w[L.W_FULL_WAIT_NS],
-            "empty_waits": w[L.W_EMPTY_WAITS],
-            "empty_wait_ns": w[L.W_EMPTY_WAIT_NS],
-        }
-
     @property
     def segment(self) -> Segment:
+        self._check_open()
         return self._segment
 
     def participants(self):
+        self._check_open()
         return self._segment.participants()
 
     def creator_alive(self) -> bool:
+        self._check_open()
         return self._segment.creator_alive()
 
     # -- lifetime -------------------------------------------------------
@@ -859,11 +1008,13 @@ class RingBuffer:
             if opened and lock is not None and lock.holder() == os.getpid():
                 lock.release()
         self._reserved = self._peeked = 0
+        # A closed handle takes no lock, and its views are released: the
+        # record moves (and the Queue's closures over them) meet a ValueError
+        # on their first word, which _failure turns into ClosedError; every
+        # other operation checks _closed first (_check_open).
+        self._psem = self._csem = None
         self._rbuf.release()
-        self._w = self._buf = self._rbuf = None  # type: ignore[assignment]
-        self._segment.close()
-        # Any later operation fails on None; make it a clear ClosedError instead.
-        self.__class__ = _closed_class(type(self))
+        self._segment.close()  # (releases self._w and self._buf)
 
     def unlink(self) -> None:
         """Remove the ring's name and semaphores for every process."""
@@ -880,32 +1031,3 @@ class RingBuffer:
             return f"<{type(self).__name__} {self.name!r} closed>"
         return f"<{type(self).__name__} {self.name!r} {self.bytes_used()}/{self._cap} bytes, {self.qsize()} records>"
 
-
-_CLOSED_CLASSES: Dict[type, type] = {}
-_KEEP_OPEN = {"close", "unlink", "__repr__", "__exit__", "__enter__", "__reduce__", "closed", "name"}
-
-
-def _closed_class(cls: type, keep: Iterable[str] = ()) -> type:
-    """A subclass of ``cls`` whose operations raise ClosedError (except the
-    methods in ``keep``, and close/unlink/...)."""
-    if cls in _CLOSED_CLASSES or getattr(cls, "_is_closed_class", False):
-        return _CLOSED_CLASSES.get(cls, cls)
-
-    def make(attr: str):
-        def closed(self, *args: Any, **kwargs: Any):
-            raise ClosedError(f"{type(self).__mro__[1].__name__} {self.name!r} is closed")
-
-        closed.__name__ = attr
-        return closed
-
-    ns: Dict[str, Any] = {"_is_closed_class": True}
-    for klass in cls.__mro__:
-        for attr, value in vars(klass).items():
-            if attr in ns or attr in _KEEP_OPEN or attr in keep or attr.startswith("__"):
-                continue
-            if callable(value) and not isinstance(value, (staticmethod, classmethod, type)):
-                ns[attr] = make(attr)
-    new = type(cls.__name__, (cls,), ns)
-    new.__qualname__ = cls.__qualname__
-    _CLOSED_CLASSES[cls] = new
-    return new

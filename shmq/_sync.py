@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 
 from . import _platform as P
 
-__all__ = ("RobustLock", "Doorbell", "lock_words", "SLICE_SECONDS", "STALE_SECONDS")
+__all__ = ("RobustLock", "Doorbell", "SLICE_SECONDS", "STALE_SECONDS")
 
 SLICE_SECONDS = 0.02
 STALE_SECONDS = 0.5
@@ -54,10 +54,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_pid)
 
 
-def lock_words(w_owner: int) -> Tuple[int, int]:
-    """The owner and generation words of the RobustLock whose owner word is
-    ``w_owner`` (for code that inlines its acquire and release)."""
-    return w_owner, w_owner + 1
+# A RobustLock's generation word follows its owner word (see _layout's map).
+_GENERATION_AFTER_OWNER = 1
 
 
 class RobustLock:
@@ -77,7 +75,8 @@ class RobustLock:
         self._sem = sem
         self._segment = segment
         self._words = segment.words
-        self._w_owner, self._w_gen = lock_words(w_owner)
+        self._w_owner = w_owner
+        self._w_gen = w_owner + _GENERATION_AFTER_OWNER
         self._w_progress = self._w_gen if w_progress is None else w_progress
         self.stale_after = stale_after
         #: called (without the lock) after this process recovered the lock

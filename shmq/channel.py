@@ -697,7 +697,7 @@ class SendChannel(_Endpoint):
             if deadline is not None and _monotonic() >= deadline:
                 raise Full(f"ring {ring.name!r} of channel {self.name!r} stayed full")
             try:
-                ring._block_writing(ready, None, _slice_end(deadline))
+                ring._block_writing(ready, _slice_end(deadline))
             except Full:
                 continue  # one slice over: look at the receivers again
             if not w[_W_STATE] & _SEND_STOPPED and ring.try_write(data):

@@ -418,7 +418,7 @@ class _QueueBase:
         if deadline is not None and _monotonic() >= deadline:
             raise Full(f"queue {self.name!r} is full")
         check_ring(ring)
-        ring._block_writing(room, None, deadline)
+        ring._block_writing(room, deadline)
 
     def _put_big(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> None:
         """Put ``obj``, whose first pass gave ``data``: a record too long for

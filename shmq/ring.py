@@ -2,7 +2,7 @@
 
 ``write``/``read`` block until they can proceed, with an optional timeout in
 seconds; ``*_nowait`` never block.  Everything else (``try_*``, ``reserve``/
-``commit``, ``peek``/``release``, counters) is inherited.
+``commit``, ``peek``/``release``) is inherited.
 """
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ from ._wait import SPIN_SECONDS, deadline_for, wait_until
 __all__ = ("Ring", "DEFAULT_CAPACITY_BYTES")
 
 _perf_ns = time.perf_counter_ns
+_monotonic = time.monotonic
+
+
+def _add_counter(w: Any, word: int, amount: int) -> None:
+    """Add to a statistics word, wrapping at the int64 limit (a peer could
+    have written any value there; a statistic must not stop a write or read)."""
+    w[word] = (w[word] + amount + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _expired(deadline: Optional[float]) -> bool:
+    return deadline is not None and _monotonic() >= deadline
 
 
 def _nbytes(data: Any) -> int:
@@ -37,6 +48,7 @@ class Ring(RingBuffer):
 
     def statistics(self) -> RingStatistics:
         """A snapshot of the shared counters (any attached process sees the same)."""
+        self._check_open()
         return ring_statistics(self)
 
     def write(self, data: Any, timeout: Optional[float] = None) -> None:
@@ -49,9 +61,11 @@ class Ring(RingBuffer):
         n = _nbytes(data)
         deadline = deadline_for(timeout)  # one deadline for every retry
         while True:
-            self._block_writing(lambda: self.can_write(n), None, deadline)
+            self._block_writing(lambda: self.can_write(n), deadline)
             if self.try_write(data):
                 return
+            if _expired(deadline):  # (can_write is a hint: never retry past the deadline)
+                raise Full(f"ring {self.name!r} stayed full")
 
     def write_nowait(self, data: Any) -> None:
         """Append one record or raise Full at once."""
@@ -70,8 +84,11 @@ class Ring(RingBuffer):
                 raise MessageTooLarge(
                     f"record of {n} bytes can never fit a ring of {self._cap} bytes (max {self.max_payload})"
                 )
-            self._block_writing(lambda: self.can_write(n), None, deadline)
-            done += self.try_write_many(items[done:] if done else items)
+            self._block_writing(lambda: self.can_write(n), deadline)
+            more = self.try_write_many(items[done:] if done else items)
+            if not more and _expired(deadline):
+                raise Full(f"ring {self.name!r} stayed full")
+            done += more
 
     def read(self, timeout: Optional[float] = None) -> bytes:
         """Remove and return the oldest record, waiting for one.  Raises Empty
@@ -87,6 +104,8 @@ class Ring(RingBuffer):
             data = self.try_read()
             if data is not None:
                 return data
+            if _expired(deadline):
+                raise Empty(f"ring {self.name!r} stayed empty")
 
     def read_nowait(self) -> bytes:
         """Remove and return the oldest record or raise Empty at once."""
@@ -108,15 +127,15 @@ class Ring(RingBuffer):
             out = self.try_read_many(max_items)
             if out:
                 return out
+            if _expired(deadline):
+                raise Empty(f"ring {self.name!r} stayed empty")
 
-    def _block_writing(self, ready, timeout: Optional[float], deadline: Optional[float] = None) -> None:
-        if deadline is None:
-            deadline = deadline_for(timeout)
+    def _block_writing(self, ready, deadline: Optional[float]) -> None:
         t0 = _perf_ns()
         ok = wait_until(ready, self._not_full, deadline, self.spin)
         w = self._w
-        w[L.W_FULL_WAITS] += 1
-        w[L.W_FULL_WAIT_NS] += _perf_ns() - t0
+        _add_counter(w, L.W_FULL_WAITS, 1)
+        _add_counter(w, L.W_FULL_WAIT_NS, _perf_ns() - t0)
         if not ok:
             raise Full(f"ring {self.name!r} stayed full")
 
@@ -124,7 +143,7 @@ class Ring(RingBuffer):
         t0 = _perf_ns()
         ok = wait_until(ready or self.can_read, self._not_empty, deadline, self.spin)
         w = self._w
-        w[L.W_EMPTY_WAITS] += 1
-        w[L.W_EMPTY_WAIT_NS] += _perf_ns() - t0
+        _add_counter(w, L.W_EMPTY_WAITS, 1)
+        _add_counter(w, L.W_EMPTY_WAIT_NS, _perf_ns() - t0)
         if not ok:
             raise Empty(f"ring {self.name!r} stayed empty")

@@ -220,9 +220,9 @@ def verify_after_crash(ring, sh, where):
     # killed between counting records in and publishing TAIL leaves "more held"
     # (for good: with max_messages that is capacity lost).  The producer counts
     # first because shmq.JoinableQueue needs every visible record counted.
-    c = ring.counters()
-    assert c["bytes_in"] == c["bytes_out"], where
-    held = c["messages_in"] - c["messages_out"]
+    c = ring.statistics()
+    assert c.bytes_in == c.bytes_out, where
+    held = c.messages_in - c.messages_out
     assert -inflight_r <= held <= inflight_w, f"{where}: {held} records counted in an empty ring"
     if not (inflight_w or inflight_r):
         assert held == 0, where
@@ -239,12 +239,12 @@ def verify_after_crash(ring, sh, where):
             elapsed = time.monotonic() - t0
             assert elapsed < RECOVERY_BOUND, f"{where}: survivors waited {elapsed:.2f}s"
     assert ring.empty(), where
-    c = ring.counters()
+    c = ring.statistics()
     if ring.multi_producer and ring.multi_consumer:
         # taking over a dead holder's lock repairs the counters (both locks held)
-        assert c["messages_in"] == c["messages_out"], f"{where}: counters not repaired"
+        assert c.messages_in == c.messages_out, f"{where}: counters not repaired"
     else:
-        assert c["messages_in"] - c["messages_out"] == held, where
+        assert c.messages_in - c.messages_out == held, where
 
 
 TARGETS = {
@@ -258,6 +258,7 @@ TARGETS = {
     "abort": RingBuffer.abort,
     "try_read": RingBuffer.try_read,
     "_skip_pad": RingBuffer._skip_pad,
+    "_check_pad": RingBuffer._check_pad,
     "try_read_many": RingBuffer.try_read_many,
     "_read_many": RingBuffer._read_many,
     "peek": RingBuffer.peek,
@@ -357,8 +358,8 @@ def test_producer_killed_holding_reserve():
         assert time.monotonic() - t0 < 2.0
         assert ring.read_many() == [b"before", b"after"]  # the reservation left nothing visible
         join_all([p])
-        c = ring.counters()
-        assert c["messages_in"] == c["messages_out"] == 2
+        c = ring.statistics()
+        assert c.messages_in == c.messages_out == 2
     finally:
         ring.close()
         ring.unlink()
@@ -565,9 +566,9 @@ def test_random_kills(seed, mode, n_prod, n_cons):
             assert not crashed, f"seed {seed}: a child failed on its own: {crashed}"
             # the survivors keep going within a bounded time
             t0 = time.monotonic()
-            before = ring.counters()["messages_out"]
+            before = ring.statistics().messages_out
             wait_for(
-                lambda: ring.counters()["messages_out"] > before or ring.empty(),
+                lambda: ring.statistics().messages_out > before or ring.empty(),
                 timeout=10,
                 interval=0.001,
                 what=f"progress after a kill (seed {seed})",
@@ -578,8 +579,8 @@ def test_random_kills(seed, mode, n_prod, n_cons):
         wait_for(ring.empty, timeout=30, what=f"the consumers to drain the ring (seed {seed})")
         books.flags[STOP_C] = 1
         join_all(list(consumers.values()), timeout=60)
-        c = ring.counters()
-        held = c["messages_in"] - c["messages_out"]
+        c = ring.statistics()
+        held = c.messages_in - c.messages_out
     finally:
         books.flags[STOP_P] = books.flags[STOP_C] = 1
         join_all(list(producers.values()) + list(consumers.values()), timeout=60)

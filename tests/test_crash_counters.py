@@ -49,8 +49,8 @@ def test_counters_repaired_after_a_kill_between_counter_and_index(side):
             got.append(ring.read(timeout=10))
         assert got == [b"m0", b"m1", b"m2", b"m3"]
         assert ring.qsize() == 0 and ring.empty()
-        c = ring.counters()
-        assert c["messages_in"] - c["messages_out"] == 0
+        c = ring.statistics()
+        assert c.messages_in - c.messages_out == 0
     finally:
         ring.close()
         ring.unlink()

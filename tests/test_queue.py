@@ -1184,6 +1184,8 @@ _CORRUPT = textwrap.dedent(
             corrupt(pool.segment.words, mb + L.M_RQ_TAIL, 1 << 60)
             q.put(np.ones(100_000), timeout=1)
         outcome = "returned"
+    except shmq.BrokenError:
+        outcome = "BrokenError"  # CorruptError included
     except Exception as exc:
         outcome = type(exc).__name__
     elapsed = time.monotonic() - t0

@@ -58,8 +58,8 @@ def make():
 
 
 def positions(r):
-    c = r.counters()
-    return c["bytes_in"], c["bytes_out"]
+    c = r.statistics()
+    return c.bytes_in, c.bytes_out
 
 
 def raw_word(r, offset):
@@ -377,7 +377,7 @@ def test_reserve_commit_abort(make, mode):
     v = r.reserve(30)
     v.release()
     r.abort()
-    assert r.empty() and r.counters()["messages_in"] == 2
+    assert r.empty() and r.statistics().messages_in == 2
     r.abort()  # nothing open: a no-op
     v = r.reserve(0)
     r.commit()
@@ -410,18 +410,20 @@ def test_reserve_and_peek_are_not_interchangeable(make, mode):
     r = make(256, **MODES[mode])
     r.write(b"first")
     v = r.peek()
-    before = r.counters()
+    before = r.statistics()
     with pytest.raises(RuntimeError):
         r.commit()
     r.abort()  # no reserved record: nothing to do
-    assert r.counters() == before
+    after = r.statistics()
+    assert (after.bytes_in, after.bytes_out, after.messages_in, after.messages_out) == (
+        before.bytes_in, before.bytes_out, before.messages_in, before.messages_out)
     assert bytes(v) == b"first"
     v.release()
     r.release()
     v = r.reserve(4)
     with pytest.raises(RuntimeError):
         r.release()
-    assert r.counters()["bytes_out"] == before["bytes_out"] + 16
+    assert r.statistics().bytes_out == before.bytes_out + 16
     v[:] = b"abcd"
     v.release()
     r.commit()
@@ -603,11 +605,11 @@ def test_negative_timeout_is_a_value_error(make, state):
         lambda: r.write(b"y", timeout=-1),
         lambda: r.write_many([b"y"], timeout=-1),
     ):
-        before = r.counters()
+        before = r.statistics()
         with pytest.raises(ValueError, match="'timeout'"):
             call()
-        assert r.counters()["messages_in"] == before["messages_in"]
-        assert r.counters()["messages_out"] == before["messages_out"]
+        assert r.statistics().messages_in == before.messages_in
+        assert r.statistics().messages_out == before.messages_out
     if state == "blocked":
         while r.try_read() is not None:
             pass
@@ -692,8 +694,8 @@ def test_blocking_calls_really_block(make, mode):
             Trigger(r, L.W_PRODUCER_WAITING, lambda: other.read()),
         )
         assert r.read_many() == [b"f" * 24, b"f" * 24, b"g", b"h" * 8, b"i"]
-        c = r.counters()
-        assert c["empty_waits"] >= 2 and c["full_waits"] >= 2
+        c = r.statistics()
+        assert c.empty_waits >= 2 and c.full_waits >= 2
     finally:
         other.close()
 
@@ -709,9 +711,9 @@ def test_counters_and_statistics(make, mode):
     for n in sizes:
         r.write(b"c" * n)
     ring_bytes = sum((n + 15) // 8 * 8 for n in sizes)
-    c = r.counters()
-    assert c["messages_in"] == 6 and c["bytes_in"] == ring_bytes == c["bytes_used"]
-    assert c["messages_out"] == 0 and c["bytes_out"] == 0
+    c = r.statistics()
+    assert c.messages_in == 6 and c.bytes_in == ring_bytes == c.bytes_used
+    assert c.messages_out == 0 and c.bytes_out == 0
     r.read()
     r.read()
     s = r.statistics()
@@ -781,7 +783,6 @@ def test_use_after_close_raises_closed_error(make, mode):
         lambda: r.bytes_used(),
         lambda: r.can_write(1),
         lambda: r.can_read(),
-        lambda: r.counters(),
         lambda: r.statistics(),
         lambda: r.participants(),
         lambda: r.creator_alive(),
@@ -1002,3 +1003,27 @@ def test_threads_share_a_multi_producer_multi_consumer_ring(make):
     assert len(seen) == n_prod * per
     assert r.empty() and r.qsize() == 0
     assert r._plock._sem.value == 1 and r._clock._sem.value == 1
+
+
+def test_the_queue_closures_raise_closed_error_after_close(make, mode):
+    """encoding_writer/decoding_reader's closures (shmq.Queue's put and get)
+    outlive the handle: after close() they raise ClosedError, not a
+    released-memoryview ValueError, and leave no lock held."""
+    r = make(256, **MODES[mode])
+    other = shmq.Ring.attach(r.name)
+    try:
+        def refuse(*args):
+            raise AssertionError(args)
+
+        put = other.encoding_writer(pickle.dumps, 5, None, refuse, other.max_payload, refuse, refuse)
+        get = other.decoding_reader(pickle.loads, refuse, lambda owner, data, block, timeout: data)
+        assert put(None, "kept") is None
+        other.close()
+        for call in (lambda: put(None, "lost"), lambda: get(None)):
+            with pytest.raises(shmq.ClosedError, match="closed"):
+                call()
+        r.write(b"more", timeout=5)  # neither lock was left held
+        assert pickle.loads(r.read(timeout=5)) == "kept"
+        assert r.read(timeout=5) == b"more"
+    finally:
+        other.close()
