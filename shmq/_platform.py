@@ -370,3 +370,74 @@ def list_shm_names() -> list:
 
 
 IS_LINUX = sys.platform.startswith("linux")
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_words(path: str) -> list:
+    try:
+        with open(path, "rb") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def _cgroup_dirs(mount: str, path: str) -> list:
+    """``mount``/``path`` and its ancestors up to ``mount``: every level may
+    set a limit.  (In a container, ``path`` may name the host's cgroup, absent
+    from the container's mount: the levels that exist are what counts.)"""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    return [os.path.join(mount, *parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def cgroup_cpu_quota(membership: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -> Optional[float]:
+    """The CPU time this process's cgroups allow, in CPUs (``quota / period``:
+    1.5 means 150 ms per 100 ms), the tightest level of the hierarchy; None
+    if no level sets a quota or none can be read.  Reads cgroup v2's
+    ``cpu.max`` and cgroup v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
+    try:
+        with open(membership) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        controllers, path = fields[1].split(","), fields[2]
+        if fields[0] == "0" and fields[1] == "":  # v2: "max 100000" or "<quota> <period>"
+            for d in _cgroup_dirs(root, path):
+                words = _read_words(os.path.join(d, "cpu.max"))
+                if len(words) == 2 and words[0] != b"max":
+                    quotas.append((words[0], words[1]))
+        elif "cpu" in controllers:  # v1: quota -1 is no limit
+            for mount in dict.fromkeys((os.path.join(root, fields[1]), os.path.join(root, "cpu"))):
+                for d in _cgroup_dirs(mount, path):
+                    quota = _read_words(os.path.join(d, "cpu.cfs_quota_us"))
+                    period = _read_words(os.path.join(d, "cpu.cfs_period_us"))
+                    if quota and period and not quota[0].startswith(b"-"):
+                        quotas.append((quota[0], period[0]))
+    cpus = []
+    for quota, period in quotas:
+        try:
+            q, t = int(quota), int(period)
+        except ValueError:
+            continue
+        if q > 0 and t > 0:
+            cpus.append(q / t)
+    return min(cpus) if cpus else None
+
+
+def usable_cpus(quota: Optional[float] = None) -> int:
+    """How many CPUs this process can keep busy at once: the CPUs of its
+    affinity mask (which may change while it runs), no more than the whole
+    CPUs of a cgroup ``quota`` (as :func:`cgroup_cpu_quota` gives it; None:
+    no quota), and at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)

@@ -102,3 +102,58 @@ def test_semaphores_are_plain_semlocks_and_report_their_value():
         del made, opened  # dealloc of both (what crashed on 3.9)
     finally:
         P.sem_unlink(name)
+
+
+# -- CPUs a process may use: affinity and cgroup quota --------------------------
+# The cgroup files are written under tmp_path: a hierarchy as the kernel shows
+# it, read by the real parser.
+
+
+def _cgroup_tree(tmp_path, membership: str, files: dict) -> tuple:
+    (tmp_path / "cgroup").write_text(membership)
+    for rel, text in files.items():
+        f = tmp_path / "fs" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    return str(tmp_path / "cgroup"), str(tmp_path / "fs")
+
+
+@pytest.mark.parametrize(
+    "membership, files, quota",
+    [
+        ("0::/\n", {}, None),  # no cpu.max at all
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        ("0::/app\n", {"cpu.max": "max 100000\n", "app/cpu.max": "150000 100000\n"}, 1.5),
+        # the tightest level wins, wherever it sits
+        ("0::/a/b\n", {"a/cpu.max": "50000 100000\n", "a/b/cpu.max": "300000 100000\n"}, 0.5),
+        # a container: /proc names the host's path, the mount shows only the container's root
+        ("0::/kubepods/pod1/c1\n", {"cpu.max": "200000 100000\n"}, 2.0),
+        ("0::/\n", {"cpu.max": "garbage\n"}, None),
+        # cgroup v1 (hybrid hosts): -1 is no limit
+        ("4:memory:/x\n1:cpu,cpuacct:/\n0::/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                                                "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+        ("1:cpu:/job\n0::/\n", {"cpu/job/cpu.cfs_quota_us": "250000\n", "cpu/job/cpu.cfs_period_us": "100000\n"}, 2.5),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, membership, files, quota):
+    proc, root = _cgroup_tree(tmp_path, membership, files)
+    assert P.cgroup_cpu_quota(proc, root) == quota
+
+
+def test_cgroup_cpu_quota_without_proc_is_none(tmp_path):
+    assert P.cgroup_cpu_quota(str(tmp_path / "absent"), str(tmp_path)) is None
+
+
+def test_this_machines_cgroup_quota_reads():
+    quota = P.cgroup_cpu_quota()
+    assert quota is None or quota > 0
+
+
+def test_usable_cpus_is_the_affinity_within_the_quota():
+    cpus = len(os.sched_getaffinity(0))
+    assert P.usable_cpus() == cpus
+    assert P.usable_cpus(None) == cpus
+    assert P.usable_cpus(0.5) == 1  # half a CPU still runs the caller
+    assert P.usable_cpus(1.9) == 1  # whole CPUs only
+    assert P.usable_cpus(cpus + 8.0) == cpus
