@@ -6,9 +6,10 @@ rate of one thread, on the 2-core VM of docs/benchmarks.md (2026-11-22);
 copies that fit the caches gained nothing.  ``copy_into`` therefore splits copies of at least
 ``PARALLEL_MIN_BYTES`` between the calling thread and up to
 ``MAX_HELPERS`` daemon threads, started on first use, one per extra CPU this
-process may use: its affinity mask and its cgroup's CPU quota, looked at
-again for every such copy (the quota at most once a second), so a process
-confined to one CPU copies alone.  Every part is a ``numpy.copyto``, which
+process may use: the calling thread's affinity mask and the cgroup's CPU
+quota, looked at again for every such copy (the quota at most once a
+second), so a process confined to one CPU copies alone; helpers take the
+caller's affinity before they copy.  Every part is a ``numpy.copyto``, which
 releases the GIL, so the parts run at once and other Python threads keep
 running meanwhile.  A part that no helper has started when the caller has
 finished its own is copied by the caller: a helper that does not get a CPU
@@ -59,11 +60,12 @@ class _Part:
     """A part of one copy: run by the helper it was handed to or, if that has
     not claimed it yet, by the caller."""
 
-    __slots__ = ("dst", "src", "_claim", "done", "finished", "error")
+    __slots__ = ("dst", "src", "cpus", "_claim", "done", "finished", "error")
 
-    def __init__(self, dst: np.ndarray, src: np.ndarray) -> None:
+    def __init__(self, dst: np.ndarray, src: np.ndarray, cpus: Optional[frozenset]) -> None:
         self.dst: Optional[np.ndarray] = dst
         self.src: Optional[np.ndarray] = src
+        self.cpus = cpus  # the caller's affinity: the helper runs where the caller may
         self._claim: dict = {}
         self.done = threading.Lock()  # posted once, by a helper, after ``finished`` is set
         self.done.acquire()
@@ -100,6 +102,11 @@ class _Helper:
         while True:
             part = inbox.get()
             if part.claim(_HELPER):  # else the caller copied it, or gave up on it
+                if part.cpus is not None:  # one system call (~1 us) per part of >= 4 MiB
+                    try:
+                        os.sched_setaffinity(0, part.cpus)
+                    except OSError:
+                        pass
                 self.writing = True
                 part.copy()
                 self.writing = False
@@ -117,14 +124,15 @@ _helpers: List[_Helper] = []
 _quota = (-1.0, None)  # (read at, cgroup CPU quota)
 
 
-def usable_threads() -> int:
-    """Threads one large copy may use, the caller included: the CPUs this
-    process may use now, within ``SHMQ_COPY_THREADS`` and ``MAX_HELPERS``."""
+def usable_threads(affinity: Optional[frozenset] = None) -> int:
+    """Threads one large copy may use, the caller included: the CPUs the
+    calling thread may use now (``affinity``, default its current mask) within
+    the cgroup's quota, ``SHMQ_COPY_THREADS`` and ``MAX_HELPERS``."""
     global _quota
     now = _monotonic()
     if now - _quota[0] > QUOTA_TTL_SECONDS:
         _quota = (now, P.cgroup_cpu_quota())
-    threads = P.usable_cpus(_quota[1])
+    threads = P.usable_cpus(_quota[1], affinity)
     wanted = os.environ.get("SHMQ_COPY_THREADS", "").strip()
     if wanted.isdigit():
         threads = min(threads, max(1, int(wanted)))
@@ -155,7 +163,8 @@ def copy_into(dst: memoryview, src: memoryview) -> None:
     try:
         d = _frombuffer(dst, _uint8, n)
         s = _frombuffer(src, _uint8, n)
-        count = min(usable_threads(), n // (PARALLEL_MIN_BYTES // 2) or 1)
+        cpus = P.cpu_affinity()
+        count = min(usable_threads(cpus), n // (PARALLEL_MIN_BYTES // 2) or 1)
         if count <= 1:
             _copyto(d, s)
             return
@@ -169,7 +178,7 @@ def copy_into(dst: memoryview, src: memoryview) -> None:
                 lo = k * step
                 if lo >= n:
                     break
-                pending.append(_Part(d[lo : lo + step], s[lo : lo + step]))  # registered first,
+                pending.append(_Part(d[lo : lo + step], s[lo : lo + step], cpus))  # registered first,
                 _helpers[k - 1].hand(pending[-1])  # then handed over
             _copyto(d[:step], s[:step])
         except BaseException as exc:

@@ -429,15 +429,23 @@ def cgroup_cpu_quota(membership: str = "/proc/self/cgroup", root: str = CGROUP_R
     return min(cpus) if cpus else None
 
 
-def usable_cpus(quota: Optional[float] = None) -> int:
-    """How many CPUs this process can keep busy at once: the CPUs of its
-    affinity mask (which may change while it runs), no more than the whole
-    CPUs of a cgroup ``quota`` (as :func:`cgroup_cpu_quota` gives it; None:
-    no quota), and at least 1."""
+def cpu_affinity() -> Optional[frozenset]:
+    """The CPUs the calling thread may run on (its affinity mask, which may
+    change while it runs; new threads inherit it), None where unknown."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+        return None
+
+
+def usable_cpus(quota: Optional[float] = None, affinity: Optional[frozenset] = None) -> int:
+    """How many CPUs the calling thread's work can keep busy at once: the
+    CPUs of ``affinity`` (default: :func:`cpu_affinity`), no more than the
+    whole CPUs of a cgroup ``quota`` (as :func:`cgroup_cpu_quota` gives it;
+    None: no quota), and at least 1."""
+    if affinity is None:
+        affinity = cpu_affinity()
+    cpus = len(affinity) if affinity else (os.cpu_count() or 1)
     if quota is not None:
         cpus = min(cpus, int(quota))
     return max(1, cpus)

@@ -226,6 +226,18 @@ if sys.argv[1] == "pinned":  # one CPU from the start: no helper is ever made
     for _ in range(5):
         copy_into(dst, src)
     print(helpers(), _copy.usable_threads())
+elif sys.argv[1] == "follow":  # a helper whose mask went stale takes the caller's again
+    copy_into(dst, src)
+    mine = os.sched_getaffinity(0)
+    threads = [t for t in threading.enumerate() if t.name == "shmq-copy"]
+    for t in threads:
+        os.sched_setaffinity(t.native_id, {max(mine)})
+    before = [h.parts for h in _copy._helpers]
+    for _ in range(200):  # until every helper has copied a part (the caller may take one first)
+        copy_into(dst, src)
+        if all(h.parts > b for h, b in zip(_copy._helpers, before)):
+            break
+    print(len(threads) >= 1, all(os.sched_getaffinity(t.native_id) == mine for t in threads))
 else:  # helpers made with two CPUs, then the affinity shrinks: they sit idle
     copy_into(dst, src)
     made = helpers()
@@ -244,7 +256,7 @@ def _run_pinned(mode: str) -> list:
         [sys.executable, "-c", _PINNED_COPIES, mode], env=env, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
-    return [int(w) for w in res.stdout.split()]
+    return [int(w == "True") if w in ("True", "False") else int(w) for w in res.stdout.split()]
 
 
 def test_a_process_pinned_to_one_cpu_copies_without_helpers():
@@ -255,6 +267,11 @@ def test_a_process_pinned_to_one_cpu_copies_without_helpers():
 def test_helpers_sit_idle_once_the_affinity_shrinks_to_one_cpu():
     made, copied_after, threads = _run_pinned("shrink")
     assert made >= 1 and copied_after == 0 and threads == 1
+
+
+@pytest.mark.skipif(not MULTI_CPU, reason="needs a second CPU")
+def test_helpers_run_on_the_callers_cpus():
+    assert _run_pinned("follow") == [1, 1]
 
 
 def test_usable_threads_follows_the_affinity_and_the_environment(monkeypatch):
