@@ -68,11 +68,12 @@ def memory_order_problem(machine: str, compiled_core: bool) -> Optional[str]:
     imports) brings its own fences and runs anywhere."""
     if compiled_core or machine.lower() in TSO_MACHINES:
         return None
+    cpu = machine or "unknown CPU"
     return (
-        f"shmq does not run on this machine ({machine or 'unknown CPU'}): its pure-Python rings rely on "
-        f"x86-64 (TSO) store ordering to publish data before the index that covers it, and a "
-        f"{machine or 'this'} CPU may reorder those stores, so readers could see torn or stale messages; "
-        f"no compiled core (shmq._core) is installed to add the memory fences"
+        f"shmq does not run on this machine ({cpu}): its pure-Python rings rely on x86-64 (TSO) "
+        f"store ordering to publish data before the index that covers it, and this CPU ({cpu}) may "
+        f"reorder those stores, so readers could see torn or stale messages; no compiled core "
+        f"(shmq._core) is installed to add the memory fences"
     )
 
 
