@@ -140,7 +140,7 @@ class RobustLock:
                 return  # somebody took or recovered it meanwhile
             w[self._w_owner] = 0
             w[self._w_gen] = snap[1] + 1
-            if self._sem.value == 0:  # (a holder that posted and then died left it free)
+            if P.sem_value(self._sem) == 0:  # (a holder that posted and then died left it free)
                 self._sem.release()
         if self.on_recover is not None:
             self.on_recover()

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import shmq
+from shmq import _platform as P
 from shmq._ring import RingBuffer
 from shmq._sync import RobustLock
 
@@ -421,7 +422,7 @@ def test_process_killed_while_blocked(op):
 
             wait_for(lambda: ring.segment.words[getattr(L, word)] == 1, what="the child to block")
         else:
-            wait_for(lambda: ring._plock._sem.value == 0 and p.is_alive(), what="the child to wait")
+            wait_for(lambda: P.sem_value(ring._plock._sem) == 0 and p.is_alive(), what="the child to wait")
         p.kill()
         join_all([p])
         t0 = time.monotonic()
@@ -434,7 +435,7 @@ def test_process_killed_while_blocked(op):
             ring.write(b"%d" % i * 20, timeout=5)
             assert ring.read(timeout=5) == b"%d" % i * 20
         assert time.monotonic() - t0 < 5
-        assert ring._plock._sem.value == 1 and ring._clock._sem.value == 1
+        assert P.sem_value(ring._plock._sem) == 1 and P.sem_value(ring._clock._sem) == 1
     finally:
         ring.close()
         ring.unlink()

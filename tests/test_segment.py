@@ -224,6 +224,30 @@ def test_explicit_name_with_leading_slash_and_max_length():
         s.unlink()
 
 
+
+def _semaphore_namespace_name() -> str:
+    # "sem." + a session name: what Linux calls the file of POSIX semaphore "/shmq_..."
+    return "sem." + unique_name("sn")[:20]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda name: shmq.Queue(name=name), id="Queue"),
+        pytest.param(lambda name: shmq.Ring.create(4096, name=name), id="Ring.create"),
+        pytest.param(lambda name: shmq.open_channel(name=name), id="open_channel"),
+    ],
+)
+def test_names_in_the_semaphore_namespace_are_refused(make):
+    name = _semaphore_namespace_name()
+    before = set(session_entries())
+    with pytest.raises(ValueError, match="'sem.'"):
+        make(name)
+    with pytest.raises(ValueError, match="'sem.'"):
+        make("/" + name)
+    assert set(session_entries()) == before
+    assert not any(name in entry for entry in os.listdir("/dev/shm"))
+
 # -- permissions ------------------------------------------------------------------
 def test_segment_and_semaphores_are_owner_only():
     old = os.umask(0)  # the mode must not depend on a permissive umask

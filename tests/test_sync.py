@@ -115,7 +115,7 @@ def test_mutual_exclusion_across_processes(lockseg):
     assert not failed, failed
     assert lockseg.words[W_COUNTER] == 3 * 3000 + 1000
     assert lockseg.words[W_LOCK] == 0
-    assert P.sem_open(lockseg.name + "-pl").value == 1
+    assert P.sem_value(P.sem_open(lockseg.name + "-pl")) == 1
 
 
 def test_acquire_timeout_and_holder(lockseg):
@@ -133,7 +133,7 @@ def test_acquire_timeout_and_holder(lockseg):
         assert o.words[W_LOCK + 1] == gen and o.lock.holder() == os.getpid()
         assert o.lock.acquire(timeout=0) is False
         o.lock.release()
-        assert o.lock.holder() == 0 and o.sem.value == 1
+        assert o.lock.holder() == 0 and P.sem_value(o.sem) == 1
         assert o.lock.acquire(timeout=0)
         assert o.words[W_LOCK + 1] == gen + 1  # the generation moves on every acquire
         o.lock.release()
@@ -169,7 +169,7 @@ def test_releasing_a_free_lock_raises_and_never_admits_two_holders(lockseg):
         o.lock.release()
         with pytest.raises(ValueError):
             o.lock.release()
-        assert o.sem.value == 1
+        assert P.sem_value(o.sem) == 1
         assert o.lock.acquire(timeout=0)
         assert o.lock.acquire(timeout=0) is False  # still a mutex
         o.lock.release()
@@ -195,7 +195,7 @@ def test_killed_holder_is_recovered_quickly(lockseg, reap):
         assert elapsed < 2.0, f"recovered after {elapsed:.2f}s"
         assert o.lock.holder() == os.getpid()
         o.lock.release()
-        assert o.sem.value == 1
+        assert P.sem_value(o.sem) == 1
     finally:
         o.close()
         conn.close()
@@ -206,7 +206,7 @@ def test_holder_killed_before_writing_its_pid_is_recovered(lockseg):
     p, conn = _start_holder(lockseg.name, raw=True)
     o = Opened(lockseg.name, stale_after=STALE_SECONDS)
     try:
-        assert o.lock.holder() == 0 and o.sem.value == 0
+        assert o.lock.holder() == 0 and P.sem_value(o.sem) == 0
         p.kill()
         join_all([p])
         t0 = time.monotonic()
@@ -215,7 +215,7 @@ def test_holder_killed_before_writing_its_pid_is_recovered(lockseg):
         # recovered only after the owner word stayed empty for stale_after
         assert STALE_SECONDS - SLICE_SECONDS <= elapsed < STALE_SECONDS + 2.0, elapsed
         o.lock.release()
-        assert o.sem.value == 1
+        assert P.sem_value(o.sem) == 1
     finally:
         o.close()
         conn.close()
@@ -252,7 +252,7 @@ def test_a_lock_with_a_progress_word_watches_it_instead_of_a_generation(lockseg)
             counter.join(10)
         assert o.words[W_LOCK + 1] == gen + 1  # recoveries still bump the generation
         lock.release()
-        assert o.sem.value == 1
+        assert P.sem_value(o.sem) == 1
     finally:
         o.close()
 
@@ -299,7 +299,7 @@ def test_recovery_happens_exactly_once(lockseg, raw):
     assert [w.exitcode for w in waiters] == [0] * 4
     assert lockseg.words[W_COUNTER] == 4
     # one post, not one per waiter that noticed the dead holder
-    assert P.sem_open(lockseg.name + "-pl").value == 1
+    assert P.sem_value(P.sem_open(lockseg.name + "-pl")) == 1
     assert lockseg.words[W_LOCK] == 0
 
 
@@ -315,9 +315,9 @@ def test_released_lock_is_not_recovered_twice_by_a_slow_waiter(lockseg):
         conn.close()
         assert o.lock.acquire(timeout=10)  # recovers (snapshot -> new generation) and takes it
         o.lock._recover(snap)  # the slow waiter's stale snapshot: a no-op
-        assert o.sem.value == 0 and o.lock.holder() == os.getpid()
+        assert P.sem_value(o.sem) == 0 and o.lock.holder() == os.getpid()
         o.lock.release()
-        assert o.sem.value == 1
+        assert P.sem_value(o.sem) == 1
     finally:
         o.close()
 
