@@ -57,7 +57,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
 from ._segment import Segment
-from ._sync import SLICE_SECONDS, Doorbell, RobustLock
+from ._sync import Doorbell, RobustLock, deadline_for, wait_until
 
 __all__ = (
     "SlotPool",
@@ -75,7 +75,6 @@ RECLAIM_INTERVAL = 0.1
 #: default SlotPool.orphan_seconds: a slot whose message left the linked ring this
 #: long ago, never acquired, is freed once a consumer of the ring was found dead
 ORPHAN_SECONDS = 5.0
-SPIN_SECONDS = 100e-6
 
 _MAX_GEN = (1 << 31) - 1
 _MASK = L.HOLD_RELEASED_MASK
@@ -414,27 +413,20 @@ class SlotPool:
     def allocate(self, count: int = 1, timeout: Optional[float] = None) -> List[int]:
         """Like :meth:`try_allocate`, but wait for returns (back-pressure).
         Raises Full if ``timeout`` (seconds) expires first, ValueError for a
-        negative timeout."""
+        negative or NaN timeout."""
+        deadline = deadline_for(timeout)
         got = self.try_allocate(count)
         if got is not None:
             return got
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
-        deadline = None if timeout is None else _monotonic() + timeout
-        spin_end = _monotonic() + SPIN_SECONDS
-        bell = self._bell
+        ready = lambda: self._may_allocate(count)  # noqa: E731
         while True:
-            now = _monotonic()
-            if deadline is not None and now >= deadline:
+            ok = wait_until(ready, self._bell, deadline)
+            if ok:
+                got = self.try_allocate(count)
+                if got is not None:
+                    return got
+            if not ok or (deadline is not None and _monotonic() >= deadline):
                 raise Full(f"slot pool {self.name!r} has no {count} free slot(s): all are in flight")
-            if now >= spin_end:
-                wait = SLICE_SECONDS if deadline is None else min(SLICE_SECONDS, deadline - now)
-                bell.announce()
-                if not self._may_allocate(count):
-                    bell.sleep(wait)
-            got = self.try_allocate(count)
-            if got is not None:
-                return got
 
     def _may_allocate(self, count: int) -> bool:
         w = self._w

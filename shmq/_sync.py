@@ -21,6 +21,11 @@ Doorbell
     "publish index, read flag" against "set flag, re-check index"; a wake-up
     lost that way costs one slice, never a hang.
 
+wait_until, deadline_for, deadline_for_mp, remaining
+    The one waiting loop (spin, then sleep on a Doorbell) and the deadline
+    helpers every blocking call uses (the ring, the slot pool, the queue, the
+    channel).  Why the loop spins the way it does: docs/waiting.md.
+
 Waits are ``Semaphore.acquire(True, seconds)``: a signal handler that raises
 during one (SystemExit from a SIGTERM handler, Ctrl-C) ends it with that
 exception; a signal delivered to another thread is handled when the bounded
@@ -28,16 +33,32 @@ wait ends.
 """
 from __future__ import annotations
 
+import _thread
+import math
 import os
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from . import _platform as P
 
-__all__ = ("RobustLock", "Doorbell", "lock_words", "SLICE_SECONDS", "STALE_SECONDS")
+__all__ = (
+    "RobustLock",
+    "Doorbell",
+    "lock_words",
+    "SLICE_SECONDS",
+    "STALE_SECONDS",
+    "SPIN_SECONDS",
+    "deadline_for",
+    "deadline_for_mp",
+    "remaining",
+    "wait_until",
+    "full_fence",
+)
 
 SLICE_SECONDS = 0.02
 STALE_SECONDS = 0.5
+#: longest a waiter polls before it sleeps (the adaptive budget starts here)
+SPIN_SECONDS = 100e-6
 
 _monotonic = time.monotonic
 _sched_yield = getattr(os, "sched_yield", lambda: None)
@@ -151,19 +172,43 @@ class RobustLock:
         return self._words[self._w_owner]
 
 
-class Doorbell:
-    """Sleep until a peer signals, in bounded slices."""
+# A store followed by a load of another word is the one reordering x86 allows:
+# a waiter's "raise flag, re-check index" and a poster's "publish index, read
+# flag" could both miss each other.  A locked instruction between the store
+# and the load forbids it; a thread lock's acquire and release are two (about
+# 80 ns together), and their release also lets other threads in.
+_fence_lock = _thread.allocate_lock()
+_fence_acquire = _fence_lock.acquire
+_fence_release = _fence_lock.release
 
-    __slots__ = ("_sem", "_words", "_w_flag")
+
+def full_fence() -> None:
+    """A full memory barrier: stores before it are visible to every CPU
+    before loads after it run."""
+    _fence_acquire()
+    _fence_release()
+
+
+class Doorbell:
+    """Sleep until a peer signals, in bounded slices.
+
+    ``spin_budget`` is this process's adaptive spin for waits on this bell
+    (see :func:`wait_until`)."""
+
+    __slots__ = ("_sem", "_words", "_w_flag", "spin_budget")
 
     def __init__(self, sem, words, w_flag: int) -> None:
         self._sem = sem
         self._words = words
         self._w_flag = w_flag
+        self.spin_budget = SPIN_SECONDS
 
     def announce(self) -> None:
-        """Say a waiter is about to sleep; re-check the condition after this."""
+        """Say a waiter is about to sleep; re-check the condition after this
+        (the fence makes the flag visible before the re-check reads)."""
         self._words[self._w_flag] = 1
+        _fence_acquire()
+        _fence_release()
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds`` or until rung.  True if rung.  Signals are
@@ -181,3 +226,105 @@ class Doorbell:
         """Wake one sleeper (callers check the flag word first)."""
         self._words[self._w_flag] = 0
         self._sem.release()
+
+
+# -- deadlines --------------------------------------------------------------
+
+
+def deadline_for(timeout: Optional[float]) -> Optional[float]:
+    """Absolute monotonic deadline for ``timeout`` seconds (None = forever).
+    Raises ValueError for a negative or NaN timeout (as queue.Queue does for
+    a negative one); TypeError if it is not a number."""
+    if timeout is None:
+        return None
+    if not timeout >= 0:  # (NaN compares false both ways)
+        raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
+    return _monotonic() + timeout
+
+
+def deadline_for_mp(timeout: Optional[float]) -> Optional[float]:
+    """As :func:`deadline_for`, but a negative timeout means 0, as
+    ``multiprocessing.Queue`` has it.  NaN still raises ValueError."""
+    if timeout is None:
+        return None
+    if timeout != timeout:
+        raise ValueError(f"'timeout' must be a number, got {timeout!r}")
+    return _monotonic() + (timeout if timeout > 0 else 0.0)
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (None = forever), never negative."""
+    if deadline is None:
+        return None
+    left = deadline - _monotonic()
+    return left if left > 0 else 0.0
+
+
+# -- the waiting loop ---------------------------------------------------------
+
+#: ready() polls between two looks at the clock (about 1-2 us)
+_POLLS = 16
+#: the adaptive budget never shrinks below this (seconds)
+_SPIN_FLOOR = 4e-6
+#: yield the CPU between poll batches, so a partner on this CPU can run
+_YIELD_IN_SPIN = True
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    bell: Doorbell,
+    deadline: Optional[float],
+    spin: float = SPIN_SECONDS,
+) -> bool:
+    """Return True as soon as ``ready()`` is true, False once ``deadline``
+    (monotonic seconds, None = never) has passed.  ``ready`` must be cheap and
+    must not block; the caller retries its operation after True.
+
+    The waiter polls for up to ``spin`` seconds (less while recent spins on
+    this bell failed), giving the CPU away between polls so that a partner
+    waiting to run on the same CPU can, then raises the bell's flag and
+    sleeps on its semaphore in slices of at most SLICE_SECONDS.  The
+    poster's ring wakes it at once; the slices only bound how late a signal
+    handler runs."""
+    if ready():
+        return True
+    now = _monotonic()
+    if spin > 0:
+        budget = bell.spin_budget
+        if spin > budget:
+            spin = budget
+        end_spin = now + spin
+        if deadline is not None and deadline < end_spin:
+            end_spin = deadline
+        while now < end_spin:
+            for _ in range(_POLLS):
+                if ready():
+                    if budget < SPIN_SECONDS:
+                        budget *= 2
+                        bell.spin_budget = budget if budget < SPIN_SECONDS else SPIN_SECONDS
+                    return True
+            if _YIELD_IN_SPIN:
+                _sched_yield()
+            now = _monotonic()
+        if budget > _SPIN_FLOOR:
+            bell.spin_budget = budget / 2
+    while True:
+        if deadline is None:
+            wait = SLICE_SECONDS
+        else:
+            wait = deadline - now
+            if wait <= 0:
+                return ready()
+            if wait > SLICE_SECONDS:
+                wait = SLICE_SECONDS
+        bell.announce()
+        if ready():
+            return True
+        if bell.sleep(wait):
+            # The poster cleared the flag: raise it again for any other
+            # sleeper on this bell (a second poster then rings for it; at
+            # worst a spare ring wakes the next sleeper once, which re-checks).
+            bell.announce()
+        if ready():
+            return True
+        now = _monotonic()
