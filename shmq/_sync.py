@@ -172,6 +172,19 @@ class RobustLock:
         return self._words[self._w_owner]
 
 
+# The wait loop's knobs (measured in docs/waiting.md).
+#: ready() polls between two looks at the clock (about 1-2 us)
+_POLLS = 16
+#: a budget halved below this becomes 0: no spin (seconds); probes spin this long
+_SPIN_FLOOR = 4e-6
+#: with a budget of 0, every this-many-th wait probes with a short spin
+_PROBE_EVERY = 8
+#: adapt the spin budget (off: always spin the whole budget; for measuring)
+_ADAPT = True
+#: yield the CPU between poll batches (measured, not used: docs/waiting.md)
+_YIELD_IN_SPIN = False
+
+
 # A store followed by a load of another word is the one reordering x86 allows:
 # a waiter's "raise flag, re-check index" and a poster's "publish index, read
 # flag" could both miss each other.  A locked instruction between the store
@@ -195,13 +208,14 @@ class Doorbell:
     ``spin_budget`` is this process's adaptive spin for waits on this bell
     (see :func:`wait_until`)."""
 
-    __slots__ = ("_sem", "_words", "_w_flag", "spin_budget")
+    __slots__ = ("_sem", "_words", "_w_flag", "spin_budget", "skipped")
 
     def __init__(self, sem, words, w_flag: int) -> None:
         self._sem = sem
         self._words = words
         self._w_flag = w_flag
         self.spin_budget = SPIN_SECONDS
+        self.skipped = 0
 
     def announce(self) -> None:
         """Say a waiter is about to sleep; re-check the condition after this
@@ -262,12 +276,6 @@ def remaining(deadline: Optional[float]) -> Optional[float]:
 
 # -- the waiting loop ---------------------------------------------------------
 
-#: ready() polls between two looks at the clock (about 1-2 us)
-_POLLS = 16
-#: the adaptive budget never shrinks below this (seconds)
-_SPIN_FLOOR = 4e-6
-#: yield the CPU between poll batches, so a partner on this CPU can run
-_YIELD_IN_SPIN = True
 
 
 def wait_until(
@@ -280,34 +288,44 @@ def wait_until(
     (monotonic seconds, None = never) has passed.  ``ready`` must be cheap and
     must not block; the caller retries its operation after True.
 
-    The waiter polls for up to ``spin`` seconds (less while recent spins on
-    this bell failed), giving the CPU away between polls so that a partner
-    waiting to run on the same CPU can, then raises the bell's flag and
-    sleeps on its semaphore in slices of at most SLICE_SECONDS.  The
+    The waiter polls for up to ``spin`` seconds, then raises the bell's flag
+    and sleeps on its semaphore in slices of at most SLICE_SECONDS (the
     poster's ring wakes it at once; the slices only bound how late a signal
-    handler runs."""
+    handler runs).  The spin adapts per bell and process: each spin that
+    fails halves the next one, down to none at all (a partner on the same
+    CPU cannot run while we spin), one that succeeds restores it, and
+    while it is none every _PROBE_EVERY-th wait tries a short one."""
     if ready():
         return True
     now = _monotonic()
     if spin > 0:
         budget = bell.spin_budget
-        if spin > budget:
-            spin = budget
-        end_spin = now + spin
-        if deadline is not None and deadline < end_spin:
-            end_spin = deadline
-        while now < end_spin:
-            for _ in range(_POLLS):
-                if ready():
-                    if budget < SPIN_SECONDS:
-                        budget *= 2
-                        bell.spin_budget = budget if budget < SPIN_SECONDS else SPIN_SECONDS
-                    return True
-            if _YIELD_IN_SPIN:
-                _sched_yield()
-            now = _monotonic()
-        if budget > _SPIN_FLOOR:
-            bell.spin_budget = budget / 2
+        if budget <= 0.0:
+            # Recent spins on this bell all failed (the partner shares our
+            # CPU, or is idle): sleep at once, but probe now and then in case
+            # it moved to another CPU.
+            bell.skipped += 1
+            if bell.skipped >= _PROBE_EVERY:
+                bell.skipped = 0
+                budget = _SPIN_FLOOR
+        if budget > 0.0:
+            if spin > budget:
+                spin = budget
+            end_spin = now + spin
+            if deadline is not None and deadline < end_spin:
+                end_spin = deadline
+            while now < end_spin:
+                for _ in range(_POLLS):
+                    if ready():
+                        if budget < SPIN_SECONDS:  # the partner runs elsewhere after all
+                            bell.spin_budget = SPIN_SECONDS
+                        return True
+                if _YIELD_IN_SPIN:
+                    _sched_yield()
+                now = _monotonic()
+            if _ADAPT:
+                budget /= 2
+                bell.spin_budget = budget if budget >= _SPIN_FLOOR else 0.0
     while True:
         if deadline is None:
             wait = SLICE_SECONDS
