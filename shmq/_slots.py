@@ -57,7 +57,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
 from ._segment import Segment
-from ._sync import Doorbell, RobustLock, deadline_for, wait_until
+from ._sync import OwnFlagBell, RobustLock, deadline_for, full_fence, wait_until
 
 __all__ = (
     "SlotPool",
@@ -81,6 +81,9 @@ _MASK = L.HOLD_RELEASED_MASK
 _ACQ = L.HOLD_ACQUIRE
 _FREE, _LOANED, _SENT = L.SLOT_FREE, L.SLOT_LOANED, L.SLOT_SENT
 _LIVE, _DEAD = L.MEMBER_LIVE, L.MEMBER_DEAD
+#: word 7 of a member record (unused by _layout so far): 1 while the member
+#: waits in allocate() for a slot; written only by that member
+_M_WAITING = 7
 _monotonic = time.monotonic
 _NONE: List[int] = []  # shared empty result: never appended to
 
@@ -185,7 +188,7 @@ class SlotPool:
             raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
         create = segment.is_creator
         self._lock = RobustLock(P.semaphore(self.name + "-rl", create, lock=True), segment, L.W_POOL_LOCK)
-        self._bell = Doorbell(P.semaphore(self.name + "-rb", create), w, L.W_RETURN_WAITING)
+        self._bell_sem = P.semaphore(self.name + "-rb", create)
         self.on_return: Optional[Callable[[int], object]] = None
         self.fence = None
         self.orphan_seconds = ORPHAN_SECONDS
@@ -199,6 +202,7 @@ class SlotPool:
         self._pid = os.getpid()
         self._epoch = getattr(self, "_epoch", 0) + 1
         self._member = -1
+        self._bell: Optional[OwnFlagBell] = None  # made with the member entry
         self._holds = 0  # holds of this handle not yet released
         self._loaned: Dict[int, int] = {}  # slot -> generation, allocated here, not sent
         self._outstanding: Dict[int, int] = {}  # slot -> generation, sent from here
@@ -330,12 +334,17 @@ class SlotPool:
             w[mb + L.M_RQ_TAIL] = 0
             w[mb + L.M_RQ_LOST] = 0
             w[mb + L.M_REUSES] = 0
+            w[mb + _M_WAITING] = 0
             w[mb + L.M_START_US] = P.my_start_us()
             w[mb + L.M_STATE] = _LIVE
             w[mb + L.M_PID] = os.getpid()
             if w[L.W_MEMBERS_HIGH] <= m:
                 w[L.W_MEMBERS_HIGH] = m + 1
         self._member = m
+        me = weakref.ref(self)  # (no cycle: the bell lives in the pool)
+        self._bell = OwnFlagBell(
+            self._bell_sem, w, mb + _M_WAITING, lambda: (pool := me()) is not None and pool._waiters() > 1
+        )
         return m
 
     def _unused_dead_entry(self) -> int:
@@ -384,7 +393,7 @@ class SlotPool:
             if w[mb + L.M_RQ_HEAD] != w[mb + L.M_RQ_TAIL] or w[mb + L.M_RQ_LOST]:
                 # Frees are counted in the same lock hold as the allocation below;
                 # one returned slot is reused at once when nobody else waits for slots.
-                reuse = count == 1 and not w[L.W_RETURN_WAITING]
+                reuse = count == 1 and not self._waiters()
                 freed, corrupt = self._collect_locked(defer_count=True, reuse=reuse)
                 if self._reused >= 0:
                     got = [self._reused]
@@ -419,8 +428,9 @@ class SlotPool:
         if got is not None:
             return got
         ready = lambda: self._may_allocate(count)  # noqa: E731
+        bell = self._bell  # (try_allocate made the member entry)
         while True:
-            ok = wait_until(ready, self._bell, deadline)
+            ok = wait_until(ready, bell, deadline)
             if ok:
                 got = self.try_allocate(count)
                 if got is not None:
@@ -429,6 +439,9 @@ class SlotPool:
                 raise Full(f"slot pool {self.name!r} has no {count} free slot(s): all are in flight")
 
     def _may_allocate(self, count: int) -> bool:
+        """Whether try_allocate may succeed now: slots are free, some came
+        back to this source, or the janitor is due (slots of processes that
+        died or closed come back only through it)."""
         w = self._w
         if w[L.W_FREE_COUNT] >= count:
             return True
@@ -437,7 +450,7 @@ class SlotPool:
             mb = self._members + m * L.MEMBER_WORDS
             if w[mb + L.M_RQ_TAIL] != w[mb + L.M_RQ_HEAD] or w[mb + L.M_RQ_LOST]:
                 return True
-        return False
+        return _monotonic() >= self._next_reclaim
 
     def _take_locked(self, count: int, m: int) -> Optional[List[int]]:
         w = self._w
@@ -804,8 +817,7 @@ class SlotPool:
                 self._pending_frees = 0
             finally:
                 self._lock.release()
-            if self._w[L.W_RETURN_WAITING]:
-                self._bell.ring()
+            self._wake_waiters(False)  # (after the lock's release: a fence)
 
     def _free_slots_locked(
         self, indices: List[int], counter: str = "frees", have_lock: bool = False, defer_count: bool = False
@@ -823,9 +835,8 @@ class SlotPool:
             self._apply_frees(len(indices), counter)
         finally:
             if not have_lock:
-                self._lock.release()
-        if w[L.W_RETURN_WAITING]:
-            self._bell.ring()
+                self._lock.release()  # (a fence before the flag's load)
+        self._wake_waiters(have_lock)
 
     def _reclaim_locked(self, now: float, own: Optional[List[int]] = None) -> int:
         """The janitor.  (tlock held)  Returns slots freed for dead sources;
@@ -911,6 +922,7 @@ class SlotPool:
             w[L.W_POOL_COUNTERS] += reused
             w[L.W_POOL_COUNTERS + 1] += reused
             w[mb + L.M_REUSES] = 0
+        w[mb + _M_WAITING] = 0
         w[mb + L.M_STATE] = L.MEMBER_FREE
         w[mb + L.M_PID] = 0
 
@@ -1062,9 +1074,40 @@ class SlotPool:
             notes.clear()
         finally:
             if not have_lock:
-                self._lock.release()
-        if w[L.W_RETURN_WAITING]:
-            self._bell.ring()
+                self._lock.release()  # (a fence before the flag's load)
+        self._wake_waiters(have_lock)
+
+    def _waiters(self) -> int:
+        """How many live members wait in allocate() now."""
+        w = self._w
+        high = w[L.W_MEMBERS_HIGH]
+        if high > self.max_members:
+            high = self.max_members
+        mb = self._members
+        n = 0
+        for m in range(high):
+            if w[mb + _M_WAITING] and w[mb + L.M_STATE] == _LIVE:
+                n += 1
+            mb += L.MEMBER_WORDS
+        return n
+
+    def _wake_waiters(self, fence: bool) -> None:
+        """Wake every source waiting for a slot: a free slot serves any of
+        them, a return only the one it was pushed to, and the semaphore
+        cannot tell them apart.  ``fence``: no lock release came since the
+        store that freed or returned (it must be visible before the flags'
+        loads)."""
+        if fence:
+            full_fence()
+        n = self._waiters()
+        if n:
+            # Tokens already posted wake sleepers as well; posting only up to
+            # one per waiter also bounds the semaphore when a waiter died
+            # with its flag up (until the janitor retires its entry).
+            sem = self._bell_sem
+            n -= sem.value
+            for _ in range(n):
+                sem.release()
 
     def holding(self, index: int) -> int:
         """How many holds this process has on slot ``index`` now."""

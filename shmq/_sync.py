@@ -16,10 +16,12 @@ RobustLock
 
 Doorbell
     A semaphore that is only a wake-up hint, never the source of truth: the
-    condition lives in the segment.  A waiter raises a flag word and sleeps in
-    slices; a poster that sees the flag clears it and posts.  x86 may reorder
-    "publish index, read flag" against "set flag, re-check index"; a wake-up
-    lost that way costs one slice, never a hang.
+    condition lives in the segment.  A waiter counts itself in a flag word
+    and sleeps in slices; a poster that sees a count takes one and posts.
+    x86 may reorder "publish index, read flag" against "raise flag, re-check
+    index": the waiter fences between its two steps, and a poster must too
+    (publishing under a lock whose release -- a semaphore post, a locked
+    instruction -- comes before it reads the flag does; else full_fence()).
 
 wait_until, deadline_for, deadline_for_mp, remaining
     The one waiting loop (spin, then sleep on a Doorbell) and the deadline
@@ -44,6 +46,7 @@ from . import _platform as P
 __all__ = (
     "RobustLock",
     "Doorbell",
+    "OwnFlagBell",
     "lock_words",
     "SLICE_SECONDS",
     "STALE_SECONDS",
@@ -202,13 +205,31 @@ def full_fence() -> None:
     _fence_release()
 
 
+#: longest an OwnFlagBell waiter waits for another to take a post it passed on
+_PASS_ON_SECONDS = 0.001
+#: most posts one ring_all makes (a corrupt flag word must not loop for long)
+_RING_ALL_MAX = 1024
+
+
 class Doorbell:
     """Sleep until a peer signals, in bounded slices.
 
-    ``spin_budget`` is this process's adaptive spin for waits on this bell
-    (see :func:`wait_until`)."""
+    The flag word counts the waiters about to sleep: each :meth:`announce`
+    adds one, each :meth:`ring` takes one and posts once, :meth:`ring_all`
+    posts once per waiter.  With several waiters on one bell (workers on one
+    queue, producers waiting for slots), each hand-off thus wakes a sleeper,
+    where a plain flag would be cleared by the first ring and leave the
+    others to their slices.  The count is kept with plain loads and stores
+    (no compare-and-swap): two updates at the same instant may lose one.  A
+    lost decrement costs a spare post (a sleeper wakes once, re-checks and
+    sleeps again); a lost increment a sleeper that waits for its slice.
+
+    ``spin_budget`` and ``skipped`` are this process's adaptive spin state
+    for waits on this bell (see :func:`wait_until`)."""
 
     __slots__ = ("_sem", "_words", "_w_flag", "spin_budget", "skipped")
+    #: a ring takes the waiter's count (see OwnFlagBell for the other kind)
+    ring_takes_count = True
 
     def __init__(self, sem, words, w_flag: int) -> None:
         self._sem = sem
@@ -219,10 +240,22 @@ class Doorbell:
 
     def announce(self) -> None:
         """Say a waiter is about to sleep; re-check the condition after this
-        (the fence makes the flag visible before the re-check reads)."""
-        self._words[self._w_flag] = 1
+        (the fence makes the count visible before the re-check reads), and
+        :meth:`withdraw` if it leaves without being rung."""
+        w = self._words
+        f = self._w_flag
+        n = w[f]
+        w[f] = n + 1 if n >= 0 else 1
         _fence_acquire()
         _fence_release()
+
+    def withdraw(self) -> None:
+        """Take back an :meth:`announce` that no ring answered."""
+        w = self._words
+        f = self._w_flag
+        n = w[f]
+        if n > 0:
+            w[f] = n - 1
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds`` or until rung.  True if rung.  Signals are
@@ -238,8 +271,70 @@ class Doorbell:
 
     def ring(self) -> None:
         """Wake one sleeper (callers check the flag word first)."""
-        self._words[self._w_flag] = 0
+        w = self._words
+        f = self._w_flag
+        n = w[f]
+        w[f] = n - 1 if n > 0 else 0
         self._sem.release()
+
+    def post(self, count: int) -> None:
+        """Post the semaphore ``count`` times (at most _RING_ALL_MAX), for
+        posters that count the sleepers themselves."""
+        release = self._sem.release
+        for _ in range(count if count < _RING_ALL_MAX else _RING_ALL_MAX):
+            release()
+
+    def ring_all(self) -> None:
+        """Wake every announced sleeper (callers check the flag word first):
+        for a condition only some of the waiters can use."""
+        w = self._words
+        f = self._w_flag
+        n = w[f]
+        w[f] = 0
+        n = 1 if n < 1 else (n if n < _RING_ALL_MAX else _RING_ALL_MAX)
+        release = self._sem.release
+        for _ in range(n):
+            release()
+
+
+class OwnFlagBell(Doorbell):
+    """A Doorbell whose flag word belongs to one waiter (0/1, written only by
+    it): a poster finds the sleepers by scanning every waiter's word and
+    posts once for each (:meth:`post`).  For bells whose posters must wake a
+    particular waiter, which a shared count cannot name (the slot pool: a
+    returned slot serves only its source).  The flag stays up while the
+    waiter is inside :func:`wait_until`, rung or not."""
+
+    __slots__ = ("_others_waiting",)
+    ring_takes_count = False
+
+    def __init__(self, sem, words, w_flag: int, others_waiting: Callable[[], bool]) -> None:
+        """``others_waiting()``: whether a waiter other than this one has its
+        flag up now."""
+        super().__init__(sem, words, w_flag)
+        self._others_waiting = others_waiting
+
+    def announce(self) -> None:
+        self._words[self._w_flag] = 1
+        _fence_acquire()
+        _fence_release()
+
+    def withdraw(self) -> None:
+        self._words[self._w_flag] = 0
+
+    def pass_on(self) -> None:
+        """We took a post meant for another waiter (we woke, and our condition
+        is still false): post it again, and let that waiter take it before
+        we sleep again (else we could take it back at once, and the waiter
+        it was for would sleep until its slice ends).  Waits at most
+        _PASS_ON_SECONDS, yielding the CPU, in case that waiter is gone."""
+        if not self._others_waiting():
+            return
+        sem = self._sem
+        sem.release()
+        end = _monotonic() + _PASS_ON_SECONDS
+        while sem.value > 0 and _monotonic() < end:
+            _sched_yield()
 
 
 # -- deadlines --------------------------------------------------------------
@@ -326,23 +421,31 @@ def wait_until(
             if _ADAPT:
                 budget /= 2
                 bell.spin_budget = budget if budget >= _SPIN_FLOOR else 0.0
+    announced = False
     while True:
         if deadline is None:
             wait = SLICE_SECONDS
         else:
             wait = deadline - now
             if wait <= 0:
+                if announced:
+                    bell.withdraw()
                 return ready()
             if wait > SLICE_SECONDS:
                 wait = SLICE_SECONDS
-        bell.announce()
-        if ready():
-            return True
-        if bell.sleep(wait):
-            # The poster cleared the flag: raise it again for any other
-            # sleeper on this bell (a second poster then rings for it; at
-            # worst a spare ring wakes the next sleeper once, which re-checks).
+        if not announced:
             bell.announce()
+            announced = True
+            if ready():
+                bell.withdraw()
+                return True
+        rung = bell.sleep(wait)
+        if rung and bell.ring_takes_count:
+            announced = False  # the ring took our count
         if ready():
+            if announced:
+                bell.withdraw()
             return True
+        if rung and not bell.ring_takes_count:
+            bell.pass_on()
         now = _monotonic()
