@@ -511,3 +511,10 @@ def test_hand_offs_through_a_full_pool_never_wait_for_a_slice(ctx, sources):
         join_all(procs)
         p.close()
         p.unlink()
+
+
+def test_allocate_refuses_nan_and_negative_timeouts(pool):
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError):
+            pool.allocate(1, timeout=bad)
+    assert pool.free_count() == 4
