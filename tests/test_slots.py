@@ -518,3 +518,35 @@ def test_allocate_refuses_nan_and_negative_timeouts(pool):
         with pytest.raises(ValueError):
             pool.allocate(1, timeout=bad)
     assert pool.free_count() == 4
+
+
+# -- warm reuse ----------------------------------------------------------------
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("via", ["collect", "allocate"])
+def test_a_steady_stream_reuses_as_few_slots_as_its_depth(depth, via):
+    """LIFO reuse: a stream that keeps ``depth`` slots in flight touches
+    ``depth`` slots of an 8-slot pool (round-robin reuse walks all 8: cold
+    memory, page faults).  The source either collects returns itself or
+    lets allocate() do it."""
+    p = SlotPool.create(4096, 8, name=unique_name("lifo"))
+    try:
+        held = []
+        touched = set()
+        for k in range(64):
+            if len(held) == depth:
+                i, gen, view = held.pop(0)
+                view.release()
+                p.release(i, gen)
+                if via == "collect":
+                    p.collect()
+            (i,) = p.allocate(1, timeout=5)
+            touched.add(i)
+            (gen,) = p.mark_sent([i], [8])
+            held.append((i, gen, p.acquire(i, gen)))
+        assert len(touched) == depth, sorted(touched)
+        for i, gen, view in held:
+            view.release()
+            p.release(i, gen)
+    finally:
+        p.close()
+        p.unlink()
