@@ -57,7 +57,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
+from ._errors import BrokenError, ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
 from ._segment import Segment
 from ._sync import OwnFlagBell, RobustLock, deadline_for, full_fence, wait_until
 
@@ -208,8 +208,7 @@ class SlotPool:
         self._holdw = w[L.W_HOLD_TABLE] >> 3
         self._rqw = w[L.W_RETURN_QUEUES] >> 3
         self._data = w[L.W_SLOT_DATA]
-        if n <= 0 or self._q <= 0 or self._data + n * self._stride > segment.size:
-            raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
+        self._check_geometry(segment.size)
         create = segment.is_creator
         self._lock = RobustLock(P.semaphore(self.name + "-rl", create, lock=True), segment, L.W_POOL_LOCK)
         self._bell_sem = P.semaphore(self.name + "-rb", create)
@@ -220,6 +219,34 @@ class SlotPool:
         self._closing = False
         self._closed = False
         _open_pools.add(self)
+
+    def _check_geometry(self, size: int) -> None:
+        """Every creator-written word must be what create() computes from
+        SLOT_SIZE, SLOT_COUNT and MAX_MEMBERS, within the segment: the
+        handle indexes its tables with them from now on."""
+        w = self._w
+        n, members, slot_size = self.slot_count, self.max_members, self.slot_size
+        ok = 1 <= slot_size <= 1 << 40 and 1 <= n <= L.MAX_SLOT_COUNT and 1 <= members <= L.MAX_POOL_MEMBERS
+        if ok:
+            geo = L.pool_geometry(slot_size, n, members)
+            ok = geo["size"] <= size and (
+                self._q, self._stride, self._slots << 3, self._members << 3, self._holdw << 3, self._rqw << 3,
+                self._data,
+            ) == (
+                geo["rq_capacity"], geo["stride"], geo["slot_table"], geo["member_table"], geo["hold_table"],
+                geo["return_queues"], geo["data"],
+            ) and (w[L.W_SLOT_TABLE] | w[L.W_MEMBER_TABLE] | w[L.W_HOLD_TABLE] | w[L.W_RETURN_QUEUES]) & 7 == 0
+        if not ok:
+            raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {size}")
+
+    def _high(self) -> int:
+        """1 + the highest member entry in use (MEMBERS_HIGH), checked."""
+        high = self._w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            raise BrokenError(
+                f"slot pool {self.name!r} is corrupt: MEMBERS_HIGH is {high}, not within 0..{self.max_members}"
+            )
+        return high
 
     def _init_local(self) -> None:
         self._tlock = threading.Lock()
@@ -523,7 +550,7 @@ class SlotPool:
             for i in got:
                 s = base + i * L.SLOT_WORDS
                 gen = w[s + L.S_GEN] + 1
-                if gen > _MAX_GEN:
+                if not 0 < gen <= _MAX_GEN:
                     gen = 1
                 w[s + L.S_GEN] = gen
                 w[s + L.S_OWNER] = m + 1
@@ -700,6 +727,13 @@ class SlotPool:
         if head == tail and not lost:
             return [], []
         corrupt: List[int] = []
+        if not 0 < tail - head <= self._q:
+            if head != tail:
+                # Not a queue any more: skip what it claims to hold and
+                # re-check every slot this member sent (as for lost notices).
+                corrupt.append(tail - head)
+                w[mb + L.M_RQ_HEAD] = head = tail
+            lost = 1
         cands: Dict[int, None] = {}  # ordered, and each slot once (a broadcast returns it several times)
         if head != tail:
             q = self._rqw + m * self._q
@@ -751,7 +785,7 @@ class SlotPool:
         w = self._w
         s = self._clear_slot(i)
         gen = w[s + L.S_GEN] + 1
-        if gen > _MAX_GEN:
+        if not 0 < gen <= _MAX_GEN:
             gen = 1
         w[s + L.S_GEN] = gen
         w[s + L.S_STATE] = _LOANED
@@ -790,7 +824,7 @@ class SlotPool:
         hw = self._holdw + i
         mt = self._members + L.M_STATE
         acquired = 0
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             v = w[hw + m * n]
             if v:
                 a = v >> 32
@@ -811,7 +845,7 @@ class SlotPool:
             self._orphan_seen.pop(i, None)
             return False
         n = self.slot_count
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             v = w[self._holdw + m * n + i]
             if (v & _MASK) < (v >> 32) and w[self._members + m * L.MEMBER_WORDS + L.M_STATE] != _DEAD:
                 self._orphan_seen.pop(i, None)
@@ -834,7 +868,7 @@ class SlotPool:
         w = self._w
         n = self.slot_count
         hw = self._holdw + i
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             if w[hw + m * n]:
                 w[hw + m * n] = 0
         s = self._slots + i * L.SLOT_WORDS
@@ -889,7 +923,7 @@ class SlotPool:
         w = self._w
         me = self._member
         dead = []
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             mb = self._members + m * L.MEMBER_WORDS
             pid = w[mb + L.M_PID]
             if not pid or m == me:
@@ -1004,9 +1038,14 @@ class SlotPool:
                     f"{self.name!r} is not in flight (it is {L.SLOT_STATE_NAMES.get(w[s + L.S_STATE], '?')}, "
                     f"generation {w[s + L.S_GEN]})"
                 )
+            nbytes = w[s + L.S_NBYTES]
+            if not 0 <= nbytes <= self.slot_size:
+                raise BrokenError(
+                    f"slot pool {self.name!r} is corrupt: slot {index} claims {nbytes} bytes "
+                    f"(slots hold {self.slot_size})"
+                )
             w[self._holdw + m * self.slot_count + index] += _ACQ
             self._holds += 1
-            nbytes = w[s + L.S_NBYTES]
             if self._deferred:
                 self._drain_deferred_locked()
         off = self._data + index * self._stride
@@ -1124,9 +1163,7 @@ class SlotPool:
     def _waiters(self) -> int:
         """How many live members wait in allocate() now."""
         w = self._w
-        high = w[L.W_MEMBERS_HIGH]
-        if high > self.max_members:
-            high = self.max_members
+        high = self._high()
         mb = self._members
         n = 0
         for m in range(high):
@@ -1179,7 +1216,7 @@ class SlotPool:
         owner = w[s + L.S_OWNER] - 1
         pid = w[self._members + owner * L.MEMBER_WORDS + L.M_PID] if state and 0 <= owner < self.max_members else 0
         holders = []
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             v = w[self._holdw + m * self.slot_count + index]
             held = (v >> 32) - (v & _MASK)
             if held > 0:
@@ -1266,13 +1303,20 @@ def _statistics(name: str, w: memoryview) -> SlotPoolStatistics:
     count = w[L.W_SLOT_COUNT]
     slots = w[L.W_SLOT_TABLE] >> 3
     members = w[L.W_MEMBER_TABLE] >> 3
+    high = min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])
+    size = len(w)
+    if not (
+        0 <= count <= L.MAX_SLOT_COUNT and 0 < slots and slots + count * L.SLOT_WORDS <= size
+        and 0 <= high and 0 < members and members + high * L.MEMBER_WORDS <= size
+    ):
+        raise LayoutError(f"{name!r}: slot pool header is inconsistent with its size {size * L.WORD}")
     states = {_FREE: 0, _LOANED: 0, _SENT: 0}
     for i in range(count):
         st = w[slots + i * L.SLOT_WORDS + L.S_STATE]
         states[st] = states.get(st, 0) + 1
     alive = []
     reused = 0
-    for m in range(min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])):
+    for m in range(high):
         mb = members + m * L.MEMBER_WORDS
         pid = w[mb + L.M_PID]
         if pid:
