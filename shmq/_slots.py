@@ -84,7 +84,8 @@ _ACQ = L.HOLD_ACQUIRE
 _FREE, _LOANED, _SENT = L.SLOT_FREE, L.SLOT_LOANED, L.SLOT_SENT
 _LIVE, _DEAD = L.MEMBER_LIVE, L.MEMBER_DEAD
 #: word 7 of a member record (unused by _layout so far): 1 while the member
-#: waits in allocate() for a slot; written only by that member
+#: waits in allocate() for a slot; written only by that member.  RETURN_WAITING
+#: is the hint "some member's flag may be up" (see _sync.OwnFlagBell)
 _M_WAITING = 7
 _monotonic = time.monotonic
 _NONE: List[int] = []  # shared empty result: never appended to
@@ -398,7 +399,8 @@ class SlotPool:
         self._member = m
         me = weakref.ref(self)  # (no cycle: the bell lives in the pool)
         self._bell = OwnFlagBell(
-            self._bell_sem, w, mb + _M_WAITING, lambda: (pool := me()) is not None and pool._waiters() > 1
+            self._bell_sem, w, mb + _M_WAITING, L.W_RETURN_WAITING,
+            lambda: 0 if (pool := me()) is None else pool._waiters(),
         )
         return m
 
@@ -448,7 +450,7 @@ class SlotPool:
             if w[mb + L.M_RQ_HEAD] != w[mb + L.M_RQ_TAIL] or w[mb + L.M_RQ_LOST]:
                 # Frees are counted in the same lock hold as the allocation below;
                 # one returned slot is reused at once when nobody else waits for slots.
-                reuse = count == 1 and not self._waiters()
+                reuse = count == 1 and not w[L.W_RETURN_WAITING]
                 freed, corrupt = self._collect_locked(defer_count=True, reuse=reuse)
                 if self._reused >= 0:
                     got = [self._reused]
@@ -824,7 +826,10 @@ class SlotPool:
         hw = self._holdw + i
         mt = self._members + L.M_STATE
         acquired = 0
-        for m in range(self._high()):
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
+        for m in range(high):
             v = w[hw + m * n]
             if v:
                 a = v >> 32
@@ -868,7 +873,10 @@ class SlotPool:
         w = self._w
         n = self.slot_count
         hw = self._holdw + i
-        for m in range(self._high()):
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
+        for m in range(high):
             if w[hw + m * n]:
                 w[hw + m * n] = 0
         s = self._slots + i * L.SLOT_WORDS
@@ -1163,10 +1171,12 @@ class SlotPool:
     def _waiters(self) -> int:
         """How many live members wait in allocate() now."""
         w = self._w
-        high = self._high()
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
         mb = self._members
         n = 0
-        for m in range(high):
+        for _ in range(high):
             if w[mb + _M_WAITING] and w[mb + L.M_STATE] == _LIVE:
                 n += 1
             mb += L.MEMBER_WORDS
@@ -1180,6 +1190,8 @@ class SlotPool:
         loads)."""
         if fence:
             full_fence()
+        if not self._w[L.W_RETURN_WAITING]:
+            return
         n = self._waiters()
         if n:
             # Tokens already posted wake sleepers as well; posting only up to

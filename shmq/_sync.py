@@ -303,24 +303,39 @@ class OwnFlagBell(Doorbell):
     posts once for each (:meth:`post`).  For bells whose posters must wake a
     particular waiter, which a shared count cannot name (the slot pool: a
     returned slot serves only its source).  The flag stays up while the
-    waiter is inside :func:`wait_until`, rung or not."""
+    waiter is inside :func:`wait_until`, rung or not.
 
-    __slots__ = ("_others_waiting",)
+    A shared hint word (``w_hint``) spares posters the scan while nobody
+    waits: a waiter raises it after its own flag, and the last waiter to
+    leave lowers it -- then fences and scans, and raises it again if
+    another flag is up (a waiter that raised its flag after the scan raises
+    the hint after the lowering: both orders end with the hint up)."""
+
+    __slots__ = ("_count_waiters", "_w_hint")
     ring_takes_count = False
 
-    def __init__(self, sem, words, w_flag: int, others_waiting: Callable[[], bool]) -> None:
-        """``others_waiting()``: whether a waiter other than this one has its
-        flag up now."""
+    def __init__(self, sem, words, w_flag: int, w_hint: int, count_waiters: Callable[[], int]) -> None:
+        """``count_waiters()``: how many waiters have their flag up now."""
         super().__init__(sem, words, w_flag)
-        self._others_waiting = others_waiting
+        self._w_hint = w_hint
+        self._count_waiters = count_waiters
 
     def announce(self) -> None:
-        self._words[self._w_flag] = 1
+        w = self._words
+        w[self._w_flag] = 1
+        w[self._w_hint] = 1
         _fence_acquire()
         _fence_release()
 
     def withdraw(self) -> None:
-        self._words[self._w_flag] = 0
+        w = self._words
+        w[self._w_flag] = 0
+        if w[self._w_hint]:
+            w[self._w_hint] = 0
+            _fence_acquire()
+            _fence_release()
+            if self._count_waiters():
+                w[self._w_hint] = 1
 
     def pass_on(self) -> None:
         """We took a post meant for another waiter (we woke, and our condition
@@ -328,7 +343,7 @@ class OwnFlagBell(Doorbell):
         we sleep again (else we could take it back at once, and the waiter
         it was for would sleep until its slice ends).  Waits at most
         _PASS_ON_SECONDS, yielding the CPU, in case that waiter is gone."""
-        if not self._others_waiting():
+        if self._count_waiters() <= 1:
             return
         sem = self._sem
         sem.release()
