@@ -36,7 +36,6 @@ wait ends.
 from __future__ import annotations
 
 import _thread
-import math
 import os
 import time
 from typing import Callable, Optional, Tuple
