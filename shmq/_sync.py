@@ -177,10 +177,23 @@ class RobustLock:
 # The wait loop's knobs (measured in docs/waiting.md).
 #: ready() polls between two looks at the clock (about 1-2 us)
 _POLLS = 16
-#: a budget halved below this becomes 0: no spin (seconds); probes spin this long
+#: a budget halved below this becomes 0: no spin (seconds)
 _SPIN_FLOOR = 4e-6
-#: with a budget of 0, every this-many-th wait probes with a short spin
-_PROBE_EVERY = 8
+#: with a budget of 0, every this-many-th wait probes with a spin of
+#: _PROBE_SECONDS.  The probe must outlast a sleeping partner's wake-up
+#: (tens of microseconds): when both sides of a cross-core exchange have
+#: stopped spinning, each answer includes a wake-up, and a short probe
+#: would never see one.  On one core a probe costs its whole length, so
+#: they are rare: 1/16 of the waits, ~6 us a hand-off on average.
+_PROBE_EVERY = 16
+_PROBE_SECONDS = 100e-6
+#: ... and only after _PROBE_AFTER_LONG sleeping waits in a row (probes not
+#: counted) took longer than _LONG_WAIT: a partner on our CPU answers
+#: within microseconds once we sleep (it runs as soon as we stop), one on
+#: another CPU that sleeps as well needs a wake-up, tens of microseconds --
+#: what a probe can win back.
+_LONG_WAIT = 20e-6
+_PROBE_AFTER_LONG = 3
 #: adapt the spin budget (off: always spin the whole budget; for measuring)
 _ADAPT = True
 #: yield the CPU between poll batches (measured, not used: docs/waiting.md)
@@ -223,10 +236,10 @@ class Doorbell:
     lost decrement costs a spare post (a sleeper wakes once, re-checks and
     sleeps again); a lost increment a sleeper that waits for its slice.
 
-    ``spin_budget`` and ``skipped`` are this process's adaptive spin state
+    ``spin_budget``, ``skipped`` and ``long_waits`` are this process's adaptive spin state
     for waits on this bell (see :func:`wait_until`)."""
 
-    __slots__ = ("_sem", "_words", "_w_flag", "spin_budget", "skipped")
+    __slots__ = ("_sem", "_words", "_w_flag", "spin_budget", "skipped", "long_waits")
     #: a ring takes the waiter's count (see OwnFlagBell for the other kind)
     ring_takes_count = True
 
@@ -236,6 +249,7 @@ class Doorbell:
         self._w_flag = w_flag
         self.spin_budget = SPIN_SECONDS
         self.skipped = 0
+        self.long_waits = 0  # sleeping waits in a row that took longer than _LONG_WAIT
 
     def announce(self) -> None:
         """Say a waiter is about to sleep; re-check the condition after this
@@ -403,10 +417,11 @@ def wait_until(
     handler runs).  The spin adapts per bell and process: each spin that
     fails halves the next one, down to none at all (a partner on the same
     CPU cannot run while we spin), one that succeeds restores it, and
-    while it is none every _PROBE_EVERY-th wait tries a short one."""
+    while it is none every _PROBE_EVERY-th wait tries a full one."""
     if ready():
         return True
-    now = _monotonic()
+    now = start = _monotonic()
+    probing = False
     if spin > 0:
         budget = bell.spin_budget
         if budget <= 0.0:
@@ -414,9 +429,10 @@ def wait_until(
             # CPU, or is idle): sleep at once, but probe now and then in case
             # it moved to another CPU.
             bell.skipped += 1
-            if bell.skipped >= _PROBE_EVERY:
+            if bell.skipped >= _PROBE_EVERY and bell.long_waits >= _PROBE_AFTER_LONG:
                 bell.skipped = 0
-                budget = _SPIN_FLOOR
+                budget = _PROBE_SECONDS
+                probing = True
         if budget > 0.0:
             if spin > budget:
                 spin = budget
@@ -426,13 +442,13 @@ def wait_until(
             while now < end_spin:
                 for _ in range(_POLLS):
                     if ready():
-                        if budget < SPIN_SECONDS:  # the partner runs elsewhere after all
+                        if bell.spin_budget < SPIN_SECONDS:  # the partner runs elsewhere after all
                             bell.spin_budget = SPIN_SECONDS
                         return True
                 if _YIELD_IN_SPIN:
                     _sched_yield()
                 now = _monotonic()
-            if _ADAPT:
+            if _ADAPT and not probing:  # (a failed probe leaves the budget at 0)
                 budget /= 2
                 bell.spin_budget = budget if budget >= _SPIN_FLOOR else 0.0
     announced = False
@@ -459,6 +475,11 @@ def wait_until(
         if ready():
             if announced:
                 bell.withdraw()
+            if not probing:  # (a probe's wait says nothing about the partner)
+                if _monotonic() - start > _LONG_WAIT:
+                    bell.long_waits += 1
+                else:
+                    bell.long_waits = 0
             return True
         if rung and not bell.ring_takes_count:
             bell.pass_on()
