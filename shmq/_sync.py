@@ -290,13 +290,6 @@ class Doorbell:
         w[f] = n - 1 if n > 0 else 0
         self._sem.release()
 
-    def post(self, count: int) -> None:
-        """Post the semaphore ``count`` times (at most _RING_ALL_MAX), for
-        posters that count the sleepers themselves."""
-        release = self._sem.release
-        for _ in range(count if count < _RING_ALL_MAX else _RING_ALL_MAX):
-            release()
-
     def ring_all(self) -> None:
         """Wake every announced sleeper (callers check the flag word first):
         for a condition only some of the waiters can use."""
@@ -313,7 +306,7 @@ class Doorbell:
 class OwnFlagBell(Doorbell):
     """A Doorbell whose flag word belongs to one waiter (0/1, written only by
     it): a poster finds the sleepers by scanning every waiter's word and
-    posts once for each (:meth:`post`).  For bells whose posters must wake a
+    posts the semaphore once for each.  For bells whose posters must wake a
     particular waiter, which a shared count cannot name (the slot pool: a
     returned slot serves only its source).  The flag stays up while the
     waiter is inside :func:`wait_until`, rung or not.

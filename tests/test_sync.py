@@ -433,10 +433,11 @@ def test_doorbell_sleep_times_out_without_a_ring(lockseg):
         o.close()
 
 
-def test_doorbell_counts_its_sleepers_so_each_ring_wakes_one(lockseg):
+@pytest.mark.parametrize("how", ["ring twice", "ring_all"])
+def test_doorbell_counts_its_sleepers_so_each_ring_wakes_one(lockseg, how):
     """Two sleepers on one bell: the flag word counts them, and two rings in
     a row wake both (a flag the first ring cleared would leave the second
-    sleeper to its slice)."""
+    sleeper to its slice); ring_all wakes every one at once."""
     pairs = [CTX.Pipe() for _ in range(2)]
     procs = [CTX.Process(target=_sleeper, args=(lockseg.name, there, 30.0)) for _, there in pairs]
     for p in procs:
@@ -447,10 +448,14 @@ def test_doorbell_counts_its_sleepers_so_each_ring_wakes_one(lockseg):
         assert lockseg.words[W_FLAG] == 2
         o = Opened(lockseg.name)
         try:
-            for left in (1, 0):
-                assert o.words[W_FLAG]  # what a poster checks before ringing
-                o.bell.ring()
-                assert o.words[W_FLAG] == left
+            if how == "ring_all":
+                o.bell.ring_all()
+                assert o.words[W_FLAG] == 0
+            else:
+                for left in (1, 0):
+                    assert o.words[W_FLAG]  # what a poster checks before ringing
+                    o.bell.ring()
+                    assert o.words[W_FLAG] == left
         finally:
             o.close()
         for here, _ in pairs:
