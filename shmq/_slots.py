@@ -45,7 +45,9 @@ dead (its receiver died between reading and decoding).
 """
 from __future__ import annotations
 
+import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -55,9 +57,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
+from ._errors import BrokenError, ClosedError, Full, LayoutError, MessageTooLarge, ShmqError, SlotError
 from ._segment import Segment
-from ._sync import SLICE_SECONDS, Doorbell, RobustLock
+from ._sync import OwnFlagBell, RobustLock, deadline_for, full_fence, wait_until
 
 __all__ = (
     "SlotPool",
@@ -75,15 +77,40 @@ RECLAIM_INTERVAL = 0.1
 #: default SlotPool.orphan_seconds: a slot whose message left the linked ring this
 #: long ago, never acquired, is freed once a consumer of the ring was found dead
 ORPHAN_SECONDS = 5.0
-SPIN_SECONDS = 100e-6
 
 _MAX_GEN = (1 << 31) - 1
 _MASK = L.HOLD_RELEASED_MASK
 _ACQ = L.HOLD_ACQUIRE
 _FREE, _LOANED, _SENT = L.SLOT_FREE, L.SLOT_LOANED, L.SLOT_SENT
 _LIVE, _DEAD = L.MEMBER_LIVE, L.MEMBER_DEAD
+#: word 7 of a member record (unused by _layout so far): 1 while the member
+#: waits in allocate() for a slot; written only by that member.  RETURN_WAITING
+#: is the hint "some member's flag may be up" (see _sync.OwnFlagBell)
+_M_WAITING = 7
 _monotonic = time.monotonic
 _NONE: List[int] = []  # shared empty result: never appended to
+
+#: madvise advice: MADV_POPULATE_WRITE (Linux 5.14+; the raw value where
+#: Python does not name it)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+#: slots a new pool pre-faults at creation: what a stream of depth 1 or 2
+#: touches, as slots are reused most recently freed first
+PREFAULT_SLOTS = 2
+_POPULATE_OK = sys.platform.startswith("linux")
+
+
+def _populate(segment: Segment, offset: int, length: int) -> None:
+    """Pre-fault ``length`` bytes of ``segment`` from ``offset`` (page
+    aligned) for writing; nothing where the kernel refuses (before 5.14)."""
+    global _POPULATE_OK
+    mm = getattr(segment, "_mmap", None)
+    if mm is None or not _POPULATE_OK:
+        return
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE, offset, length)
+    except (OSError, ValueError):
+        _POPULATE_OK = False  # refused here: do not ask again
+
 
 # Open pools, so a forked child starts with a clean per-process state.
 _open_pools: "weakref.WeakSet[SlotPool]" = weakref.WeakSet()
@@ -182,11 +209,10 @@ class SlotPool:
         self._holdw = w[L.W_HOLD_TABLE] >> 3
         self._rqw = w[L.W_RETURN_QUEUES] >> 3
         self._data = w[L.W_SLOT_DATA]
-        if n <= 0 or self._q <= 0 or self._data + n * self._stride > segment.size:
-            raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {segment.size}")
+        self._check_geometry(segment.size)
         create = segment.is_creator
         self._lock = RobustLock(P.semaphore(self.name + "-rl", create, lock=True), segment, L.W_POOL_LOCK)
-        self._bell = Doorbell(P.semaphore(self.name + "-rb", create), w, L.W_RETURN_WAITING)
+        self._bell_sem = P.semaphore(self.name + "-rb", create)
         self.on_return: Optional[Callable[[int], object]] = None
         self.fence = None
         self.orphan_seconds = ORPHAN_SECONDS
@@ -195,11 +221,40 @@ class SlotPool:
         self._closed = False
         _open_pools.add(self)
 
+    def _check_geometry(self, size: int) -> None:
+        """Every creator-written word must be what create() computes from
+        SLOT_SIZE, SLOT_COUNT and MAX_MEMBERS, within the segment: the
+        handle indexes its tables with them from now on."""
+        w = self._w
+        n, members, slot_size = self.slot_count, self.max_members, self.slot_size
+        ok = 1 <= slot_size <= 1 << 40 and 1 <= n <= L.MAX_SLOT_COUNT and 1 <= members <= L.MAX_POOL_MEMBERS
+        if ok:
+            geo = L.pool_geometry(slot_size, n, members)
+            ok = geo["size"] <= size and (
+                self._q, self._stride, self._slots << 3, self._members << 3, self._holdw << 3, self._rqw << 3,
+                self._data,
+            ) == (
+                geo["rq_capacity"], geo["stride"], geo["slot_table"], geo["member_table"], geo["hold_table"],
+                geo["return_queues"], geo["data"],
+            ) and (w[L.W_SLOT_TABLE] | w[L.W_MEMBER_TABLE] | w[L.W_HOLD_TABLE] | w[L.W_RETURN_QUEUES]) & 7 == 0
+        if not ok:
+            raise LayoutError(f"{self.name!r}: slot pool header is inconsistent with its size {size}")
+
+    def _high(self) -> int:
+        """1 + the highest member entry in use (MEMBERS_HIGH), checked."""
+        high = self._w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            raise BrokenError(
+                f"slot pool {self.name!r} is corrupt: MEMBERS_HIGH is {high}, not within 0..{self.max_members}"
+            )
+        return high
+
     def _init_local(self) -> None:
         self._tlock = threading.Lock()
         self._pid = os.getpid()
         self._epoch = getattr(self, "_epoch", 0) + 1
         self._member = -1
+        self._bell: Optional[OwnFlagBell] = None  # made with the member entry
         self._holds = 0  # holds of this handle not yet released
         self._loaned: Dict[int, int] = {}  # slot -> generation, allocated here, not sent
         self._outstanding: Dict[int, int] = {}  # slot -> generation, sent from here
@@ -211,6 +266,9 @@ class SlotPool:
         self._deferred: deque = deque()  # (slot, generation, epoch) from finalizers
         self._notes: List[Tuple[int, int]] = []  # (source member, notification) to push
         self._next_reclaim = 0.0
+        # slots this process has not written yet (pre-faulted at first use);
+        # empty for slots too small to be worth it
+        self._cold = set(range(self.slot_count)) if self._stride % L.PAGE == 0 and _POPULATE_OK else set()
 
     def _reset_after_fork(self) -> None:
         # The child is a different process: it holds nothing and sources nothing.
@@ -265,6 +323,7 @@ class SlotPool:
             off = L.W_LINK * L.WORD
             seg.buf[off : off + len(link_bytes)] = link_bytes
             self = cls(seg, _token=_TOKEN)
+            self._warm_up(list(range(min(slot_count, PREFAULT_SLOTS))))
             seg.register(L.ROLE_CREATOR)
             seg.publish()
         except BaseException:
@@ -331,12 +390,18 @@ class SlotPool:
             w[mb + L.M_RQ_TAIL] = 0
             w[mb + L.M_RQ_LOST] = 0
             w[mb + L.M_REUSES] = 0
+            w[mb + _M_WAITING] = 0
             w[mb + L.M_START_US] = P.my_start_us()
             w[mb + L.M_STATE] = _LIVE
             w[mb + L.M_PID] = os.getpid()
             if w[L.W_MEMBERS_HIGH] <= m:
                 w[L.W_MEMBERS_HIGH] = m + 1
         self._member = m
+        me = weakref.ref(self)  # (no cycle: the bell lives in the pool)
+        self._bell = OwnFlagBell(
+            self._bell_sem, w, mb + _M_WAITING, L.W_RETURN_WAITING,
+            lambda: 0 if (pool := me()) is None else pool._waiters(),
+        )
         return m
 
     def _unused_dead_entry(self) -> int:
@@ -402,6 +467,8 @@ class SlotPool:
                 got = self._take_locked(count, m)
             if self._deferred:
                 self._drain_deferred_locked()
+        if got and self._cold:
+            self._warm_up(got)
         if freed or corrupt:
             try:
                 self._after_collect(freed, corrupt)
@@ -414,29 +481,37 @@ class SlotPool:
     def allocate(self, count: int = 1, timeout: Optional[float] = None) -> List[int]:
         """Like :meth:`try_allocate`, but wait for returns (back-pressure).
         Raises Full if ``timeout`` (seconds) expires first, ValueError for a
-        negative timeout."""
+        negative or NaN timeout."""
+        deadline = deadline_for(timeout)
         got = self.try_allocate(count)
         if got is not None:
             return got
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
-        deadline = None if timeout is None else _monotonic() + timeout
-        spin_end = _monotonic() + SPIN_SECONDS
-        bell = self._bell
+        ready = lambda: self._may_allocate(count)  # noqa: E731
+        bell = self._bell  # (try_allocate made the member entry)
         while True:
-            now = _monotonic()
-            if deadline is not None and now >= deadline:
+            ok = wait_until(ready, bell, deadline)
+            if ok:
+                got = self.try_allocate(count)
+                if got is not None:
+                    return got
+            if not ok or (deadline is not None and _monotonic() >= deadline):
                 raise Full(f"slot pool {self.name!r} has no {count} free slot(s): all are in flight")
-            if now >= spin_end:
-                wait = SLICE_SECONDS if deadline is None else min(SLICE_SECONDS, deadline - now)
-                bell.announce()
-                if not self._may_allocate(count):
-                    bell.sleep(wait)
-            got = self.try_allocate(count)
-            if got is not None:
-                return got
+
+    def _warm_up(self, indices: List[int]) -> None:
+        """Pre-fault slots this process writes for the first time: one
+        madvise(MADV_POPULATE_WRITE) maps (and, for a fresh pool, allocates)
+        a slot's pages in one go, about 35% faster than faulting them in
+        one by one as the copy touches them (docs/waiting.md)."""
+        cold = self._cold
+        for i in indices:
+            if i in cold:
+                cold.discard(i)
+                _populate(self._segment, self._data + i * self._stride, self._stride)
 
     def _may_allocate(self, count: int) -> bool:
+        """Whether try_allocate may succeed now: slots are free, some came
+        back to this source, or the janitor is due (slots of processes that
+        died or closed come back only through it)."""
         w = self._w
         if w[L.W_FREE_COUNT] >= count:
             return True
@@ -445,7 +520,7 @@ class SlotPool:
             mb = self._members + m * L.MEMBER_WORDS
             if w[mb + L.M_RQ_TAIL] != w[mb + L.M_RQ_HEAD] or w[mb + L.M_RQ_LOST]:
                 return True
-        return False
+        return _monotonic() >= self._next_reclaim
 
     def _take_locked(self, count: int, m: int) -> Optional[List[int]]:
         w = self._w
@@ -459,7 +534,10 @@ class SlotPool:
                 self._pending_frees = 0
             if w[L.W_FREE_COUNT] < count:
                 return None
+            # LIFO: start at the slot freed last (still in cache, and mapped).
             start = w[L.W_ALLOC_HINT]
+            if not 0 <= start < n:
+                start = 0  # (a hint, written without the lock: never trusted)
             for k in range(n):
                 i = start + k
                 if i >= n:
@@ -474,7 +552,7 @@ class SlotPool:
             for i in got:
                 s = base + i * L.SLOT_WORDS
                 gen = w[s + L.S_GEN] + 1
-                if gen > _MAX_GEN:
+                if not 0 < gen <= _MAX_GEN:
                     gen = 1
                 w[s + L.S_GEN] = gen
                 w[s + L.S_OWNER] = m + 1
@@ -484,8 +562,6 @@ class SlotPool:
                 w[s + L.S_STATE] = _LOANED
                 self._loaned[i] = gen
             w[L.W_FREE_COUNT] -= count
-            nxt = got[-1] + 1
-            w[L.W_ALLOC_HINT] = nxt if nxt < n else 0
             w[L.W_POOL_COUNTERS] += count
         finally:
             self._lock.release()
@@ -653,6 +729,13 @@ class SlotPool:
         if head == tail and not lost:
             return [], []
         corrupt: List[int] = []
+        if not 0 < tail - head <= self._q:
+            if head != tail:
+                # Not a queue any more: skip what it claims to hold and
+                # re-check every slot this member sent (as for lost notices).
+                corrupt.append(tail - head)
+                w[mb + L.M_RQ_HEAD] = head = tail
+            lost = 1
         cands: Dict[int, None] = {}  # ordered, and each slot once (a broadcast returns it several times)
         if head != tail:
             q = self._rqw + m * self._q
@@ -704,7 +787,7 @@ class SlotPool:
         w = self._w
         s = self._clear_slot(i)
         gen = w[s + L.S_GEN] + 1
-        if gen > _MAX_GEN:
+        if not 0 < gen <= _MAX_GEN:
             gen = 1
         w[s + L.S_GEN] = gen
         w[s + L.S_STATE] = _LOANED
@@ -743,7 +826,10 @@ class SlotPool:
         hw = self._holdw + i
         mt = self._members + L.M_STATE
         acquired = 0
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
+        for m in range(high):
             v = w[hw + m * n]
             if v:
                 a = v >> 32
@@ -764,7 +850,7 @@ class SlotPool:
             self._orphan_seen.pop(i, None)
             return False
         n = self.slot_count
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             v = w[self._holdw + m * n + i]
             if (v & _MASK) < (v >> 32) and w[self._members + m * L.MEMBER_WORDS + L.M_STATE] != _DEAD:
                 self._orphan_seen.pop(i, None)
@@ -787,7 +873,10 @@ class SlotPool:
         w = self._w
         n = self.slot_count
         hw = self._holdw + i
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
+        for m in range(high):
             if w[hw + m * n]:
                 w[hw + m * n] = 0
         s = self._slots + i * L.SLOT_WORDS
@@ -812,8 +901,7 @@ class SlotPool:
                 self._pending_frees = 0
             finally:
                 self._lock.release()
-            if self._w[L.W_RETURN_WAITING]:
-                self._bell.ring()
+            self._wake_waiters(False)  # (after the lock's release: a fence)
 
     def _free_slots_locked(
         self, indices: List[int], counter: str = "frees", have_lock: bool = False, defer_count: bool = False
@@ -822,6 +910,8 @@ class SlotPool:
         w = self._w
         for i in indices:
             w[self._clear_slot(i) + L.S_STATE] = _FREE
+        # The next allocation starts here: the slot freed last is reused first.
+        w[L.W_ALLOC_HINT] = indices[-1]
         if defer_count:
             self._pending_frees += len(indices)
             return
@@ -831,9 +921,8 @@ class SlotPool:
             self._apply_frees(len(indices), counter)
         finally:
             if not have_lock:
-                self._lock.release()
-        if w[L.W_RETURN_WAITING]:
-            self._bell.ring()
+                self._lock.release()  # (a fence before the flag's load)
+        self._wake_waiters(have_lock)
 
     def _reclaim_locked(self, now: float, own: Optional[List[int]] = None) -> int:
         """The janitor.  (tlock held)  Returns slots freed for dead sources;
@@ -842,7 +931,7 @@ class SlotPool:
         w = self._w
         me = self._member
         dead = []
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             mb = self._members + m * L.MEMBER_WORDS
             pid = w[mb + L.M_PID]
             if not pid or m == me:
@@ -919,6 +1008,7 @@ class SlotPool:
             w[L.W_POOL_COUNTERS] += reused
             w[L.W_POOL_COUNTERS + 1] += reused
             w[mb + L.M_REUSES] = 0
+        w[mb + _M_WAITING] = 0
         w[mb + L.M_STATE] = L.MEMBER_FREE
         w[mb + L.M_PID] = 0
 
@@ -956,9 +1046,14 @@ class SlotPool:
                     f"{self.name!r} is not in flight (it is {L.SLOT_STATE_NAMES.get(w[s + L.S_STATE], '?')}, "
                     f"generation {w[s + L.S_GEN]})"
                 )
+            nbytes = w[s + L.S_NBYTES]
+            if not 0 <= nbytes <= self.slot_size:
+                raise BrokenError(
+                    f"slot pool {self.name!r} is corrupt: slot {index} claims {nbytes} bytes "
+                    f"(slots hold {self.slot_size})"
+                )
             w[self._holdw + m * self.slot_count + index] += _ACQ
             self._holds += 1
-            nbytes = w[s + L.S_NBYTES]
             if self._deferred:
                 self._drain_deferred_locked()
         off = self._data + index * self._stride
@@ -1070,9 +1165,42 @@ class SlotPool:
             notes.clear()
         finally:
             if not have_lock:
-                self._lock.release()
-        if w[L.W_RETURN_WAITING]:
-            self._bell.ring()
+                self._lock.release()  # (a fence before the flag's load)
+        self._wake_waiters(have_lock)
+
+    def _waiters(self) -> int:
+        """How many live members wait in allocate() now."""
+        w = self._w
+        high = w[L.W_MEMBERS_HIGH]
+        if not 0 <= high <= self.max_members:
+            high = self._high()  # (raises BrokenError)
+        mb = self._members
+        n = 0
+        for _ in range(high):
+            if w[mb + _M_WAITING] and w[mb + L.M_STATE] == _LIVE:
+                n += 1
+            mb += L.MEMBER_WORDS
+        return n
+
+    def _wake_waiters(self, fence: bool) -> None:
+        """Wake every source waiting for a slot: a free slot serves any of
+        them, a return only the one it was pushed to, and the semaphore
+        cannot tell them apart.  ``fence``: no lock release came since the
+        store that freed or returned (it must be visible before the flags'
+        loads)."""
+        if fence:
+            full_fence()
+        if not self._w[L.W_RETURN_WAITING]:
+            return
+        n = self._waiters()
+        if n:
+            # Tokens already posted wake sleepers as well; posting only up to
+            # one per waiter also bounds the semaphore when a waiter died
+            # with its flag up (until the janitor retires its entry).
+            sem = self._bell_sem
+            n -= P.sem_value(sem)
+            for _ in range(n):
+                sem.release()
 
     def holding(self, index: int) -> int:
         """How many holds this process has on slot ``index`` now."""
@@ -1100,7 +1228,7 @@ class SlotPool:
         owner = w[s + L.S_OWNER] - 1
         pid = w[self._members + owner * L.MEMBER_WORDS + L.M_PID] if state and 0 <= owner < self.max_members else 0
         holders = []
-        for m in range(w[L.W_MEMBERS_HIGH]):
+        for m in range(self._high()):
             v = w[self._holdw + m * self.slot_count + index]
             held = (v >> 32) - (v & _MASK)
             if held > 0:
@@ -1224,13 +1352,20 @@ def _statistics(name: str, w: memoryview) -> SlotPoolStatistics:
     count = w[L.W_SLOT_COUNT]
     slots = w[L.W_SLOT_TABLE] >> 3
     members = w[L.W_MEMBER_TABLE] >> 3
+    high = min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])
+    size = len(w)
+    if not (
+        0 <= count <= L.MAX_SLOT_COUNT and 0 < slots and slots + count * L.SLOT_WORDS <= size
+        and 0 <= high and 0 < members and members + high * L.MEMBER_WORDS <= size
+    ):
+        raise LayoutError(f"{name!r}: slot pool header is inconsistent with its size {size * L.WORD}")
     states = {_FREE: 0, _LOANED: 0, _SENT: 0}
     for i in range(count):
         st = w[slots + i * L.SLOT_WORDS + L.S_STATE]
         states[st] = states.get(st, 0) + 1
     alive = []
     reused = 0
-    for m in range(min(w[L.W_MEMBERS_HIGH], w[L.W_MAX_MEMBERS])):
+    for m in range(high):
         mb = members + m * L.MEMBER_WORDS
         pid = w[mb + L.M_PID]
         if pid:

@@ -61,7 +61,7 @@ from ._segment import call_at_exit, call_now, cancel_at_exit
 from ._slots import SlotPool
 from ._stats import RingStatistics
 from ._sync import Doorbell
-from ._wait import wait_until
+from ._wait import deadline_for_mp, wait_until
 from .ring import Ring
 
 __all__ = (
@@ -93,11 +93,6 @@ _monotonic = time.monotonic
 _dumps = pickle.dumps
 #: Record (any buffer) -> object, for every record but slot messages.
 _decode = pickle.loads
-
-
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    # multiprocessing.Queue treats a negative timeout as 0.
-    return None if timeout is None else _monotonic() + max(timeout, 0.0)
 
 
 class _Ready:
@@ -353,7 +348,7 @@ class _QueueBase:
         main = self._ring
         limit = self._inline_max
         total = len(datas)
-        deadline = _deadline(timeout) if block else None
+        deadline = deadline_for_mp(timeout) if block else None
         i = put = 0  # put: items written so far
         try:
             while i < total:
@@ -385,7 +380,7 @@ class _QueueBase:
         """``put``'s way out for a record longer than a quarter of the ring
         (or LARGE: ``obj`` has a large buffer)."""
         try:
-            self._put_big(obj, data, block, _deadline(timeout) if block else None)
+            self._put_big(obj, data, block, deadline_for_mp(timeout) if block else None)
         except Exception:
             if self._closed:
                 raise self._closed_error() from None
@@ -394,7 +389,7 @@ class _QueueBase:
     def _put_full(self, data: Any, block: bool, timeout: Optional[float]) -> None:
         """``put``'s way out when the ring had no room for the record."""
         try:
-            self._write_record(data, block, _deadline(timeout) if block else None)
+            self._write_record(data, block, deadline_for_mp(timeout) if block else None)
         except Exception:
             if self._closed:
                 raise self._closed_error() from None
@@ -590,7 +585,7 @@ class _QueueBase:
     def _get_slow(self, data: Optional[bytes], block: bool, timeout: Optional[float]) -> Any:
         """``get``'s way out: ``data`` is None (the ring was empty), b"" (a
         marker: the item is on the side path) or a record to decode."""
-        deadline = _deadline(timeout) if block else None
+        deadline = deadline_for_mp(timeout) if block else None
         try:
             while True:
                 if data:
@@ -625,7 +620,7 @@ class _QueueBase:
             raise self._closed_error()
         if max_items < 1:
             raise ValueError(f"'max_items' must be at least 1, got {max_items!r}")
-        deadline = _deadline(timeout) if block else None
+        deadline = deadline_for_mp(timeout) if block else None
         try:
             check_ring(self._ring)  # (a corrupt HEAD or TAIL would make the batch endless)
             records = self._try_read_many(max_items)
@@ -911,7 +906,7 @@ class JoinableQueue(Queue):
         finally:
             lock.release()
         if done == w[L.W_MSGS_IN] and w[L.W_JOIN_WAITING]:
-            self._join_bell.ring()
+            self._join_bell.ring_all()
 
     def join(self, *, timeout: Optional[float] = None) -> bool:
         """Wait until every item put has been marked done with
@@ -922,7 +917,7 @@ class JoinableQueue(Queue):
         w = self._w
         try:
             done = wait_until(
-                lambda: self._closed or w[L.W_MSGS_IN] - w[L.W_TASKS_DONE] <= 0, self._join_bell, _deadline(timeout)
+                lambda: self._closed or w[L.W_MSGS_IN] - w[L.W_TASKS_DONE] <= 0, self._join_bell, deadline_for_mp(timeout)
             )
             if self._closed:
                 raise self._closed_error()

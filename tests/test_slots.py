@@ -448,3 +448,105 @@ def test_several_returns_of_one_slot_in_one_drain_free_it_once(pool):
     assert pool.free_count() == 4
     stats = pool.statistics()
     assert (stats.allocations, stats.frees, stats.free) == (1, 1, 4)
+
+
+# -- wake-ups ------------------------------------------------------------------
+def _holder_main(name, conn, n):
+    p = SlotPool.attach(name)
+    try:
+        for _ in range(n):
+            i, gen = conn.recv()
+            p.acquire(i, gen)
+            time.sleep(0.0005)  # the work: longer than any spin, so the source sleeps
+            p.release(i, gen)
+    finally:
+        p.close()
+
+
+def _source_main(name, conn, n, out):
+    p = SlotPool.attach(name)
+    slow = 0
+    try:
+        t0 = time.monotonic()
+        for _ in range(n):
+            t = time.monotonic()
+            (i,) = p.allocate(1, timeout=10)
+            slow += time.monotonic() - t >= 0.015
+            (gen,) = p.mark_sent([i], [8])
+            conn.send((i, gen))
+        out.send((time.monotonic() - t0, slow))
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_hand_offs_through_a_full_pool_never_wait_for_a_slice(ctx, sources):
+    """1,000 hand-offs through a pool of ONE slot: every allocation waits for
+    the holder's return, so a lost wake-up costs a 20 ms slice each and 1,000
+    of them 20 s (the holder works 0.5 ms per slot: 0.5 s in all).  With two
+    source processes waiting on the pool's one semaphore, a return must wake
+    the source the slot belongs to, not just any sleeper.  (Judged by the
+    sources' own clocks, and by how many allocations took a slice or more:
+    a machine under load slows everything, but not by slices.)"""
+    n = 1000
+    p = SlotPool.create(64, 1, name=unique_name("wake"))
+    procs, results = [], []
+    for _ in range(sources):
+        rx, tx = ctx.Pipe(duplex=False)
+        res_rx, res_tx = ctx.Pipe(duplex=False)
+        results.append(res_rx)
+        procs.append(ctx.Process(target=_holder_main, args=(p.name, rx, n // sources)))
+        procs.append(ctx.Process(target=_source_main, args=(p.name, tx, n // sources, res_tx)))
+    try:
+        for proc in procs:
+            proc.start()
+        got = [r.recv() if r.poll(60) else None for r in results]
+        join_all(procs)
+        assert [proc.exitcode for proc in procs] == [0] * len(procs)
+        elapsed = max(g[0] for g in got)
+        slow = sum(g[1] for g in got)
+        assert slow < n // 50, f"{slow} of {n} allocations waited a slice or more: wake-ups were lost"
+        assert elapsed < 3.0, f"{n} hand-offs took {elapsed:.1f} s"
+    finally:
+        join_all(procs)
+        p.close()
+        p.unlink()
+
+
+def test_allocate_refuses_nan_and_negative_timeouts(pool):
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError):
+            pool.allocate(1, timeout=bad)
+    assert pool.free_count() == 4
+
+
+# -- warm reuse ----------------------------------------------------------------
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("via", ["collect", "allocate"])
+def test_a_steady_stream_reuses_as_few_slots_as_its_depth(depth, via):
+    """LIFO reuse: a stream that keeps ``depth`` slots in flight touches
+    ``depth`` slots of an 8-slot pool (round-robin reuse walks all 8: cold
+    memory, page faults).  The source either collects returns itself or
+    lets allocate() do it."""
+    p = SlotPool.create(4096, 8, name=unique_name("lifo"))
+    try:
+        held = []
+        touched = set()
+        for k in range(64):
+            if len(held) == depth:
+                i, gen, view = held.pop(0)
+                view.release()
+                p.release(i, gen)
+                if via == "collect":
+                    p.collect()
+            (i,) = p.allocate(1, timeout=5)
+            touched.add(i)
+            (gen,) = p.mark_sent([i], [8])
+            held.append((i, gen, p.acquire(i, gen)))
+        assert len(touched) == depth, sorted(touched)
+        for i, gen, view in held:
+            view.release()
+            p.release(i, gen)
+    finally:
+        p.close()
+        p.unlink()

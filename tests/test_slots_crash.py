@@ -323,3 +323,137 @@ def test_a_full_member_table_reuses_entries_of_dead_processes():
     finally:
         pool.close()
         pool.unlink()
+
+
+# -- corrupt or hostile shared words -------------------------------------------
+# Every word of the pool's kind header and a sample of its table words, set to
+# hostile values, one case per child process with a time limit: each call of
+# the scenario works or raises a ShmqError, none hangs past its timeout, and
+# the interpreter survives.
+from shmq import ShmqError  # noqa: E402
+from shmq import _layout as L  # noqa: E402
+from shmq import _platform as P  # noqa: E402
+from conftest import unique_name  # noqa: E402
+
+HOSTILE = (-1, 1 << 40, 3)
+CASE_SECONDS = 20.0  # a case's scenario takes well under 2 s (timeouts of 0.2 s)
+_TABLE_SAMPLE = (
+    [("slot", k, f) for k in (0, 1) for f in range(6)]
+    + [("member", 0, f) for f in range(8)]
+    + [("member", 1, f) for f in (L.M_RQ_HEAD, L.M_RQ_TAIL, L.M_STATE, L.M_PID)]
+    + [("hold", 0, 0), ("hold", 1, 0), ("rq", 0, 0), ("rq", 0, 1), ("rq", 1, 0)]
+)
+CORRUPT_CASES = [("header", w, 0) for w in range(L.W_KIND_HEADER, L.W_POOL_HEADER_END)] + _TABLE_SAMPLE
+
+
+def _word_of(pool, where):
+    kind, a, b = where
+    if kind == "header":
+        return a
+    if kind == "slot":
+        return pool._slots + a * L.SLOT_WORDS + b
+    if kind == "member":
+        return pool._members + a * L.MEMBER_WORDS + b
+    if kind == "hold":
+        return pool._holdw + a * pool.slot_count + b
+    return pool._rqw + a * pool._q + b  # "rq"
+
+
+def _attempt(errors, what, fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+    except ShmqError:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        errors.append(f"{what}: {exc!r}")
+    if time.monotonic() - t0 > 3.0:
+        errors.append(f"{what}: took {time.monotonic() - t0:.1f} s (timeouts are 0.2 s)")
+
+
+def _corrupt_main(name, where, value, conn):
+    errors = []
+    pool = SlotPool.create(4096, 4, name=name)
+    other = None
+    try:
+        # Traffic first: a member entry, a round trip, one slot in flight
+        # with a return queued, one held by this process.
+        refs = send(pool, [b"a" * 64, b"b" * 64, b"c" * 64])
+        view = pool.acquire(*refs[0])
+        view.release()
+        pool.release(*refs[0])
+        held = pool.acquire(*refs[2])
+        pool.segment.words[_word_of(pool, where)] = value
+
+        def round_trip():
+            for i, g in send_fast(pool):
+                pool.acquire(i, g).release()
+                pool.release(i, g)
+            pool.collect()
+
+        def send_fast(p):
+            idx = p.allocate(1, timeout=0.2)
+            return list(zip(idx, p.mark_sent(idx, [8])))
+
+        def attach_and_hold():
+            nonlocal other
+            other = SlotPool.attach(name)
+            other.acquire(*refs[1]).release()
+            other.release(*refs[1])
+            other.statistics()
+
+        steps = [
+            ("allocate", lambda: pool.allocate(2, timeout=0.2)),
+            ("round trip", round_trip),
+            ("try_allocate", lambda: pool.try_allocate(1)),
+            ("collect", pool.collect),
+            ("reclaim", pool.reclaim),
+            ("statistics", pool.statistics),
+            ("slot_info", lambda: [pool.slot_info(i) for i in range(pool.slot_count)]),
+            ("repr", lambda: repr(pool)),
+            ("attach", attach_and_hold),
+            ("release held", lambda: (held.release(), pool.release(*refs[2]))),
+            ("round trip again", round_trip),
+        ]
+        for what, fn in steps:
+            _attempt(errors, what, fn)
+    finally:
+        for p in (other, pool):
+            if p is not None:
+                _attempt(errors, "close", p.close)
+        _attempt(errors, "unlink", pool.unlink)
+    conn.send(errors)
+
+
+def test_corrupt_pool_words_raise_or_work_never_hang():
+    ctx = __import__("multiprocessing").get_context("fork")
+    failures = []
+    running = []
+
+    def reap(entry, hard):
+        proc, conn, name, label = entry
+        got = conn.recv() if conn.poll(0 if not hard else CASE_SECONDS) else None
+        if got is None:
+            proc.kill()
+            failures.append(f"{label}: no answer within {CASE_SECONDS:.0f} s (hang)")
+        elif got:
+            failures.append(f"{label}: {got}")
+        proc.join(10)
+        if got is not None and proc.exitcode != 0:
+            failures.append(f"{label}: exit code {proc.exitcode}")
+        for n in [name] + [name + s for s in P.SEM_SUFFIXES]:  # a killed case leaves its parts
+            P.shm_unlink(n) if "-" not in n[len(name):] else P.sem_unlink(n)
+
+    cases = [(where, value) for where in CORRUPT_CASES for value in HOSTILE]
+    for where, value in cases:
+        name = unique_name("bad")
+        here, there = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_corrupt_main, args=(name, where, value, there))
+        proc.start()
+        there.close()
+        running.append((proc, here, name, f"{where} = {value}"))
+        if len(running) >= 3:
+            reap(running.pop(0), hard=True)
+    while running:
+        reap(running.pop(0), hard=True)
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:40])

@@ -431,3 +431,60 @@ def test_doorbell_sleep_times_out_without_a_ring(lockseg):
         assert time.monotonic() - t0 < 5
     finally:
         o.close()
+
+
+@pytest.mark.parametrize("how", ["ring twice", "ring_all"])
+def test_doorbell_counts_its_sleepers_so_each_ring_wakes_one(lockseg, how):
+    """Two sleepers on one bell: the flag word counts them, and two rings in
+    a row wake both (a flag the first ring cleared would leave the second
+    sleeper to its slice); ring_all wakes every one at once."""
+    pairs = [CTX.Pipe() for _ in range(2)]
+    procs = [CTX.Process(target=_sleeper, args=(lockseg.name, there, 30.0)) for _, there in pairs]
+    for p in procs:
+        p.start()
+    try:
+        for here, _ in pairs:
+            assert here.poll(30) and here.recv() == "announced"
+        assert lockseg.words[W_FLAG] == 2
+        o = Opened(lockseg.name)
+        try:
+            if how == "ring_all":
+                o.bell.ring_all()
+                assert o.words[W_FLAG] == 0
+            else:
+                for left in (1, 0):
+                    assert o.words[W_FLAG]  # what a poster checks before ringing
+                    o.bell.ring()
+                    assert o.words[W_FLAG] == left
+        finally:
+            o.close()
+        for here, _ in pairs:
+            assert here.poll(30)
+            rung, elapsed = here.recv()
+            assert rung is True and elapsed < 10
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        join_all(procs)
+
+
+def test_wait_until_withdraws_and_validates_deadlines(lockseg):
+    from shmq._sync import deadline_for, deadline_for_mp, remaining, wait_until
+
+    o = Opened(lockseg.name)
+    try:
+        assert wait_until(lambda: False, o.bell, time.monotonic() + 0.05) is False
+        assert o.words[W_FLAG] == 0  # a waiter that timed out took its count back
+        assert wait_until(lambda: True, o.bell, None) is True
+        for bad in (float("nan"), -1, -0.5):
+            with pytest.raises(ValueError):
+                deadline_for(bad)
+        with pytest.raises(ValueError):
+            deadline_for_mp(float("nan"))
+        assert deadline_for_mp(-5) <= time.monotonic()  # multiprocessing.Queue: negative means 0
+        assert deadline_for(None) is None and remaining(None) is None
+        assert remaining(time.monotonic() - 1) == 0.0
+        with pytest.raises(TypeError):
+            deadline_for("1")
+    finally:
+        o.close()
