@@ -44,6 +44,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -51,6 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _layout as L
+from . import _torch
 from ._copy import copy_into
 from ._errors import ClosedError, SlotError
 from ._slots import RECLAIM_INTERVAL, SlotPool
@@ -82,6 +84,7 @@ _loads = pickle.loads
 _RAW_TYPES = (bytes, bytearray, memoryview)
 _U8 = np.dtype(np.uint8)
 _monotonic = time.monotonic
+_modules = sys.modules
 _process = [0]  # bumped in forked children: "registered in this process" checks
 
 
@@ -241,6 +244,8 @@ def _pickle(obj: Any, buffer_callback: Optional[Callable], bufs: Optional[list] 
     """Protocol-5 pickle of ``obj``; objects only ``multiprocessing``'s
     pickler knows (connections, sockets) work too."""
     try:
+        if "torch" in _modules and _torch.holds_tensor(obj):  # CPU tensors as arrays (shmq/_torch.py)
+            return _torch.dumps(obj, PROTOCOL, buffer_callback)
         return _dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
     except Exception as exc:
         from multiprocessing.reduction import ForkingPickler
