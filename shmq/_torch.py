@@ -25,8 +25,10 @@ reinterpreted), shape and ``requires_grad``.  Each tensor arrives contiguous
 and as its own storage (views of one storage in one message no longer share
 memory, as they do with ``torch.save``).  Anything else -- tensors on other
 devices, sparse, quantized or nested tensors, named tensors, subclasses
-(``nn.Parameter``), tensors with Python attributes or hooks, non-leaf tensors
-that require grad -- is pickled by torch's own reduction, as before.
+(``nn.Parameter``), tensors with Python attributes or hooks -- is pickled by
+torch's own reduction, as before.  A tensor that is not a leaf of an autograd
+graph arrives as a leaf with the same ``requires_grad``, as with torch's own
+pickling: graphs do not cross processes.
 
 torch is imported by nothing here: every function is reached only once torch
 is in ``sys.modules`` (the codec checks) or an object in a message is a
@@ -65,20 +67,28 @@ def _reduce(t: Any) -> tuple:
     """Pickle reduction of a tensor: :func:`rebuild` over its bytes for a
     plain CPU tensor, torch's own reduction for anything else."""
     torch = sys.modules["torch"]
-    if (
+    try:
+        if _plain_cpu(torch, t):
+            flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+            data = flat.view(torch.uint8).numpy()  # shares the tensor's memory: copied once, into the slot
+            return rebuild, (data, t.dtype, tuple(t.shape), t.requires_grad)
+    except Exception:  # a kind of tensor this module does not know: torch's own way
+        pass
+    return t.__reduce_ex__(_PROTOCOL)
+
+
+def _plain_cpu(torch: Any, t: Any) -> bool:
+    """Whether ``t`` is a plain strided CPU tensor whose dtype, shape and
+    ``requires_grad`` are all there is to it."""
+    return not (
         t.device.type != "cpu"
         or t.layout != torch.strided
         or t.is_quantized
         or getattr(t, "is_nested", False)
-        or (t.requires_grad and not t.is_leaf)
         or t.__dict__
         or t._backward_hooks
         or any(n is not None for n in getattr(t, "names", ()))  # named tensors (gone in recent torch)
-    ):
-        return t.__reduce_ex__(_PROTOCOL)
-    flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy()  # shares the tensor's memory: copied once, into the slot
-    return rebuild, (data, t.dtype, tuple(t.shape), t.requires_grad)
+    )
 
 
 def rebuild(data: Any, dtype: Any, shape: tuple, requires_grad: bool) -> Any:

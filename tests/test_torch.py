@@ -64,6 +64,7 @@ def _sample():
         "scalar": torch.tensor(7),
         "empty": torch.zeros((0, 3)),
         "grad": torch.ones(1 << 16, requires_grad=True),
+        "non_leaf": torch.ones(1 << 16, requires_grad=True) * 2,  # arrives as a leaf, as torch pickles it
         "list": [torch.full((1 << 15,), 2.0), "text"],
     }
 
