@@ -6,7 +6,8 @@ The convention (see the brief in BRIEF.md and the README's "Docs" note):
   script made of them), with the tree on PYTHONPATH and a time limit.  A block
   that contains ``if __name__ == "__main__":`` is a program of its own (spawn
   and forkserver children re-import ``__main__``): it runs alone, as a script
-  file, so that its children do not re-run the file's other blocks.
+  file, so that its children do not re-run the file's other blocks -- once as
+  written and once with the spawn start method.
 * ```bash / ```sh / ```console blocks: each line that is a ``shmq ...`` or
   ``python -m shmq ...`` command runs (as ``python -m shmq ...`` with this
   tree; the installed ``shmq`` script may point elsewhere) and must exit 0.
@@ -39,6 +40,7 @@ DOC_FILES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 NO_RUN = "<!-- no-run -->"
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 BLOCK_TIMEOUT = 90.0  # seconds for one script or one command
+SPAWN_FIRST = 'import multiprocessing as _mp; _mp.set_start_method("spawn", force=True)\n'
 README_COMMANDS = [
     "pip install -e . && python -m shmq demo",
     "pip install -e '.[test]' && python -m pytest -q",
@@ -147,6 +149,9 @@ def test_code_blocks_run(path, tmp_path):
         if b.lang in ("python", "py"):
             if is_program(b.code):
                 run_script(b.code, where, tmp_path, f"block{n}")
+                # and under spawn, the start method that re-imports __main__
+                # (the default on macOS; forkserver, 3.14's default on Linux, does too)
+                run_script(SPAWN_FIRST + b.code, f"{where} (spawn)", tmp_path, f"block{n}_spawn")
             else:
                 together.append(f"# --- {where}\n{b.code}")
             ran += 1
