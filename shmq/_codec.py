@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _layout as L
+from . import _torch
 from ._copy import copy_into
 from ._errors import ClosedError, SlotError
 from ._slots import RECLAIM_INTERVAL, SlotPool
@@ -97,6 +98,7 @@ _loads = pickle.loads
 _RAW_TYPES = (bytes, bytearray, memoryview)
 _U8 = np.dtype(np.uint8)
 _monotonic = time.monotonic
+_modules = sys.modules
 _process = [0]  # bumped in forked children: "registered in this process" checks
 
 
@@ -259,6 +261,8 @@ def _pickle(obj: Any, buffer_callback: Optional[Callable], bufs: Optional[list] 
     """Protocol-5 pickle of ``obj``; objects only ``multiprocessing``'s
     pickler knows (connections, sockets) work too."""
     try:
+        if "torch" in _modules and _torch.holds_tensor(obj):  # CPU tensors as arrays (shmq/_torch.py)
+            return _torch.dumps(obj, PROTOCOL, buffer_callback)
         return _dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
     except Exception as exc:
         if bufs:
@@ -385,7 +389,7 @@ def largest_buffer(obj: Any) -> int:
         return False  # out of band: measured, not copied
 
     try:
-        _dumps(obj, PROTOCOL, buffer_callback=measure)
+        _pickle(obj, measure)  # the codec's pickling: torch tensors as arrays
     except Exception:
         pass
     return largest

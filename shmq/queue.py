@@ -418,6 +418,8 @@ class _QueueBase:
     def _put_big(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> None:
         """Put ``obj``, whose first pass gave ``data``: a record too long for
         the ring, or LARGE (it has a large buffer)."""
+        if self._pooled_puts and data is not _LARGE and C._torch.holds_tensor(obj):
+            data = _LARGE  # torch tensors go to the codec, which moves them as arrays (shmq/_torch.py)
         if self._pooled_puts and (data is _LARGE or type(obj) in _RAW_TYPES):
             data, lease = self._encode_pooled(obj, data, block, deadline)
             if lease is not None:

@@ -25,6 +25,7 @@ SAME_LAYER_OK = {
     ("queue", "ring"),  # design.md: queue/channel may import ring, not each other
     ("channel", "ring"),
     ("_codec", "_copy"),  # the copy into a slot
+    ("_codec", "_torch"),  # torch tensors pickled as arrays
     ("__main__", "_cli"),
 }
 # third-party packages each layer may import (at module level)
