@@ -23,6 +23,11 @@ from .ring import Ring as Ring
 from .queue import JoinableQueue as JoinableQueue
 from .queue import Queue as Queue
 from .queue import SimpleQueue as SimpleQueue
+from .topic import Latest as Latest
+from .topic import SubscriberStatistics as SubscriberStatistics
+from .topic import Subscription as Subscription
+from .topic import Topic as Topic
+from .topic import TopicStatistics as TopicStatistics
 
 __version__ = "0.1.0"
 
@@ -51,5 +56,10 @@ __all__ = (
     "TooManyMembers",
     "WouldBlock",
     "NoFreeName",
+    "Latest",
+    "SubscriberStatistics",
+    "Subscription",
+    "Topic",
+    "TopicStatistics",
     "__version__",
 )
