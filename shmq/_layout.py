@@ -375,8 +375,8 @@ def blob_segment_size(payload_bytes: int) -> int:
 #    305  T_PUBLISHERS open publisher handles (reservations included)
 #    306  T_DEAD_PUBLISHER pid of the first publisher found dead
 #    312  publisher table: T_PUB_MEMBERS entries of 3 words, as a channel's
-#         member table: PID (CH_RESERVED: pickled, not claimed), START_US
-#         (a reservation: its expiry), HANDLES (open publisher handles)
+#         member table: PID (0 free), START_US, HANDLES (1: one counted
+#         publisher handle per entry)
 #    512  subscriber table: T_SUBSCRIBERS entries of T_SUB_WORDS words:
 #         PID (0 free), START_US, CURSOR (position of the next record to
 #         read), NEXT_SEQ (its expected sequence number), LOST, WAITING,

@@ -58,14 +58,11 @@ __all__ = (
     "TopicStatistics",
     "DEFAULT_CAPACITY_BYTES",
     "SLICE_SECONDS",
-    "RESERVE_SECONDS",
 )
 
 DEFAULT_CAPACITY_BYTES = 1 << 20
 #: blocked publish/receive/wait calls re-check the peers (dead? closed?) this often
 SLICE_SECONDS = 0.1
-#: how long a pickled publisher's reservation waits to be claimed
-RESERVE_SECONDS = 30.0
 _OVERFLOWS = ("block", "drop-oldest")
 _STARTS = ("next", "oldest")
 _LOW = (1 << 32) - 1
@@ -148,7 +145,10 @@ class _Publishers:
     def count(self) -> int:
         return max(0, self._w[L.W_T_PUBLISHERS])
 
-    def _take(self, pid: int, start_us: int) -> int:
+    def join(self) -> int:
+        """Count one publisher handle of this process; its entry.  Raises
+        TooManyMembers if the table is full of live publishers."""
+        pid, start_us = os.getpid(), P.my_start_us()
         for attempt in range(2):
             with self._seg.admin_lock():
                 w = self._w
@@ -163,32 +163,8 @@ class _Publishers:
             if attempt == 0:
                 self.scan()
         raise TooManyMembers(
-            f"topic {self._seg.name!r} has no free publisher entry: {L.T_PUB_MEMBERS} processes "
-            f"(or handles handed to children and not yet claimed) publish to it"
+            f"topic {self._seg.name!r} has no free publisher entry: {L.T_PUB_MEMBERS} publisher handles are open"
         )
-
-    def join(self) -> int:
-        """Count one publisher handle of this process; its entry."""
-        return self._take(os.getpid(), P.my_start_us())
-
-    def reserve(self) -> Tuple[int, int]:
-        """Count a publisher handle for whoever unpickles it: a ticket."""
-        expiry = _now_us() + int(RESERVE_SECONDS * 1e6)
-        return self._take(L.CH_RESERVED, expiry), expiry
-
-    def claim(self, ticket: Tuple[int, int]) -> int:
-        """Make reservation ``ticket`` this process's entry; -1 if it lapsed."""
-        i, expiry = ticket
-        if not 0 <= i < L.T_PUB_MEMBERS:
-            return -1
-        base = L.topic_pub_word(i)
-        w = self._w
-        with self._seg.admin_lock():
-            if w[base] != L.CH_RESERVED or w[base + 1] != expiry:
-                return -1
-            w[base] = os.getpid()  # pid first: a claimer killed here leaves a dead entry
-            w[base + 1] = P.my_start_us()
-        return i
 
     def leave(self, index: int) -> int:
         """Close the handle of entry ``index``; the state bits this set."""
@@ -223,21 +199,17 @@ class _Publishers:
         return new & ~old
 
     def scan(self) -> int:
-        """Count dead publishers' handles as closed (noting that they died)
-        and drop lapsed reservations; the state bits this set."""
+        """Count dead publishers' handles as closed, noting that they died;
+        returns the state bits this set."""
         self._next_scan = _monotonic() + SLICE_SECONDS
         w = self._w
-        now = _now_us()
         gone = []
         for i in range(L.T_PUB_MEMBERS):
             base = L.topic_pub_word(i)
             pid, start = w[base], w[base + 1]
             if pid == 0:
                 continue
-            if pid == L.CH_RESERVED:
-                if start < now:
-                    gone.append((i, pid, start))
-            elif not 0 < pid < 1 << 31 or not P.is_alive(pid, start):
+            if not 0 < pid < 1 << 31 or not P.is_alive(pid, start):
                 gone.append((i, pid, start))
         bits = 0
         if gone:
@@ -246,7 +218,7 @@ class _Publishers:
                     base = L.topic_pub_word(i)
                     if w[base] != pid or w[base + 1] != start:
                         continue
-                    bits |= self._change_locked(i, -1, pid if pid != L.CH_RESERVED else 0)
+                    bits |= self._change_locked(i, -1, pid)
                     w[base] = 0
         return bits
 
@@ -402,11 +374,13 @@ class Topic:
     that this version does not use yet: arrays travel pickled through the ring.
 
     Counted publishers: the handle ``Topic(...)`` returns counts as a
-    publisher from its creation; a handle from :meth:`attach` (or a forked
-    child's inherited handle) from its first :meth:`publish`; an unpickled
-    handle of a counted publisher is counted at once (a reservation made when
-    it was pickled, claimed when unpickled, lapsing after RESERVE_SECONDS).
-    ``close()`` ends the handle's count; the last one ends the stream.
+    publisher from its creation; any other handle (from :meth:`attach`,
+    unpickled in a child, or inherited by a forked child) from its first
+    :meth:`publish` in its process.  ``close()`` (or the end of the process)
+    ends the handle's count; the last one ends the stream.  So a parent that
+    hands publishing to children closes its own handle only once they have
+    published (``statistics().publishers``) -- handing a topic to subscriber
+    children never keeps the stream open.
     """
 
     _shared: Optional[_Shared] = None
@@ -463,10 +437,8 @@ class Topic:
         _live_handles.add(self)
         _hook_exit()
 
-    def _count(self, ticket: Optional[Tuple[int, int]] = None) -> None:
-        shared = self._shared
-        entry = shared.publishers.claim(ticket) if ticket is not None else -1
-        self._entry = entry if entry >= 0 else shared.publishers.join()
+    def _count(self) -> None:
+        self._entry = self._shared.publishers.join()
         self._pid = os.getpid()
 
     def _check(self) -> _Shared:
@@ -597,13 +569,10 @@ class Topic:
         self._check().segment.unlink()
 
     def __reduce__(self):
-        """The name, plus a reserved publisher count if this handle is a
-        counted publisher.  Raises ClosedError if closed."""
-        shared = self._check()
-        ticket = None
-        if self._entry >= 0 and self._pid == os.getpid():
-            ticket = shared.publishers.reserve()
-        return (_unpickle_topic, (self.name, ticket))
+        """The topic's name: the process that unpickles it attaches (not a
+        counted publisher until it publishes).  Raises ClosedError if closed."""
+        self._check()
+        return (Topic.attach, (self.name,))
 
     def __enter__(self) -> "Topic":
         return self
@@ -613,17 +582,6 @@ class Topic:
 
     def __repr__(self) -> str:
         return f"<Topic {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"
-
-
-def _unpickle_topic(name: str, ticket: Optional[Tuple[int, int]]) -> Topic:
-    topic = Topic.attach(name)
-    if ticket is not None:
-        try:
-            topic._count(ticket)
-        except BaseException:
-            topic.close()
-            raise
-    return topic
 
 
 def _statistics(shared: _Shared) -> TopicStatistics:
