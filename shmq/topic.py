@@ -429,6 +429,7 @@ class Topic:
 
     def _setup(self, shared: _Shared) -> None:
         self._shared = shared
+        self._segment = shared.segment
         self._ring = shared.ring
         self._w = shared.words
         self.name = shared.name
@@ -565,8 +566,9 @@ class Topic:
 
     def unlink(self) -> None:
         """Remove the topic's name (and semaphores) for everybody; handles
-        already open keep working.  The creator does this when it ends."""
-        self._check().segment.unlink()
+        already open keep working.  The creator does this when it ends.
+        Also allowed after close()."""
+        self._segment.unlink()
 
     def __reduce__(self):
         """The topic's name: the process that unpickles it attaches (not a
@@ -914,8 +916,8 @@ class Latest:
             self._segment.close()
 
     def unlink(self) -> None:
-        """Remove the name for everybody; the creator does this when it ends."""
-        self._check()
+        """Remove the name for everybody; the creator does this when it ends.
+        Also allowed after close()."""
         self._segment.unlink()
 
     def __reduce__(self):
