@@ -15,7 +15,7 @@ before the eviction).  A record that was overwritten is *lost* to that reader,
 never torn: it jumps to OLDEST and counts what it missed from the sequence
 numbers the records carry.  Whether a publisher may evict records a live
 subscriber has not read yet (``drop-oldest``) or must wait (``block``) is the
-caller's policy: :meth:`BroadcastRing.room_for` tells it.
+caller's policy (``gate`` of :meth:`BroadcastRing.try_write`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from typing import List, Optional, Tuple
 from . import _layout as L
 from ._errors import BrokenError
 from ._segment import Segment
-from ._sync import Doorbell
+from . import _sync
+from ._sync import Doorbell, RobustLock
 
 __all__ = ("BroadcastRing", "Cursor", "ValueCell", "record_size")
 
@@ -111,38 +112,61 @@ class BroadcastRing:
                 out.append((i, pid, w[base + L.TS_START_US]))
         return out
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` as the next record, evicting what it overwrites
-        (the caller checked :meth:`room_for` if it must not).  Holds: the
-        producer lock; ``len(data) <= max_payload``."""
-        w, buf, base, cap = self.words, self.buf, self._base, self.capacity_bytes
-        n = len(data)
-        t, pad, size = self._span(n)
-        bound = t + pad + size - cap
-        o = w[L.W_T_OLDEST]
-        if o < bound:
-            seq = w[L.W_T_OLDEST_SEQ]
-            while o < bound and o < t:
-                h = w[(base + o % cap) // _W]
-                if h < 0:
-                    o -= h
-                else:
-                    o += record_size(h)
-                    seq += 1
-            if o >= t:
-                o, seq = t, w[L.W_T_NEXT_SEQ]
-            w[L.W_T_OLDEST_SEQ] = seq
-            w[L.W_T_OLDEST] = o  # before any byte of the old records changes
-        if pad:
-            w[(base + t % cap) // _W] = -pad
-            t += pad
-        at = base + t % cap
-        seq = w[L.W_T_NEXT_SEQ]
-        w[at // _W] = n
-        w[at // _W + 1] = seq
-        buf[at + _HDR : at + _HDR + n] = data
-        w[L.W_T_NEXT_SEQ] = seq + 1
-        w[L.W_T_TAIL] = t + size  # publishes the record to every subscriber
+    def try_write(self, data: bytes, lock: RobustLock, gate: bool) -> bool:
+        """Take ``lock``; append ``data`` as the next record, evicting the
+        records it overwrites -- unless ``gate`` and a live subscriber has not
+        read one of them: then False; release the lock.  One call (the
+        lock's semaphore inlined): the publish fast path.
+        ``len(data) <= max_payload``."""
+        w = self.words
+        sem = lock._sem
+        if not sem.acquire(False):
+            lock.acquire()
+        else:
+            w[lock._w_owner] = _sync._PID
+            w[lock._w_gen] += 1
+        try:
+            buf, base, cap = self.buf, self._base, self.capacity_bytes
+            n = len(data)
+            t = w[L.W_T_TAIL]
+            size = _HDR + ((n + 7) & -8)
+            off = t % cap
+            pad = cap - off if off + size > cap else 0
+            bound = t + pad + size - cap  # records starting before this are overwritten
+            o = w[L.W_T_OLDEST]
+            if o < bound:
+                if gate and not (self._gate_epoch == w[L.W_T_EPOCH] and (self._gate < 0 or self._gate >= bound)):
+                    self._gate_epoch = w[L.W_T_EPOCH]
+                    self._gate = low = self.lowest_cursor()
+                    if 0 <= low < bound:
+                        return False
+                seq = w[L.W_T_OLDEST_SEQ]
+                while o < bound and o < t:
+                    h = w[(base + o % cap) // _W]
+                    if h < 0:
+                        o -= h
+                    else:
+                        o += _HDR + ((h + 7) & -8)
+                        seq += 1
+                if o >= t:
+                    o, seq = t, w[L.W_T_NEXT_SEQ]
+                w[L.W_T_OLDEST_SEQ] = seq
+                w[L.W_T_OLDEST] = o  # before any byte of the old records changes
+            if pad:
+                w[(base + off) // _W] = -pad
+                t += pad
+                off = 0
+            at = base + off
+            seq = w[L.W_T_NEXT_SEQ]
+            w[at // _W] = n
+            w[at // _W + 1] = seq
+            buf[at + _HDR : at + _HDR + n] = data
+            w[L.W_T_NEXT_SEQ] = seq + 1
+            w[L.W_T_TAIL] = t + size  # publishes the record to every subscriber
+        finally:
+            w[lock._w_owner] = 0
+            sem.release()
+        return True
 
     def repair(self) -> None:
         """After a publisher died holding the lock (caller holds it now):
@@ -280,7 +304,13 @@ class Cursor:
                 w[self._base + L.TS_LOST] = self.lost
             self.next_seq = seq + 1
             self.received += 1
-            self._store(pos + record_size(h))
+            self.pos = pos = pos + _HDR + ((h + 7) & -8)
+            b = self._base
+            w[b + L.TS_NEXT_SEQ] = seq + 1
+            w[b + L.TS_RECEIVED] = self.received
+            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
+            if w[L.W_T_PUB_WAITING]:
+                self._not_full.ring()
             return data
 
     def _store(self, pos: int) -> None:

@@ -468,8 +468,10 @@ class Topic:
         published).  Raises MessageTooLarge if the pickle exceeds half the
         ring, BrokenError if the stream has ended (every publisher had
         closed before), ClosedError if this handle is closed."""
-        shared = self._check()
-        deadline = deadline_for(timeout)
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"topic {getattr(self, 'name', '?')!r} is closed")
+        deadline = None if timeout is None else deadline_for(timeout)
         if self._entry < 0 or self._pid != os.getpid():
             if shared.publishers.state() & L.T_PUBLISHERS_DONE:
                 raise BrokenError(f"topic {self.name!r} has ended: every publisher had closed before this publish")
@@ -481,20 +483,11 @@ class Topic:
                 f"a message of {len(data)} bytes can never fit topic {self.name!r} "
                 f"(at most {ring.max_payload}: half its capacity_bytes {ring.capacity_bytes})"
             )
-        lock = shared.lock
-        while True:
-            lock.acquire()
-            try:
-                ok = ring.drop_oldest or ring.room_for(len(data))
-                if ok:
-                    ring.write(data)
-            finally:
-                lock.release()
-            if ok:
-                if self._w[L.W_T_SUB_WAITING]:
-                    ring.wake_subscribers(shared.not_empty_sem)
-                return
+        gate = not ring.drop_oldest
+        while not ring.try_write(data, shared.lock, gate):
             self._wait_for_room(len(data), deadline)
+        if self._w[L.W_T_SUB_WAITING]:
+            ring.wake_subscribers(shared.not_empty_sem)
 
     def _wait_for_room(self, n: int, deadline: Optional[float]) -> None:
         """Wait in slices until a record of ``n`` bytes fits; between slices
