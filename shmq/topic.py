@@ -439,8 +439,10 @@ class Topic:
         _hook_exit()
 
     def _count(self) -> None:
-        self._entry = self._shared.publishers.join()
+        shared = self._shared
+        self._entry = shared.publishers.join()
         self._pid = os.getpid()
+        shared.segment.add_role(L.ROLE_PRODUCER)  # shows in `shmq ls` / `stat`
 
     def _check(self) -> _Shared:
         shared = self._shared
@@ -655,6 +657,7 @@ class Subscription:
         if entry < 0:
             raise TooManyMembers(f"topic {shared.name!r} has {L.T_SUBSCRIBERS} live subscriptions already")
         shared.retain()
+        shared.segment.add_role(L.ROLE_CONSUMER)  # shows in `shmq ls` / `stat`
         self._shared = shared
         self.name = shared.name
         self._start = start

@@ -399,6 +399,54 @@ def test_sigkilled_publisher_breaks_the_stream_after_the_drain(ctx):
     sub.close()
 
 
+def _tagged_publisher(topic, tag):
+    k = 0
+    while True:
+        topic.publish((tag, k, bytes([k % 251]) * (k % 500)))
+        k += 1
+
+
+def test_killed_publisher_does_not_stop_the_other(ctx):
+    """Two publishers; one is SIGKILLed at a random point (perhaps holding the
+    producer lock): the other goes on within a second, per-publisher order
+    holds, nothing is torn or repeated, and the end is BrokenError."""
+    import random
+
+    topic = _topic(8192)
+    sub = topic.subscribe()
+    procs = [ctx.Process(target=_tagged_publisher, args=(topic, tag)) for tag in (0, 1)]
+    for p in procs:
+        p.start()
+    seen = {0: [], 1: []}
+
+    def take(timeout=30):
+        tag, k, body = sub.receive(timeout=timeout)
+        assert body == bytes([k % 251]) * (k % 500)
+        seen[tag].append(k)
+        return tag
+
+    while not (seen[0] and seen[1]):
+        take()
+    topic.close()  # both children publish: they hold the stream now
+    for _ in range(random.randrange(50, 400)):
+        take()
+    os.kill(procs[0].pid, signal.SIGKILL)
+    join_all([procs[0]])
+    before = len(seen[1])
+    t0 = time.monotonic()
+    while len(seen[1]) < before + 20:  # the survivor goes on
+        take()
+    assert time.monotonic() - t0 < 1.5
+    os.kill(procs[1].pid, signal.SIGKILL)
+    join_all([procs[1]])
+    with pytest.raises(shmq.BrokenError, match="died without closing"):
+        while True:
+            take(timeout=10)
+    for tag in (0, 1):
+        assert seen[tag] == list(range(len(seen[tag])))
+    sub.close()
+
+
 def test_publisher_child_that_exits_normally_ends_the_stream(ctx):
     topic = _topic(4096)
     sub = topic.subscribe()
