@@ -491,6 +491,32 @@ def test_unrelated_process_subscribes_by_name():
     assert out.split() == [str(sum(range(500))).encode(), b"0"]
 
 
+def test_unrelated_publisher_that_exits_without_close_ends_the_stream():
+    """atexit closes a plain process's publisher handles: EndOfChannel, not BrokenError."""
+    topic = _topic(4096)
+    sub = topic.subscribe()
+    script = textwrap.dedent(
+        f"""
+        import shmq
+        topic = shmq.Topic.attach({topic.name!r})
+        for i in range(10):
+            topic.publish(i)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ))
+    try:
+        first = sub.receive(timeout=60)
+        topic.close()
+        rest = list(sub)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [first] + rest == list(range(10))
+    sub.close()
+
+
 def test_nothing_left_in_dev_shm():
     topic = _topic(4096, name=unique_name("gone"))
     sub = topic.subscribe()
