@@ -8,6 +8,10 @@ the same run: pyzmq PUB/SUB over ipc:// with ``send_pyobj``/``recv_pyobj``
 runs from the publisher's first send to each subscriber's last message; the
 rate is messages / that time, per subscriber, median over subscribers and
 repeats.  Processes are forked; nothing is pinned.
+
+``shmq.Latest`` (no baseline): set/get pairs per second in one process, and
+the latency of ``get()`` while a forked writer sets continuously (median and
+99th percentile of single calls).
 """
 from __future__ import annotations
 
@@ -135,6 +139,42 @@ def run_zmq(n: int, fan: int) -> List[float]:
     return rates
 
 
+def _set_forever(name: str) -> None:
+    latest = shmq.Latest.attach(name)
+    k = 0
+    while True:
+        latest.set(MESSAGE + (k,))
+        k += 1
+
+
+def run_latest(n: int) -> Dict[str, float]:
+    latest = shmq.Latest(64 << 10)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            latest.set(MESSAGE)
+            latest.get()
+        best = min(best, time.perf_counter() - t0)
+    writer = mp.get_context("fork").Process(target=_set_forever, args=(latest.name,), daemon=True)
+    writer.start()
+    while latest.version < 100:
+        time.sleep(0.001)
+    get, clock = latest.get, time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        get()
+        samples.append(clock() - t0)
+    writer.kill()
+    writer.join(30)
+    samples.sort()
+    latest.unlink()
+    latest.close()
+    return {"set_get_pairs_per_s": n / best, "get_ns_median_while_setting": samples[len(samples) // 2],
+            "get_ns_p99_while_setting": samples[int(len(samples) * 0.99)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=200_000, help="messages per run")
@@ -172,15 +212,20 @@ def main() -> None:
             rows.append({"bench": "topic_fanout", "transport": label, "subscribers": fan,
                          "msgs_per_s_per_subscriber": round(rate), "vs_zmq": round(rate / base, 2) if base else None,
                          **meta})
+    latest = run_latest(args.messages)
+    rows.append({"bench": "latest", **{k: round(v) for k, v in latest.items()}, **meta})
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return
     print(f"small tuples {MESSAGE!r}, {args.messages} messages, {args.repeats} repeat(s), Python {meta['python']}")
     print(f"{'transport':<16}{'subs':>5}{'msgs/s per sub':>16}{'vs zmq':>8}")
-    for row in rows:
+    for row in rows[:-1]:
         ratio = "" if row["vs_zmq"] is None else f"{row['vs_zmq']:.2f}x"
         print(f"{row['transport']:<16}{row['subscribers']:>5}{row['msgs_per_s_per_subscriber']:>16,}{ratio:>8}")
+    print(f"shmq.Latest: {latest['set_get_pairs_per_s']:,.0f} set/get pairs/s in one process; get() while a "
+          f"writer sets: median {latest['get_ns_median_while_setting']:,.0f} ns, "
+          f"p99 {latest['get_ns_p99_while_setting']:,.0f} ns")
 
 
 if __name__ == "__main__":
