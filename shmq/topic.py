@@ -93,7 +93,7 @@ class SubscriberStatistics:
 
     #: the subscriber's process id
     pid: int
-    #: messages published that it has not read yet (lost ones excluded)
+    #: messages still in the ring that it has not read yet
     lag_messages: int
     #: bytes of the ring between its cursor and the newest record
     lag_bytes: int
@@ -584,9 +584,10 @@ class Topic:
 def _statistics(shared: _Shared) -> TopicStatistics:
     w, ring = shared.words, shared.ring
     tail, oldest = w[L.W_T_TAIL], w[L.W_T_OLDEST]
-    published = w[L.W_T_NEXT_SEQ]
+    published, oldest_seq = w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ]
     subs = tuple(
-        SubscriberStatistics(pid, max(0, published - seq), max(0, tail - cursor), lost, received)
+        SubscriberStatistics(pid, max(0, published - max(seq, oldest_seq)), max(0, tail - max(cursor, oldest)),
+                             lost, received)
         for _i, pid, _start, cursor, seq, lost, received in ring.entries()
     )
     return TopicStatistics(
@@ -740,7 +741,11 @@ class Subscription:
             raise ClosedError(f"subscription to topic {self.name!r} is closed")
         w, c = self._w, self._cursor
         return SubscriberStatistics(
-            self._pid, max(0, w[L.W_T_NEXT_SEQ] - c.next_seq), max(0, w[L.W_T_TAIL] - c.pos), c.lost, c.received
+            self._pid,
+            max(0, w[L.W_T_NEXT_SEQ] - max(c.next_seq, w[L.W_T_OLDEST_SEQ])),
+            max(0, w[L.W_T_TAIL] - max(c.pos, w[L.W_T_OLDEST])),
+            c.lost,
+            c.received,
         )
 
     def close(self) -> None:

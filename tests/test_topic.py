@@ -145,6 +145,8 @@ def test_drop_oldest_counts_lost_exactly():
     sub = topic.subscribe()
     for i in range(1000):
         topic.publish(_payload(i), timeout=0)  # never waits
+    held = topic.statistics().held_messages
+    assert sub.statistics().lag_messages == held < 1000  # what is still there to read
     got = []
     while True:
         try:
@@ -153,8 +155,50 @@ def test_drop_oldest_counts_lost_exactly():
             break
     assert got == list(range(got[0], 1000))
     assert sub.lost == got[0] == 1000 - len(got)
+    assert sub.statistics().lag_messages == 0
     assert topic.statistics().subscribers[0].lost == sub.lost
     sub.close(), topic.close()
+
+
+def test_repair_recounts_after_a_publisher_died_in_the_lock():
+    """A publisher killed between its sequence-number store and its TAIL
+    store leaves NEXT_SEQ one ahead; the lock's recoverer recounts it from
+    the records, so subscribers count no phantom loss."""
+    topic = _topic(2048, overflow="drop-oldest")
+    sub = topic.subscribe()
+    for i in range(100):
+        topic.publish(i)
+    w = topic._w
+    good = (w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ])
+    w[L.W_T_NEXT_SEQ] += 1  # what the dead publisher left
+    topic._ring.repair()
+    assert (w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ]) == good
+    topic.publish("next")
+    drained = []
+    while True:
+        try:
+            drained.append(sub.receive_nowait())
+        except shmq.Empty:
+            break
+    assert drained[-1] == "next" and len(drained) + sub.lost == 101
+    sub.close(), topic.close()
+
+
+def test_corrupt_header_raises_instead_of_crashing():
+    topic = _topic(4096)
+    topic._w[L.W_T_CAPACITY] = 12345
+    with pytest.raises(shmq.BrokenError, match="corrupt header"):
+        _attach_fresh(topic.name)
+    topic._w[L.W_T_CAPACITY] = 4096
+    topic.close()
+
+
+def _attach_fresh(name):
+    """Attach in a fresh process-local attachment (not the cached one)."""
+    from shmq import topic as T
+
+    T._attachments.pop(name, None)
+    return shmq.Topic.attach(name)
 
 
 def test_bad_arguments():
