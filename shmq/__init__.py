@@ -24,6 +24,11 @@ from .ring import Ring as Ring
 from .queue import JoinableQueue as JoinableQueue
 from .queue import Queue as Queue
 from .queue import SimpleQueue as SimpleQueue
+from .topic import Latest as Latest
+from .topic import SubscriberStatistics as SubscriberStatistics
+from .topic import Subscription as Subscription
+from .topic import Topic as Topic
+from .topic import TopicStatistics as TopicStatistics
 
 __version__ = "0.1.0"
 
@@ -52,6 +57,11 @@ __all__ = (
     "TooManyMembers",
     "WouldBlock",
     "NoFreeName",
+    "Latest",
+    "SubscriberStatistics",
+    "Subscription",
+    "Topic",
+    "TopicStatistics",
     "__version__",
     "CorruptError",
 )

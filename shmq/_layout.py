@@ -346,3 +346,115 @@ W_BLOB_BYTES = W_KIND_HEADER + 0
 
 def blob_segment_size(payload_bytes: int) -> int:
     return DATA_OFFSET + ((payload_bytes + WORD - 1) & -WORD)
+
+
+# ---------------------------------------------------------------------------
+# Topic (kind 4): a broadcast ring (shmq.Topic, shmq._broadcast).  Every
+# record is written once; every subscriber has its own cursor in the
+# subscriber table.  The data area starts at TOPIC_DATA_OFFSET (the tables do
+# not fit below DATA_OFFSET).  Records: LENGTH word (payload bytes; a pad that
+# fills the end of the data area has minus its total length, and no SEQ),
+# SEQ word (the message number, 0, 1, 2, ... in publishing order), payload
+# padded to 8.  Records never wrap.
+#
+#   word  field                                   written by
+#    264  T_CAPACITY bytes of the data area       creator
+#    265  T_FLAGS (T_DROP_OLDEST)                 creator
+#    266  T_SLOT_CONFIG slot_count << 42 | slot_size (recorded, unused yet)
+#    272  T_TAIL byte position after the newest record  publishers (last store)
+#    273  T_NEXT_SEQ sequence number of the next record  publishers
+#    274  T_OLDEST position of the oldest record still intact: a publisher
+#         moves it past every record it is about to overwrite BEFORE it
+#         writes a byte (readers validate against it after copying)
+#    275  T_OLDEST_SEQ its sequence number          publishers, under the lock
+#    276  T_EPOCH bumped by every subscribe (publishers re-scan cursors)
+#    280  T_PUB_WAITING a publisher sleeps on "not full" ("-nf")
+#    288  T_SUB_WAITING some subscriber sleeps on "not empty" ("-ne")
+#    296  T_PRODUCER_LOCK owner pid, 297 generation (RobustLock "-pl")
+#    304  T_STATE T_PUBLISHERS_DONE | T_PUBLISHER_DIED (bits only set)
+#    305  T_PUBLISHERS open publisher handles (reservations included)
+#    306  T_DEAD_PUBLISHER pid of the first publisher found dead
+#    312  publisher table: T_PUB_MEMBERS entries of 3 words, as a channel's
+#         member table: PID (0 free), START_US, HANDLES (1: one counted
+#         publisher handle per entry)
+#    512  subscriber table: T_SUBSCRIBERS entries of T_SUB_WORDS words:
+#         PID (0 free), START_US, CURSOR (position of the next record to
+#         read), NEXT_SEQ (its expected sequence number), LOST, WAITING,
+#         RECEIVED; only the subscription writes its entry once live
+#         (a janitor frees a dead one: PID 0)
+#   1024  data area (TOPIC_DATA_OFFSET = 8192)
+# ---------------------------------------------------------------------------
+KIND_TOPIC = 4
+KIND_LATEST = 5
+KIND_NAMES[KIND_TOPIC] = "topic"
+KIND_NAMES[KIND_LATEST] = "latest"
+
+W_T_CAPACITY = W_KIND_HEADER + 0
+W_T_FLAGS = W_KIND_HEADER + 1
+W_T_SLOT_CONFIG = W_KIND_HEADER + 2
+W_T_TAIL = W_KIND_HEADER + 8
+W_T_NEXT_SEQ = W_KIND_HEADER + 9
+W_T_OLDEST = W_KIND_HEADER + 10
+W_T_OLDEST_SEQ = W_KIND_HEADER + 11
+W_T_EPOCH = W_KIND_HEADER + 12
+W_T_PUB_WAITING = W_KIND_HEADER + 16
+W_T_SUB_WAITING = W_KIND_HEADER + 24
+W_T_PRODUCER_LOCK = W_KIND_HEADER + 32
+W_T_STATE = W_KIND_HEADER + 40
+W_T_PUBLISHERS = W_KIND_HEADER + 41
+W_T_DEAD_PUBLISHER = W_KIND_HEADER + 42
+W_T_PUB_TABLE = W_KIND_HEADER + 48  # 312
+T_PUB_MEMBERS = 32
+T_PUB_WORDS = 3
+W_T_SUB_TABLE = 512
+T_SUBSCRIBERS = 64
+T_SUB_WORDS = 8
+TS_PID, TS_START_US, TS_CURSOR, TS_NEXT_SEQ, TS_LOST, TS_WAITING, TS_RECEIVED = 0, 1, 2, 3, 4, 5, 6
+TOPIC_DATA_OFFSET = 8192
+T_DROP_OLDEST = 1
+T_PUBLISHERS_DONE = 1
+T_PUBLISHER_DIED = 2
+T_RECORD_HEADER = 2 * WORD
+assert W_T_PUB_TABLE + T_PUB_MEMBERS * T_PUB_WORDS <= W_T_SUB_TABLE
+assert (W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) * WORD <= TOPIC_DATA_OFFSET
+
+
+def topic_pub_word(index: int) -> int:
+    return W_T_PUB_TABLE + index * T_PUB_WORDS
+
+
+def topic_sub_word(index: int) -> int:
+    return W_T_SUB_TABLE + index * T_SUB_WORDS
+
+
+def topic_segment_size(capacity_bytes: int) -> int:
+    return TOPIC_DATA_OFFSET + capacity_bytes
+
+
+# ---------------------------------------------------------------------------
+# Latest (kind 5): the newest value (shmq.Latest), in LATEST_BUFFERS buffers
+# used in turn; version v lives in buffer v % LATEST_BUFFERS.  A setter marks
+# the buffer's SEQ 0, writes LENGTH and the bytes, stores SEQ = v, then
+# VERSION = v (the publishing store).  A reader takes VERSION, copies buffer
+# v % LATEST_BUFFERS and keeps the copy only if SEQ was v before and after.
+#
+#   word  field
+#    264  L_CAPACITY bytes per buffer
+#    272  L_VERSION newest complete version (0: never set)
+#    280  L_WAITERS readers sleeping in wait() (under the admin lock)
+#    296  L_WRITER_LOCK owner pid, 297 generation (RobustLock "-pl")
+#    304  buffer headers: LATEST_BUFFERS x (SEQ, LENGTH)
+#    512  buffers (LATEST_DATA_OFFSET = 4096), each L_CAPACITY bytes
+# ---------------------------------------------------------------------------
+W_L_CAPACITY = W_KIND_HEADER + 0
+W_L_VERSION = W_KIND_HEADER + 8
+W_L_WAITERS = W_KIND_HEADER + 16
+W_L_WRITER_LOCK = W_KIND_HEADER + 32
+W_L_BUFFERS = W_KIND_HEADER + 40
+LATEST_BUFFERS = 3
+LATEST_DATA_OFFSET = DATA_OFFSET
+assert (W_L_BUFFERS + 2 * LATEST_BUFFERS) * WORD <= LATEST_DATA_OFFSET
+
+
+def latest_segment_size(capacity_bytes: int) -> int:
+    return LATEST_DATA_OFFSET + LATEST_BUFFERS * capacity_bytes

@@ -1,0 +1,391 @@
+"""The broadcast ring under ``shmq.Topic`` and the value cell under ``shmq.Latest``.
+
+Byte layer (L1b): record moves, cursors and the subscriber table, over a
+:class:`~shmq._segment.Segment` of kind ``KIND_TOPIC`` / ``KIND_LATEST``
+(byte maps in ``_layout``).  Nothing here pickles, sleeps or decides how long
+to wait; every call returns at once with a status.
+
+Broadcast ring.  Publishers (one at a time, under the producer lock the
+caller holds) append records at TAIL.  Each subscriber reads at its own
+CURSOR.  Before a publisher writes a byte it moves OLDEST past every record
+the new one will overwrite; a reader copies a record, then checks that OLDEST
+has not passed it (x86-64 keeps stores in order and loads in order, so a
+reader that still sees the old OLDEST after its copy copied bytes written
+before the eviction).  A record that was overwritten is *lost* to that reader,
+never torn: it jumps to OLDEST and counts what it missed from the sequence
+numbers the records carry.  Whether a publisher may evict records a live
+subscriber has not read yet (``drop-oldest``) or must wait (``block``) is the
+caller's policy (``gate`` of :meth:`BroadcastRing.try_write`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from . import _layout as L
+from . import _platform as P
+from ._errors import BrokenError
+from ._segment import Segment
+from . import _sync
+from ._sync import Doorbell, RobustLock
+
+__all__ = ("BroadcastRing", "Cursor", "ValueCell", "record_size")
+
+_W = L.WORD
+_HDR = L.T_RECORD_HEADER
+
+
+def record_size(payload_bytes: int) -> int:
+    """Bytes a record of ``payload_bytes`` takes in the data area."""
+    return _HDR + ((payload_bytes + _W - 1) & -_W)
+
+
+class BroadcastRing:
+    """One attachment's view of a topic's ring and tables."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.words = w = segment.words
+        self.buf = segment.buf
+        self.name = segment.name
+        self.capacity_bytes = cap = w[L.W_T_CAPACITY]
+        if cap < L.MIN_CAPACITY or cap % _W or segment.size != L.topic_segment_size(cap):
+            raise BrokenError(f"topic {self.name!r} has a corrupt header: capacity {cap}, size {segment.size}")
+        self.drop_oldest = bool(w[L.W_T_FLAGS] & L.T_DROP_OLDEST)
+        #: the largest payload a record may carry (a pad before it never makes it wrap)
+        self.max_payload = cap // 2 - _HDR
+        self._base = L.TOPIC_DATA_OFFSET
+        # the publisher's cached lowest live cursor and the epoch it was read in
+        self._gate = -1
+        self._gate_epoch = -1
+
+    @staticmethod
+    def initialise(segment: Segment, capacity_bytes: int, drop_oldest: bool, slot_config: int) -> None:
+        """Creator only, before the segment is published."""
+        w = segment.words
+        w[L.W_T_CAPACITY] = capacity_bytes
+        w[L.W_T_FLAGS] = L.T_DROP_OLDEST if drop_oldest else 0
+        w[L.W_T_SLOT_CONFIG] = slot_config
+
+    # -- publisher side (the caller holds the producer lock) ---------------
+    def _span(self, n: int) -> Tuple[int, int, int]:
+        """(tail, pad, size) for a record of ``n`` payload bytes."""
+        t = self.words[L.W_T_TAIL]
+        size = record_size(n)
+        off = t % self.capacity_bytes
+        pad = self.capacity_bytes - off if off + size > self.capacity_bytes else 0
+        return t, pad, size
+
+    def lowest_cursor(self) -> int:
+        """The lowest cursor of a subscriber entry (-1 if none), rescanned."""
+        w = self.words
+        low = -1
+        for i in range(L.T_SUBSCRIBERS):
+            base = L.topic_sub_word(i)
+            if w[base + L.TS_PID]:
+                c = w[base + L.TS_CURSOR]
+                if low < 0 or c < low:
+                    low = c
+        return low
+
+    def room_for(self, n: int) -> bool:
+        """True if a record of ``n`` payload bytes can go in now without
+        overwriting a record some subscriber has not read (block mode)."""
+        t, pad, size = self._span(n)
+        bound = t + pad + size - self.capacity_bytes  # records starting before this are overwritten
+        w = self.words
+        if self._gate_epoch == w[L.W_T_EPOCH] and (self._gate < 0 or self._gate >= bound):
+            return True
+        self._gate_epoch = w[L.W_T_EPOCH]
+        self._gate = low = self.lowest_cursor()
+        return low < 0 or low >= bound
+
+    def gating(self, n: int) -> List[Tuple[int, int, int]]:
+        """(entry, pid, start_us) of the subscribers that keep a record of
+        ``n`` payload bytes out (their cursor is before what it overwrites)."""
+        t, pad, size = self._span(n)
+        bound = t + pad + size - self.capacity_bytes
+        w = self.words
+        out = []
+        for i in range(L.T_SUBSCRIBERS):
+            base = L.topic_sub_word(i)
+            pid = w[base + L.TS_PID]
+            if pid and w[base + L.TS_CURSOR] < bound:
+                out.append((i, pid, w[base + L.TS_START_US]))
+        return out
+
+    def try_write(self, data: bytes, lock: RobustLock, gate: bool) -> bool:
+        """Take ``lock``; append ``data`` as the next record, evicting the
+        records it overwrites -- unless ``gate`` and a live subscriber has not
+        read one of them: then False; release the lock.  One call (the
+        lock's semaphore inlined): the publish fast path.
+        ``len(data) <= max_payload``."""
+        w = self.words
+        sem = lock._sem
+        if not sem.acquire(False):
+            lock.acquire()
+        else:
+            w[lock._w_owner] = _sync._PID
+            w[lock._w_gen] += 1
+        try:
+            buf, base, cap = self.buf, self._base, self.capacity_bytes
+            n = len(data)
+            t = w[L.W_T_TAIL]
+            size = _HDR + ((n + 7) & -8)
+            off = t % cap
+            pad = cap - off if off + size > cap else 0
+            bound = t + pad + size - cap  # records starting before this are overwritten
+            o = w[L.W_T_OLDEST]
+            if o < bound:
+                if gate and not (self._gate_epoch == w[L.W_T_EPOCH] and (self._gate < 0 or self._gate >= bound)):
+                    self._gate_epoch = w[L.W_T_EPOCH]
+                    self._gate = low = self.lowest_cursor()
+                    if 0 <= low < bound:
+                        return False
+                seq = w[L.W_T_OLDEST_SEQ]
+                while o < bound and o < t:
+                    h = w[(base + o % cap) // _W]
+                    if h < 0:
+                        o -= h
+                    else:
+                        o += _HDR + ((h + 7) & -8)
+                        seq += 1
+                if o >= t:
+                    o, seq = t, w[L.W_T_NEXT_SEQ]
+                w[L.W_T_OLDEST_SEQ] = seq
+                w[L.W_T_OLDEST] = o  # before any byte of the old records changes
+            if pad:
+                w[(base + off) // _W] = -pad
+                t += pad
+                off = 0
+            at = base + off
+            seq = w[L.W_T_NEXT_SEQ]
+            w[at // _W] = n
+            w[at // _W + 1] = seq
+            buf[at + _HDR : at + _HDR + n] = data
+            w[L.W_T_NEXT_SEQ] = seq + 1
+            w[L.W_T_TAIL] = t + size  # publishes the record to every subscriber
+        finally:
+            w[lock._w_owner] = 0
+            sem.release()
+        return True
+
+    def repair(self) -> None:
+        """After a publisher died holding the lock (caller holds it now):
+        recount OLDEST_SEQ and NEXT_SEQ from the records themselves."""
+        w, base, cap = self.words, self._base, self.capacity_bytes
+        t, o = w[L.W_T_TAIL], w[L.W_T_OLDEST]
+        while o < t and w[(base + o % cap) // _W] < 0:
+            o -= w[(base + o % cap) // _W]
+        if o >= t:
+            w[L.W_T_OLDEST_SEQ] = w[L.W_T_NEXT_SEQ]
+            return
+        seq = w[(base + o % cap) // _W + 1]
+        w[L.W_T_OLDEST_SEQ] = seq
+        while o < t:
+            h = w[(base + o % cap) // _W]
+            if h < 0:
+                o -= h
+            else:
+                o += record_size(h)
+                seq += 1
+        w[L.W_T_NEXT_SEQ] = seq
+
+    def wake_subscribers(self, sem) -> None:
+        """Post ``sem`` once per subscriber that announced it sleeps."""
+        w = self.words
+        w[L.W_T_SUB_WAITING] = 0
+        count = 0
+        for i in range(L.T_SUBSCRIBERS):
+            word = L.topic_sub_word(i) + L.TS_WAITING
+            if w[word]:
+                w[word] = 0
+                count += 1
+        # a sleeper that timed out leaves a post behind: never pile them up
+        for _ in range(max(0, count - P.sem_value(sem))):
+            sem.release()
+
+    # -- the subscriber table --------------------------------------------
+    def join(self, pid: int, start_us: int, oldest: bool) -> Tuple[int, int, int]:
+        """A new subscriber entry at TAIL (or OLDEST): ``(entry, cursor,
+        next_seq)``, or entry -1 if the table is full.  Holds: the producer
+        lock (so no record is half written) and the admin lock."""
+        w = self.words
+        if oldest:
+            cursor, seq = w[L.W_T_OLDEST], w[L.W_T_OLDEST_SEQ]
+        else:
+            cursor, seq = w[L.W_T_TAIL], w[L.W_T_NEXT_SEQ]
+        for i in range(L.T_SUBSCRIBERS):
+            base = L.topic_sub_word(i)
+            if w[base + L.TS_PID] == 0:
+                for k in range(1, L.T_SUB_WORDS):
+                    w[base + k] = 0
+                w[base + L.TS_START_US] = start_us
+                w[base + L.TS_CURSOR] = cursor
+                w[base + L.TS_NEXT_SEQ] = seq
+                w[base + L.TS_PID] = pid  # live from this store on
+                w[L.W_T_EPOCH] += 1  # publishers re-read the cursors
+                return i, cursor, seq
+        return -1, 0, 0
+
+    def free(self, entry: int, pid: int, start_us: int) -> bool:
+        """Free ``entry`` if it still belongs to ``pid``/``start_us``
+        (caller holds the admin lock)."""
+        base = L.topic_sub_word(entry)
+        w = self.words
+        if w[base + L.TS_PID] != pid or w[base + L.TS_START_US] != start_us:
+            return False
+        w[base + L.TS_PID] = 0
+        return True
+
+    def entries(self) -> List[Tuple[int, ...]]:
+        """(entry, pid, start_us, cursor, next_seq, lost, received) of every used entry."""
+        w = self.words
+        out = []
+        for i in range(L.T_SUBSCRIBERS):
+            base = L.topic_sub_word(i)
+            if w[base + L.TS_PID]:
+                out.append((i,) + tuple(w[base + k] for k in (L.TS_PID, L.TS_START_US, L.TS_CURSOR,
+                                                              L.TS_NEXT_SEQ, L.TS_LOST, L.TS_RECEIVED)))
+        return out
+
+
+class Cursor:
+    """A subscriber's position: reads records one by one, counting the ones
+    it lost to publishers that overwrote them.  One thread uses it."""
+
+    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full")
+
+    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
+        self.ring = ring
+        self.entry = entry
+        self.pos = pos
+        self.next_seq = next_seq
+        self.lost = 0
+        self.received = 0
+        self._w = ring.words
+        self._base = L.topic_sub_word(entry)
+        self._not_full = not_full
+
+    def can_read(self) -> bool:
+        return self._w[L.W_T_TAIL] > self.pos
+
+    def try_read(self) -> Optional[bytes]:
+        """The next record's payload, or None if there is none yet."""
+        ring, w = self.ring, self._w
+        buf, cap, base = ring.buf, ring.capacity_bytes, ring._base
+        pos = self.pos
+        while True:
+            t = w[L.W_T_TAIL]
+            if pos >= t:
+                if pos != self.pos:
+                    self._store(pos)
+                return None
+            if pos < w[L.W_T_OLDEST]:
+                pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+                continue
+            at = base + pos % cap
+            h = w[at // _W]
+            if h < 0:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                if -h > cap - pos % cap or -h % _W:
+                    raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
+                pos -= h
+                continue
+            if h > ring.max_payload or pos % cap + _HDR + h > cap:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
+            seq = w[at // _W + 1]
+            data = bytes(buf[at + _HDR : at + _HDR + h])
+            if w[L.W_T_OLDEST] > pos:
+                continue  # overwritten while we copied: lost, look again
+            if seq > self.next_seq:
+                self.lost += seq - self.next_seq
+                w[self._base + L.TS_LOST] = self.lost
+            self.next_seq = seq + 1
+            self.received += 1
+            self.pos = pos = pos + _HDR + ((h + 7) & -8)
+            b = self._base
+            w[b + L.TS_NEXT_SEQ] = seq + 1
+            w[b + L.TS_RECEIVED] = self.received
+            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
+            if w[L.W_T_PUB_WAITING]:
+                self._not_full.ring()
+            return data
+
+    def _store(self, pos: int) -> None:
+        w, base = self._w, self._base
+        self.pos = pos
+        w[base + L.TS_NEXT_SEQ] = self.next_seq
+        w[base + L.TS_RECEIVED] = self.received
+        w[base + L.TS_CURSOR] = pos  # publishers gate on this word
+        if w[L.W_T_PUB_WAITING]:
+            self._not_full.ring()
+
+    def announce(self) -> None:
+        """About to sleep on "not empty": publishers post for this entry."""
+        self._w[self._base + L.TS_WAITING] = 1
+        self._w[L.W_T_SUB_WAITING] = 1
+
+    def withdraw(self) -> None:
+        """Left the wait without a post for this entry."""
+        self._w[self._base + L.TS_WAITING] = 0
+
+
+class ValueCell:
+    """The buffers of a ``shmq.Latest`` (see ``_layout``)."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.name = segment.name
+        self.words = w = segment.words
+        self.buf = segment.buf
+        self.capacity_bytes = cap = w[L.W_L_CAPACITY]
+        if cap < 0 or cap % _W or segment.size != L.latest_segment_size(cap):
+            raise BrokenError(f"latest {self.name!r} has a corrupt header: capacity {cap}, size {segment.size}")
+
+    @staticmethod
+    def initialise(segment: Segment, capacity_bytes: int) -> None:
+        segment.words[L.W_L_CAPACITY] = capacity_bytes
+
+    @property
+    def version(self) -> int:
+        return self.words[L.W_L_VERSION]
+
+    def write(self, data: bytes) -> int:
+        """Store ``data`` as the next version; returns it.  Holds: the writer
+        lock; ``len(data) <= capacity_bytes``."""
+        w, cap = self.words, self.capacity_bytes
+        v = w[L.W_L_VERSION] + 1
+        b = v % L.LATEST_BUFFERS
+        hdr = L.W_L_BUFFERS + 2 * b
+        w[hdr] = 0  # readers of the version this buffer held see it change
+        w[hdr + 1] = len(data)
+        at = L.LATEST_DATA_OFFSET + b * cap
+        self.buf[at : at + len(data)] = data
+        w[hdr] = v
+        w[L.W_L_VERSION] = v  # publishes it
+        return v
+
+    def try_read(self) -> Optional[Tuple[int, bytes]]:
+        """(version, bytes) of the newest complete value, None if never set,
+        or ``(-1, b"")`` if a writer overtook this read (try again)."""
+        w, cap = self.words, self.capacity_bytes
+        v = w[L.W_L_VERSION]
+        if v == 0:
+            return None
+        b = v % L.LATEST_BUFFERS
+        hdr = L.W_L_BUFFERS + 2 * b
+        if w[hdr] != v:
+            return -1, b""
+        n = w[hdr + 1]
+        if not 0 <= n <= cap:
+            if w[hdr] != v:
+                return -1, b""
+            raise BrokenError(f"latest {self.name!r} is corrupt: value of {n} bytes")
+        at = L.LATEST_DATA_OFFSET + b * cap
+        data = bytes(self.buf[at : at + n])
+        if w[hdr] != v:
+            return -1, b""
+        return v, data

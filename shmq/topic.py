@@ -1,0 +1,944 @@
+"""Topics (one stream, every subscriber gets every message) and Latest (the newest value).
+
+A :class:`Topic` is a broadcast ring in one shared-memory segment: a message
+is pickled and written once, whatever the number of subscribers, and every
+subscriber reads it at its own cursor (``shmq._broadcast``)::
+
+    topic = shmq.Topic()                      # the creator counts as a publisher
+    sub = topic.subscribe()                   # any process: Topic.attach(name).subscribe()
+    topic.publish({"frame": 1})
+    sub.receive()                             # -> {"frame": 1}
+    topic.close()                             # last publisher closed: subscribers
+    for msg in sub: ...                       # drain, then the loop ends (EndOfChannel)
+
+Back-pressure (``overflow="block"``, the default): the slowest live
+subscriber gates the publishers.  ``overflow="drop-oldest"``: publishers never
+wait; a subscriber that falls a whole ring behind loses the oldest messages,
+and ``Subscription.lost`` counts exactly how many.  A subscriber's process
+that dies stops gating within one slice (``SLICE_SECONDS``) of a publisher
+waiting on it.
+
+End of stream follows channels (docs/channels.md): publishers are counted
+handles.  Every publisher closed -> subscribers drain, then EndOfChannel; a
+publisher's process died without closing -> BrokenError naming it.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Tuple
+
+from . import _layout as L
+from . import _platform as P
+from ._broadcast import BroadcastRing, Cursor, ValueCell
+from ._errors import (
+    BrokenError,
+    ClosedError,
+    Empty,
+    EndOfChannel,
+    MessageTooLarge,
+    TooManyMembers,
+)
+from ._segment import Segment
+from ._sync import SPIN_SECONDS, Doorbell, RobustLock, full_fence
+from ._wait import deadline_for, wait_until
+
+__all__ = (
+    "Latest",
+    "Subscription",
+    "SubscriberStatistics",
+    "Topic",
+    "TopicStatistics",
+    "DEFAULT_CAPACITY_BYTES",
+    "SLICE_SECONDS",
+)
+
+DEFAULT_CAPACITY_BYTES = 1 << 20
+#: blocked publish/receive/wait calls re-check the peers (dead? closed?) this often
+SLICE_SECONDS = 0.1
+_OVERFLOWS = ("block", "drop-oldest")
+_STARTS = ("next", "oldest")
+_LOW = (1 << 32) - 1
+
+_monotonic = time.monotonic
+
+
+def _now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def _slice_end(deadline: Optional[float]) -> float:
+    end = _monotonic() + SLICE_SECONDS
+    return end if deadline is None or deadline > end else deadline
+
+
+def _check_capacity(capacity_bytes: Any) -> int:
+    if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool):
+        raise TypeError(f"'capacity_bytes' must be an int, got {capacity_bytes!r}")
+    if capacity_bytes < 1024 or capacity_bytes % 8:
+        raise ValueError(f"'capacity_bytes' must be a multiple of 8 of at least 1024, got {capacity_bytes}")
+    return capacity_bytes
+
+
+@dataclass(frozen=True)
+class SubscriberStatistics:
+    """One subscription's position in its topic."""
+
+    #: the subscriber's process id
+    pid: int
+    #: messages still in the ring that it has not read yet
+    lag_messages: int
+    #: bytes of the ring between its cursor and the newest record
+    lag_bytes: int
+    #: messages it lost (overwritten before it read them; drop-oldest only)
+    lost: int
+    #: messages it received
+    received: int
+
+
+@dataclass(frozen=True)
+class TopicStatistics:
+    """A snapshot of a topic, as every attached process sees it."""
+
+    #: the topic's name
+    name: str
+    #: "block" or "drop-oldest"
+    overflow: str
+    #: size of the ring's data area
+    capacity_bytes: int
+    #: messages published since the topic was created
+    published: int
+    #: messages still in the ring (readable by a ``start="oldest"`` subscriber)
+    held_messages: int
+    #: bytes those take in the ring (record headers and padding included)
+    held_bytes: int
+    #: open publisher handles in every process (dead ones not counted)
+    publishers: int
+    #: True once every publisher has closed (or died): the stream ended
+    ended: bool
+    #: the live subscriptions, one entry each
+    subscribers: Tuple[SubscriberStatistics, ...]
+
+
+# -- counting publishers -----------------------------------------------------------
+class _Publishers:
+    """The topic's publisher table (``_layout``): how many publisher handles
+    each process holds, their total, and the stream's persistent state bits.
+    The same bookkeeping as a channel's senders (``shmq.channel._Members``);
+    every change happens under the segment's admin lock."""
+
+    def __init__(self, segment: Segment) -> None:
+        self._seg = segment
+        self._w = segment.words
+        self._next_scan = 0.0
+
+    def state(self) -> int:
+        return self._w[L.W_T_STATE]
+
+    def count(self) -> int:
+        return max(0, self._w[L.W_T_PUBLISHERS])
+
+    def join(self) -> int:
+        """Count one publisher handle of this process; its entry.  Raises
+        TooManyMembers if the table is full of live publishers."""
+        pid, start_us = os.getpid(), P.my_start_us()
+        for attempt in range(2):
+            with self._seg.admin_lock():
+                w = self._w
+                for i in range(L.T_PUB_MEMBERS):
+                    base = L.topic_pub_word(i)
+                    if w[base] == 0:
+                        w[base + 2] = 0
+                        w[base + 1] = start_us
+                        w[base] = pid
+                        self._change_locked(i, 1)
+                        return i
+            if attempt == 0:
+                self.scan()
+        raise TooManyMembers(
+            f"topic {self._seg.name!r} has no free publisher entry: {L.T_PUB_MEMBERS} publisher handles are open"
+        )
+
+    def leave(self, index: int) -> int:
+        """Close the handle of entry ``index``; the state bits this set."""
+        with self._seg.admin_lock():
+            base = L.topic_pub_word(index)
+            if self._w[base] != os.getpid():
+                return 0
+            bits = self._change_locked(index, -1)
+            self._w[base] = 0
+            return bits
+
+    def _change_locked(self, index: int, delta: int, died: int = 0) -> int:
+        w = self._w
+        base = L.topic_pub_word(index)
+        w[base + 2] = max(0, w[base + 2] + delta)
+        total = 0
+        for i in range(L.T_PUB_MEMBERS):
+            entry = L.topic_pub_word(i)
+            if w[entry]:
+                total += max(0, w[entry + 2])
+        w[L.W_T_PUBLISHERS] = total
+        old = w[L.W_T_STATE]
+        new = old
+        if died:
+            new |= L.T_PUBLISHER_DIED
+            if not w[L.W_T_DEAD_PUBLISHER]:
+                w[L.W_T_DEAD_PUBLISHER] = died
+        if delta < 0 and total == 0:
+            new |= L.T_PUBLISHERS_DONE
+        if new != old:
+            w[L.W_T_STATE] = new  # one store: DONE is seen together with DIED
+        return new & ~old
+
+    def scan(self) -> int:
+        """Count dead publishers' handles as closed, noting that they died;
+        returns the state bits this set."""
+        self._next_scan = _monotonic() + SLICE_SECONDS
+        w = self._w
+        gone = []
+        for i in range(L.T_PUB_MEMBERS):
+            base = L.topic_pub_word(i)
+            pid, start = w[base], w[base + 1]
+            if pid == 0:
+                continue
+            if not 0 < pid < 1 << 31 or not P.is_alive(pid, start):
+                gone.append((i, pid, start))
+        bits = 0
+        if gone:
+            with self._seg.admin_lock():
+                for i, pid, start in gone:
+                    base = L.topic_pub_word(i)
+                    if w[base] != pid or w[base + 1] != start:
+                        continue
+                    bits |= self._change_locked(i, -1, pid)
+                    w[base] = 0
+        return bits
+
+    def maybe_scan(self) -> int:
+        if _monotonic() < self._next_scan:
+            return 0
+        return self.scan()
+
+
+class _Shared:
+    """One process's attachment to a topic: the segment, the ring, the lock
+    and the bells, shared by its Topic handles and Subscriptions."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.name = segment.name
+        self.ring = BroadcastRing(segment)
+        create = segment.is_creator
+        w = segment.words
+        self.words = w
+        self.lock = RobustLock(P.semaphore(self.name + "-pl", create, lock=True), segment, L.W_T_PRODUCER_LOCK)
+        self.lock.on_recover = self._repair
+        self.not_full = Doorbell(P.semaphore(self.name + "-nf", create), w, L.W_T_PUB_WAITING)
+        self.not_empty_sem = P.semaphore(self.name + "-ne", create)
+        self.publishers = _Publishers(segment)
+        self.users = 0
+        self.pid = os.getpid()
+        self.mutex = threading.Lock()
+
+    def _repair(self) -> None:
+        if self.lock.acquire(1.0):
+            try:
+                self.ring.repair()
+            finally:
+                self.lock.release()
+
+    def retain(self) -> None:
+        with self.mutex:
+            self.users += 1
+
+    def release(self) -> None:
+        with self.mutex:
+            self.users -= 1
+            last = self.users <= 0
+        if last and not self.segment.closed:
+            _attachments.pop(self.name, None)
+            self.segment.close()
+
+    def wake(self, bits: int) -> None:
+        if bits & L.T_PUBLISHERS_DONE:
+            self.ring.wake_subscribers(self.not_empty_sem)
+
+    def why_ended(self) -> Exception:
+        if self.publishers.state() & L.T_PUBLISHER_DIED:
+            return BrokenError(
+                f"topic {self.name!r} is broken: publisher process {self.words[L.W_T_DEAD_PUBLISHER]} died "
+                f"without closing; everything published before was delivered"
+            )
+        return EndOfChannel(f"topic {self.name!r} ended: every publisher closed and everything was received")
+
+
+# one attachment per topic per process (Topic handles and subscriptions share it)
+_attachments: "dict[str, _Shared]" = {}
+_attach_lock = threading.Lock()
+
+
+def _attach_shared(name: str) -> _Shared:
+    with _attach_lock:
+        shared = _attachments.get(name)
+        if shared is not None and shared.pid == os.getpid() and not shared.segment.closed:
+            shared.retain()
+            return shared
+        segment = Segment.attach(name, L.KIND_TOPIC)
+        try:
+            shared = _Shared(segment)
+        except BaseException:
+            segment.close()
+            raise
+        shared.retain()
+        _attachments[name] = shared
+        return shared
+
+
+# -- exit: a process that ends normally closes its publisher handles and subscriptions
+_live_handles: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_exit_pid = 0
+_atexit_done = False
+
+
+def _close_all_at_exit() -> None:
+    for handle in list(_live_handles):
+        try:
+            handle._exit_close()
+        except Exception:  # a segment already unmapped: nothing left to count
+            pass
+
+
+class _AfterForkToken:
+    """multiprocessing keeps after-fork callbacks by a weak reference to an object."""
+
+
+_token = _AfterForkToken()
+_after_fork_registered = False
+
+
+def _hook_exit() -> None:
+    """As shmq.channel: atexit (registered after the segments' finalizers, so
+    it runs before they unmap), plus multiprocessing's exit finalizers for its
+    children (which leave through os._exit), re-registered after its
+    children clear them at start."""
+    global _exit_pid, _atexit_done, _after_fork_registered
+    if not _atexit_done:
+        _atexit_done = True
+        atexit.register(_close_all_at_exit)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None or _exit_pid == os.getpid():
+        return
+    _exit_pid = os.getpid()
+    mp_util.Finalize(None, _close_all_at_exit, exitpriority=10)
+    if not _after_fork_registered:
+        _after_fork_registered = True
+        mp_util.register_after_fork(_token, _after_mp_child)
+
+
+def _after_mp_child(_t: object) -> None:
+    global _exit_pid
+    _exit_pid = 0
+    if len(_live_handles):
+        _hook_exit()
+
+
+def _after_fork_in_child() -> None:
+    global _exit_pid
+    _exit_pid = 0
+    for shared in list(_attachments.values()):
+        shared.mutex = threading.Lock()
+    _attachments.clear()  # a child attaches anew (its own users count)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- Topic ----------------------------------------------------------------------
+class Topic:
+    """A broadcast stream in shared memory (see the module docstring).
+
+    ``Topic(capacity_bytes, *, name=None, slot_size=None, slot_count=8,
+    overflow="block")`` creates one; :meth:`attach` opens an existing one by
+    name; the handle pickles as its name.  ``capacity_bytes``: the ring's
+    data area; one message (pickled) may take up to half of it.
+    ``slot_size``/``slot_count`` are recorded for a slot pool of large arrays
+    that this version does not use yet: arrays travel pickled through the ring.
+
+    Counted publishers: the handle ``Topic(...)`` returns counts as a
+    publisher from its creation; any other handle (from :meth:`attach`,
+    unpickled in a child, or inherited by a forked child) from its first
+    :meth:`publish` in its process.  ``close()`` (or the end of the process)
+    ends the handle's count; the last one ends the stream.  So a parent that
+    hands publishing to children closes its own handle only once they have
+    published (``statistics().publishers``) -- handing a topic to subscriber
+    children never keeps the stream open.
+    """
+
+    _shared: Optional[_Shared] = None
+    _entry = -1  # publisher entry, -1: not a counted publisher (yet)
+
+    def __init__(
+        self,
+        capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
+        *,
+        name: Optional[str] = None,
+        slot_size: Optional[int] = None,
+        slot_count: int = 8,
+        overflow: str = "block",
+    ) -> None:
+        capacity_bytes = _check_capacity(capacity_bytes)
+        if overflow not in _OVERFLOWS:
+            raise ValueError(f"'overflow' must be 'block' or 'drop-oldest', got {overflow!r}")
+        if slot_size is not None and (not isinstance(slot_size, int) or slot_size <= 0):
+            raise ValueError(f"'slot_size' must be a positive int or None, got {slot_size!r}")
+        if not isinstance(slot_count, int) or slot_count <= 0:
+            raise ValueError(f"'slot_count' must be a positive int, got {slot_count!r}")
+        segment = Segment.create(L.KIND_TOPIC, L.topic_segment_size(capacity_bytes), name)
+        try:
+            BroadcastRing.initialise(segment, capacity_bytes, overflow == "drop-oldest",
+                                     slot_count << L.POOL_COUNT_SHIFT | (slot_size or 0))
+            shared = _Shared(segment)
+            segment.publish()
+        except BaseException:
+            segment.unlink()
+            segment.close()
+            raise
+        shared.retain()
+        with _attach_lock:
+            _attachments[segment.name] = shared
+        self._setup(shared)
+        self._count()
+
+    @classmethod
+    def attach(cls, name: str) -> "Topic":
+        """Open the topic ``name`` created by any process (not a counted
+        publisher until it publishes).  Raises FileNotFoundError,
+        PermissionError, LayoutError if ``name`` is not an shmq topic."""
+        self = cls.__new__(cls)
+        self._setup(_attach_shared(name))
+        return self
+
+    def _setup(self, shared: _Shared) -> None:
+        self._shared = shared
+        self._segment = shared.segment
+        self._ring = shared.ring
+        self._w = shared.words
+        self.name = shared.name
+        self._pid = os.getpid()
+        self._entry = -1
+        _live_handles.add(self)
+        _hook_exit()
+
+    def _count(self) -> None:
+        shared = self._shared
+        self._entry = shared.publishers.join()
+        self._pid = os.getpid()
+        shared.segment.add_role(L.ROLE_PRODUCER)  # shows in `shmq ls` / `stat`
+
+    def _check(self) -> _Shared:
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"topic {getattr(self, 'name', '?')!r} is closed")
+        return shared
+
+    @property
+    def closed(self) -> bool:
+        return self._shared is None
+
+    @property
+    def overflow(self) -> str:
+        return "drop-oldest" if self._check().ring.drop_oldest else "block"
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._check().ring.capacity_bytes
+
+    # -- publishing ---------------------------------------------------------
+    def publish(self, obj: Any, timeout: Optional[float] = None) -> None:
+        """Publish ``obj`` to every subscriber (pickled once, written once).
+        In ``block`` mode waits up to ``timeout`` seconds for the slowest
+        live subscriber to make room; raises Full if it does not (nothing was
+        published).  Raises MessageTooLarge if the pickle exceeds half the
+        ring, BrokenError if the stream has ended (every publisher had
+        closed before), ClosedError if this handle is closed."""
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"topic {getattr(self, 'name', '?')!r} is closed")
+        deadline = None if timeout is None else deadline_for(timeout)
+        if self._entry < 0 or self._pid != os.getpid():
+            if shared.publishers.state() & L.T_PUBLISHERS_DONE:
+                raise BrokenError(f"topic {self.name!r} has ended: every publisher had closed before this publish")
+            self._count()
+        data = pickle.dumps(obj, 5)
+        ring = self._ring
+        if len(data) > ring.max_payload:
+            raise MessageTooLarge(
+                f"a message of {len(data)} bytes can never fit topic {self.name!r} "
+                f"(at most {ring.max_payload}: half its capacity_bytes {ring.capacity_bytes})"
+            )
+        gate = not ring.drop_oldest
+        while not ring.try_write(data, shared.lock, gate):
+            self._wait_for_room(len(data), deadline)
+        if self._w[L.W_T_SUB_WAITING]:
+            ring.wake_subscribers(shared.not_empty_sem)
+
+    def _wait_for_room(self, n: int, deadline: Optional[float]) -> None:
+        """Wait in slices until a record of ``n`` bytes fits; between slices
+        free the entries of dead subscribers that gate it."""
+        from ._errors import Full
+
+        shared = self._shared
+        ring = self._ring
+
+        def ready() -> bool:
+            ring._gate_epoch = -1
+            return ring.room_for(n)
+
+        while True:
+            if wait_until(ready, shared.not_full, _slice_end(deadline)):
+                return
+            self._reap_gating(n)
+            if ring.room_for(n):
+                return
+            if deadline is not None and _monotonic() >= deadline:
+                raise Full(f"topic {self.name!r} is full: a subscriber has not read the oldest message")
+
+    def _reap_gating(self, n: int) -> int:
+        shared = self._shared
+        ring = self._ring
+        dead = [(i, pid, start) for i, pid, start in ring.gating(n) if not P.is_alive(pid, start)]
+        if dead:
+            with shared.segment.admin_lock():
+                for i, pid, start in dead:
+                    ring.free(i, pid, start)
+            ring._gate_epoch = -1
+        return len(dead)
+
+    # -- subscribing --------------------------------------------------------
+    def subscribe(self, start: str = "next") -> "Subscription":
+        """A new subscription of this process: from the next message
+        published (``start="next"``) or from the oldest message the ring
+        still holds (``"oldest"``).  Raises TooManyMembers if 64 live
+        subscriptions exist, ClosedError if this handle is closed."""
+        shared = self._check()
+        if start not in _STARTS:
+            raise ValueError(f"'start' must be 'next' or 'oldest', got {start!r}")
+        return Subscription(shared, start == "oldest", _key=_KEY)
+
+    # -- the rest -------------------------------------------------------------
+    def statistics(self) -> TopicStatistics:
+        """Counters of the topic and of every live subscription (dead
+        publishers are looked for first)."""
+        shared = self._check()
+        shared.publishers.scan()
+        return _statistics(shared)
+
+    def close(self) -> None:
+        """Close this handle (idempotent).  If it was a counted publisher, its
+        count ends; the last one ends the stream for the subscribers.
+        Subscriptions made from it stay open."""
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        _live_handles.discard(self)
+        entry, self._entry = self._entry, -1
+        if entry >= 0 and self._pid == os.getpid() and not shared.segment.closed:
+            shared.wake(shared.publishers.leave(entry))
+        shared.release()
+
+    def _exit_close(self) -> None:
+        if self._pid == os.getpid() or self._entry < 0:
+            self.close()
+
+    def unlink(self) -> None:
+        """Remove the topic's name (and semaphores) for everybody; handles
+        already open keep working.  The creator does this when it ends.
+        Also allowed after close()."""
+        self._segment.unlink()
+
+    def __reduce__(self):
+        """The topic's name: the process that unpickles it attaches (not a
+        counted publisher until it publishes).  Raises ClosedError if closed."""
+        self._check()
+        return (Topic.attach, (self.name,))
+
+    def __enter__(self) -> "Topic":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Topic {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"
+
+
+def _statistics(shared: _Shared) -> TopicStatistics:
+    w, ring = shared.words, shared.ring
+    tail, oldest = w[L.W_T_TAIL], w[L.W_T_OLDEST]
+    published, oldest_seq = w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ]
+    subs = tuple(
+        SubscriberStatistics(pid, max(0, published - max(seq, oldest_seq)), max(0, tail - max(cursor, oldest)),
+                             lost, received)
+        for _i, pid, _start, cursor, seq, lost, received in ring.entries()
+    )
+    return TopicStatistics(
+        name=shared.name,
+        overflow="drop-oldest" if ring.drop_oldest else "block",
+        capacity_bytes=ring.capacity_bytes,
+        published=published,
+        held_messages=max(0, published - w[L.W_T_OLDEST_SEQ]),
+        held_bytes=max(0, tail - oldest),
+        publishers=shared.publishers.count(),
+        ended=bool(shared.publishers.state() & L.T_PUBLISHERS_DONE),
+        subscribers=subs,
+    )
+
+
+_KEY = object()
+
+
+class _SubscriberBell:
+    """What ``_sync.wait_until`` needs: announce on the cursor's entry, sleep
+    on the topic's "not empty" semaphore (publishers post once per entry and
+    clear the entry's flag: the ring takes the count), and the per-process
+    adaptive spin state every bell carries."""
+
+    __slots__ = ("_cursor", "_sem", "spin_budget", "skipped", "long_waits")
+    ring_takes_count = True
+
+    def __init__(self, cursor: Cursor, sem: Any) -> None:
+        self._cursor = cursor
+        self._sem = sem
+        self.spin_budget = SPIN_SECONDS
+        self.skipped = 0
+        self.long_waits = 0
+
+    def announce(self) -> None:
+        self._cursor.announce()
+        full_fence()  # the flag store before the waiter's re-check of the ring
+
+    def withdraw(self) -> None:
+        self._cursor.withdraw()
+
+    def sleep(self, seconds: float) -> bool:
+        return self._sem.acquire(True, max(0.0, seconds))
+
+
+class Subscription:
+    """One subscriber's cursor in a topic (from :meth:`Topic.subscribe`).
+
+    ``receive()``/``receive_nowait()``/iteration deliver every message
+    published after it started, in order (per publisher), each once.  Use it
+    from one thread of the process that made it.  After :meth:`close`
+    returns, nothing more is delivered to it and it no longer holds the
+    publishers back.  Not picklable: a process subscribes itself.
+    """
+
+    _shared: Optional[_Shared] = None
+
+    def __init__(self, shared: _Shared, oldest: bool, *, _key: object = None) -> None:
+        if _key is not _KEY:
+            raise TypeError("use Topic.subscribe()")
+        pid, start = os.getpid(), P.my_start_us()
+        ring = shared.ring
+        entry = -1
+        for attempt in range(2):
+            shared.lock.acquire()
+            try:
+                with shared.segment.admin_lock():
+                    entry, pos, seq = ring.join(pid, start, oldest)
+            finally:
+                shared.lock.release()
+            if entry >= 0:
+                break
+            if attempt == 0:  # free the entries of dead subscribers, then try again
+                with shared.segment.admin_lock():
+                    for i, p, s, *_ in ring.entries():
+                        if not P.is_alive(p, s):
+                            ring.free(i, p, s)
+        if entry < 0:
+            raise TooManyMembers(f"topic {shared.name!r} has {L.T_SUBSCRIBERS} live subscriptions already")
+        shared.retain()
+        shared.segment.add_role(L.ROLE_CONSUMER)  # shows in `shmq ls` / `stat`
+        self._shared = shared
+        self.name = shared.name
+        self._start = start
+        self._pid = pid
+        self._cursor = Cursor(ring, entry, pos, seq, shared.not_full)
+        self._bell = _SubscriberBell(self._cursor, shared.not_empty_sem)
+        self._w = shared.words
+        self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start)
+        self._finalizer.atexit = False
+        _live_handles.add(self)
+        _hook_exit()
+
+    @property
+    def lost(self) -> int:
+        """Messages this subscription lost: overwritten (drop-oldest) before it read them."""
+        return self._cursor.lost
+
+    @property
+    def received(self) -> int:
+        """Messages this subscription received."""
+        return self._cursor.received
+
+    @property
+    def closed(self) -> bool:
+        return self._shared is None
+
+    def receive(self, timeout: Optional[float] = None) -> Any:
+        """The next message, waiting up to ``timeout`` seconds (Empty if none
+        came).  Once every publisher has closed and this subscription has
+        read everything: EndOfChannel; if a publisher died without closing:
+        BrokenError naming it.  ClosedError if this subscription is closed."""
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"subscription to topic {self.name!r} is closed")
+        if timeout is not None and timeout < 0:
+            deadline_for(timeout)  # raises ValueError
+        data = self._cursor.try_read()
+        if data is None:
+            data = self._receive_waiting(shared, timeout)
+        return pickle.loads(data)
+
+    def receive_nowait(self) -> Any:
+        """The next message, or raise Empty at once; otherwise as :meth:`receive`."""
+        return self.receive(0)
+
+    def _receive_waiting(self, shared: _Shared, timeout: Optional[float]) -> bytes:
+        deadline = deadline_for(timeout)
+        cursor, publishers = self._cursor, shared.publishers
+        ready = lambda: cursor.can_read() or publishers.state() & L.T_PUBLISHERS_DONE  # noqa: E731
+        while True:
+            data = cursor.try_read()
+            if data is not None:
+                return data
+            if publishers.state() & L.T_PUBLISHERS_DONE:
+                # every publisher's last record was published before its count dropped
+                data = cursor.try_read()
+                if data is not None:
+                    return data
+                raise shared.why_ended()
+            if deadline is not None and _monotonic() >= deadline:
+                if publishers.maybe_scan() & L.T_PUBLISHERS_DONE:
+                    continue
+                raise Empty(f"topic {self.name!r} has no new message")
+            if not wait_until(ready, self._bell, _slice_end(deadline)):
+                publishers.maybe_scan()  # one slice over: did a publisher die?
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self.receive()
+        except EndOfChannel:
+            raise StopIteration from None
+
+    def statistics(self) -> SubscriberStatistics:
+        """This subscription's lag, losses and count."""
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"subscription to topic {self.name!r} is closed")
+        w, c = self._w, self._cursor
+        return SubscriberStatistics(
+            self._pid,
+            max(0, w[L.W_T_NEXT_SEQ] - max(c.next_seq, w[L.W_T_OLDEST_SEQ])),
+            max(0, w[L.W_T_TAIL] - max(c.pos, w[L.W_T_OLDEST])),
+            c.lost,
+            c.received,
+        )
+
+    def close(self) -> None:
+        """End this subscription (idempotent): it is delivered nothing more
+        and stops gating the publishers when this returns."""
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        _live_handles.discard(self)
+        self._finalizer.detach()
+        if self._pid == os.getpid():
+            _free_subscriber(shared, self._cursor.entry, self._pid, self._start)
+        shared.release()
+
+    def _exit_close(self) -> None:
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a Subscription is not picklable: subscribe in the process that receives")
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscription to {self.name!r}{' closed' if self.closed else ''}>"
+
+
+def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int) -> None:
+    if shared.segment.closed or pid != os.getpid():
+        return
+    with shared.segment.admin_lock():
+        shared.ring.free(entry, pid, start)
+    if shared.words[L.W_T_PUB_WAITING]:
+        shared.not_full.ring()
+
+
+# -- Latest ------------------------------------------------------------------------
+class Latest:
+    """The newest value, for readers that sample the current state.
+
+    ``Latest(capacity_bytes, *, name=None)`` creates one; :meth:`attach`
+    opens it by name; it pickles as its name.  :meth:`set` never waits for
+    readers; :meth:`get` never returns a torn value, even if a setter was
+    killed mid-write (it returns the previous value then).
+    ``capacity_bytes``: the largest value (pickled) it can hold.
+    """
+
+    _cell: Optional[ValueCell] = None
+
+    def __init__(self, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, *, name: Optional[str] = None) -> None:
+        capacity_bytes = _check_capacity(capacity_bytes)
+        segment = Segment.create(L.KIND_LATEST, L.latest_segment_size(capacity_bytes), name)
+        try:
+            ValueCell.initialise(segment, capacity_bytes)
+            self._setup(segment)
+            segment.publish()
+        except BaseException:
+            segment.unlink()
+            segment.close()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> "Latest":
+        """Open the Latest ``name``.  Raises FileNotFoundError,
+        PermissionError, LayoutError if it is not an shmq Latest."""
+        segment = Segment.attach(name, L.KIND_LATEST)
+        self = cls.__new__(cls)
+        try:
+            self._setup(segment)
+        except BaseException:
+            segment.close()
+            raise
+        return self
+
+    def _setup(self, segment: Segment) -> None:
+        create = segment.is_creator
+        self.name = segment.name
+        self._segment = segment
+        self._lock = RobustLock(P.semaphore(self.name + "-pl", create, lock=True), segment, L.W_L_WRITER_LOCK)
+        self._sem = P.semaphore(self.name + "-ne", create)
+        self._cell = ValueCell(segment)
+        self._w = segment.words
+
+    def _check(self) -> ValueCell:
+        cell = self._cell
+        if cell is None:
+            raise ClosedError(f"Latest {getattr(self, 'name', '?')!r} is closed")
+        return cell
+
+    @property
+    def closed(self) -> bool:
+        return self._cell is None
+
+    @property
+    def version(self) -> int:
+        """The newest version: 0 if never set, then 1, 2, ... per set."""
+        return self._check().version
+
+    def set(self, obj: Any) -> int:
+        """Make ``obj`` the newest value; returns its version.  Raises
+        MessageTooLarge if its pickle exceeds capacity_bytes."""
+        cell = self._check()
+        data = pickle.dumps(obj, 5)
+        if len(data) > cell.capacity_bytes:
+            raise MessageTooLarge(
+                f"a value of {len(data)} bytes can never fit Latest {self.name!r} of {cell.capacity_bytes} bytes"
+            )
+        self._lock.acquire()
+        try:
+            version = cell.write(data)
+        finally:
+            self._lock.release()
+        waiters = self._w[L.W_L_WAITERS]
+        if waiters > 0:
+            for _ in range(max(0, min(waiters, 64) - P.sem_value(self._sem))):
+                self._sem.release()
+        return version
+
+    def _read(self) -> Optional[Tuple[int, bytes]]:
+        cell = self._check()
+        while True:
+            got = cell.try_read()
+            if got is None or got[0] > 0:
+                return got
+
+    def get(self) -> Any:
+        """The newest value.  Raises Empty if it was never set."""
+        got = self._read()
+        if got is None:
+            raise Empty(f"Latest {self.name!r} was never set")
+        return pickle.loads(got[1])
+
+    def get_versioned(self) -> Tuple[int, Any]:
+        """``(version, value)`` of the newest value; Empty if never set."""
+        got = self._read()
+        if got is None:
+            raise Empty(f"Latest {self.name!r} was never set")
+        return got[0], pickle.loads(got[1])
+
+    def wait(self, newer_than: int = 0, timeout: Optional[float] = None) -> Tuple[int, Any]:
+        """Wait up to ``timeout`` seconds for a version above ``newer_than``;
+        returns ``(version, value)`` of the newest.  Raises Empty on timeout."""
+        cell = self._check()
+        deadline = deadline_for(timeout)
+        if cell.version <= newer_than:
+            seg, w = self._segment, self._w
+            while cell.version <= newer_than:
+                left = SLICE_SECONDS if deadline is None else min(SLICE_SECONDS, deadline - _monotonic())
+                if left <= 0:
+                    raise Empty(f"Latest {self.name!r} has no version newer than {newer_than}")
+                with seg.admin_lock():
+                    w[L.W_L_WAITERS] += 1
+                try:
+                    if cell.version > newer_than:
+                        break
+                    self._sem.acquire(True, left)
+                finally:
+                    with seg.admin_lock():
+                        w[L.W_L_WAITERS] = max(0, w[L.W_L_WAITERS] - 1)
+        return self.get_versioned()
+
+    def close(self) -> None:
+        """Unmap this handle (idempotent)."""
+        cell, self._cell = self._cell, None
+        if cell is not None:
+            self._segment.close()
+
+    def unlink(self) -> None:
+        """Remove the name for everybody; the creator does this when it ends.
+        Also allowed after close()."""
+        self._segment.unlink()
+
+    def __reduce__(self):
+        self._check()
+        return (Latest.attach, (self.name,))
+
+    def __enter__(self) -> "Latest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Latest {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"
