@@ -22,6 +22,8 @@ from .ring import Ring as Ring
 from .queue import JoinableQueue as JoinableQueue
 from .queue import Queue as Queue
 from .queue import SimpleQueue as SimpleQueue
+from ._errors import RemoteError as RemoteError
+from .service import Service as Service
 
 __version__ = "0.1.0"
 
@@ -49,5 +51,7 @@ __all__ = (
     "SlotError",
     "WouldBlock",
     "NoFreeName",
+    "RemoteError",
+    "Service",
     "__version__",
 )

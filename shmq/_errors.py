@@ -22,6 +22,7 @@ __all__ = (
     "SharedMemoryFull",
     "SlotError",
     "NoFreeName",
+    "RemoteError",
 )
 
 
@@ -80,3 +81,19 @@ class NoFreeName(ShmqError):
     side ring or slot pool) and found each one taken, as many times as it
     tried.  Something else keeps creating names like them in /dev/shm.
     (``FileExistsError`` keeps its meaning: a name *you* gave is taken.)"""
+
+
+class RemoteError(ShmqError):
+    """The handler of a request failed in another process (a service's
+    server).  ``type_name`` is the qualified name of the exception it raised,
+    ``message`` its text, ``remote_traceback`` the formatted traceback there;
+    ``__cause__`` is the original exception when it unpickles here."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
