@@ -358,3 +358,23 @@ def test_nothing_left_in_dev_shm_after_close():
     svc.close()
     svc.unlink()
     assert set(session_entries()) <= before
+
+
+# -- the guide ------------------------------------------------------------------------
+def test_docs_services_examples_run(tmp_path):
+    """The ```python blocks of docs/services.md, in order, as one script
+    (a block preceded by <!-- no-run --> is skipped)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "services.md").read_text()
+    blocks = []
+    for m in re.finditer(r"(<!-- no-run -->\n)?```python\n(.*?)```", text, re.S):
+        if not m.group(1):
+            blocks.append(m.group(2))
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(block)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        assert out.returncode == 0, f"block {i} of docs/services.md failed:\n{block}\n{out.stderr}"
