@@ -65,6 +65,7 @@ LIVENESS_INTERVAL = 0.1
 #: how often a server looks for dead or closed clients to forget
 PEER_SWEEP_INTERVAL = 1.0
 _SLICE = 0.05
+_OUTCOME_GRACE = 5.0  # an outcome taken off the ring is set within microseconds; this only bounds a bug
 _MIN_SLOT = 1 << 20
 _POOL_SLOTS = 8
 
@@ -217,7 +218,8 @@ class Client:
         if not self._wait(fut.done, deadline):
             if fut.cancel():
                 raise cf.TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
-        return fut.result(0)
+            # the outcome won the race with the cancel: it is being set right now
+        return fut.result(_OUTCOME_GRACE)
 
     def submit(self, obj: Any, timeout: Optional[float] = None) -> Future:
         """Send ``obj`` and return a Future for the reply at once (a thread
@@ -582,11 +584,11 @@ class Request:
     def _send(self, kind: int, obj: Any, timeout: Optional[float]) -> None:
         if self.done:
             raise RuntimeError(f"request {self.seq} of client {self._peer.name!r} was already answered")
+        if not self.cancelled:  # a cancelled request's replies would be dropped by the client anyway
+            # raises (unpicklable object, Full) before anything was sent: the request stays open for fail()
+            self._server._send_reply(self._peer, _REP.pack(self.seq, self._entry, kind), obj, kind, deadline_for(timeout), self)
         if kind != K_PARTIAL:
             self.done = True
-        if self.cancelled:
-            return
-        self._server._send_reply(self._peer, _REP.pack(self.seq, self._entry, kind), obj, kind, deadline_for(timeout), self)
 
     def __repr__(self) -> str:
         return f"<shmq.service.Request {self.seq} from {self._peer.name!r}{' answered' if self.done else ''}>"
@@ -891,7 +893,10 @@ def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) ->
                 req = svc.receive(timeout=0.1)
             except cf.TimeoutError:
                 continue
-            _handle(req, fn)
+            try:
+                _handle(req, fn)
+            except Exception:  # the outcome could not be sent (e.g. an unpicklable exception): keep serving
+                traceback.print_exc()
     finally:
         svc.close()
 

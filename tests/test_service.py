@@ -47,6 +47,10 @@ def raise_key(x):
     raise KeyError(f"no {x}")
 
 
+def unpicklable(x):
+    return lambda: x
+
+
 def countdown(n):
     for i in range(n, 0, -1):
         yield i
@@ -136,6 +140,9 @@ def test_call_submit_stream_and_remote_error(method):
             assert isinstance(err.__cause__, KeyError)
         with svc.serve(countdown, workers=1, ctx=ctx):
             assert list(svc.client().stream(3, timeout=10)) == [3, 2, 1, "liftoff"]
+        with svc.serve(unpicklable, workers=1, ctx=ctx):  # a reply that cannot be sent fails the call
+            with pytest.raises(shmq.RemoteError, match="pickle|Pickl"):
+                svc.client().call(1, timeout=10)
 
 
 def test_remote_error_pickles_and_is_a_shmq_error():
@@ -378,3 +385,32 @@ def test_docs_services_examples_run(tmp_path):
         script.write_text(block)
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=dict(os.environ))
         assert out.returncode == 0, f"block {i} of docs/services.md failed:\n{block}\n{out.stderr}"
+
+
+def slow_echo(x):
+    time.sleep(0.002)
+    return x
+
+
+def test_servers_killed_at_random_points_every_future_gets_one_right_outcome():
+    import random
+
+    rng = random.Random(os.getpid())
+    ctx = mp.get_context("fork")
+    with new_service() as svc, svc.serve(slow_echo, workers=3, ctx=ctx) as serving:
+        c = svc.client()
+        futs = [c.submit(("v", i)) for i in range(300)]
+        victims = serving.processes[:2]
+        for p in victims:
+            time.sleep(rng.uniform(0.01, 0.2))
+            os.kill(p.pid, signal.SIGKILL)
+        outcomes = {"ok": 0, "broken": 0}
+        for i, f in enumerate(futs):
+            try:
+                assert f.result(timeout=30) == ("v", i)
+                outcomes["ok"] += 1
+            except shmq.BrokenError:
+                outcomes["broken"] += 1
+        assert outcomes["ok"] + outcomes["broken"] == 300 and outcomes["ok"] > 0, outcomes
+        assert outcomes["broken"] <= 2, outcomes  # at most the request each victim was serving
+        assert [c.call(("after", i), timeout=10) for i in range(20)] == [("after", i) for i in range(20)]
