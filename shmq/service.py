@@ -106,12 +106,19 @@ def _drop_message(data: bytes, resolver: Callable[[str], SlotPool]) -> None:
         pass  # the pool is gone with its process: nothing to return
 
 
-def _fitted_pool(obj: Any, name: Optional[str]) -> Optional[SlotPool]:
-    """A pool whose slots fit ``obj``'s largest buffer, or None if it has none
-    worth one."""
+def _plain(obj: Any) -> Any:
+    """``obj``'s pickle when it needs no slot (one pickling pass, as a
+    queue's put), else _codec.LARGE: it has a buffer worth a slot."""
+    data = _codec.first_pass(obj)
+    if data is not _codec.LARGE and len(data) >= _codec.DEFAULT_THRESHOLD and type(obj) in (bytes, bytearray):
+        return _codec.LARGE  # a large bytes-like goes through a slot too
+    return data
+
+
+def _fitted_pool(obj: Any, name: Optional[str]) -> SlotPool:
+    """A pool whose slots fit ``obj``'s largest buffer (a power of two, at
+    least 1 MiB)."""
     largest = _codec.largest_buffer(obj)
-    if largest < _codec.DEFAULT_THRESHOLD:
-        return None
     slot = _MIN_SLOT
     while slot < largest:
         slot <<= 1
@@ -283,12 +290,12 @@ class Client:
 
     def _submit(self, obj: Any, stream: bool, deadline: Optional[float]) -> Future:
         self._check()
-        if self._pool is None and self._encoder.pool is None:
-            pool = _fitted_pool(obj, P.part_name(self.name, "p"))
-            if pool is not None:
-                self._pool = pool
-                self._encoder = _codec.Codec(pool, ring=self._requests)
-        data, lease = self._encoder.encode(obj, timeout=None if deadline is None else max(0.0, deadline - _monotonic()))
+        data, lease = _plain(obj), None
+        if data is _codec.LARGE:
+            if self._pool is None:
+                self._pool = _fitted_pool(obj, P.part_name(self.name, "p"))
+                self._encoder = _codec.Codec(self._pool, ring=self._requests)
+            data, lease = self._encoder.encode(obj, timeout=None if deadline is None else max(0.0, deadline - _monotonic()))
         try:
             with self._lock:
                 if not self._free:
@@ -845,11 +852,11 @@ class Service:
         if kind == K_ERROR:
             data, lease = _error_info(obj), None
         else:
+            data, lease = _plain(obj), None
+        if data is _codec.LARGE:
             if self._pool is None:
-                pool = _fitted_pool(obj, None)
-                if pool is not None:
-                    self._pool = pool
-                    self._encoder = _codec.Codec(pool)
+                self._pool = _fitted_pool(obj, None)
+                self._encoder = _codec.Codec(self._pool)
             while True:  # a pool with no free slot: wait while the client still wants the reply
                 try:
                     data, lease = self._encoder.encode(obj, timeout=_SLICE)
