@@ -414,3 +414,43 @@ def test_servers_killed_at_random_points_every_future_gets_one_right_outcome():
         assert outcomes["ok"] + outcomes["broken"] == 300 and outcomes["ok"] > 0, outcomes
         assert outcomes["broken"] <= 2, outcomes  # at most the request each victim was serving
         assert [c.call(("after", i), timeout=10) for i in range(20)] == [("after", i) for i in range(20)]
+
+
+def _client_then_wait(name, out, go):
+    client = shmq.Service.attach(name).client()
+    client.submit(np.ones(1 << 17))  # makes its pool too; nobody serves it
+    out.put(client.name)
+    go.wait(60)
+
+
+def test_gc_collects_a_killed_clients_segments():
+    from shmq import lowlevel
+
+    ctx = mp.get_context("fork")
+    with new_service() as svc:
+        out, go = ctx.Queue(), ctx.Event()
+        victim = ctx.Process(target=_client_then_wait, args=(svc.name, out, go))
+        victim.start()
+        victim_name = out.get(timeout=30)
+        mine = [n for n in os.listdir("/dev/shm") if n.startswith(victim_name)]
+        assert len(mine) == 3, mine  # reply ring, request table, argument pool
+        os.kill(victim.pid, signal.SIGKILL)
+        join_all([victim], 10)
+        removed = {g.name for g in lowlevel.collect_garbage(prefix=victim_name)}
+        assert set(mine) <= removed
+        assert not [n for n in os.listdir("/dev/shm") if victim_name in n]
+
+
+def test_closed_client_and_service_raise_closed_error():
+    with new_service() as svc:
+        c = svc.client()
+        fut = c.submit(1)
+        c.close()
+        assert fut.cancelled()
+        with pytest.raises(shmq.ClosedError):
+            c.call(1)
+        assert svc.client() is not c  # a fresh one
+    with pytest.raises(shmq.ClosedError):
+        svc.client()
+    with pytest.raises(shmq.ClosedError):
+        svc.receive(timeout=0)
