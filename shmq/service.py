@@ -65,6 +65,14 @@ LIVENESS_INTERVAL = 0.1
 #: how often a server looks for dead or closed clients to forget
 PEER_SWEEP_INTERVAL = 1.0
 _SLICE = 0.05
+#: times an idempotent call is sent again after its server died
+MAX_RETRIES = 3
+_RETRY_SEND_SECONDS = 5.0
+
+
+class _Resolved(Exception):
+    """A retry found its call already resolved (cancelled)."""
+
 _OUTCOME_GRACE = 5.0  # an outcome taken off the ring is set within microseconds; this only bounds a bug
 _MIN_SLOT = 1 << 20
 _POOL_SLOTS = 8
@@ -160,6 +168,8 @@ class Future(cf.Future):
         self.seq = seq
         self.entry = entry
         self.partials: Optional[collections.deque] = collections.deque() if stream else None
+        self._retry_obj: Optional[tuple] = None  # (obj,) for an idempotent call: sent again if its server dies
+        self._retries = 0
 
     def cancel(self) -> bool:
         if self.done():
@@ -215,25 +225,27 @@ class Client:
         self._closed = False
 
     # -- public ---------------------------------------------------------
-    def call(self, obj: Any, timeout: Optional[float] = None) -> Any:
+    def call(self, obj: Any, timeout: Optional[float] = None, *, idempotent: bool = False) -> Any:
         """Send ``obj`` to a server and return its reply.  Raises RemoteError
         if the handler failed, BrokenError if its server died or there is no
         live server, TimeoutError after ``timeout`` seconds (the request is
-        then cancelled)."""
+        then cancelled).  ``idempotent=True``: if the server dies, send the
+        request again (up to MAX_RETRIES times) instead of raising
+        BrokenError; the handler may then run more than once."""
         deadline = deadline_for(timeout)
-        fut = self._submit(obj, False, deadline)
+        fut = self._submit(obj, False, deadline, idempotent)
         if not self._wait(fut.done, deadline):
             if fut.cancel():
                 raise cf.TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
             # the outcome won the race with the cancel: it is being set right now
         return fut.result(_OUTCOME_GRACE)
 
-    def submit(self, obj: Any, timeout: Optional[float] = None) -> Future:
+    def submit(self, obj: Any, timeout: Optional[float] = None, *, idempotent: bool = False) -> Future:
         """Send ``obj`` and return a Future for the reply at once (a thread
         of this client delivers the outcome, so callbacks, ``wait`` and
         ``as_completed`` work).  ``timeout`` bounds only the sending (a full
-        request ring): TimeoutError."""
-        fut = self._submit(obj, False, deadline_for(timeout))
+        request ring): TimeoutError.  ``idempotent``: as for :meth:`call`."""
+        fut = self._submit(obj, False, deadline_for(timeout), idempotent)
         self._ensure_thread()
         return fut
 
@@ -288,8 +300,18 @@ class Client:
         if os.getpid() != self._pid:
             raise ShmqError("a service client belongs to the process that made it: call client() in this process")
 
-    def _submit(self, obj: Any, stream: bool, deadline: Optional[float]) -> Future:
+    def _submit(self, obj: Any, stream: bool, deadline: Optional[float], idempotent: bool = False) -> Future:
         self._check()
+        fut = Future(self, 0, 0, stream)
+        if idempotent:
+            fut._retry_obj = (obj,)
+        self._post(fut, obj, deadline)
+        return fut
+
+    def _post(self, fut: Future, obj: Any, deadline: Optional[float], replaces: int = 0) -> None:
+        """Give ``fut`` a fresh entry and correlation id and send ``obj``.
+        ``replaces``: the id of the earlier attempt (a retry), withdrawn
+        under the same lock so that a cancel sees one or the other."""
         data, lease = _plain(obj), None
         if data is _codec.LARGE:
             if self._pool is None:
@@ -298,12 +320,16 @@ class Client:
             data, lease = self._encoder.encode(obj, timeout=None if deadline is None else max(0.0, deadline - _monotonic()))
         try:
             with self._lock:
+                if replaces:
+                    if self._pending.pop(replaces, None) is None:
+                        raise _Resolved  # cancelled meanwhile
+                    self._free.append(fut.entry)
                 if not self._free:
                     raise ShmqError(f"more than {MAX_OUTSTANDING} requests outstanding on one client")
                 entry = self._free.popleft()
                 self._seq += 1
                 seq = self._seq
-                fut = Future(self, seq, entry, stream)
+                fut.seq, fut.entry = seq, entry
                 base = _TABLE_BASE + entry * ENTRY_WORDS
                 w = self._w
                 w[base + E_CANCEL] = 0
@@ -326,7 +352,6 @@ class Client:
             raise
         if lease is not None:
             lease.sent()
-        return fut
 
     def _withdraw(self, fut: Future, cancel: bool) -> bool:
         """Take ``fut`` out of the pending table; False if an outcome got
@@ -451,6 +476,19 @@ class Client:
             for fut in dead:
                 base = _TABLE_BASE + fut.entry * ENTRY_WORDS
                 pid = w[base + E_PID]
+                if fut._retry_obj is not None and fut._retries < MAX_RETRIES and fut.seq in self._pending:
+                    fut._retries += 1
+                    w[base + E_CANCEL] = fut.seq  # the dead server's attempt, should it be served after all
+                    try:
+                        self._post(fut, fut._retry_obj[0], _monotonic() + _RETRY_SEND_SECONDS, replaces=fut.seq)
+                        continue
+                    except _Resolved:
+                        continue
+                    except Exception as exc:  # could not resend: that is the outcome
+                        self._withdraw(fut, cancel=True)  # if the retry got as far as pending
+                        if not fut.done():  # else the user's cancel won
+                            fut.set_exception(exc)
+                        continue
                 if self._withdraw(fut, cancel=True):
                     fut.set_exception(
                         BrokenError(f"server process {pid} of service {self.service!r} died while serving the request")

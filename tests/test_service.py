@@ -454,3 +454,19 @@ def test_closed_client_and_service_raise_closed_error():
         svc.client()
     with pytest.raises(shmq.ClosedError):
         svc.receive(timeout=0)
+
+
+def test_idempotent_call_is_retried_on_another_server():
+    ctx = mp.get_context("fork")
+    with new_service() as svc:
+        started = ctx.Event()
+        sleeper = ctx.Process(target=_sleeping_server, args=(svc.name, started))
+        sleeper.start()
+        c = svc.client()
+        fut = c.submit(21, idempotent=True)
+        assert started.wait(30)  # the sleeper has it
+        with svc.serve(double, workers=1, ctx=ctx):
+            os.kill(sleeper.pid, signal.SIGKILL)
+            assert fut.result(timeout=10) == 42
+            assert fut._retries == 1
+        join_all([sleeper], 10)
