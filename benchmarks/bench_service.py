@@ -7,7 +7,8 @@ Three questions:
   Baselines: pyzmq REQ/REP over ipc:// with ``send_pyobj`` (when installed)
   and a request/reply built from two ``multiprocessing.Queue``.
 * ``fan``: calls per second with 4 client processes and 2 server processes
-  (shmq only: one service, work sharing).
+  (shmq: one service, work sharing; pyzmq: REQ clients, a ROUTER/DEALER
+  proxy process, REP workers).
 * ``array``: a call whose argument and result are 16 MiB float32 arrays
   (the server returns ``a + 1``): calls per second, same baselines as ``rtt``.
 
@@ -131,6 +132,69 @@ def zmq_calls(payload: Any, n: int) -> List[float]:
     return out
 
 
+def _zmq_proxy(front: str, back: str) -> None:
+    import zmq
+
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    router.bind(front)
+    dealer.bind(back)
+    try:
+        zmq.proxy(router, dealer)
+    except zmq.ContextTerminated:
+        pass
+
+
+def _zmq_worker(back: str) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    sock.connect(back)
+    while True:
+        sock.send_pyobj(_handler(sock.recv_pyobj()))
+
+
+def _zmq_fan_client(front: str, seconds: float, start: Any, out: Any) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.RCVTIMEO, 120_000)
+    sock.connect(front)
+    sock.send_pyobj(SMALL)
+    sock.recv_pyobj()
+    start.wait(60)
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock.send_pyobj(SMALL)
+        sock.recv_pyobj()
+        n += 1
+    out.put(n)
+    sock.close(linger=0)
+
+
+def zmq_fan(clients: int, servers: int, seconds: float) -> float:
+    """REQ clients -> ROUTER/DEALER proxy process -> REP workers."""
+    with tempfile.TemporaryDirectory() as d:
+        front, back = f"ipc://{d}/front", f"ipc://{d}/back"
+        helpers = [SPAWN.Process(target=_zmq_proxy, args=(front, back), daemon=True)]
+        helpers += [SPAWN.Process(target=_zmq_worker, args=(back,), daemon=True) for _ in range(servers)]
+        for p in helpers:
+            p.start()
+        start, out = SPAWN.Event(), SPAWN.Queue()
+        procs = [SPAWN.Process(target=_zmq_fan_client, args=(front, seconds, start, out)) for _ in range(clients)]
+        for p in procs:
+            p.start()
+        time.sleep(2.0)  # spawn start-up
+        start.set()
+        total = sum(out.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(30)
+        for p in helpers:
+            p.kill()
+            p.join(10)
+    return total / seconds
+
+
 # -- two mp.Queue --------------------------------------------------------------------------
 def _mpq_server(req: Any, rep: Any, n: int) -> None:
     for _ in range(n):
@@ -196,6 +260,8 @@ def main() -> int:
         t = fn(big, n_big)
         rows.append({"bench": "service", "case": "array16MiB", "transport": label, "calls_per_s": 1e6 / statistics.median(t), "median_ms": statistics.median(t) / 1e3, "calls": n_big})
     rows.append({"bench": "service", "case": "fan4x2", "transport": "shmq.Service", "calls_per_s": shmq_fan(4, 2, fan_seconds)})
+    if _have_zmq():
+        rows.append({"bench": "service", "case": "fan4x2", "transport": "pyzmq ROUTER/DEALER", "calls_per_s": zmq_fan(4, 2, fan_seconds)})
     for r in rows:
         r.update(meta)
     if args.json:
@@ -212,7 +278,7 @@ def main() -> int:
             ratio = r["calls_per_s"] / base["array16MiB"]["calls_per_s"]
             print(f"16 MiB     {r['transport']:15s} {r['calls_per_s']:8.1f} calls/s  ({ratio:.2f}x mp.Queue)")
         else:
-            print(f"4x2 fan    {r['transport']:15s} {r['calls_per_s']:8.0f} calls/s")
+            print(f"4x2 fan    {r['transport']:19s} {r['calls_per_s']:8.0f} calls/s")
     return 0
 
 
