@@ -22,7 +22,7 @@ from ._slots import SlotPool
 from ._wait import deadline_for
 from .ring import Ring
 
-__all__ = ("Client", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES")
+__all__ = ("Client", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES", "SPIN_SECONDS")
 
 #: requests one client may have outstanding at once
 MAX_OUTSTANDING = 1024
@@ -31,6 +31,13 @@ NO_SERVER_GRACE = 1.0
 #: how often a waiting client checks the liveness of the servers of its requests
 LIVENESS_INTERVAL = 0.1
 _SLICE = 0.05
+#: How long a waiting client or server polls its ring before it sleeps.  0:
+#: a service's two sides wait on each other in turn, and when the scheduler
+#: puts them on one core a spinning side only delays the other.  Measured
+#: 2026-12-02, 2 loaded cores, 1000 small calls, median round trip: with the
+#: rings' default 100 us spin 14 us or 234 us depending on where the two
+#: processes landed (2 of 4 runs at 234); with 0, 25-26 us in every run.
+SPIN_SECONDS = 0.0
 #: times an idempotent call is sent again after its server died
 MAX_RETRIES = 3
 _RETRY_SEND_SECONDS = 5.0
@@ -175,6 +182,7 @@ class Client:
         except BaseException:
             self._requests.close()
             raise
+        self._replies.spin = SPIN_SECONDS
         self._w = self._table.words
         self._pool: Optional[SlotPool] = None
         self._encoder = _codec.Codec(None)

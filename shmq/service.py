@@ -66,6 +66,7 @@ from ._service_client import (
     MAX_OUTSTANDING,
     MAX_RETRIES,
     NO_SERVER_GRACE,
+    SPIN_SECONDS,
     Client,
     Future,
     _drop_message,
@@ -91,6 +92,7 @@ __all__ = (
     "LIVENESS_INTERVAL",
     "MAX_RETRIES",
     "PEER_SWEEP_INTERVAL",
+    "SPIN_SECONDS",
 )
 
 #: how often a server looks for dead or closed clients to forget
@@ -237,6 +239,7 @@ class Service:
         return self
 
     def _setup(self, ring: Ring) -> None:
+        ring.spin = SPIN_SECONDS
         self._requests = ring
         self.name = ring.name
         self._client: Optional[Client] = None
