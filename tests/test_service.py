@@ -122,7 +122,7 @@ def big_reply(x):
 
 
 # -- basics ---------------------------------------------------------------------------
-@pytest.mark.parametrize("method", START)
+@pytest.mark.parametrize("method", START + [m for m in ("forkserver",) if m in mp.get_all_start_methods()])
 def test_call_submit_stream_and_remote_error(method):
     ctx = mp.get_context(method)
     with new_service() as svc:
@@ -470,3 +470,26 @@ def test_idempotent_call_is_retried_on_another_server():
             assert fut.result(timeout=10) == 42
             assert fut._retries == 1
         join_all([sleeper], 10)
+
+
+def stall_after_two(n):
+    yield "one"
+    yield "two"
+    time.sleep(60)
+    return "never"
+
+
+def test_stream_whose_server_dies_raises_broken_after_its_partials():
+    ctx = mp.get_context("fork")
+    with new_service() as svc:
+        serving = svc.serve(stall_after_two, workers=1, ctx=ctx)
+        try:
+            it = svc.client().stream(0, timeout=30)
+            assert [next(it), next(it)] == ["one", "two"]
+            os.kill(serving.processes[0].pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(shmq.BrokenError):
+                next(it)
+            assert time.monotonic() - t0 < 1.2
+        finally:
+            serving.close(1.0)
