@@ -29,6 +29,8 @@ from .topic import SubscriberStatistics as SubscriberStatistics
 from .topic import Subscription as Subscription
 from .topic import Topic as Topic
 from .topic import TopicStatistics as TopicStatistics
+from ._errors import RemoteError as RemoteError
+from .service import Service as Service
 
 __version__ = "0.1.0"
 
@@ -62,6 +64,8 @@ __all__ = (
     "Subscription",
     "Topic",
     "TopicStatistics",
+    "RemoteError",
+    "Service",
     "__version__",
     "CorruptError",
 )

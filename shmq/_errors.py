@@ -24,6 +24,7 @@ __all__ = (
     "NoFreeName",
     "TooManyMembers",
     "CorruptError",
+    "RemoteError",
 )
 
 
@@ -95,3 +96,19 @@ class CorruptError(BrokenError):
     index out of the ring's geometry, a record length running past the
     published data): another process wrote garbage into the segment.  The
     structure is unusable; no record was delivered twice."""
+
+
+class RemoteError(ShmqError):
+    """The handler of a request failed in another process (a service's
+    server).  ``type_name`` is the qualified name of the exception it raised,
+    ``message`` its text, ``remote_traceback`` the formatted traceback there;
+    ``__cause__`` is the original exception when it unpickles here."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name

@@ -1,0 +1,516 @@
+"""Services: request/reply, streamed partial replies and cancellable futures.
+
+A service is a named request ring served by any number of server processes
+(work sharing: each request goes to exactly one of them)::
+
+    svc = shmq.Service(name="resize")            # or Service.attach("resize")
+    for req in svc:                              # a server process
+        req.reply(resize(req.payload))
+
+    client = shmq.Service.attach("resize").client()   # any process
+    small = client.call(image, timeout=5)
+    fut = client.submit(image)                   # a concurrent.futures.Future
+
+The pieces (all in /dev/shm, see docs/services.md):
+
+* ``<service>``: the request ring (multi-producer, multi-consumer).  Its
+  participant table says who serves: a process that received from it is
+  listed with the consumer role.
+* Per client (generated name ``shmq_..._<pid>_<hex>``, so ``shmq gc``
+  attributes it to the client's pid): a reply ring, many producers (the
+  servers), one consumer (the client); ``<client>.b0``, a table of request
+  entries; ``<client>.p``, a slot pool for large arguments, made on first use.
+* Per server process: a slot pool for large results, made on first use.
+
+A request entry (8 words, one per outstanding request of the client) is how
+client and server agree without a message: the client writes SEQ (the
+correlation id) before sending and CANCEL to cancel; the server writes its
+pid and start time and then TAKEN = SEQ when it takes the request, before
+the request leaves the ring (it holds the ring's consumer lock through
+``peek``/``release``: a server killed before ``release`` leaves the request
+to the next server).  A client that finds the server named in TAKEN dead
+fails the call with BrokenError.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import inspect
+import multiprocessing
+import os
+import struct
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from . import _codec
+from . import _layout as L
+from . import _platform as P
+from ._errors import BrokenError, ClosedError, Empty, Full, RemoteError, ShmqError
+from ._segment import Segment
+from ._service_client import (
+    _REP,
+    _REQ,
+    _SLICE,
+    _TABLE_BASE,
+    _TOKEN,
+    E_CANCEL,
+    E_PID,
+    E_SEQ,
+    E_START,
+    E_TAKEN,
+    ENTRY_WORDS,
+    K_ERROR,
+    K_PARTIAL,
+    K_RESULT,
+    LIVENESS_INTERVAL,
+    MAX_OUTSTANDING,
+    MAX_RETRIES,
+    NO_SERVER_GRACE,
+    SPIN_SECONDS,
+    Client,
+    Future,
+    _drop_message,
+    _error_info,
+    _fence,
+    _fitted_pool,
+    _plain,
+)
+from ._slots import SlotPool
+from ._wait import deadline_for
+from .ring import DEFAULT_CAPACITY_BYTES, Ring
+
+__all__ = (
+    "Service",
+    "Client",
+    "Future",
+    "Request",
+    "Serving",
+    "RemoteError",
+    "DEFAULT_CAPACITY_BYTES",
+    "MAX_OUTSTANDING",
+    "NO_SERVER_GRACE",
+    "LIVENESS_INTERVAL",
+    "MAX_RETRIES",
+    "PEER_SWEEP_INTERVAL",
+    "SPIN_SECONDS",
+)
+
+#: how often a server looks for dead or closed clients to forget
+PEER_SWEEP_INTERVAL = 1.0
+_monotonic = time.monotonic
+
+
+# -- server ---------------------------------------------------------------------
+
+
+class _Peer:
+    """What a server keeps of one client: its reply ring and request table."""
+
+    __slots__ = ("name", "ring", "table", "w")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ring = Ring.attach(name)
+        try:
+            self.table = Segment.attach(P.part_name(name, "b0"), L.KIND_BLOB)
+        except BaseException:
+            self.ring.close()
+            raise
+        self.w = self.table.words
+
+    def gone(self) -> bool:
+        """True if the client closed (its names are gone) or died."""
+        try:
+            self.ring.segment.check_exists()
+        except BrokenError:
+            return True
+        return not self.ring.creator_alive()
+
+    def forget(self, reclaim: bool) -> None:
+        if reclaim:  # the client died: nobody else will remove its names
+            for name in (self.name, P.part_name(self.name, "b0"), P.part_name(self.name, "p")):
+                P.shm_unlink(name)
+        self.table.close()
+        self.ring.close()
+
+
+class Request:
+    """One request, on the server that took it.  ``payload`` is what the
+    client sent.  Answer with exactly one of :meth:`reply` or :meth:`fail`,
+    after any number of :meth:`send_partial`."""
+
+    def __init__(self, server: "Service", peer: _Peer, entry: int, seq: int, payload: Any) -> None:
+        self.payload = payload
+        self._server = server
+        self._peer = peer
+        self._base = _TABLE_BASE + entry * ENTRY_WORDS
+        self._entry = entry
+        self.seq = seq
+        self.done = False
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client cancelled the request (or gave up on it, or
+        died): a handler may stop early; what it sends is dropped."""
+        w = self._peer.w
+        try:
+            return w[self._base + E_SEQ] != self.seq or w[self._base + E_CANCEL] == self.seq
+        except ValueError:  # the table was closed: the client is gone
+            return True
+
+    def send_partial(self, obj: Any, timeout: Optional[float] = None) -> None:
+        """Send one partial reply (the client's ``stream`` yields it)."""
+        self._send(K_PARTIAL, obj, timeout)
+
+    def reply(self, obj: Any, timeout: Optional[float] = None) -> None:
+        """Send the reply; this ends the request.  ``timeout`` bounds the
+        wait for room in the client's reply ring (Full)."""
+        self._send(K_RESULT, obj, timeout)
+
+    def fail(self, exc: BaseException, timeout: Optional[float] = None) -> None:
+        """End the request with ``exc``: the client raises RemoteError
+        (with ``exc`` as ``__cause__`` if it unpickles there)."""
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"'exc' must be an exception, got {type(exc).__name__}")
+        self._send(K_ERROR, exc, timeout)
+
+    def _send(self, kind: int, obj: Any, timeout: Optional[float]) -> None:
+        if self.done:
+            raise RuntimeError(f"request {self.seq} of client {self._peer.name!r} was already answered")
+        if not self.cancelled:  # a cancelled request's replies would be dropped by the client anyway
+            # raises (unpicklable object, Full) before anything was sent: the request stays open for fail()
+            self._server._send_reply(self._peer, _REP.pack(self.seq, self._entry, kind), obj, kind, deadline_for(timeout), self)
+        if kind != K_PARTIAL:
+            self.done = True
+
+    def __repr__(self) -> str:
+        return f"<shmq.service.Request {self.seq} from {self._peer.name!r}{' answered' if self.done else ''}>"
+
+
+class Serving:
+    """Worker processes started by :meth:`Service.serve`."""
+
+    def __init__(self, processes: list, stop: Any) -> None:
+        self.processes = processes
+        self._stop = stop
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the workers to stop (each finishes its current request) and
+        join them; those still running after ``timeout`` seconds are killed."""
+        self._stop.set()
+        self.join(timeout)
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the workers to end; True if they all did."""
+        deadline = deadline_for(timeout)
+        for p in self.processes:
+            p.join(None if deadline is None else max(0.0, deadline - _monotonic()))
+        return not any(p.is_alive() for p in self.processes)
+
+    def __enter__(self) -> "Serving":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Service:
+    """A named request endpoint.  ``Service(name=None, capacity_bytes=...)``
+    creates it (the creating process unlinks it at normal exit);
+    ``Service.attach(name)`` opens it from any process; a Service pickles as
+    its name.  Server side: :meth:`receive`, iteration, :meth:`serve`;
+    client side: :meth:`client`."""
+
+    _closed = True
+
+    def __init__(self, *, name: Optional[str] = None, capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> None:
+        self._setup(Ring.create(capacity_bytes, name=name))
+
+    @classmethod
+    def attach(cls, name: str) -> "Service":
+        """Open the service ``name``.  Raises FileNotFoundError, or
+        LayoutError if ``name`` is not an shmq ring."""
+        self = cls.__new__(cls)
+        self._setup(Ring.attach(name))
+        return self
+
+    def _setup(self, ring: Ring) -> None:
+        ring.spin = SPIN_SECONDS
+        self._requests = ring
+        self.name = ring.name
+        self._client: Optional[Client] = None
+        self._peers: Dict[str, _Peer] = {}
+        self._pool: Optional[SlotPool] = None
+        self._encoder = _codec.Codec(None)
+        self._decoder = _codec.Codec(None)
+        self._server_in = 0
+        self._next_sweep = 0.0
+        self._closed = False
+
+    def __reduce__(self):
+        if self._closed:
+            raise ClosedError(f"service {self.name!r} is closed")
+        return (Service.attach, (self.name,))
+
+    # -- client side ----------------------------------------------------
+    def client(self, *, reply_capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> Client:
+        """This process's client of the service (made on first use)."""
+        self._check()
+        c = self._client
+        if c is None or c.closed or c._pid != os.getpid():
+            c = self._client = Client(self.name, reply_capacity_bytes, _token=_TOKEN)
+        return c
+
+    # -- server side ----------------------------------------------------
+    def receive(self, timeout: Optional[float] = None) -> Request:
+        """The next request for this service (the first call lists this
+        process as a server).  Raises TimeoutError after ``timeout`` seconds."""
+        self._check()
+        self._register_server()
+        deadline = deadline_for(timeout)
+        ring = self._requests
+        while True:
+            now = _monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + PEER_SWEEP_INTERVAL
+                self._sweep_peers()
+            req = self._take()
+            if req is not None:
+                return req
+            now = _monotonic()
+            if deadline is not None and now >= deadline:
+                raise cf.TimeoutError(f"no request for service {self.name!r} within {timeout} s")
+            until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
+            try:
+                ring._block_reading(until)
+            except Empty:
+                pass
+            if self._closed:
+                raise ClosedError(f"service {self.name!r} is closed")
+
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            yield self.receive()
+
+    def serve(self, fn: Callable[[Any], Any], workers: int = 1, *, ctx: Any = None, ready_timeout: float = 60.0) -> Serving:
+        """Run ``fn(payload)`` for each request in ``workers`` new processes
+        (``ctx``: a multiprocessing context, default the default one).  Its
+        return value is the reply; a generator function's yields are partial
+        replies and its return value the reply; an exception becomes
+        ``req.fail``.  Returns once every worker is listed as a server."""
+        self._check()
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"'workers' must be a positive int, got {workers!r}")
+        ctx = ctx or multiprocessing.get_context()
+        stop = ctx.Event()
+        ready = ctx.Semaphore(0)
+        procs = [
+            ctx.Process(target=_serve_worker, args=(self.name, fn, stop, ready), name=f"shmq-serve-{self.name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        serving = Serving(procs, stop)
+        for p in procs:
+            p.start()
+        deadline = _monotonic() + ready_timeout
+        for _ in procs:
+            while not ready.acquire(timeout=0.1):
+                if not any(p.is_alive() for p in procs) or _monotonic() > deadline:
+                    serving.close(1.0)
+                    raise BrokenError(f"the workers of service {self.name!r} did not start")
+        return serving
+
+    def servers(self) -> List[int]:
+        """Pids of the live processes listed as servers of the service."""
+        self._check()
+        return [p.pid for p in self._requests.participants() if p.alive and p.role & L.ROLE_CONSUMER]
+
+    # -- lifetime -------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """End this handle (and this process's client).  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._client is not None and self._client._pid == os.getpid():
+            self._client.close()
+        for peer in self._peers.values():
+            peer.forget(False)
+        self._peers = {}
+        self._encoder.close()
+        self._decoder.close()
+        if self._pool is not None:
+            self._pool.close()
+        self._requests.close()
+
+    def unlink(self) -> None:
+        """Remove the service's name for every process."""
+        self._requests.unlink()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shmq.Service {self.name!r}{' closed' if self._closed else ''}>"
+
+    # -- internals ------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError(f"service {self.name!r} is closed")
+
+    def _register_server(self) -> None:
+        pid = os.getpid()
+        if self._server_in != pid:
+            self._requests.segment.add_role(L.ROLE_CONSUMER)
+            if self._pool is not None and self._pool._pid != pid:  # forked: the parent's pool is not ours
+                self._pool, self._encoder = None, _codec.Codec(None)
+            self._peers = {}
+            self._server_in = pid
+
+    def _peer(self, name: str) -> Optional[_Peer]:
+        peer = self._peers.get(name)
+        if peer is None:
+            try:
+                peer = self._peers[name] = _Peer(name)
+            except (OSError, ShmqError, ValueError):
+                return None  # the client is gone
+        return peer
+
+    def _sweep_peers(self) -> None:
+        for name, peer in list(self._peers.items()):
+            if peer.gone():
+                del self._peers[name]
+                peer.forget(reclaim=not peer.ring.creator_alive())
+
+    def _take(self) -> Optional[Request]:
+        """Take one request off the ring, or None.  A cancelled request, or
+        one whose client is gone, is dropped here: its handler never runs."""
+        ring = self._requests
+        view = ring.peek()
+        if view is None:
+            return None
+        peer = None
+        try:
+            try:
+                seq, entry, nlen = _REQ.unpack_from(view)
+                name = bytes(view[_REQ.size : _REQ.size + nlen]).decode("ascii")
+                data = bytes(view[_REQ.size + nlen :])
+            except (struct.error, UnicodeError):
+                return None  # not a request: dropped
+            finally:
+                view.release()
+            if entry < MAX_OUTSTANDING:
+                peer = self._peer(name)
+            if peer is not None:
+                w = peer.w
+                base = _TABLE_BASE + entry * ENTRY_WORDS
+                if w[base + E_SEQ] != seq or w[base + E_CANCEL] == seq:
+                    peer = None  # answered or cancelled already
+                else:
+                    w[base + E_PID] = os.getpid()
+                    w[base + E_START] = P.my_start_us()
+                    w[base + E_TAKEN] = seq
+                    _fence()
+                    if w[base + E_CANCEL] == seq:  # the client cancelled as we took it
+                        peer = None
+        finally:
+            ring.release()
+        if peer is None:
+            _drop_message(data, self._decoder.resolve)
+            return None
+        try:
+            payload = self._decoder.decode(data)
+        except Exception as exc:
+            req = Request(self, peer, entry, seq, None)
+            req.fail(exc)
+            return None
+        return Request(self, peer, entry, seq, payload)
+
+    def _send_reply(self, peer: _Peer, header: bytes, obj: Any, kind: int, deadline: Optional[float], req: Request) -> None:
+        if kind == K_ERROR:
+            data, lease = _error_info(obj), None
+        else:
+            data, lease = _plain(obj), None
+        if data is _codec.LARGE:
+            if self._pool is None:
+                self._pool = _fitted_pool(obj, None)
+                self._encoder = _codec.Codec(self._pool)
+            while True:  # a pool with no free slot: wait while the client still wants the reply
+                try:
+                    data, lease = self._encoder.encode(obj, timeout=_SLICE)
+                    break
+                except Full:
+                    if req.cancelled or peer.gone():
+                        return
+                    if deadline is not None and _monotonic() >= deadline:
+                        raise
+        record = header + data
+        ring = peer.ring
+        try:
+            while not ring.try_write(record):
+                if req.cancelled or peer.gone():  # nobody will read it: drop, never block on a dead client
+                    if lease is not None:
+                        lease.abort()
+                        lease = None
+                    return
+                now = _monotonic()
+                if deadline is not None and now >= deadline:
+                    raise Full(f"the reply ring of client {peer.name!r} stayed full")
+                try:
+                    ring._block_writing(lambda: ring.can_write(len(record)), min(now + _SLICE, deadline or now + _SLICE))
+                except Full:
+                    pass
+        except BaseException:
+            if lease is not None:
+                lease.abort()
+            raise
+        if lease is not None:
+            lease.sent()
+
+
+def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) -> None:
+    svc = Service.attach(name)
+    try:
+        svc._register_server()
+        ready.release()
+        while not stop.is_set():
+            try:
+                req = svc.receive(timeout=0.1)
+            except cf.TimeoutError:
+                continue
+            try:
+                _handle(req, fn)
+            except Exception:  # the outcome could not be sent (e.g. an unpicklable exception): keep serving
+                traceback.print_exc()
+    finally:
+        svc.close()
+
+
+def _handle(req: Request, fn: Callable[[Any], Any]) -> None:
+    try:
+        out = fn(req.payload)
+        if inspect.isgenerator(out):
+            try:
+                while True:
+                    item = next(out)
+                    if req.cancelled:
+                        out.close()
+                        return
+                    req.send_partial(item)
+            except StopIteration as end:
+                out = end.value
+        req.reply(out)
+    except Exception as exc:
+        if not req.done:
+            req.fail(exc)
+
+
