@@ -21,6 +21,12 @@ from .ring import Ring as Ring
 from .queue import JoinableQueue as JoinableQueue
 from .queue import Queue as Queue
 from .queue import SimpleQueue as SimpleQueue
+from ._errors import RemoteError as RemoteError
+from ._errors import WorkerDied as WorkerDied
+from .pipeline import DeadLetter as DeadLetter
+from .pipeline import Pipeline as Pipeline
+from .pipeline import PipelineStatistics as PipelineStatistics
+from .pipeline import StageStatistics as StageStatistics
 
 __version__ = "0.1.0"
 
@@ -48,4 +54,10 @@ __all__ = (
     "SlotError",
     "WouldBlock",
     "__version__",
+    "RemoteError",
+    "WorkerDied",
+    "DeadLetter",
+    "Pipeline",
+    "PipelineStatistics",
+    "StageStatistics",
 )

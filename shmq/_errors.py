@@ -21,6 +21,8 @@ __all__ = (
     "MessageTooLarge",
     "SharedMemoryFull",
     "SlotError",
+    "RemoteError",
+    "WorkerDied",
 )
 
 
@@ -72,3 +74,23 @@ class SharedMemoryFull(ShmqError, OSError):
 class SlotError(ShmqError):
     """A slot was released twice, released by a process that does not hold it,
     or an index came back that does not belong to the pool."""
+
+
+class RemoteError(ShmqError):
+    """A pipeline stage's function raised an exception that could not be
+    rebuilt in this process (it does not pickle).  ``exc_type``, ``stage`` and
+    ``remote_traceback`` say what was raised where; the message holds the
+    remote traceback.  (An exception that pickles is re-raised as itself, with
+    the remote traceback as its ``__cause__`` and a note.)"""
+
+    def __init__(self, message: str, *, exc_type: str = "", stage: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.stage = stage
+        self.remote_traceback = remote_traceback
+
+
+class WorkerDied(ShmqError):
+    """A pipeline worker process died (killed by a signal, such as the OOM
+    killer's SIGKILL) while holding an item more times than its stage's
+    ``retries`` allow, under ``on_error="raise"`` or ``"retry"``."""

@@ -1,0 +1,352 @@
+"""The worker side of :class:`shmq.pipeline.Pipeline`: one process of one stage.
+
+A worker takes messages from its stage's input queue, runs the stage's
+function and puts the results on the next stage's queue (the last stage's go
+to the parent).  It never talks to the parent through a pipe: what the parent
+needs to know -- which source items the worker holds right now, and its
+counters -- it writes into the worker's row of the stage's *status table*, a
+shared ``RawArray`` of int64 words the parent reads (also after the worker is
+killed: that is how a crashed worker's items are retried).
+
+Messages are ``(kind, tags, value)`` tuples:
+
+``kind``
+    DATA (a value), HOLE (``value`` says why no value: filtered, skipped,
+    dead-lettered, an empty flat_map, merged into a batch) or ERROR (a stage
+    raised under ``on_error="raise"``; ``value`` describes the exception).
+``tags``
+    where the value came from: an int ``seq`` (source item number) for a
+    whole item; a tuple of keys ``(seq, sub, weight)`` for a part of one
+    (flat_map gives each of ``n`` children ``weight/n`` and a longer ``sub``
+    path, which orders them); a list of tags for a batch (one per element).
+    The parent completes a source item when the weights it got for it sum to 1.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, List, Optional, Tuple
+
+__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
+
+DATA, HOLE, ERROR = 0, 1, 2
+# why a message carries no value
+FILTERED, SKIPPED, DEAD, EMPTY, MERGED = 1, 2, 3, 4, 5
+END = None  # put on an input queue once per worker when the pipeline ends
+
+# One row of the status table per worker (int64 words).
+S_STATE = 0  # 0 idle, 1 holding the seqs below
+S_HELD_N = 1
+S_IN = 2  # messages taken
+S_OUT = 3  # messages put (data)
+S_FILTERED = 4
+S_SKIPPED = 5
+S_DEAD = 6
+S_RETRIES = 7  # calls of fn repeated after an exception (on_error="retry")
+S_BUSY_NS = 8  # time spent in fn
+S_ERRORS = 9  # exceptions raised by fn
+S_PID = 10
+S_HELD = 11  # first held seq
+ROW_FIXED = S_HELD
+
+INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One item a stage gave up on, as found in ``Pipeline.dead_letters``."""
+
+    #: The item as the stage received it (for a crashed worker: the source item).
+    item: Any
+    #: Name of the stage that failed.
+    stage: str
+    #: Name of the exception class (``"WorkerDied"`` for a killed worker).
+    exc_type: str
+    #: ``str()`` of the exception.
+    message: str
+    #: The remote traceback, formatted ("" for a killed worker).
+    traceback: str
+    #: How many times the item was tried at that stage.
+    attempts: int
+    #: Source sequence number(s) of the item.
+    seqs: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a worker needs to know about its stage (pickled to spawn children)."""
+
+    name: str
+    kind: str  # "map", "filter", "flat_map", "batch", "unbatch"
+    fn: Optional[Callable[..., Any]]
+    init: Optional[Callable[[], Any]]
+    on_error: str
+    retries: int
+    backoff: float
+    batch_size: int
+    linger: float
+    take: int  # messages taken from the queue at once
+    held_capacity: int  # seqs a row can record
+
+
+def keys_of(tags: Any) -> List[tuple]:
+    """Every ``(seq, sub, weight)`` key of ``tags``, flattened."""
+    if type(tags) is int:
+        return [(tags, (), 1)]
+    if type(tags) is list:
+        out: List[tuple] = []
+        for t in tags:
+            out.extend(keys_of(t))
+        return out
+    return list(tags)
+
+
+def seqs_of(tags: Any) -> List[int]:
+    if type(tags) is int:
+        return [tags]
+    return [k[0] for k in keys_of(tags)]
+
+
+def _split(tags: Any, n: int) -> Tuple[List[Any], List[Any]]:
+    """Tags of ``n`` children of a message, and the tags left over (keys of a
+    batch besides the first, which become MERGED holes)."""
+    keys = keys_of(tags)
+    seq, sub, w = keys[0]
+    w = Fraction(w) / n
+    return [((seq, sub + (i,), w),) for i in range(n)], (tuple(keys[1:]) if len(keys) > 1 else None)
+
+
+def _describe(stage: str, exc: BaseException) -> tuple:
+    """A picklable description of ``exc``: (stage, pickled exc or None, type name, message, traceback)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = pickle.dumps(exc, 5)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    return (stage, blob, type(exc).__qualname__, str(exc), tb)
+
+
+class _Worker:
+    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any) -> None:
+        self.spec = spec
+        self.inq = inq
+        self.outq = outq
+        self.deadq = deadq
+        words = memoryview(status).cast("B").cast("q")
+        width = ROW_FIXED + spec.held_capacity
+        self.row = words[index * width : (index + 1) * width]
+
+    # -- status table --------------------------------------------------
+    def hold(self, msgs: list) -> None:
+        row = self.row
+        cap = self.spec.held_capacity
+        n = 0
+        for m in msgs:
+            t = m[1]
+            if type(t) is int:
+                if n < cap:
+                    row[S_HELD + n] = t
+                n += 1
+            else:
+                for s in seqs_of(t):
+                    if n < cap:
+                        row[S_HELD + n] = s
+                    n += 1
+        row[S_HELD_N] = min(n, cap)
+        row[S_STATE] = 1
+
+    # -- calling fn under the stage's error policy ------------------------
+    def call(self, value: Any, tags: Any, out: list) -> Any:
+        """fn(value), or a message put in ``out`` instead (hole or error);
+        returns _FAILED then."""
+        spec = self.spec
+        attempts = 0
+        while True:
+            attempts += 1
+            t0 = time.perf_counter_ns()
+            try:
+                return spec.fn(value)
+            except Exception as exc:
+                self.row[S_ERRORS] += 1
+                if spec.on_error == "retry" and attempts <= spec.retries:
+                    self.row[S_RETRIES] += 1
+                    if spec.backoff:
+                        time.sleep(spec.backoff * (2 ** (attempts - 1)))
+                    continue
+                if spec.on_error == "skip":
+                    self.row[S_SKIPPED] += 1
+                    out.append((HOLE, tags, SKIPPED))
+                elif spec.on_error == "dead-letter":
+                    d = _describe(spec.name, exc)
+                    self.deadq.put(DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
+                    self.row[S_DEAD] += 1
+                    out.append((HOLE, tags, DEAD))
+                else:  # "raise", and "retry" once its retries are spent
+                    out.append((ERROR, tags, _describe(spec.name, exc)))
+                return _FAILED
+            finally:
+                self.row[S_BUSY_NS] += time.perf_counter_ns() - t0
+
+    def process(self, msg: tuple, out: list) -> None:
+        kind, tags, value = msg
+        if kind != DATA:
+            out.append(msg)  # holes and errors pass through
+            return
+        what = self.spec.kind
+        if what == "map":
+            r = self.call(value, tags, out)
+            if r is not _FAILED:
+                out.append((DATA, tags, r))
+        elif what == "filter":
+            r = self.call(value, tags, out)
+            if r is not _FAILED:
+                if r:
+                    out.append(msg)
+                else:
+                    self.row[S_FILTERED] += 1
+                    out.append((HOLE, tags, FILTERED))
+        elif what == "flat_map":
+            r = self.call(value, tags, out)
+            if r is _FAILED:
+                return
+            try:
+                children = list(r)
+            except Exception as exc:  # the iterable itself raised
+                out.append((ERROR, tags, _describe(self.spec.name, exc)))
+                return
+            if not children:
+                out.append((HOLE, tags, EMPTY))
+                return
+            child_tags, rest = _split(tags, len(children))
+            for t, c in zip(child_tags, children):
+                out.append((DATA, t, c))
+            if rest:
+                out.append((HOLE, rest, MERGED))
+        elif what == "unbatch":
+            if type(tags) is list and len(tags) == len(value):
+                for t, v in zip(tags, value):
+                    out.append((DATA, t, v))
+                return
+            children = list(value)
+            if not children:
+                out.append((HOLE, tags, EMPTY))
+                return
+            child_tags, rest = _split(tags, len(children))
+            for t, c in zip(child_tags, children):
+                out.append((DATA, t, c))
+            if rest:
+                out.append((HOLE, rest, MERGED))
+        else:  # pragma: no cover - batch is handled by run_batch
+            raise AssertionError(what)
+
+    # -- loops ------------------------------------------------------------
+    def run(self, parent_pid: int) -> None:
+        spec = self.spec
+        row = self.row
+        inq, outq = self.inq, self.outq
+        take = spec.take
+        from queue import Empty
+
+        while True:
+            try:
+                msgs = inq.get_many(take, timeout=0.5) if take > 1 else [inq.get(timeout=0.5)]
+            except Empty:
+                if os.getppid() != parent_pid:
+                    return  # orphaned: the parent is gone
+                continue
+            ended = False
+            if END in msgs:
+                ended = True
+                msgs = [m for m in msgs if m is not END]
+            if msgs:
+                self.hold(msgs)
+                row[S_IN] += len(msgs)
+                out: list = []
+                for m in msgs:
+                    self.process(m, out)
+                n_data = 0
+                for o in out:
+                    if o[0] == DATA:
+                        n_data += 1
+                if len(out) == 1:
+                    outq.put(out[0])
+                elif out:
+                    outq.put_many(out)
+                row[S_OUT] += n_data
+                row[S_STATE] = 0
+            if ended:
+                return
+
+    def run_batch(self, parent_pid: int) -> None:
+        """Group DATA messages by ``batch_size``; a partial batch leaves
+        after ``linger`` seconds without a new message."""
+        spec = self.spec
+        row = self.row
+        inq, outq = self.inq, self.outq
+        from queue import Empty
+
+        tags: list = []
+        values: list = []
+        pending: list = []  # the messages held, for the status table
+
+        def flush() -> None:
+            if values:
+                outq.put((DATA, list(tags), list(values)))
+                row[S_OUT] += 1
+            tags.clear()
+            values.clear()
+            pending.clear()
+            row[S_STATE] = 0
+
+        while True:
+            try:
+                msg = inq.get(timeout=spec.linger if values else 0.5)
+            except Empty:
+                if values:
+                    flush()
+                elif os.getppid() != parent_pid:
+                    return
+                continue
+            if msg is END:
+                flush()
+                return
+            row[S_IN] += 1
+            if msg[0] != DATA:
+                outq.put(msg)
+                continue
+            pending.append(msg)
+            self.hold(pending)
+            tags.append(msg[1])
+            values.append(msg[2])
+            if len(values) >= spec.batch_size:
+                flush()
+
+
+_FAILED = object()
+
+
+def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any, parent_pid: int) -> None:
+    """Entry point of a worker process."""
+    # Ctrl-C goes to the whole process group: the parent handles it and
+    # stops the workers; a worker must not die half-way through a put.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    w = _Worker(spec, index, inq, outq, deadq, status)
+    w.row[S_PID] = os.getpid()
+    if spec.init is not None:
+        try:
+            spec.init()
+        except BaseException as exc:
+            outq.put((ERROR, (), _describe(spec.name, exc)))
+            sys.stdout.flush()
+            os._exit(INIT_FAILED_EXIT)
+    if spec.kind == "batch":
+        w.run_batch(parent_pid)
+    else:
+        w.run(parent_pid)

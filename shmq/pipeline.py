@@ -1,0 +1,804 @@
+"""Pipeline: stages of worker processes connected by shmq queues.
+
+``Pipeline(source).map(f, workers=4).filter(g).map(h)`` builds a chain of
+stages; iterating it (or ``run()``) starts every stage's worker processes and
+streams the source through them.  Guide: docs/pipelines.md.
+
+How it works
+    Stage ``k`` reads the shmq Queue ``q[k]`` and writes to ``q[k+1]``; the
+    last stage writes to an output queue the parent reads.  A thread of the
+    parent feeds the source into ``q[0]``, numbering every item (its *seq*)
+    and keeping it until the item is *accounted for*: the parent has received,
+    for that seq, an output or a hole (filtered, skipped, dead-lettered...),
+    flat_map children included (their weights sum to 1).  Items never go
+    through a pipe or through the parent between stages; numpy arrays travel
+    through the queues' slot pools.
+
+Back-pressure
+    Every queue has a ``maxsize``; the feeder also stops at a window of
+    ``sum(max_in_flight)`` seqs in flight (in source order when the pipeline
+    is ordered), so an endless source runs in flat memory.
+
+Crash recovery (at-least-once, deduplicated)
+    A worker writes the seqs it holds into its row of its stage's status
+    table (shared int64 words) before working and clears the state after
+    putting its results: a few stores per item.  The parent checks its
+    workers every 50 ms; a dead one is replaced, and every seq its row holds
+    is fed again from the parent's copy of the source item (``attempts`` is
+    counted; past ``retries`` it is given up under the stage's
+    ``on_error``).  A worker killed between taking an item and recording it
+    loses it from every queue: after a crash the parent watches for a stall
+    (every queue empty, every worker idle, items still in flight) and feeds
+    those items again.  Results of the first attempt that still arrive are
+    dropped by (seq, position), so every output is delivered exactly once.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import _pipeline_worker as W
+from ._errors import Empty, Full, RemoteError, WorkerDied
+from ._pipeline_worker import DeadLetter
+from .queue import Queue
+
+__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
+
+ON_ERROR = ("raise", "skip", "retry", "dead-letter")
+_CHECK_EVERY = 0.05  # seconds between looks at the workers
+_STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
+_JOIN_SECONDS = 1.5
+
+
+@dataclass(frozen=True)
+class StageStatistics:
+    """A snapshot of one stage's counters (summed over its workers, the
+    killed ones included)."""
+
+    #: The stage's name (``"1:resize"``: position and function name).
+    name: str
+    #: ``"map"``, ``"filter"``, ``"flat_map"``, ``"batch"`` or ``"unbatch"``.
+    kind: str
+    #: Worker processes of the stage.
+    workers: int
+    #: Messages the workers took from the stage's queue.
+    items_in: int
+    #: Values the workers passed on (a flat_map counts each child).
+    items_out: int
+    #: Messages queued for the stage plus those its workers hold now.
+    in_flight: int
+    #: Items the stage's filter dropped.
+    filtered: int
+    #: Items dropped after an exception under ``on_error="skip"``.
+    skipped: int
+    #: Items sent to the dead letters by this stage (crashes included).
+    dead_letters: int
+    #: Calls repeated after an exception, plus items fed again after a crash.
+    retries: int
+    #: Workers of this stage that died and were replaced.
+    crashes: int
+    #: Fraction of the workers' wall time spent in the stage's function.
+    busy_fraction: float
+    #: Mean seconds of the function per item taken (0.0 before the first).
+    seconds_per_item: float
+
+
+@dataclass(frozen=True)
+class PipelineStatistics:
+    """A snapshot of a pipeline.  Every source item taken is in exactly one of
+    ``with_output``, ``filtered``, ``skipped``, ``dead_letters``, ``empty``,
+    ``merged`` and ``in_flight``."""
+
+    #: One entry per stage, in order.
+    stages: Tuple[StageStatistics, ...]
+    #: Items taken from the source.
+    source_items: int
+    #: Values delivered to the caller.
+    outputs: int
+    #: Source items that produced at least one output.
+    with_output: int
+    #: Source items a filter dropped.
+    filtered: int
+    #: Source items dropped after an error under ``on_error="skip"``.
+    skipped: int
+    #: Source items that ended in the dead letters.
+    dead_letters: int
+    #: Source items a flat_map turned into nothing.
+    empty: int
+    #: Source items merged into another item's output (a batch not unbatched).
+    merged: int
+    #: Source items taken and not yet accounted for.
+    in_flight: int
+    #: Items fed again because the worker holding them died.
+    crash_retries: int
+    #: Results of an earlier attempt that arrived again and were dropped.
+    duplicates_dropped: int
+    #: Seconds since the pipeline started.
+    elapsed_seconds: float
+    #: Name of the stage with the highest busy fraction (None before start).
+    bottleneck: Optional[str]
+
+
+class _Stage:
+    def __init__(self, spec: W.StageSpec, workers: int, ordered: bool, max_in_flight: int, start_method: Optional[str]):
+        self.spec = spec
+        self.workers = workers
+        self.ordered = ordered
+        self.max_in_flight = max_in_flight
+        self.start_method = start_method
+        self.procs: List[Any] = []
+        self.status: Any = None
+        self.width = W.ROW_FIXED + spec.held_capacity
+        self.words: Any = None
+        self.crashes = 0
+        self.crash_retries = 0
+        self.crash_dead = 0
+        self.crash_skipped = 0
+
+    def row(self, i: int) -> Any:
+        return self.words[i * self.width : (i + 1) * self.width]
+
+    def total(self, field: int) -> int:
+        return sum(self.words[i * self.width + field] for i in range(self.workers))
+
+
+class _Item:
+    __slots__ = ("item", "attempts", "weight", "seen", "parts", "has_data", "reason")
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.attempts = 0
+        self.weight: Any = 0
+        self.seen: Optional[set] = None
+        self.parts: Optional[list] = None
+        self.has_data = False
+        self.reason = 0
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _rebuild(desc: tuple) -> BaseException:
+    """The exception a worker described (see _pipeline_worker._describe)."""
+    stage, blob, type_name, message, tb = desc
+    exc: Optional[BaseException] = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteError(
+            f"stage {stage!r} raised {type_name}: {message}\n\nRemote traceback:\n{tb}",
+            exc_type=type_name,
+            stage=stage,
+            remote_traceback=tb,
+        )
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb}"""')
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in pipeline stage {stage!r}; remote traceback:\n{tb}")
+    return exc
+
+
+class Pipeline:
+    """``Pipeline(source, *, start_method=None, progress=False, dead_letters_name=None)``
+
+    A chain of stages over ``source`` (any iterable, consumed lazily by a
+    thread of this process).  Add stages with :meth:`map`, :meth:`filter`,
+    :meth:`flat_map`, :meth:`batch`, :meth:`unbatch` (each returns the
+    pipeline), then iterate it or call :meth:`run`.  Use it as a context
+    manager, or call :meth:`close`, to stop it early and free its queues.
+    ``start_method`` is the default of every stage; ``progress=True`` prints
+    a line of statistics to stderr every half second when it is a terminal.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[Any],
+        *,
+        start_method: Optional[str] = None,
+        progress: bool = False,
+        dead_letters_name: Optional[str] = None,
+    ) -> None:
+        self._source = source
+        self._start_method = start_method
+        self._progress = progress
+        self._dead_name = dead_letters_name
+        self._stages: List[_Stage] = []
+        self._seqs_per_msg = 1
+        self._state = "new"  # new, running, done, closed
+        self._queues: List[Queue] = []
+        self._deadq: Optional[Queue] = None
+        self._gen: Optional[Iterator[Any]] = None
+        # accounting (main thread, and the feeder under _cond)
+        self._cond = threading.Condition()
+        self._inflight: Dict[int, _Item] = {}
+        self._done: Dict[int, list] = {}  # ordered: finished seqs waiting for their turn
+        self._retry: Deque[int] = deque()
+        self._next_seq = 0
+        self._next_emit = 0
+        self._exhausted = False
+        self._feeding = False
+        self._feed_error: Optional[BaseException] = None
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._feeder: Optional[threading.Thread] = None
+        self._fates = [0] * 6  # index: a hole reason; 0: with output
+        self._outputs = 0
+        self._dups = 0
+        self._started = 0.0
+        self._suspect = False
+        self._stall_since: Optional[float] = None
+        self._late: List[Any] = []  # ordered outputs released by a give-up in _supervise
+
+    # -- building --------------------------------------------------------------
+    def _add(
+        self,
+        kind: str,
+        fn: Optional[Callable[..., Any]],
+        workers: int,
+        ordered: bool,
+        max_in_flight: Optional[int],
+        init: Optional[Callable[[], Any]],
+        on_error: str,
+        retries: int,
+        backoff: float,
+        start_method: Optional[str],
+        name: Optional[str],
+        batch_size: int = 0,
+        linger: float = 0.0,
+    ) -> "Pipeline":
+        if self._state != "new":
+            raise ValueError("stages cannot be added to a pipeline that has started")
+        if fn is not None and not callable(fn):
+            raise TypeError(f"'fn' must be callable, got {type(fn).__name__}")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"'workers' must be a positive int, got {workers!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"'on_error' must be one of {', '.join(map(repr, ON_ERROR))}; got {on_error!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"'retries' must be an int >= 0, got {retries!r}")
+        if not isinstance(backoff, (int, float)) or backoff < 0:
+            raise ValueError(f"'backoff' must be a number >= 0, got {backoff!r}")
+        if max_in_flight is None:
+            max_in_flight = max(16, 4 * workers)
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < workers:
+            raise ValueError(f"'max_in_flight' must be an int >= workers ({workers}), got {max_in_flight!r}")
+        spm = self._seqs_per_msg
+        take = 1 if (spm > 1 or kind == "batch") else max(1, min(16, max_in_flight // (2 * workers)))
+        held = take * spm * (batch_size if kind == "batch" else 1)
+        label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
+        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
+        self._stages.append(_Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method))
+        if kind == "batch":
+            self._seqs_per_msg = spm * batch_size
+        return self
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage of ``workers`` processes passing on ``fn(item)``.
+
+        ``ordered=True``: the pipeline yields in source order.
+        ``max_in_flight``: items the stage holds at most (queued plus being
+        worked on; default ``max(16, 4 * workers)``).  ``init()`` runs once in
+        every worker before its first item.  ``on_error``: ``"raise"`` stops
+        the pipeline and re-raises the exception in the caller; ``"skip"``
+        drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
+        (sleeping ``backoff * 2**k`` seconds), then raises; ``"dead-letter"``
+        puts a :class:`DeadLetter` in :attr:`dead_letters`.  An item whose
+        worker is killed is fed again up to ``retries`` times, then treated
+        by ``on_error`` (raising :class:`shmq.WorkerDied`).  ``start_method``:
+        ``"fork"``, ``"spawn"`` or ``"forkserver"`` (default: the pipeline's,
+        else multiprocessing's default)."""
+        return self._add("map", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def filter(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage passing on the items for which ``fn(item)`` is true
+        (arguments as :meth:`map`)."""
+        return self._add("filter", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def flat_map(
+        self,
+        fn: Callable[[Any], Iterable[Any]],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage passing on every element of ``fn(item)`` (an iterable,
+        collected into a list per item; arguments as :meth:`map`)."""
+        return self._add("flat_map", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def batch(self, n: int, *, linger: float = 0.05, max_in_flight: Optional[int] = None, name: Optional[str] = None) -> "Pipeline":
+        """Add a stage (one process) grouping items into lists of ``n``; a
+        shorter list leaves after ``linger`` seconds without a new item."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"'n' must be a positive int, got {n!r}")
+        if linger <= 0:
+            raise ValueError(f"'linger' must be > 0, got {linger!r}")
+        mif = max_in_flight if max_in_flight is not None else max(16, 2 * n)
+        return self._add("batch", None, 1, False, mif, None, "raise", 0, 0.0, None, name, batch_size=n, linger=linger)
+
+    def unbatch(self, *, max_in_flight: Optional[int] = None, name: Optional[str] = None) -> "Pipeline":
+        """Add a stage (one process) passing on every element of each list.
+        A list as long as the batch it came from gives every element back its
+        own source position; any other iterable is split like a flat_map."""
+        return self._add("unbatch", None, 1, False, max_in_flight, None, "raise", 0, 0.0, None, name)
+
+    # -- the dead letters ---------------------------------------------------------
+    @property
+    def dead_letters(self) -> Queue:
+        """The shmq Queue of :class:`DeadLetter` records (another process may
+        ``shmq.Queue.attach(pipe.dead_letters.name)``).  It lives until
+        :meth:`close`; a full one holds the stage back until it is read."""
+        if self._deadq is None:
+            if self._state == "closed":
+                raise ValueError("the pipeline is closed")
+            self._deadq = Queue(capacity_bytes=4 << 20, name=self._dead_name)
+        return self._deadq
+
+    # -- running --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        if self._gen is not None or self._state != "new":
+            raise ValueError("a pipeline runs once")
+        self._gen = self._run()
+        return self._gen
+
+    def run(self, sink: Optional[Callable[[Any], Any]] = None) -> int:
+        """Run the pipeline to its end, calling ``sink(out)`` for every output
+        (if given).  Returns the number of outputs."""
+        n = 0
+        for out in self:
+            if sink is not None:
+                sink(out)
+            n += 1
+        return n
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline (if running): its workers are terminated and its
+        queues, the dead letters included, removed.  Idempotent."""
+        if self._state == "closed":
+            return
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()  # runs _run's finally: the workers stop
+        self._shutdown(graceful=False)
+        if self._deadq is not None:
+            self._deadq.close()
+            self._deadq = None
+        self._state = "closed"
+
+    # -- the run ------------------------------------------------------------------------
+    def _start(self) -> None:
+        if not self._stages:
+            raise ValueError("the pipeline has no stage: add one with map(), filter(), ...")
+        self._state = "running"
+        self._started = time.monotonic()
+        self._ordered = any(s.ordered for s in self._stages)
+        self._window = sum(s.max_in_flight for s in self._stages)
+        deadq = self.dead_letters
+        try:
+            for s in self._stages:
+                qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
+                self._queues.append(Queue(qsize))
+            self._queues.append(Queue(max(64, self._stages[-1].max_in_flight)))
+            for k, s in enumerate(self._stages):
+                ctx = mp.get_context(s.start_method)
+                s.ctx = ctx
+                s.status = ctx.RawArray("q", s.workers * s.width)
+                s.words = memoryview(s.status).cast("B").cast("q")
+                s.procs = [None] * s.workers
+                for i in range(s.workers):
+                    self._spawn(k, i)
+        except BaseException:
+            self._shutdown(graceful=False)
+            raise
+        self._feeder = threading.Thread(target=self._feed, name="shmq-pipeline-feeder", daemon=True)
+        self._feeder.start()
+
+    def _spawn(self, k: int, i: int) -> None:
+        s = self._stages[k]
+        p = s.ctx.Process(
+            target=W.worker_main,
+            args=(s.spec, i, self._queues[k], self._queues[k + 1], self._deadq, s.status, os.getpid()),
+            name=f"shmq-pipeline-{s.spec.name}-{i}",
+            daemon=True,
+        )
+        p.start()
+        s.procs[i] = p
+
+    def _feed(self) -> None:
+        """The feeder thread: source items (and items to retry) into q[0]."""
+        q0 = self._queues[0]
+        cond = self._cond
+        it = iter(self._source)
+        try:
+            while not self._stop:
+                with cond:
+                    while not self._stop:
+                        if self._retry:
+                            seq = self._retry.popleft()
+                            rec = self._inflight.get(seq)
+                            if rec is None:
+                                continue
+                            item = rec.item
+                            break
+                        if not self._exhausted and self._room():
+                            seq = -1
+                            break
+                        cond.wait(0.1)
+                    else:
+                        return
+                    self._feeding = True
+                if seq < 0:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        with cond:
+                            self._exhausted = True
+                            self._feeding = False
+                        continue
+                    with cond:
+                        seq = self._next_seq
+                        self._next_seq += 1
+                        self._inflight[seq] = _Item(item)
+                msg = (W.DATA, seq, item)
+                while not self._stop:
+                    try:
+                        q0.put(msg, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                self._feeding = False
+        except BaseException as exc:  # the source raised
+            self._feed_error = exc
+            self._feeding = False
+
+    def _room(self) -> bool:
+        if self._ordered:
+            return self._next_seq - self._next_emit < self._window
+        return len(self._inflight) < self._window
+
+    def _run(self) -> Iterator[Any]:
+        self._start()
+        out = self._queues[-1]
+        last_check = time.monotonic()
+        finished = False
+        try:
+            while True:
+                try:
+                    msgs = out.get_many(256, timeout=_CHECK_EVERY)
+                except Empty:
+                    msgs = ()
+                if msgs:
+                    emit: list = []
+                    with self._cond:
+                        for m in msgs:
+                            self._receive(m, emit)
+                        self._cond.notify()
+                    self._stall_since = None
+                    for v in emit:
+                        self._outputs += 1
+                        yield v
+                now = time.monotonic()
+                if now - last_check >= _CHECK_EVERY:
+                    last_check = now
+                    self._supervise(now)
+                    while self._late:
+                        self._outputs += 1
+                        yield self._late.pop(0)
+                if self._error is not None:
+                    raise self._error
+                if self._feed_error is not None:
+                    raise self._feed_error
+                if self._exhausted and not self._inflight and not self._done and not self._feeding:
+                    break
+            finished = True
+        finally:
+            self._shutdown(graceful=finished)
+            if self._state == "running":
+                self._state = "done"
+
+    # -- accounting -------------------------------------------------------------
+    def _receive(self, msg: tuple, emit: list) -> None:
+        kind, tags, value = msg
+        if kind == W.ERROR:
+            if self._error is None:
+                self._error = _rebuild(value)
+            return
+        inflight = self._inflight
+        if type(tags) is int:  # a whole item: the common case
+            rec = inflight.get(tags)
+            if rec is None or rec.weight:
+                self._dups += 1
+                return
+            rec.weight = 1
+            if kind == W.DATA:
+                rec.has_data = True
+                if self._ordered:
+                    rec.parts = [((), value)]
+                else:
+                    emit.append(value)
+            else:
+                rec.reason = value
+            self._complete(tags, rec, emit)
+            return
+        owner_given = kind != W.DATA
+        for seq, sub, w in W.keys_of(tags):
+            rec = inflight.get(seq)
+            if rec is None:
+                self._dups += 1
+                continue
+            if rec.seen is None:
+                rec.seen = set()
+            if sub in rec.seen:
+                self._dups += 1
+                continue
+            rec.seen.add(sub)
+            rec.weight += w
+            if not owner_given:
+                owner_given = True
+                rec.has_data = True
+                if self._ordered:
+                    if rec.parts is None:
+                        rec.parts = []
+                    rec.parts.append((sub, value))
+                else:
+                    emit.append(value)
+            elif not rec.reason:
+                rec.reason = value if kind == W.HOLE else W.MERGED
+            if rec.weight >= 1:
+                self._complete(seq, rec, emit)
+
+    def _complete(self, seq: int, rec: _Item, emit: list) -> None:
+        del self._inflight[seq]
+        self._fates[0 if rec.has_data else rec.reason] += 1
+        if not self._ordered:
+            return
+        parts = rec.parts or []
+        if len(parts) > 1:
+            parts.sort(key=lambda p: p[0])
+        self._done[seq] = parts
+        done = self._done
+        while self._next_emit in done:
+            emit.extend(v for _, v in done.pop(self._next_emit))
+            self._next_emit += 1
+
+    def _give_up(self, seq: int, stage: _Stage, reason: str) -> None:
+        """An item crashed its workers too often: treat it by the stage's on_error."""
+        rec = self._inflight.get(seq)
+        if rec is None:
+            return
+        mode = stage.spec.on_error
+        if mode in ("raise", "retry"):
+            if self._error is None:
+                self._error = WorkerDied(
+                    f"stage {stage.spec.name!r}: {reason} while holding source item #{seq}, "
+                    f"{rec.attempts} times (retries={stage.spec.retries})"
+                )
+            return
+        if mode == "dead-letter":
+            assert self._deadq is not None
+            self._deadq.put(DeadLetter(rec.item, stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,)))
+            stage.crash_dead += 1
+            why = W.DEAD
+        else:
+            stage.crash_skipped += 1
+            why = W.SKIPPED
+        emit: list = []
+        rec.weight = 1
+        if not rec.has_data:
+            rec.reason = why
+        self._complete(seq, rec, emit)
+        self._late.extend(emit)
+
+    def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str) -> None:
+        rec = self._inflight.get(seq)
+        if rec is None:
+            return
+        rec.attempts += 1
+        if rec.attempts > stage.spec.retries:
+            self._give_up(seq, stage, reason)
+            return
+        stage.crash_retries += 1
+        self._retry.append(seq)
+
+    def _supervise(self, now: float) -> None:
+        if self._stop:
+            return
+        with self._cond:
+            for k, s in enumerate(self._stages):
+                for i, p in enumerate(s.procs):
+                    if p is None or p.exitcode is None:
+                        continue
+                    if p.exitcode == W.INIT_FAILED_EXIT:
+                        if self._error is None and now - self._started > 5.0:
+                            self._error = RemoteError(f"stage {s.spec.name!r}: init= failed", stage=s.spec.name)
+                        continue
+                    row = s.row(i)
+                    held = list(row[W.S_HELD : W.S_HELD + row[W.S_HELD_N]]) if row[W.S_STATE] else []
+                    row[W.S_STATE] = 0
+                    row[W.S_HELD_N] = 0
+                    s.crashes += 1
+                    self._suspect = True
+                    reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
+                    for seq in dict.fromkeys(held):
+                        self._retry_or_give_up(seq, s, reason)
+                    self._spawn(k, i)
+            if self._suspect:
+                self._look_for_lost(now)
+            self._cond.notify()
+        if self._progress:
+            self._show_progress(now)
+
+    def _look_for_lost(self, now: float) -> None:
+        """After a crash: items in flight with every queue empty and every
+        worker idle for a while were lost by a worker killed between taking
+        and recording them.  Feed them again."""
+        if not self._inflight:
+            self._suspect = False
+            return
+        idle = (
+            not self._feeding
+            and not self._retry
+            and all(q.qsize() == 0 for q in self._queues)
+            and all(s.total(W.S_STATE) == 0 for s in self._stages)
+        )
+        if not idle:
+            self._stall_since = None
+            return
+        if self._stall_since is None:
+            self._stall_since = now
+            return
+        if now - self._stall_since < _STALL_SECONDS:
+            return
+        self._stall_since = None
+        for seq in list(self._inflight):
+            self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
+
+    def _show_progress(self, now: float) -> None:
+        if not sys.stderr.isatty() or now - getattr(self, "_last_progress", 0.0) < 0.5:
+            return
+        self._last_progress = now
+        st = self.statistics()
+        parts = [f"{s.name}: {s.items_in}->{s.items_out} busy {s.busy_fraction:.0%}" for s in st.stages]
+        sys.stderr.write("\r" + " | ".join(parts) + f" | out {st.outputs}\x1b[K")
+        sys.stderr.flush()
+
+    def _shutdown(self, graceful: bool) -> None:
+        self._stop = True
+        with self._cond:
+            self._cond.notify_all()
+        if self._feeder is not None:
+            self._feeder.join(2.0)
+            self._feeder = None
+        procs = [(s, p) for s in self._stages for p in s.procs if p is not None]
+        if graceful:
+            for k, s in enumerate(self._stages):
+                for _ in range(s.workers):
+                    try:
+                        self._queues[k].put(W.END, timeout=0.2)
+                    except Full:
+                        break
+            deadline = time.monotonic() + _JOIN_SECONDS
+            for _, p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for _, p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + _JOIN_SECONDS
+        for _, p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for _, p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join(1.0)
+        for s in self._stages:
+            s.procs = []
+        for q in self._queues:
+            q.close()
+        self._queues = []
+
+    # -- statistics ---------------------------------------------------------------
+    def statistics(self) -> PipelineStatistics:
+        """A snapshot of the pipeline and of every stage (see the dataclasses)."""
+        elapsed = time.monotonic() - self._started if self._started else 0.0
+        stages = []
+        for k, s in enumerate(self._stages):
+            if s.words is None:
+                stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
+                continue
+            t = s.total
+            items_in = t(W.S_IN)
+            busy = t(W.S_BUSY_NS) / 1e9
+            queued = self._queues[k].qsize() if k < len(self._queues) else 0
+            stages.append(
+                StageStatistics(
+                    name=s.spec.name,
+                    kind=s.spec.kind,
+                    workers=s.workers,
+                    items_in=items_in,
+                    items_out=t(W.S_OUT),
+                    in_flight=queued + sum(
+                        s.words[i * s.width + W.S_HELD_N] for i in range(s.workers) if s.words[i * s.width + W.S_STATE]
+                    ),
+                    filtered=t(W.S_FILTERED),
+                    skipped=t(W.S_SKIPPED) + s.crash_skipped,
+                    dead_letters=t(W.S_DEAD) + s.crash_dead,
+                    retries=t(W.S_RETRIES) + s.crash_retries,
+                    crashes=s.crashes,
+                    busy_fraction=min(1.0, busy / (elapsed * s.workers)) if elapsed else 0.0,
+                    seconds_per_item=busy / items_in if items_in else 0.0,
+                )
+            )
+        f = self._fates
+        return PipelineStatistics(
+            stages=tuple(stages),
+            source_items=self._next_seq,
+            outputs=self._outputs,
+            with_output=f[0],
+            filtered=f[W.FILTERED],
+            skipped=f[W.SKIPPED],
+            dead_letters=f[W.DEAD],
+            empty=f[W.EMPTY],
+            merged=f[W.MERGED],
+            in_flight=len(self._inflight),
+            crash_retries=sum(s.crash_retries for s in self._stages),
+            duplicates_dropped=self._dups,
+            elapsed_seconds=elapsed,
+            bottleneck=max(stages, key=lambda s: s.busy_fraction).name if stages and self._started else None,
+        )
+
+    def __repr__(self) -> str:
+        names = " -> ".join(s.spec.name for s in self._stages)
+        return f"<shmq.Pipeline {self._state} [{names}]>"
