@@ -52,7 +52,8 @@ S_RETRIES = 7  # calls of fn repeated after an exception (on_error="retry")
 S_BUSY_NS = 8  # time spent in fn
 S_ERRORS = 9  # exceptions raised by fn
 S_PID = 10
-S_HELD = 11  # first held seq
+S_CURRENT = 11  # index (into the held seqs) of the message in fn now, when take > 1
+S_HELD = 12  # first held seq
 ROW_FIXED = S_HELD
 
 INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
@@ -269,7 +270,8 @@ class _Worker:
                 self.hold(msgs)
                 row[S_IN] += len(msgs)
                 out: list = []
-                for m in msgs:
+                for i, m in enumerate(msgs):
+                    row[S_CURRENT] = i
                     self.process(m, out)
                 n_data = 0
                 for o in out:

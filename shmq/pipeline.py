@@ -642,11 +642,11 @@ class Pipeline:
         self._complete(seq, rec, emit)
         self._late.extend(emit)
 
-    def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str) -> None:
+    def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str, charge: bool = True) -> None:
         rec = self._inflight.get(seq)
         if rec is None:
             return
-        rec.attempts += 1
+        rec.attempts += charge
         if rec.attempts > stage.spec.retries:
             self._give_up(seq, stage, reason)
             return
@@ -667,13 +667,17 @@ class Pipeline:
                         continue
                     row = s.row(i)
                     held = list(row[W.S_HELD : W.S_HELD + row[W.S_HELD_N]]) if row[W.S_STATE] else []
+                    # A worker taking several items at once records which one
+                    # is in fn: only that one is charged an attempt; the
+                    # others are fed again free.
+                    culprit = held[row[W.S_CURRENT]] if s.spec.take > 1 and row[W.S_CURRENT] < len(held) else None
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
                     s.crashes += 1
                     self._suspect = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
                     for seq in dict.fromkeys(held):
-                        self._retry_or_give_up(seq, s, reason)
+                        self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
