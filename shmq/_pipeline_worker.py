@@ -165,35 +165,40 @@ class _Worker:
 
     # -- calling fn under the stage's error policy ------------------------
     def call(self, value: Any, tags: Any, out: list) -> Any:
-        """fn(value), or a message put in ``out`` instead (hole or error);
-        returns _FAILED then."""
+        """fn(value), or _FAILED after putting a hole or an error in ``out``."""
+        try:
+            return self.spec.fn(value)
+        except Exception as exc:
+            return self.failed(value, tags, out, exc)
+
+    def failed(self, value: Any, tags: Any, out: list, exc: Exception) -> Any:
+        """fn(value) raised ``exc`` once: retry it, or put a hole or an error
+        in ``out`` as the stage's on_error says."""
         spec = self.spec
-        attempts = 0
+        attempts = 1
         while True:
-            attempts += 1
-            t0 = time.perf_counter_ns()
-            try:
-                return spec.fn(value)
-            except Exception as exc:
-                self.row[S_ERRORS] += 1
-                if spec.on_error == "retry" and attempts <= spec.retries:
-                    self.row[S_RETRIES] += 1
-                    if spec.backoff:
-                        time.sleep(spec.backoff * (2 ** (attempts - 1)))
+            self.row[S_ERRORS] += 1
+            if spec.on_error == "retry" and attempts <= spec.retries:
+                self.row[S_RETRIES] += 1
+                if spec.backoff:
+                    time.sleep(spec.backoff * (2 ** (attempts - 1)))
+                attempts += 1
+                try:
+                    return spec.fn(value)
+                except Exception as again:
+                    exc = again
                     continue
-                if spec.on_error == "skip":
-                    self.row[S_SKIPPED] += 1
-                    out.append((HOLE, tags, SKIPPED))
-                elif spec.on_error == "dead-letter":
-                    d = _describe(spec.name, exc)
-                    self.deadq.put(DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
-                    self.row[S_DEAD] += 1
-                    out.append((HOLE, tags, DEAD))
-                else:  # "raise", and "retry" once its retries are spent
-                    out.append((ERROR, tags, _describe(spec.name, exc)))
-                return _FAILED
-            finally:
-                self.row[S_BUSY_NS] += time.perf_counter_ns() - t0
+            if spec.on_error == "skip":
+                self.row[S_SKIPPED] += 1
+                out.append((HOLE, tags, SKIPPED))
+            elif spec.on_error == "dead-letter":
+                d = _describe(spec.name, exc)
+                self.deadq.put(DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
+                self.row[S_DEAD] += 1
+                out.append((HOLE, tags, DEAD))
+            else:  # "raise", and "retry" once its retries are spent
+                out.append((ERROR, tags, _describe(spec.name, exc)))
+            return _FAILED
 
     def process(self, msg: tuple, out: list) -> None:
         kind, tags, value = msg
@@ -253,6 +258,9 @@ class _Worker:
         row = self.row
         inq, outq = self.inq, self.outq
         take = spec.take
+        fn = spec.fn
+        is_map = spec.kind == "map"
+        perf_ns = time.perf_counter_ns
         from queue import Empty
 
         while True:
@@ -270,9 +278,28 @@ class _Worker:
                 self.hold(msgs)
                 row[S_IN] += len(msgs)
                 out: list = []
-                for i, m in enumerate(msgs):
-                    row[S_CURRENT] = i
-                    self.process(m, out)
+                t0 = perf_ns()
+                if is_map:
+                    # the common case inline: no call per item but fn's
+                    i = 0
+                    for m in msgs:
+                        row[S_CURRENT] = i
+                        i += 1
+                        if m[0] == DATA:
+                            try:
+                                out.append((DATA, m[1], fn(m[2])))
+                                continue
+                            except Exception as exc:
+                                r = self.failed(m[2], m[1], out, exc)
+                                if r is not _FAILED:
+                                    out.append((DATA, m[1], r))
+                        else:
+                            out.append(m)
+                else:
+                    for i, m in enumerate(msgs):
+                        row[S_CURRENT] = i
+                        self.process(m, out)
+                row[S_BUSY_NS] += perf_ns() - t0
                 n_data = 0
                 for o in out:
                     if o[0] == DATA:

@@ -38,6 +38,7 @@ import multiprocessing as mp
 import os
 import pickle
 import sys
+import itertools
 import threading
 import time
 from collections import deque
@@ -55,6 +56,8 @@ ON_ERROR = ("raise", "skip", "retry", "dead-letter")
 _CHECK_EVERY = 0.05  # seconds between looks at the workers
 _STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
 _JOIN_SECONDS = 1.5
+_FEED_RUN = 64  # source items taken and put at once, at most
+_TAKE_MAX = 64  # messages a worker takes at once, at most
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ class Pipeline:
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < workers:
             raise ValueError(f"'max_in_flight' must be an int >= workers ({workers}), got {max_in_flight!r}")
         spm = self._seqs_per_msg
-        take = 1 if (spm > 1 or kind == "batch") else max(1, min(16, max_in_flight // (2 * workers)))
+        take = 1 if (spm > 1 or kind == "batch") else max(1, min(_TAKE_MAX, max_in_flight // (2 * workers)))
         held = take * spm * (batch_size if kind == "batch" else 1)
         label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
         spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
@@ -458,56 +461,66 @@ class Pipeline:
         s.procs[i] = p
 
     def _feed(self) -> None:
-        """The feeder thread: source items (and items to retry) into q[0]."""
+        """The feeder thread: source items (and items to retry) into q[0],
+        up to _FEED_RUN at a time (one lock round and one put_many)."""
         q0 = self._queues[0]
         cond = self._cond
         it = iter(self._source)
+        inflight = self._inflight
+        DATA = W.DATA
         try:
             while not self._stop:
+                msgs: list = []
                 with cond:
                     while not self._stop:
-                        if self._retry:
+                        while self._retry and len(msgs) < _FEED_RUN:
                             seq = self._retry.popleft()
-                            rec = self._inflight.get(seq)
-                            if rec is None:
-                                continue
-                            item = rec.item
-                            break
-                        if not self._exhausted and self._room():
-                            seq = -1
+                            rec = inflight.get(seq)
+                            if rec is not None:
+                                msgs.append((DATA, seq, rec.item))
+                        room = 0 if self._exhausted else self._room()
+                        if msgs or room:
                             break
                         cond.wait(0.1)
                     else:
                         return
                     self._feeding = True
-                if seq < 0:
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        with cond:
-                            self._exhausted = True
-                            self._feeding = False
-                        continue
+                if not msgs:
+                    free = q0.maxsize - q0.qsize()
+                    items = list(itertools.islice(it, max(1, min(room, free, _FEED_RUN))))
                     with cond:
+                        if not items:
+                            self._exhausted = True
                         seq = self._next_seq
-                        self._next_seq += 1
-                        self._inflight[seq] = _Item(item)
-                msg = (W.DATA, seq, item)
-                while not self._stop:
-                    try:
-                        q0.put(msg, timeout=0.1)
-                        break
-                    except Full:
-                        continue
+                        for item in items:
+                            inflight[seq] = _Item(item)
+                            msgs.append((DATA, seq, item))
+                            seq += 1
+                        self._next_seq = seq
+                self._put_all(q0, msgs)
                 self._feeding = False
         except BaseException as exc:  # the source raised
             self._feed_error = exc
             self._feeding = False
 
-    def _room(self) -> bool:
+    def _put_all(self, q0: Queue, msgs: list) -> None:
+        while msgs and not self._stop:
+            try:
+                if len(msgs) == 1:
+                    q0.put(msgs[0], timeout=0.1)
+                else:
+                    # Full part-way: the puts before it stay, and are put
+                    # again below; the parent drops the second results.
+                    q0.put_many(msgs, timeout=0.5)
+                return
+            except Full:
+                continue
+
+    def _room(self) -> int:
+        """How many more source items the window admits now."""
         if self._ordered:
-            return self._next_seq - self._next_emit < self._window
-        return len(self._inflight) < self._window
+            return max(0, self._window - (self._next_seq - self._next_emit))
+        return max(0, self._window - len(self._inflight))
 
     def _run(self) -> Iterator[Any]:
         self._start()
