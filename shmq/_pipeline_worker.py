@@ -258,6 +258,7 @@ class _Worker:
         row = self.row
         inq, outq = self.inq, self.outq
         take = spec.take
+        take_now = 1
         fn = spec.fn
         is_map = spec.kind == "map"
         perf_ns = time.perf_counter_ns
@@ -265,7 +266,7 @@ class _Worker:
 
         while True:
             try:
-                msgs = inq.get_many(take, timeout=0.5) if take > 1 else [inq.get(timeout=0.5)]
+                msgs = inq.get_many(take_now, timeout=0.5) if take_now > 1 else [inq.get(timeout=0.5)]
             except Empty:
                 if os.getppid() != parent_pid:
                     return  # orphaned: the parent is gone
@@ -299,7 +300,16 @@ class _Worker:
                     for i, m in enumerate(msgs):
                         row[S_CURRENT] = i
                         self.process(m, out)
-                row[S_BUSY_NS] += perf_ns() - t0
+                busy = perf_ns() - t0
+                row[S_BUSY_NS] += busy
+                # Take many cheap items at once, but a slow item alone: a
+                # worker must not sit on a run of them while the others idle.
+                per_item = busy // len(msgs)
+                # (starting at 1 and doubling: the first run may be slow too)
+                if per_item < 20_000:
+                    take_now = min(take, 2 * take_now)
+                else:
+                    take_now = min(take, 4) if per_item < 200_000 else 1
                 n_data = 0
                 for o in out:
                     if o[0] == DATA:

@@ -404,3 +404,20 @@ def test_ctrl_c_stops_everything(tmp_path, method):
                 proc.communicate()
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert_clean(pids)
+
+
+def pid_after_sleep(x):
+    time.sleep(0.03)
+    return os.getpid()
+
+
+def test_slow_items_are_shared_among_workers():
+    """A worker takes many cheap items at once, but slow ones one at a time:
+    every worker of a slow stage gets a share."""
+    with shmq.Pipeline(range(24), start_method="fork").map(pid_after_sleep, workers=3) as pipe:
+        t0 = time.monotonic()
+        pids = list(pipe)
+        elapsed = time.monotonic() - t0
+    counts = sorted(pids.count(p) for p in set(pids))
+    assert len(counts) == 3 and counts[0] >= 4, counts
+    assert elapsed < 24 * 0.03  # faster than one worker alone
