@@ -566,6 +566,9 @@ class Pipeline:
             finished = True
         finally:
             self._shutdown(graceful=finished)
+            if getattr(self, "_last_progress", 0.0):
+                self._last_progress = time.monotonic()
+                sys.stderr.write("\n")  # keep the last progress line
             if self._state == "running":
                 self._state = "done"
 

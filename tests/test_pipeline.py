@@ -421,3 +421,47 @@ def test_slow_items_are_shared_among_workers():
     counts = sorted(pids.count(p) for p in set(pids))
     assert len(counts) == 3 and counts[0] >= 4, counts
     assert elapsed < 24 * 0.03  # faster than one worker alone
+
+
+PROGRESS_SCRIPT = textwrap.dedent(
+    """
+    import time
+    import shmq
+
+    def slow(x):
+        time.sleep(0.01)
+        return x
+
+    if __name__ == "__main__":
+        with shmq.Pipeline(range(100), start_method="fork", progress=True).map(slow, workers=2) as pipe:
+            assert sorted(pipe) == list(range(100))
+    """
+)
+
+
+def test_progress_line_on_a_terminal(tmp_path):
+    import pty
+
+    script = tmp_path / "progress.py"
+    script.write_text(PROGRESS_SCRIPT)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, str(script)], stderr=slave, timeout=30, env=os.environ)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the other side is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "0:slow: " in text and "busy" in text and "| out " in text

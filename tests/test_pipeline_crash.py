@@ -147,3 +147,32 @@ def test_item_lost_with_a_killed_worker_is_found_and_fed_again():
     assert time.monotonic() - t0 < 5
     assert sorted(got) == [x * x for x in range(40)], stolen
     assert st.crash_retries >= 1 and accounted(st) == 40
+
+
+def three_children(x):
+    time.sleep(0.002)
+    return [(x, 0), (x, 1), (x, 2)] if x % 4 else []
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_sigkill_in_ordered_flat_map_delivers_every_child_once(seed):
+    """Children of a re-fed item that already arrived are dropped by their
+    position; the order stays the source order."""
+    n = 300
+    pipe = (
+        shmq.Pipeline(range(n), start_method="fork")
+        .map(busy_identity, workers=2, ordered=True, max_in_flight=16)
+        .flat_map(three_children, workers=2, max_in_flight=16)
+    )
+    killer = Killer(pipe, seed, kills=3)
+    with pipe:
+        it = iter(pipe)
+        got = [next(it)]
+        killer.start()
+        got += list(it)
+        killer.stop.set()
+        killer.join(5)
+        st = pipe.statistics()
+    assert got == [(x, i) for x in range(n) if x % 4 for i in range(3)], f"seed {seed}"
+    assert st.empty == n // 4 and st.with_output == n - n // 4 and accounted(st) == n
+    assert 1 <= sum(s.crashes for s in st.stages) <= len(killer.killed)
