@@ -8,6 +8,10 @@ Workloads (one worker process per stage everywhere):
   ``multiprocessing.Pool.imap`` chained over two pools with chunksize 1 and
   with a tuned chunksize, ``ProcessPoolExecutor.map`` chained over two
   executors, and pypeln ``process.map`` (when installed).
+* "faults": "trivial" with 1% of the items raising in stage 1 (under
+  ``on_error="dead-letter"``) and one stage-1 worker SIGKILLing itself half
+  way: the run must complete with the dead letters holding exactly the
+  failing items; reported with the throughput lost against "trivial".
 * "arrays": M arrays of 6 MiB through ``decode`` (makes the array) ->
   ``process`` (a new array: ``a + 1``) -> the parent, which reads one
   element: arrays/s and the parent's peak RSS (sampled).  Baselines:
@@ -25,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -51,6 +56,43 @@ def inc(x):
 
 def double(x):
     return 2 * x
+
+
+def inc_or_fail(x):
+    """inc, but 1% of the items raise, and the item KILL_AT kills its worker once."""
+    if x % 100 == 37:
+        raise ValueError(f"bad item {x}")
+    if x == KILL_AT[0] and not os.path.exists(KILL_AT[1]):
+        open(KILL_AT[1], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+
+
+KILL_AT = [-1, ""]  # item, flag file (set before the workers fork)
+
+
+def run_faults(n: int, **kw) -> float:
+    import tempfile
+
+    flag = os.path.join(tempfile.mkdtemp(), "killed")
+    KILL_AT[:] = [n // 2, flag]
+    t0 = time.perf_counter()
+    outs = set()
+    with shmq.Pipeline(range(n), start_method="fork").map(inc_or_fail, on_error="dead-letter", **kw).map(double, **kw) as pipe:
+        for out in pipe:
+            outs.add(out)
+        seconds = time.perf_counter() - t0
+        dead = []
+        while not pipe.dead_letters.empty():
+            dead.append(pipe.dead_letters.get(timeout=5).item)
+        st = pipe.statistics()
+    failing = [x for x in range(n) if x % 100 == 37]
+    assert os.path.exists(flag), "the kill did not happen"
+    assert sorted(dead) == failing, "dead letters differ from the failing items"
+    assert outs == {2 * (x + 1) for x in range(n) if x % 100 != 37}, "outputs lost or wrong"
+    assert st.stages[0].crashes == 1 and st.with_output + st.dead_letters == n
+    os.unlink(flag)
+    return seconds
 
 
 def decode(i):
@@ -159,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         ("trivial", "ProcessPoolExecutor.map", ns, lambda: run_executor(inc, double, ns, ints, drop)),
         ("trivial", "shmq Pipeline (defaults)", n, lambda: run_shmq(inc, double, n, ints, drop)),
         ("trivial", "shmq Pipeline max_in_flight=1024", n, lambda: run_shmq(inc, double, n, ints, drop, max_in_flight=1024)),
+        ("faults", "shmq Pipeline (defaults)", n, lambda: run_faults(n)),
+        ("faults", "shmq Pipeline max_in_flight=1024", n, lambda: run_faults(n, max_in_flight=1024)),
         ("arrays", "Pool.imap chunksize=1", m, lambda: run_pool(decode, process, m, ints, first_element)),
         ("arrays", "shmq Pipeline (defaults)", m, lambda: run_shmq(decode, process, m, ints, first_element)),
     ]
@@ -184,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.json:
             print(json.dumps(results[-1]), flush=True)
     base = {row["workload"]: row["rate"] for row in results if row["transport"] == "Pool.imap chunksize=1"}
+    base["faults"] = base["trivial"]
     if not args.json:
         print(f"machine: {machine}")
         print(f"| workload | transport | items | items/s | vs Pool.imap(1) | parent peak RSS |")
@@ -194,6 +239,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 f"| {row['workload']} | {row['transport']} | {row['items']} | {row['rate']:,.0f} | "
                 f"{ratio:.2f}x | {row['peak_rss_mib']:.0f} MiB |"
             )
+        clean = {r["transport"]: r["rate"] for r in results if r["workload"] == "trivial"}
+        for row in results:
+            if row["workload"] == "faults" and row["transport"] in clean:
+                loss = 1 - row["rate"] / clean[row["transport"]]
+                print(f"faults, {row['transport']}: throughput lost vs trivial: {loss:.0%}")
 
 
 if __name__ == "__main__":
