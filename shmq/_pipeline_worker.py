@@ -252,6 +252,15 @@ class _Worker:
         else:  # pragma: no cover - batch is handled by run_batch
             raise AssertionError(what)
 
+    def put_each(self, out: list) -> None:
+        """Put ``out`` one by one; a message that cannot be put (its value
+        does not pickle) becomes an ERROR for the parent to raise."""
+        for o in out:
+            try:
+                self.outq.put(o)
+            except Exception as exc:
+                self.outq.put((ERROR, o[1], _describe(self.spec.name, exc)))
+
     # -- loops ------------------------------------------------------------
     def run(self, parent_pid: int) -> None:
         spec = self.spec
@@ -314,10 +323,13 @@ class _Worker:
                 for o in out:
                     if o[0] == DATA:
                         n_data += 1
-                if len(out) == 1:
-                    outq.put(out[0])
-                elif out:
-                    outq.put_many(out)
+                try:
+                    if len(out) == 1:
+                        outq.put(out[0])
+                    elif out:
+                        outq.put_many(out)  # pickles all first: an error puts none
+                except Exception:
+                    self.put_each(out)
                 row[S_OUT] += n_data
                 row[S_STATE] = 0
             if ended:

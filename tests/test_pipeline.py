@@ -465,3 +465,15 @@ def test_progress_line_on_a_terminal(tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0, text
     assert "0:slow: " in text and "busy" in text and "| out " in text
+
+
+def returns_a_lock(x):
+    import threading
+
+    return threading.Lock() if x == 4 else x
+
+
+def test_an_output_that_does_not_pickle_raises_in_the_caller():
+    with pytest.raises(TypeError, match=r"lock"):
+        with shmq.Pipeline(range(10), start_method="fork").map(returns_a_lock, workers=2) as pipe:
+            list(pipe)
