@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, List, Optional, Tuple
 
+from ._errors import Full
+
 __all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
 
 DATA, HOLE, ERROR = 0, 1, 2
@@ -135,8 +137,9 @@ def _describe(stage: str, exc: BaseException) -> tuple:
 
 
 class _Worker:
-    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any) -> None:
+    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any, parent_pid: int) -> None:
         self.spec = spec
+        self.parent_pid = parent_pid
         self.inq = inq
         self.outq = outq
         self.deadq = deadq
@@ -193,7 +196,7 @@ class _Worker:
                 out.append((HOLE, tags, SKIPPED))
             elif spec.on_error == "dead-letter":
                 d = _describe(spec.name, exc)
-                self.deadq.put(DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
+                self.send(self.deadq, DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
                 self.row[S_DEAD] += 1
                 out.append((HOLE, tags, DEAD))
             else:  # "raise", and "retry" once its retries are spent
@@ -252,14 +255,37 @@ class _Worker:
         else:  # pragma: no cover - batch is handled by run_batch
             raise AssertionError(what)
 
+    def send(self, q: Any, obj: Any) -> None:
+        """``q.put(obj)``, waiting for room as long as the parent lives (a
+        worker of a killed parent exits instead of waiting forever)."""
+        while True:
+            try:
+                q.put(obj, timeout=0.5)
+                return
+            except Full:
+                if os.getppid() != self.parent_pid:
+                    os._exit(0)
+
+    def send_many(self, q: Any, objs: list) -> None:
+        """``q.put_many(objs)``, likewise.  A put_many that times out part-way
+        leaves its first items put: they are put again, and the parent drops
+        the second copies (counted in duplicates_dropped)."""
+        while True:
+            try:
+                q.put_many(objs, timeout=0.5)
+                return
+            except Full:
+                if os.getppid() != self.parent_pid:
+                    os._exit(0)
+
     def put_each(self, out: list) -> None:
         """Put ``out`` one by one; a message that cannot be put (its value
         does not pickle) becomes an ERROR for the parent to raise."""
         for o in out:
             try:
-                self.outq.put(o)
+                self.send(self.outq, o)
             except Exception as exc:
-                self.outq.put((ERROR, o[1], _describe(self.spec.name, exc)))
+                self.send(self.outq, (ERROR, o[1], _describe(self.spec.name, exc)))
 
     # -- loops ------------------------------------------------------------
     def run(self, parent_pid: int) -> None:
@@ -325,9 +351,9 @@ class _Worker:
                         n_data += 1
                 try:
                     if len(out) == 1:
-                        outq.put(out[0])
+                        self.send(outq, out[0])
                     elif out:
-                        outq.put_many(out)  # pickles all first: an error puts none
+                        self.send_many(outq, out)  # pickles all first: an error puts none
                 except Exception:
                     self.put_each(out)
                 row[S_OUT] += n_data
@@ -349,7 +375,7 @@ class _Worker:
 
         def flush() -> None:
             if values:
-                outq.put((DATA, list(tags), list(values)))
+                self.send(outq, (DATA, list(tags), list(values)))
                 row[S_OUT] += 1
             tags.clear()
             values.clear()
@@ -370,7 +396,7 @@ class _Worker:
                 return
             row[S_IN] += 1
             if msg[0] != DATA:
-                outq.put(msg)
+                self.send(outq, msg)
                 continue
             pending.append(msg)
             self.hold(pending)
@@ -388,13 +414,13 @@ def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, st
     # Ctrl-C goes to the whole process group: the parent handles it and
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    w = _Worker(spec, index, inq, outq, deadq, status)
+    w = _Worker(spec, index, inq, outq, deadq, status, parent_pid)
     w.row[S_PID] = os.getpid()
     if spec.init is not None:
         try:
             spec.init()
         except BaseException as exc:
-            outq.put((ERROR, (), _describe(spec.name, exc)))
+            w.send(outq, (ERROR, (), _describe(spec.name, exc)))
             sys.stdout.flush()
             os._exit(INIT_FAILED_EXIT)
     if spec.kind == "batch":

@@ -477,3 +477,55 @@ def test_an_output_that_does_not_pickle_raises_in_the_caller():
     with pytest.raises(TypeError, match=r"lock"):
         with shmq.Pipeline(range(10), start_method="fork").map(returns_a_lock, workers=2) as pipe:
             list(pipe)
+
+
+def test_a_stage_that_cannot_start_leaves_nothing():
+    pipe = shmq.Pipeline(range(5), start_method="spawn").map(square).map(lambda x: x)
+    with pytest.raises(Exception, match=r"(?i)pickle|lambda"):
+        list(pipe)
+    pids = worker_pids(pipe)
+    pipe.close()
+    assert_clean(pids)
+
+
+ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import itertools, sys, time
+    import shmq
+
+    def inc(x):
+        return x + 1
+
+    if __name__ == "__main__":
+        pipe = shmq.Pipeline(itertools.count(), start_method="fork").map(inc, workers=2).map(inc)
+        it = iter(pipe)
+        next(it)
+        print(" ".join(str(p.pid) for s in pipe._stages for p in s.procs), flush=True)
+        time.sleep(60)  # the queues fill up: every worker blocks in put
+    """
+)
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    tag = "o" + os.urandom(2).hex()
+    env = dict(os.environ, SHMQ_NAME_TAG=tag)  # its leaked segments are ours to remove
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 3
+            time.sleep(0.2)  # let them block
+            proc.kill()
+            proc.wait(5)
+            deadline = time.monotonic() + 3.0
+            while any(alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not [p for p in pids if alive(p)], "orphaned workers still running"
+        finally:
+            for p in locals().get("pids", []):
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+            for entry in os.listdir("/dev/shm"):
+                if f"shmq_{tag}_" in entry:
+                    os.unlink(os.path.join("/dev/shm", entry))
