@@ -176,3 +176,14 @@ def test_sigkill_in_ordered_flat_map_delivers_every_child_once(seed):
     assert got == [(x, i) for x in range(n) if x % 4 for i in range(3)], f"seed {seed}"
     assert st.empty == n // 4 and st.with_output == n - n // 4 and accounted(st) == n
     assert 1 <= sum(s.crashes for s in st.stages) <= len(killer.killed)
+
+
+def test_poison_item_in_an_ordered_pipeline_keeps_the_order():
+    with shmq.Pipeline(range(40), start_method="fork").map(
+        poison_13, workers=2, ordered=True, on_error="dead-letter", retries=1
+    ) as pipe:
+        got = list(pipe)
+        st = pipe.statistics()
+        assert pipe.dead_letters.get(timeout=5).item == 13
+    assert got == [x for x in range(40) if x != 13]
+    assert st.dead_letters == 1 and accounted(st) == 40
