@@ -53,6 +53,8 @@ from .queue import Queue
 __all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
 
 ON_ERROR = ("raise", "skip", "retry", "dead-letter")
+_MISSING = object()
+_DATA = W.DATA
 _CHECK_EVERY = 0.05  # seconds between looks at the workers
 _STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
 _JOIN_SECONDS = 1.5
@@ -160,10 +162,12 @@ class _Stage:
 
 
 class _Item:
-    __slots__ = ("item", "attempts", "weight", "seen", "parts", "has_data", "reason")
+    """Accounting of a source item beyond "in flight": made only for items
+    that arrive in parts (flat_map, batches, holes) or were fed again."""
 
-    def __init__(self, item: Any) -> None:
-        self.item = item
+    __slots__ = ("attempts", "weight", "seen", "parts", "has_data", "reason")
+
+    def __init__(self) -> None:
         self.attempts = 0
         self.weight: Any = 0
         self.seen: Optional[set] = None
@@ -235,7 +239,8 @@ class Pipeline:
         self._gen: Optional[Iterator[Any]] = None
         # accounting (main thread, and the feeder under _cond)
         self._cond = threading.Condition()
-        self._inflight: Dict[int, _Item] = {}
+        self._inflight: Dict[int, Any] = {}  # seq -> source item, until accounted for
+        self._meta: Dict[int, _Item] = {}  # seq -> its accounting, for the few that need one
         self._done: Dict[int, list] = {}  # ordered: finished seqs waiting for their turn
         self._retry: Deque[int] = deque()
         self._next_seq = 0
@@ -482,9 +487,9 @@ class Pipeline:
                     while not self._stop:
                         while self._retry and len(msgs) < _FEED_RUN:
                             seq = self._retry.popleft()
-                            rec = inflight.get(seq)
-                            if rec is not None:
-                                msgs.append((DATA, seq, rec.item))
+                            item = inflight.get(seq, _MISSING)
+                            if item is not _MISSING:
+                                msgs.append((DATA, seq, item))
                         room = 0 if self._exhausted else self._room()
                         if msgs or room:
                             break
@@ -500,7 +505,7 @@ class Pipeline:
                             self._exhausted = True
                         seq = self._next_seq
                         for item in items:
-                            inflight[seq] = _Item(item)
+                            inflight[seq] = item
                             msgs.append((DATA, seq, item))
                             seq += 1
                         self._next_seq = seq
@@ -543,8 +548,23 @@ class Pipeline:
                 if msgs:
                     emit: list = []
                     with self._cond:
-                        for m in msgs:
-                            self._receive(m, emit)
+                        if self._ordered or self._meta:
+                            for m in msgs:
+                                self._receive(m, emit)
+                        else:
+                            # the common case inline: a whole item's value
+                            inflight = self._inflight
+                            done = 0
+                            for m in msgs:
+                                if m[0] == _DATA and type(m[1]) is int:
+                                    if inflight.pop(m[1], _MISSING) is _MISSING:
+                                        self._dups += 1
+                                    else:
+                                        done += 1
+                                        emit.append(m[2])
+                                else:
+                                    self._receive(m, emit)
+                            self._fates[0] += done
                         self._cond.notify()
                     self._stall_since = None
                     for v in emit:
@@ -580,28 +600,12 @@ class Pipeline:
                 self._error = _rebuild(value)
             return
         inflight = self._inflight
-        if type(tags) is int:  # a whole item: the common case
-            rec = inflight.get(tags)
-            if rec is None or rec.weight:
-                self._dups += 1
-                return
-            rec.weight = 1
-            if kind == W.DATA:
-                rec.has_data = True
-                if self._ordered:
-                    rec.parts = [((), value)]
-                else:
-                    emit.append(value)
-            else:
-                rec.reason = value
-            self._complete(tags, rec, emit)
-            return
         owner_given = kind != W.DATA
         for seq, sub, w in W.keys_of(tags):
-            rec = inflight.get(seq)
-            if rec is None:
+            if seq not in inflight:
                 self._dups += 1
                 continue
+            rec = self._meta_of(seq)
             if rec.seen is None:
                 rec.seen = set()
             if sub in rec.seen:
@@ -621,10 +625,17 @@ class Pipeline:
             elif not rec.reason:
                 rec.reason = value if kind == W.HOLE else W.MERGED
             if rec.weight >= 1:
-                self._complete(seq, rec, emit)
+                self._complete(seq, emit)
 
-    def _complete(self, seq: int, rec: _Item, emit: list) -> None:
+    def _meta_of(self, seq: int) -> _Item:
+        rec = self._meta.get(seq)
+        if rec is None:
+            rec = self._meta[seq] = _Item()
+        return rec
+
+    def _complete(self, seq: int, emit: list) -> None:
         del self._inflight[seq]
+        rec = self._meta.pop(seq)
         self._fates[0 if rec.has_data else rec.reason] += 1
         if not self._ordered:
             return
@@ -639,9 +650,9 @@ class Pipeline:
 
     def _give_up(self, seq: int, stage: _Stage, reason: str) -> None:
         """An item crashed its workers too often: treat it by the stage's on_error."""
-        rec = self._inflight.get(seq)
-        if rec is None:
+        if seq not in self._inflight:
             return
+        rec = self._meta_of(seq)
         mode = stage.spec.on_error
         if mode in ("raise", "retry"):
             if self._error is None:
@@ -652,7 +663,7 @@ class Pipeline:
             return
         if mode == "dead-letter":
             assert self._deadq is not None
-            self._deadq.put(DeadLetter(rec.item, stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,)))
+            self._deadq.put(DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,)))
             stage.crash_dead += 1
             why = W.DEAD
         else:
@@ -662,13 +673,13 @@ class Pipeline:
         rec.weight = 1
         if not rec.has_data:
             rec.reason = why
-        self._complete(seq, rec, emit)
+        self._complete(seq, emit)
         self._late.extend(emit)
 
     def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str, charge: bool = True) -> None:
-        rec = self._inflight.get(seq)
-        if rec is None:
+        if seq not in self._inflight:
             return
+        rec = self._meta_of(seq)
         rec.attempts += charge
         if rec.attempts > stage.spec.retries:
             self._give_up(seq, stage, reason)
