@@ -231,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     base["faults"] = base["trivial"]
     if not args.json:
         print(f"machine: {machine}")
-        print(f"| workload | transport | items | items/s | vs Pool.imap(1) | parent peak RSS |")
+        print("| workload | transport | items | items/s | vs Pool.imap(1) | parent peak RSS |")
         print("|---|---|---|---|---|---|")
         for row in results:
             ratio = row["rate"] / base[row["workload"]]
