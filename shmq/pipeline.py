@@ -65,6 +65,9 @@ _JOIN_SECONDS = 1.5
 #: stay bounded whatever the count: arrays go through a pool of 8 slots, other
 #: large items through the queue's side path (64 MiB).
 DEFAULT_MAX_IN_FLIGHT = 128
+#: Default size of the dead letters queue's ring (reserved in /dev/shm at
+#: once: about ten thousand records with their tracebacks).
+DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
 _FEED_RUN = 64  # source items taken and put at once, at most
 _TAKE_MAX = 64  # messages a worker takes at once, at most
 
@@ -139,7 +142,8 @@ def _rebuild(desc: tuple) -> BaseException:
 
 
 class Pipeline:
-    """``Pipeline(source, *, start_method=None, progress=False, dead_letters_name=None)``
+    """``Pipeline(source, *, start_method=None, progress=False, dead_letters_name=None,
+    dead_letters_capacity_bytes=16 MiB)``
 
     A chain of stages over ``source`` (any iterable, consumed lazily by a
     thread of this process).  Add stages with :meth:`map`, :meth:`filter`,
@@ -157,11 +161,13 @@ class Pipeline:
         start_method: Optional[str] = None,
         progress: bool = False,
         dead_letters_name: Optional[str] = None,
+        dead_letters_capacity_bytes: int = DEAD_LETTERS_CAPACITY_BYTES,
     ) -> None:
         self._source = source
         self._start_method = start_method
         self._progress = progress
         self._dead_name = dead_letters_name
+        self._dead_bytes = dead_letters_capacity_bytes
         self._stages: List[_Stage] = []
         self._seqs_per_msg = 1
         self._state = "new"  # new, running, done, closed
@@ -320,11 +326,12 @@ class Pipeline:
     def dead_letters(self) -> Queue:
         """The shmq Queue of :class:`DeadLetter` records (another process may
         ``shmq.Queue.attach(pipe.dead_letters.name)``).  It lives until
-        :meth:`close`; a full one holds the stage back until it is read."""
+        :meth:`close`; a full one (``dead_letters_capacity_bytes``) holds
+        the failing stage back until it is read."""
         if self._deadq is None:
             if self._state == "closed":
                 raise ValueError("the pipeline is closed")
-            self._deadq = Queue(capacity_bytes=4 << 20, name=self._dead_name)
+            self._deadq = Queue(capacity_bytes=self._dead_bytes, name=self._dead_name)
         return self._deadq
 
     # -- running --------------------------------------------------------------------
@@ -594,7 +601,15 @@ class Pipeline:
             return
         if mode == "dead-letter":
             assert self._deadq is not None
-            self._deadq.put(DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,)))
+            letter = DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
+            try:  # never wait here: the parent is the one that must keep going
+                self._deadq.put_nowait(letter)
+            except Full:
+                if self._error is None:
+                    self._error = Full(
+                        f"the dead letters queue {self._deadq.name!r} is full: read pipe.dead_letters while the pipeline runs"
+                    )
+                return
             stage.crash_dead += 1
             why = W.DEAD
         else:
