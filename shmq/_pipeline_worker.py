@@ -11,7 +11,9 @@ killed: that is how a crashed worker's items are retried).
 Messages are ``(kind, tags, value)`` tuples:
 
 ``kind``
-    DATA (a value), HOLE (``value`` says why no value: filtered, skipped,
+    DATA (a value), CHUNK (``tags`` is the first seq of consecutive whole
+    items, ``value`` the list of their values: how the feeder sends runs of
+    source items, and how a map stage passes them on), HOLE (``value`` says why no value: filtered, skipped,
     dead-lettered, an empty flat_map, merged into a batch) or ERROR (a stage
     raised under ``on_error="raise"``; ``value`` describes the exception).
 ``tags``
@@ -37,7 +39,7 @@ from ._errors import Full
 
 __all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
 
-DATA, HOLE, ERROR = 0, 1, 2
+DATA, HOLE, ERROR, CHUNK = 0, 1, 2, 3
 # why a message carries no value
 FILTERED, SKIPPED, DEAD, EMPTY, MERGED = 1, 2, 3, 4, 5
 END = None  # put on an input queue once per worker when the pipeline ends
@@ -54,8 +56,10 @@ S_RETRIES = 7  # calls of fn repeated after an exception (on_error="retry")
 S_BUSY_NS = 8  # time spent in fn
 S_ERRORS = 9  # exceptions raised by fn
 S_PID = 10
-S_CURRENT = 11  # index (into the held seqs) of the message in fn now, when take > 1
-S_HELD = 12  # first held seq
+S_CURRENT = 11  # index of the held range in fn now (-1: charge every held item)
+S_SUB = 12  # index in that range of the item in fn now (a CHUNK's element)
+S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (<= 1: none)
+S_HELD = 14  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
 
 INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
@@ -95,7 +99,7 @@ class StageSpec:
     batch_size: int
     linger: float
     take: int  # messages taken from the queue at once
-    held_capacity: int  # seqs a row can record
+    held_capacity: int  # (seq, count) ranges a row can record
 
 
 def keys_of(tags: Any) -> List[tuple]:
@@ -144,27 +148,44 @@ class _Worker:
         self.outq = outq
         self.deadq = deadq
         words = memoryview(status).cast("B").cast("q")
-        width = ROW_FIXED + spec.held_capacity
+        width = ROW_FIXED + 2 * spec.held_capacity
         self.row = words[index * width : (index + 1) * width]
 
     # -- status table --------------------------------------------------
-    def hold(self, msgs: list) -> None:
+    def hold(self, msgs: list) -> Tuple[List[int], int]:
+        """Record the items of ``msgs`` as held.  Returns, per message, the
+        index of its range in the row (-1: several ranges), and the number
+        of items."""
         row = self.row
         cap = self.spec.held_capacity
         n = 0
+        items = 0
+        where: List[int] = []
         for m in msgs:
             t = m[1]
             if type(t) is int:
+                count = len(m[2]) if m[0] == CHUNK else 1
                 if n < cap:
-                    row[S_HELD + n] = t
+                    row[S_HELD + 2 * n] = t
+                    row[S_HELD + 2 * n + 1] = count
+                    where.append(n)
+                else:
+                    where.append(-1)
                 n += 1
+                items += count
             else:
-                for s in seqs_of(t):
+                where.append(-1)
+                for seq in seqs_of(t):
                     if n < cap:
-                        row[S_HELD + n] = s
+                        row[S_HELD + 2 * n] = seq
+                        row[S_HELD + 2 * n + 1] = 1
                     n += 1
+                items += 1
+        # (a range past the row's capacity is not recorded: after a crash the
+        # parent's stall detector finds its items)
         row[S_HELD_N] = min(n, cap)
         row[S_STATE] = 1
+        return where, items
 
     # -- calling fn under the stage's error policy ------------------------
     def call(self, value: Any, tags: Any, out: list) -> Any:
@@ -203,8 +224,46 @@ class _Worker:
                 out.append((ERROR, tags, _describe(spec.name, exc)))
             return _FAILED
 
+    def map_chunk(self, msg: tuple, out: list) -> None:
+        """A CHUNK through a map stage: one CHUNK out, unless an item fails:
+        then the items go on one by one, the failed one under on_error."""
+        first, values = msg[1], msg[2]
+        fn = self.spec.fn
+        row = self.row
+        res: list = []
+        j = 0
+        try:
+            for v in values:
+                row[S_SUB] = j
+                res.append(fn(v))
+                j += 1
+        except Exception as exc:
+            for k, r in enumerate(res):
+                out.append((DATA, first + k, r))
+            r = self.failed(values[j], first + j, out, exc)
+            if r is not _FAILED:
+                out.append((DATA, first + j, r))
+            for k in range(j + 1, len(values)):
+                row[S_SUB] = k
+                self.process((DATA, first + k, values[k]), out)
+            return
+        limit = row[S_CHUNK_OUT]
+        if limit >= len(res):
+            out.append((CHUNK, first, res))
+        elif limit > 1:
+            for k in range(0, len(res), limit):
+                out.append((CHUNK, first + k, res[k : k + limit]))
+        else:  # the next stage is slow: one item per message, for its workers to share
+            for k, r in enumerate(res):
+                out.append((DATA, first + k, r))
+
     def process(self, msg: tuple, out: list) -> None:
         kind, tags, value = msg
+        if kind == CHUNK:  # any stage but map: item by item
+            for k, v in enumerate(value):
+                self.row[S_SUB] = k
+                self.process((DATA, tags + k, v), out)
+            return
         if kind != DATA:
             out.append(msg)  # holes and errors pass through
             return
@@ -311,17 +370,18 @@ class _Worker:
                 ended = True
                 msgs = [m for m in msgs if m is not END]
             if msgs:
-                self.hold(msgs)
-                row[S_IN] += len(msgs)
+                where, n_items = self.hold(msgs)
+                row[S_IN] += n_items
                 out: list = []
                 t0 = perf_ns()
                 if is_map:
                     # the common case inline: no call per item but fn's
                     i = 0
                     for m in msgs:
-                        row[S_CURRENT] = i
+                        row[S_CURRENT] = where[i]
                         i += 1
-                        if m[0] == DATA:
+                        kind = m[0]
+                        if kind == DATA:
                             try:
                                 out.append((DATA, m[1], fn(m[2])))
                                 continue
@@ -329,17 +389,19 @@ class _Worker:
                                 r = self.failed(m[2], m[1], out, exc)
                                 if r is not _FAILED:
                                     out.append((DATA, m[1], r))
+                        elif kind == CHUNK:
+                            self.map_chunk(m, out)
                         else:
                             out.append(m)
                 else:
                     for i, m in enumerate(msgs):
-                        row[S_CURRENT] = i
+                        row[S_CURRENT] = where[i]
                         self.process(m, out)
                 busy = perf_ns() - t0
                 row[S_BUSY_NS] += busy
                 # Take many cheap items at once, but a slow item alone: a
                 # worker must not sit on a run of them while the others idle.
-                per_item = busy // len(msgs)
+                per_item = busy // max(1, n_items)
                 # (starting at 1 and doubling: the first run may be slow too)
                 if per_item < 20_000:
                     take_now = min(take, 2 * take_now)
@@ -349,6 +411,8 @@ class _Worker:
                 for o in out:
                     if o[0] == DATA:
                         n_data += 1
+                    elif o[0] == CHUNK:
+                        n_data += len(o[2])
                 try:
                     if len(out) == 1:
                         self.send(outq, out[0])
@@ -394,16 +458,23 @@ class _Worker:
             if msg is END:
                 flush()
                 return
-            row[S_IN] += 1
-            if msg[0] != DATA:
+            if msg[0] == CHUNK:
+                parts = [(DATA, msg[1] + k, v) for k, v in enumerate(msg[2])]
+            elif msg[0] != DATA:
+                row[S_IN] += 1
                 self.send(outq, msg)
                 continue
-            pending.append(msg)
-            self.hold(pending)
-            tags.append(msg[1])
-            values.append(msg[2])
-            if len(values) >= spec.batch_size:
-                flush()
+            else:
+                parts = [msg]
+            row[S_IN] += len(parts)
+            row[S_CURRENT] = -1
+            for part in parts:
+                pending.append(part)
+                self.hold(pending)
+                tags.append(part[1])
+                values.append(part[2])
+                if len(values) >= spec.batch_size:
+                    flush()
 
 
 _FAILED = object()

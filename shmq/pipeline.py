@@ -55,6 +55,8 @@ __all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
 ON_ERROR = ("raise", "skip", "retry", "dead-letter")
 _MISSING = object()
 _DATA = W.DATA
+_CHUNK = W.CHUNK
+_CHEAP_NS = 20_000  # a map whose items take less than this (mean) gets them in CHUNKs
 _CHECK_EVERY = 0.05  # seconds between looks at the workers
 _STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
 _JOIN_SECONDS = 1.5
@@ -81,7 +83,7 @@ class _Stage:
         self.start_method = start_method
         self.procs: List[Any] = []
         self.status: Any = None
-        self.width = W.ROW_FIXED + spec.held_capacity
+        self.width = W.ROW_FIXED + 2 * spec.held_capacity
         self.words: Any = None
         self.crashes = 0
         self.crash_retries = 0
@@ -379,6 +381,7 @@ class Pipeline:
         self._started = time.monotonic()
         self._ordered = any(s.ordered for s in self._stages)
         self._window = sum(s.max_in_flight for s in self._stages)
+        self._chunk = 1  # items per CHUNK message into stage 0 (see _tune_chunks)
         self.dead_letters  # made now: the workers get its handle
         try:
             for s in self._stages:
@@ -441,12 +444,18 @@ class Pipeline:
                     with cond:
                         if not items:
                             self._exhausted = True
-                        seq = self._next_seq
+                        first = seq = self._next_seq
                         for item in items:
                             inflight[seq] = item
-                            msgs.append((DATA, seq, item))
                             seq += 1
                         self._next_seq = seq
+                    if len(items) > 1 and self._chunk > 1:
+                        # runs of consecutive items in one message (a map
+                        # stage passes them on as one; others split them)
+                        for k in range(0, len(items), self._chunk):
+                            msgs.append((W.CHUNK, first + k, items[k : k + self._chunk]))
+                    else:
+                        msgs = [(DATA, first + k, item) for k, item in enumerate(items)]
                 self._put_all(q0, msgs)
                 self._feeding = False
         except BaseException as exc:  # the source raised
@@ -494,12 +503,22 @@ class Pipeline:
                             inflight = self._inflight
                             done = 0
                             for m in msgs:
-                                if m[0] == _DATA and type(m[1]) is int:
+                                kind = m[0]
+                                if kind == _DATA and type(m[1]) is int:
                                     if inflight.pop(m[1], _MISSING) is _MISSING:
                                         self._dups += 1
                                     else:
                                         done += 1
                                         emit.append(m[2])
+                                elif kind == _CHUNK:
+                                    seq = m[1]
+                                    for v in m[2]:
+                                        if inflight.pop(seq, _MISSING) is _MISSING:
+                                            self._dups += 1
+                                        else:
+                                            done += 1
+                                            emit.append(v)
+                                        seq += 1
                                 else:
                                     self._receive(m, emit)
                             self._fates[0] += done
@@ -536,6 +555,10 @@ class Pipeline:
         if kind == W.ERROR:
             if self._error is None:
                 self._error = _rebuild(value)
+            return
+        if kind == W.CHUNK:
+            for k, v in enumerate(value):
+                self._receive((W.DATA, tags + k, v), emit)
             return
         inflight = self._inflight
         owner_given = kind != W.DATA
@@ -646,11 +669,15 @@ class Pipeline:
                             self._error = RemoteError(f"stage {s.spec.name!r}: init= failed", stage=s.spec.name)
                         continue
                     row = s.row(i)
-                    held = list(row[W.S_HELD : W.S_HELD + row[W.S_HELD_N]]) if row[W.S_STATE] else []
-                    # A worker taking several items at once records which one
-                    # is in fn: only that one is charged an attempt; the
-                    # others are fed again free.
-                    culprit = held[row[W.S_CURRENT]] if s.spec.take > 1 and row[W.S_CURRENT] < len(held) else None
+                    pairs = list(row[W.S_HELD : W.S_HELD + 2 * row[W.S_HELD_N]]) if row[W.S_STATE] else []
+                    held = [first + k for first, n in zip(pairs[::2], pairs[1::2]) for k in range(n)]
+                    # A worker records which of the items it holds is in fn:
+                    # only that one is charged an attempt; the others are fed
+                    # again free.  (-1: it cannot tell; every one is charged.)
+                    cur = row[W.S_CURRENT]
+                    culprit = None
+                    if 0 <= cur < len(pairs) // 2:
+                        culprit = pairs[2 * cur] + (row[W.S_SUB] if pairs[2 * cur + 1] > 1 else 0)
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
                     s.crashes += 1
@@ -661,9 +688,29 @@ class Pipeline:
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
+            self._tune_chunks()
             self._cond.notify()
         if self._progress:
             self._show_progress(now)
+
+    def _tune_chunks(self) -> None:
+        """Runs of cheap items travel as one CHUNK message (one pickle, one
+        record), but a slow stage must get items one by one so that all its
+        workers share them.  Per stage: the longest CHUNK it gets, from its
+        measured time per item -- none while unmeasured (8 items) or slow,
+        the stage's take while below _CHEAP_NS.  Stage k-1's workers
+        read stage k's value from their rows; the feeder uses stage 0's."""
+        limits = []
+        for s in self._stages:
+            items = s.total(W.S_IN)
+            cheap = s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
+            s.chunk = s.spec.take if cheap else 1
+            limits.append(s.chunk)
+        limits.append(1 << 30)  # the parent takes anything
+        self._chunk = limits[0]
+        for k, s in enumerate(self._stages):
+            for i in range(s.workers):
+                s.words[i * s.width + W.S_CHUNK_OUT] = limits[k + 1]
 
     def _look_for_lost(self, now: float) -> None:
         """After a crash: items in flight with every queue empty and every
@@ -734,6 +781,16 @@ class Pipeline:
         self._queues = []
 
     # -- statistics ---------------------------------------------------------------
+    @staticmethod
+    def _held(s: _Stage) -> int:
+        """Items the workers of ``s`` hold now."""
+        n = 0
+        for i in range(s.workers):
+            row = s.row(i)
+            if row[W.S_STATE]:
+                n += sum(row[W.S_HELD + 1 : W.S_HELD + 2 * row[W.S_HELD_N] : 2])
+        return n
+
     def statistics(self) -> PipelineStatistics:
         """A snapshot of the pipeline and of every stage (see the dataclasses)."""
         elapsed = time.monotonic() - self._started if self._started else 0.0
@@ -753,9 +810,7 @@ class Pipeline:
                     workers=s.workers,
                     items_in=items_in,
                     items_out=t(W.S_OUT),
-                    in_flight=queued + sum(
-                        s.words[i * s.width + W.S_HELD_N] for i in range(s.workers) if s.words[i * s.width + W.S_STATE]
-                    ),
+                    in_flight=queued + self._held(s),
                     filtered=t(W.S_FILTERED),
                     skipped=t(W.S_SKIPPED) + s.crash_skipped,
                     dead_letters=t(W.S_DEAD) + s.crash_dead,

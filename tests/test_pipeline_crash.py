@@ -57,10 +57,10 @@ class Killer(threading.Thread):
         return f"Killer(seed={self.seed})"
 
 
-def run_with_kills(method, seed, n=600, kills=4, workers=(3, 2)):
+def run_with_kills(method, seed, n=600, kills=4, workers=(3, 2), first=busy_identity, max_in_flight=12):
     pipe = (
         shmq.Pipeline(range(n), start_method=method)
-        .map(busy_identity, workers=workers[0], max_in_flight=12)
+        .map(first, workers=workers[0], max_in_flight=max_in_flight)
         .map(square, workers=workers[1])
     )
     killer = Killer(pipe, seed, kills)
@@ -89,6 +89,24 @@ def test_sigkill_random_worker_exactly_once(method, seed):
     assert st.with_output == n and accounted(st) == n and st.in_flight == 0
     # every item a dead worker held was fed again, and its old results dropped
     assert st.crash_retries >= 0 and st.duplicates_dropped <= st.crash_retries * 16
+
+
+def cheap_identity(x):
+    return x
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_sigkill_with_cheap_items_in_chunks_exactly_once(seed):
+    """Cheap items travel in CHUNK messages (runs of consecutive items): a
+    worker killed holding chunks loses none and duplicates none."""
+    got, st, killer = run_with_kills(
+        "fork", seed, n=150_000, kills=3, workers=(2, 2), first=cheap_identity, max_in_flight=256
+    )
+    n = st.source_items
+    assert len(got) == len(set(got)), f"duplicated outputs (seed {seed})"
+    assert sorted(got) == [x * x for x in range(n)], f"lost outputs (seed {seed})"
+    assert st.with_output == n and accounted(st) == n
+    assert sum(s.crashes for s in st.stages) >= 1
 
 
 def test_poison_item_goes_to_dead_letters_after_retries():
