@@ -12,7 +12,8 @@ How it works
     for that seq, an output or a hole (filtered, skipped, dead-lettered...),
     flat_map children included (their weights sum to 1).  Items never go
     through a pipe or through the parent between stages; numpy arrays travel
-    through the queues' slot pools.
+    through the queues' slot pools.  Runs of cheap items travel as one CHUNK
+    message (see ``_tune_chunks``).
 
 Back-pressure
     Every queue has a ``maxsize``; the feeder also stops at a window of
@@ -20,9 +21,10 @@ Back-pressure
     is ordered), so an endless source runs in flat memory.
 
 Crash recovery (at-least-once, deduplicated)
-    A worker writes the seqs it holds into its row of its stage's status
-    table (shared int64 words) before working and clears the state after
-    putting its results: a few stores per item.  The parent checks its
+    A worker writes the seqs it holds ((first, count) ranges) and which one
+    is in fn into its row of its stage's status table (shared int64 words)
+    before working, and clears the state after putting its results: a few
+    stores per message.  The parent checks its
     workers every 50 ms; a dead one is replaced, and every seq its row holds
     is fed again from the parent's copy of the source item (``attempts`` is
     counted; past ``retries`` it is given up under the stage's
