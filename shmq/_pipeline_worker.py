@@ -141,12 +141,11 @@ def _describe(stage: str, exc: BaseException) -> tuple:
 
 
 class _Worker:
-    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any, parent_pid: int) -> None:
+    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
         self.spec = spec
         self.parent_pid = parent_pid
         self.inq = inq
         self.outq = outq
-        self.deadq = deadq
         words = memoryview(status).cast("B").cast("q")
         width = ROW_FIXED + 2 * spec.held_capacity
         self.row = words[index * width : (index + 1) * width]
@@ -216,10 +215,12 @@ class _Worker:
                 self.row[S_SKIPPED] += 1
                 out.append((HOLE, tags, SKIPPED))
             elif spec.on_error == "dead-letter":
+                # The letter travels with the hole: the parent puts it in the
+                # dead letters once, whatever how often the item was re-fed.
                 d = _describe(spec.name, exc)
-                self.send(self.deadq, DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags))))
                 self.row[S_DEAD] += 1
-                out.append((HOLE, tags, DEAD))
+                letter = DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags)))
+                out.append((HOLE, tags, (DEAD, letter)))
             else:  # "raise", and "retry" once its retries are spent
                 out.append((ERROR, tags, _describe(spec.name, exc)))
             return _FAILED
@@ -480,12 +481,12 @@ class _Worker:
 _FAILED = object()
 
 
-def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, deadq: Any, status: Any, parent_pid: int) -> None:
+def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
     """Entry point of a worker process."""
     # Ctrl-C goes to the whole process group: the parent handles it and
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    w = _Worker(spec, index, inq, outq, deadq, status, parent_pid)
+    w = _Worker(spec, index, inq, outq, status, parent_pid)
     w.row[S_PID] = os.getpid()
     if spec.init is not None:
         try:

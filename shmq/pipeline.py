@@ -89,7 +89,6 @@ class _Stage:
         self.words: Any = None
         self.crashes = 0
         self.crash_retries = 0
-        self.crash_dead = 0
         self.crash_skipped = 0
 
     def row(self, i: int) -> Any:
@@ -198,7 +197,8 @@ class Pipeline:
         self._started = 0.0
         self._suspect = False
         self._stall_since: Optional[float] = None
-        self._late: List[Any] = []  # ordered outputs released by a give-up in _supervise
+        self._late: List[Any] = []
+        self._dead_by_stage: Dict[str, int] = {}  # ordered outputs released by a give-up in _supervise
 
     # -- building --------------------------------------------------------------
     def _add(
@@ -384,7 +384,7 @@ class Pipeline:
         self._ordered = any(s.ordered for s in self._stages)
         self._window = sum(s.max_in_flight for s in self._stages)
         self._chunk = 1  # items per CHUNK message into stage 0 (see _tune_chunks)
-        self.dead_letters  # made now: the workers get its handle
+        self.dead_letters  # made now: its name is known before the first item
         try:
             for s in self._stages:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
@@ -408,7 +408,7 @@ class Pipeline:
         s = self._stages[k]
         p = s.ctx.Process(
             target=W.worker_main,
-            args=(s.spec, i, self._queues[k], self._queues[k + 1], self._deadq, s.status, os.getpid()),
+            args=(s.spec, i, self._queues[k], self._queues[k + 1], s.status, os.getpid()),
             name=f"shmq-pipeline-{s.spec.name}-{i}",
             daemon=True,
         )
@@ -562,6 +562,9 @@ class Pipeline:
             for k, v in enumerate(value):
                 self._receive((W.DATA, tags + k, v), emit)
             return
+        letter = None
+        if kind == W.HOLE and type(value) is tuple:  # (DEAD, the letter)
+            value, letter = value
         inflight = self._inflight
         owner_given = kind != W.DATA
         for seq, sub, w in W.keys_of(tags):
@@ -574,6 +577,10 @@ class Pipeline:
             if sub in rec.seen:
                 self._dups += 1
                 continue
+            if letter is not None:  # the first copy of this hole: post its letter once
+                if not self._post(letter):
+                    return
+                letter = None
             rec.seen.add(sub)
             rec.weight += w
             if not owner_given:
@@ -627,15 +634,8 @@ class Pipeline:
         if mode == "dead-letter":
             assert self._deadq is not None
             letter = DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
-            try:  # never wait here: the parent is the one that must keep going
-                self._deadq.put_nowait(letter)
-            except Full:
-                if self._error is None:
-                    self._error = Full(
-                        f"the dead letters queue {self._deadq.name!r} is full: read pipe.dead_letters while the pipeline runs"
-                    )
+            if not self._post(letter):
                 return
-            stage.crash_dead += 1
             why = W.DEAD
         else:
             stage.crash_skipped += 1
@@ -646,6 +646,22 @@ class Pipeline:
             rec.reason = why
         self._complete(seq, emit)
         self._late.extend(emit)
+
+    def _post(self, letter: DeadLetter) -> bool:
+        """Put ``letter`` in the dead letters; False (and the pipeline's
+        error set) if they are full: the parent never waits here."""
+        assert self._deadq is not None
+        try:
+            self._deadq.put_nowait(letter)
+        except Full:
+            if self._error is None:
+                self._error = Full(
+                    f"the dead letters queue {self._deadq.name!r} is full: read pipe.dead_letters while the "
+                    "pipeline runs, or give Pipeline() a larger dead_letters_capacity_bytes"
+                )
+            return False
+        self._dead_by_stage[letter.stage] = self._dead_by_stage.get(letter.stage, 0) + 1
+        return True
 
     def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str, charge: bool = True) -> None:
         if seq not in self._inflight:
@@ -815,7 +831,7 @@ class Pipeline:
                     in_flight=queued + self._held(s),
                     filtered=t(W.S_FILTERED),
                     skipped=t(W.S_SKIPPED) + s.crash_skipped,
-                    dead_letters=t(W.S_DEAD) + s.crash_dead,
+                    dead_letters=self._dead_by_stage.get(s.spec.name, 0),
                     retries=t(W.S_RETRIES) + s.crash_retries,
                     crashes=s.crashes,
                     busy_fraction=min(1.0, busy / (elapsed * s.workers)) if elapsed else 0.0,

@@ -205,3 +205,33 @@ def test_poison_item_in_an_ordered_pipeline_keeps_the_order():
         assert pipe.dead_letters.get(timeout=5).item == 13
     assert got == [x for x in range(40) if x != 13]
     assert st.dead_letters == 1 and accounted(st) == 40
+
+
+KILL_FLAG = [""]
+
+
+def fail_some_and_die_once(x):
+    if x % 10 == 3:
+        raise ValueError(f"bad {x}")
+    if x == 15_000 and not os.path.exists(KILL_FLAG[0]):
+        open(KILL_FLAG[0], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_dead_letters_are_not_duplicated_by_a_crash(tmp_path):
+    """Items dead-lettered by a worker that then dies holding them are fed
+    again and fail again: the dead letters still hold each exactly once."""
+    KILL_FLAG[0] = str(tmp_path / "killed")
+    n = 20_000
+    with shmq.Pipeline(range(n), start_method="fork").map(fail_some_and_die_once, on_error="dead-letter") as pipe:
+        got = list(pipe)
+        dead = []
+        while not pipe.dead_letters.empty():
+            dead.append(pipe.dead_letters.get(timeout=5).item)
+        st = pipe.statistics()
+    assert os.path.exists(KILL_FLAG[0])
+    failing = [x for x in range(n) if x % 10 == 3]
+    assert sorted(dead) == failing
+    assert sorted(got) == [x for x in range(n) if x % 10 != 3]
+    assert st.dead_letters == len(failing) == st.stages[0].dead_letters and accounted(st) == n
