@@ -330,8 +330,9 @@ class Pipeline:
     def dead_letters(self) -> Queue:
         """The shmq Queue of :class:`DeadLetter` records (another process may
         ``shmq.Queue.attach(pipe.dead_letters.name)``).  It lives until
-        :meth:`close`; a full one (``dead_letters_capacity_bytes``) holds
-        the failing stage back until it is read."""
+        :meth:`close`.  The parent posts every letter, once per item; when
+        the queue is full (``dead_letters_capacity_bytes``) the pipeline
+        stops with :class:`shmq.Full`."""
         if self._deadq is None:
             if self._state == "closed":
                 raise ValueError("the pipeline is closed")

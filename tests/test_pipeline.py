@@ -529,3 +529,14 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
             for entry in os.listdir("/dev/shm"):
                 if f"shmq_{tag}_" in entry:
                     os.unlink(os.path.join("/dev/shm", entry))
+
+
+def always_fails(x):
+    raise ValueError(f"bad {x}" + "!" * 200)
+
+
+def test_full_dead_letters_stop_the_pipeline():
+    pipe = shmq.Pipeline(range(500), start_method="fork", dead_letters_capacity_bytes=4096)
+    with pytest.raises(shmq.Full, match=r"dead letters queue .* is full"):
+        with pipe.map(always_fails, on_error="dead-letter"):
+            list(pipe)
