@@ -226,29 +226,38 @@ class _Worker:
             return _FAILED
 
     def map_chunk(self, msg: tuple, out: list) -> None:
-        """A CHUNK through a map stage: one CHUNK out, unless an item fails:
-        then the items go on one by one, the failed one under on_error."""
+        """A CHUNK through a map stage: CHUNKs out; an item that fails is
+        treated alone under on_error, the runs around it stay CHUNKs."""
         first, values = msg[1], msg[2]
         fn = self.spec.fn
         row = self.row
+        n = len(values)
         res: list = []
-        j = 0
-        try:
-            for v in values:
-                row[S_SUB] = j
-                res.append(fn(v))
+        start = j = 0  # res holds the results of values[start:j]
+        while j < n:
+            try:
+                while j < n:
+                    row[S_SUB] = j
+                    res.append(fn(values[j]))
+                    j += 1
+            except Exception as exc:
+                self.emit_run(first + start, res, out)
+                r = self.failed(values[j], first + j, out, exc)
+                if r is not _FAILED:
+                    out.append((DATA, first + j, r))
                 j += 1
-        except Exception as exc:
-            for k, r in enumerate(res):
-                out.append((DATA, first + k, r))
-            r = self.failed(values[j], first + j, out, exc)
-            if r is not _FAILED:
-                out.append((DATA, first + j, r))
-            for k in range(j + 1, len(values)):
-                row[S_SUB] = k
-                self.process((DATA, first + k, values[k]), out)
+                start = j
+                res = []
+        self.emit_run(first + start, res, out)
+
+    def emit_run(self, first: int, res: list, out: list) -> None:
+        """Results of consecutive items: CHUNKs as long as the next stage
+        takes them (the parent sets the length in S_CHUNK_OUT)."""
+        if len(res) <= 1:
+            if res:
+                out.append((DATA, first, res[0]))
             return
-        limit = row[S_CHUNK_OUT]
+        limit = self.row[S_CHUNK_OUT]
         if limit >= len(res):
             out.append((CHUNK, first, res))
         elif limit > 1:
