@@ -419,8 +419,9 @@ def test_slow_items_are_shared_among_workers():
         pids = list(pipe)
         elapsed = time.monotonic() - t0
     counts = sorted(pids.count(p) for p in set(pids))
-    assert len(counts) == 3 and counts[0] >= 4, counts
-    assert elapsed < 24 * 0.03  # faster than one worker alone
+    # taken in runs, one worker would get them all (see the worker's take_now)
+    assert len(counts) == 3 and counts[0] >= 2, counts
+    assert elapsed < 24 * 0.03  # faster than one worker alone (ideal: a third of it)
 
 
 PROGRESS_SCRIPT = textwrap.dedent(
