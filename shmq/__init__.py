@@ -31,6 +31,11 @@ from .topic import Topic as Topic
 from .topic import TopicStatistics as TopicStatistics
 from ._errors import RemoteError as RemoteError
 from .service import Service as Service
+from ._errors import WorkerDied as WorkerDied
+from .pipeline import DeadLetter as DeadLetter
+from .pipeline import Pipeline as Pipeline
+from .pipeline import PipelineStatistics as PipelineStatistics
+from .pipeline import StageStatistics as StageStatistics
 
 __version__ = "0.1.0"
 
@@ -68,4 +73,9 @@ __all__ = (
     "Service",
     "__version__",
     "CorruptError",
+    "WorkerDied",
+    "DeadLetter",
+    "Pipeline",
+    "PipelineStatistics",
+    "StageStatistics",
 )

@@ -25,6 +25,7 @@ __all__ = (
     "TooManyMembers",
     "CorruptError",
     "RemoteError",
+    "WorkerDied",
 )
 
 
@@ -99,16 +100,27 @@ class CorruptError(BrokenError):
 
 
 class RemoteError(ShmqError):
-    """The handler of a request failed in another process (a service's
-    server).  ``type_name`` is the qualified name of the exception it raised,
-    ``message`` its text, ``remote_traceback`` the formatted traceback there;
-    ``__cause__`` is the original exception when it unpickles here."""
+    """An exception raised in another process: a service's handler, or a
+    pipeline stage's function.  ``type_name`` is the qualified name of its
+    class, ``message`` its text, ``remote_traceback`` the formatted traceback
+    there, ``stage`` the pipeline stage ("" for a service).  A service sets
+    ``__cause__`` to the original exception when it unpickles here; a
+    pipeline re-raises such an exception as itself and uses RemoteError only
+    for one that does not unpickle."""
 
-    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
-        super().__init__(type_name, message, remote_traceback)
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "", stage: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback, stage)
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
+        self.stage = stage
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+        what = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        return f"stage {self.stage!r} raised {what}" if self.stage else what
+
+
+class WorkerDied(ShmqError):
+    """A pipeline worker process died (killed by a signal, such as the OOM
+    killer's SIGKILL) while holding an item more times than its stage's
+    ``retries`` allow, under ``on_error="raise"`` or ``"retry"``."""

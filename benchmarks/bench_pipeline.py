@@ -1,0 +1,250 @@
+"""Cross-process pipelines: how fast does shmq.Pipeline move items through
+two stages of worker processes, against the stdlib pools and pypeln?
+
+Workloads (one worker process per stage everywhere):
+
+* "trivial": N small ints through ``inc`` then ``double`` (functions that do
+  nearly nothing): items/s, i.e. the cost of the plumbing.  Baselines:
+  ``multiprocessing.Pool.imap`` chained over two pools with chunksize 1 and
+  with a tuned chunksize, ``ProcessPoolExecutor.map`` chained over two
+  executors, and pypeln ``process.map`` (when installed).
+* "faults": "trivial" with 1% of the items raising in stage 1 (under
+  ``on_error="dead-letter"``) and one stage-1 worker SIGKILLing itself half
+  way: the run must complete with the dead letters holding exactly the
+  failing items; reported with the throughput lost against "trivial".
+* "arrays": M arrays of 6 MiB through ``decode`` (makes the array) ->
+  ``process`` (a new array: ``a + 1``) -> the parent, which reads one
+  element: arrays/s and the parent's peak RSS (sampled).  Baselines:
+  ``Pool.imap`` (chunksize 1) and pypeln.
+
+Reported: the median rate of ``--repeats`` runs and its ratio to
+``Pool.imap`` with chunksize 1.  The machine may be loaded by other work:
+rates are noisy there; ratios in one run are what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+import shmq
+
+try:  # optional baseline
+    import pypeln as pl
+except ImportError:  # pragma: no cover - depends on the machine
+    pl = None
+
+ARRAY_BYTES = 6 << 20
+CTX = mp.get_context("fork")
+
+
+# -- stage functions ------------------------------------------------------------
+def inc(x):
+    return x + 1
+
+
+def double(x):
+    return 2 * x
+
+
+def inc_or_fail(x):
+    """inc, but 1% of the items raise, and the item KILL_AT kills its worker once."""
+    if x % 100 == 37:
+        raise ValueError(f"bad item {x}")
+    if x == KILL_AT[0] and not os.path.exists(KILL_AT[1]):
+        open(KILL_AT[1], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+
+
+KILL_AT = [-1, ""]  # item, flag file (set before the workers fork)
+
+
+def run_faults(n: int, **kw) -> float:
+    import tempfile
+
+    flag = os.path.join(tempfile.mkdtemp(), "killed")
+    KILL_AT[:] = [n // 2, flag]
+    t0 = time.perf_counter()
+    outs = set()
+    with shmq.Pipeline(range(n), start_method="fork").map(inc_or_fail, on_error="dead-letter", **kw).map(double, **kw) as pipe:
+        for out in pipe:
+            outs.add(out)
+        seconds = time.perf_counter() - t0
+        dead = []
+        while not pipe.dead_letters.empty():
+            dead.append(pipe.dead_letters.get(timeout=5).item)
+        st = pipe.statistics()
+    failing = [x for x in range(n) if x % 100 == 37]
+    assert os.path.exists(flag), "the kill did not happen"
+    assert sorted(dead) == failing, "dead letters differ from the failing items"
+    assert outs == {2 * (x + 1) for x in range(n) if x % 100 != 37}, "outputs lost or wrong"
+    assert st.stages[0].crashes == 1 and st.with_output + st.dead_letters == n
+    os.unlink(flag)
+    return seconds
+
+
+def decode(i):
+    return np.full(ARRAY_BYTES // 8, float(i))
+
+
+def process(a):
+    return a + 1.0
+
+
+# -- runners: each returns (items, seconds) ---------------------------------------------
+def run_shmq(f1: Callable, f2: Callable, n: int, source: Callable, sink: Callable, **kw) -> float:
+    t0 = time.perf_counter()
+    with shmq.Pipeline(source(n), start_method="fork").map(f1, **kw).map(f2, **kw) as pipe:
+        for out in pipe:
+            sink(out)
+    return time.perf_counter() - t0
+
+
+def run_pool(f1: Callable, f2: Callable, n: int, source: Callable, sink: Callable, chunksize: int = 1) -> float:
+    t0 = time.perf_counter()
+    with CTX.Pool(1) as p1, CTX.Pool(1) as p2:
+        for out in p2.imap(f2, p1.imap(f1, source(n), chunksize), chunksize):
+            sink(out)
+    return time.perf_counter() - t0
+
+
+def run_executor(f1: Callable, f2: Callable, n: int, source: Callable, sink: Callable, chunksize: int = 1) -> float:
+    t0 = time.perf_counter()
+    with cf.ProcessPoolExecutor(1, mp_context=CTX) as e1, cf.ProcessPoolExecutor(1, mp_context=CTX) as e2:
+        for out in e2.map(f2, e1.map(f1, source(n), chunksize=chunksize), chunksize=chunksize):
+            sink(out)
+    return time.perf_counter() - t0
+
+
+def run_pypeln(f1: Callable, f2: Callable, n: int, source: Callable, sink: Callable) -> float:
+    t0 = time.perf_counter()
+    stage = pl.process.map(f1, source(n), workers=1, maxsize=64)
+    for out in pl.process.map(f2, stage, workers=1, maxsize=64):
+        sink(out)
+    return time.perf_counter() - t0
+
+
+class PeakRSS:
+    """Samples this process's RSS every 20 ms while in the with-block."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.base = self.peak
+        self.done = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.t.join()
+
+
+def ints(n):
+    return iter(range(n))
+
+
+def first_element(a):
+    return float(a[0])
+
+
+def drop(x):
+    pass
+
+
+def median_rate(run: Callable[[], float], n: int, repeats: int) -> Dict[str, float]:
+    rates, peaks = [], []
+    for _ in range(repeats):
+        with PeakRSS() as m:
+            seconds = run()
+        rates.append(n / seconds)
+        peaks.append((m.peak - m.base) / 2**20)
+    return {"rate": statistics.median(rates), "peak_rss_mib": max(peaks)}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny counts, one repeat: checks the script runs")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (first: the machine)")
+    p.add_argument("--items", type=int, default=200_000, help="small items for 'trivial' (default 200000)")
+    p.add_argument("--slow-items", type=int, default=20_000, help="items for the chunksize-1 baselines (default 20000)")
+    p.add_argument("--arrays", type=int, default=400, help="6 MiB arrays for 'arrays' (default 400)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunksize", type=int, default=512, help="the tuned Pool.imap chunksize (default 512)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.items, args.slow_items, args.arrays, args.repeats = 4000, 2000, 20, 1
+
+    n, ns, m, r = args.items, args.slow_items, args.arrays, args.repeats
+    cases = [
+        ("trivial", "Pool.imap chunksize=1", ns, lambda: run_pool(inc, double, ns, ints, drop)),
+        ("trivial", f"Pool.imap chunksize={args.chunksize}", n, lambda: run_pool(inc, double, n, ints, drop, args.chunksize)),
+        ("trivial", "ProcessPoolExecutor.map", ns, lambda: run_executor(inc, double, ns, ints, drop)),
+        ("trivial", "shmq Pipeline (defaults)", n, lambda: run_shmq(inc, double, n, ints, drop)),
+        ("trivial", "shmq Pipeline max_in_flight=1024", n, lambda: run_shmq(inc, double, n, ints, drop, max_in_flight=1024)),
+        ("faults", "shmq Pipeline (defaults)", n, lambda: run_faults(n)),
+        ("faults", "shmq Pipeline max_in_flight=1024", n, lambda: run_faults(n, max_in_flight=1024)),
+        ("arrays", "Pool.imap chunksize=1", m, lambda: run_pool(decode, process, m, ints, first_element)),
+        ("arrays", "shmq Pipeline (defaults)", m, lambda: run_shmq(decode, process, m, ints, first_element)),
+    ]
+    if pl is not None:
+        cases.insert(3, ("trivial", "pypeln process.map", ns, lambda: run_pypeln(inc, double, ns, ints, drop)))
+        cases.insert(-1, ("arrays", "pypeln process.map", m, lambda: run_pypeln(decode, process, m, ints, first_element)))
+
+    machine = {
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "load": os.getloadavg(),
+        "shmq": shmq.__version__,
+        "pypeln": getattr(pl, "__version__", None) if pl else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if args.json:
+        print(json.dumps({"machine": machine}), flush=True)
+    results = []
+    for workload, transport, count, run in cases:
+        print(f"measuring {workload}: {transport} ({count} items)...", file=sys.stderr, flush=True)
+        res = median_rate(run, count, r)
+        results.append({"bench": "pipeline", "workload": workload, "transport": transport, "items": count, **res})
+        if args.json:
+            print(json.dumps(results[-1]), flush=True)
+    base = {row["workload"]: row["rate"] for row in results if row["transport"] == "Pool.imap chunksize=1"}
+    base["faults"] = base["trivial"]
+    if not args.json:
+        print(f"machine: {machine}")
+        print("| workload | transport | items | items/s | vs Pool.imap(1) | parent peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for row in results:
+            ratio = row["rate"] / base[row["workload"]]
+            print(
+                f"| {row['workload']} | {row['transport']} | {row['items']} | {row['rate']:,.0f} | "
+                f"{ratio:.2f}x | {row['peak_rss_mib']:.0f} MiB |"
+            )
+        clean = {r["transport"]: r["rate"] for r in results if r["workload"] == "trivial"}
+        for row in results:
+            if row["workload"] == "faults" and row["transport"] in clean:
+                loss = 1 - row["rate"] / clean[row["transport"]]
+                print(f"faults, {row['transport']}: throughput lost vs trivial: {loss:.0%}")
+
+
+if __name__ == "__main__":
+    main()

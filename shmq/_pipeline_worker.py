@@ -1,0 +1,510 @@
+"""The worker side of :class:`shmq.pipeline.Pipeline`: one process of one stage.
+
+A worker takes messages from its stage's input queue, runs the stage's
+function and puts the results on the next stage's queue (the last stage's go
+to the parent).  It never talks to the parent through a pipe: what the parent
+needs to know -- which source items the worker holds right now, and its
+counters -- it writes into the worker's row of the stage's *status table*, a
+shared ``RawArray`` of int64 words the parent reads (also after the worker is
+killed: that is how a crashed worker's items are retried).
+
+Messages are ``(kind, tags, value)`` tuples:
+
+``kind``
+    DATA (a value), CHUNK (``tags`` is the first seq of consecutive whole
+    items, ``value`` the list of their values: how the feeder sends runs of
+    source items, and how a map stage passes them on), HOLE (``value`` says why no value: filtered, skipped,
+    dead-lettered, an empty flat_map, merged into a batch) or ERROR (a stage
+    raised under ``on_error="raise"``; ``value`` describes the exception).
+``tags``
+    where the value came from: an int ``seq`` (source item number) for a
+    whole item; a tuple of keys ``(seq, sub, weight)`` for a part of one
+    (flat_map gives each of ``n`` children ``weight/n`` and a longer ``sub``
+    path, which orders them); a list of tags for a batch (one per element).
+    The parent completes a source item when the weights it got for it sum to 1.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, List, Optional, Tuple
+
+from ._errors import Full
+
+__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
+
+DATA, HOLE, ERROR, CHUNK = 0, 1, 2, 3
+# why a message carries no value
+FILTERED, SKIPPED, DEAD, EMPTY, MERGED = 1, 2, 3, 4, 5
+END = None  # put on an input queue once per worker when the pipeline ends
+
+# One row of the status table per worker (int64 words).
+S_STATE = 0  # 0 idle, 1 holding the seqs below
+S_HELD_N = 1
+S_IN = 2  # messages taken
+S_OUT = 3  # messages put (data)
+S_FILTERED = 4
+S_SKIPPED = 5
+S_DEAD = 6
+S_RETRIES = 7  # calls of fn repeated after an exception (on_error="retry")
+S_BUSY_NS = 8  # time spent in fn
+S_ERRORS = 9  # exceptions raised by fn
+S_PID = 10
+S_CURRENT = 11  # index of the held range in fn now (-1: charge every held item)
+S_SUB = 12  # index in that range of the item in fn now (a CHUNK's element)
+S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (<= 1: none)
+S_HELD = 14  # the held items: (first seq, count) pairs
+ROW_FIXED = S_HELD
+
+INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One item a stage gave up on, as found in ``Pipeline.dead_letters``."""
+
+    #: The item as the stage received it (for a crashed worker: the source item).
+    item: Any
+    #: Name of the stage that failed.
+    stage: str
+    #: Name of the exception class (``"WorkerDied"`` for a killed worker).
+    exc_type: str
+    #: ``str()`` of the exception.
+    message: str
+    #: The remote traceback, formatted ("" for a killed worker).
+    traceback: str
+    #: How many times the item was tried at that stage.
+    attempts: int
+    #: Source sequence number(s) of the item.
+    seqs: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a worker needs to know about its stage (pickled to spawn children)."""
+
+    name: str
+    kind: str  # "map", "filter", "flat_map", "batch", "unbatch"
+    fn: Optional[Callable[..., Any]]
+    init: Optional[Callable[[], Any]]
+    on_error: str
+    retries: int
+    backoff: float
+    batch_size: int
+    linger: float
+    take: int  # messages taken from the queue at once
+    held_capacity: int  # (seq, count) ranges a row can record
+
+
+def keys_of(tags: Any) -> List[tuple]:
+    """Every ``(seq, sub, weight)`` key of ``tags``, flattened."""
+    if type(tags) is int:
+        return [(tags, (), 1)]
+    if type(tags) is list:
+        out: List[tuple] = []
+        for t in tags:
+            out.extend(keys_of(t))
+        return out
+    return list(tags)
+
+
+def seqs_of(tags: Any) -> List[int]:
+    if type(tags) is int:
+        return [tags]
+    return [k[0] for k in keys_of(tags)]
+
+
+def _split(tags: Any, n: int) -> Tuple[List[Any], List[Any]]:
+    """Tags of ``n`` children of a message, and the tags left over (keys of a
+    batch besides the first, which become MERGED holes)."""
+    keys = keys_of(tags)
+    seq, sub, w = keys[0]
+    w = Fraction(w) / n
+    return [((seq, sub + (i,), w),) for i in range(n)], (tuple(keys[1:]) if len(keys) > 1 else None)
+
+
+def _describe(stage: str, exc: BaseException) -> tuple:
+    """A picklable description of ``exc``: (stage, pickled exc or None, type name, message, traceback)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = pickle.dumps(exc, 5)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    return (stage, blob, type(exc).__qualname__, str(exc), tb)
+
+
+class _Worker:
+    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
+        self.spec = spec
+        self.parent_pid = parent_pid
+        self.inq = inq
+        self.outq = outq
+        words = memoryview(status).cast("B").cast("q")
+        width = ROW_FIXED + 2 * spec.held_capacity
+        self.row = words[index * width : (index + 1) * width]
+
+    # -- status table --------------------------------------------------
+    def hold(self, msgs: list) -> Tuple[List[int], int]:
+        """Record the items of ``msgs`` as held.  Returns, per message, the
+        index of its range in the row (-1: several ranges), and the number
+        of items."""
+        row = self.row
+        cap = self.spec.held_capacity
+        n = 0
+        items = 0
+        where: List[int] = []
+        for m in msgs:
+            t = m[1]
+            if type(t) is int:
+                count = len(m[2]) if m[0] == CHUNK else 1
+                if n < cap:
+                    row[S_HELD + 2 * n] = t
+                    row[S_HELD + 2 * n + 1] = count
+                    where.append(n)
+                else:
+                    where.append(-1)
+                n += 1
+                items += count
+            else:
+                where.append(-1)
+                for seq in seqs_of(t):
+                    if n < cap:
+                        row[S_HELD + 2 * n] = seq
+                        row[S_HELD + 2 * n + 1] = 1
+                    n += 1
+                items += 1
+        # (a range past the row's capacity is not recorded: after a crash the
+        # parent's stall detector finds its items)
+        row[S_HELD_N] = min(n, cap)
+        row[S_STATE] = 1
+        return where, items
+
+    # -- calling fn under the stage's error policy ------------------------
+    def call(self, value: Any, tags: Any, out: list) -> Any:
+        """fn(value), or _FAILED after putting a hole or an error in ``out``."""
+        try:
+            return self.spec.fn(value)
+        except Exception as exc:
+            return self.failed(value, tags, out, exc)
+
+    def failed(self, value: Any, tags: Any, out: list, exc: Exception) -> Any:
+        """fn(value) raised ``exc`` once: retry it, or put a hole or an error
+        in ``out`` as the stage's on_error says."""
+        spec = self.spec
+        attempts = 1
+        while True:
+            self.row[S_ERRORS] += 1
+            if spec.on_error == "retry" and attempts <= spec.retries:
+                self.row[S_RETRIES] += 1
+                if spec.backoff:
+                    time.sleep(spec.backoff * (2 ** (attempts - 1)))
+                attempts += 1
+                try:
+                    return spec.fn(value)
+                except Exception as again:
+                    exc = again
+                    continue
+            if spec.on_error == "skip":
+                self.row[S_SKIPPED] += 1
+                out.append((HOLE, tags, SKIPPED))
+            elif spec.on_error == "dead-letter":
+                # The letter travels with the hole: the parent puts it in the
+                # dead letters once, whatever how often the item was re-fed.
+                d = _describe(spec.name, exc)
+                self.row[S_DEAD] += 1
+                letter = DeadLetter(value, spec.name, d[2], d[3], d[4], attempts, tuple(seqs_of(tags)))
+                out.append((HOLE, tags, (DEAD, letter)))
+            else:  # "raise", and "retry" once its retries are spent
+                out.append((ERROR, tags, _describe(spec.name, exc)))
+            return _FAILED
+
+    def map_chunk(self, msg: tuple, out: list) -> None:
+        """A CHUNK through a map stage: CHUNKs out; an item that fails is
+        treated alone under on_error, the runs around it stay CHUNKs."""
+        first, values = msg[1], msg[2]
+        fn = self.spec.fn
+        row = self.row
+        n = len(values)
+        res: list = []
+        start = j = 0  # res holds the results of values[start:j]
+        while j < n:
+            try:
+                while j < n:
+                    row[S_SUB] = j
+                    res.append(fn(values[j]))
+                    j += 1
+            except Exception as exc:
+                self.emit_run(first + start, res, out)
+                r = self.failed(values[j], first + j, out, exc)
+                if r is not _FAILED:
+                    out.append((DATA, first + j, r))
+                j += 1
+                start = j
+                res = []
+        self.emit_run(first + start, res, out)
+
+    def emit_run(self, first: int, res: list, out: list) -> None:
+        """Results of consecutive items: CHUNKs as long as the next stage
+        takes them (the parent sets the length in S_CHUNK_OUT)."""
+        if len(res) <= 1:
+            if res:
+                out.append((DATA, first, res[0]))
+            return
+        limit = self.row[S_CHUNK_OUT]
+        if limit >= len(res):
+            out.append((CHUNK, first, res))
+        elif limit > 1:
+            for k in range(0, len(res), limit):
+                out.append((CHUNK, first + k, res[k : k + limit]))
+        else:  # the next stage is slow: one item per message, for its workers to share
+            for k, r in enumerate(res):
+                out.append((DATA, first + k, r))
+
+    def process(self, msg: tuple, out: list) -> None:
+        kind, tags, value = msg
+        if kind == CHUNK:  # any stage but map: item by item
+            for k, v in enumerate(value):
+                self.row[S_SUB] = k
+                self.process((DATA, tags + k, v), out)
+            return
+        if kind != DATA:
+            out.append(msg)  # holes and errors pass through
+            return
+        what = self.spec.kind
+        if what == "map":
+            r = self.call(value, tags, out)
+            if r is not _FAILED:
+                out.append((DATA, tags, r))
+        elif what == "filter":
+            r = self.call(value, tags, out)
+            if r is not _FAILED:
+                if r:
+                    out.append(msg)
+                else:
+                    self.row[S_FILTERED] += 1
+                    out.append((HOLE, tags, FILTERED))
+        elif what == "flat_map":
+            r = self.call(value, tags, out)
+            if r is _FAILED:
+                return
+            try:
+                children = list(r)
+            except Exception as exc:  # the iterable itself raised
+                out.append((ERROR, tags, _describe(self.spec.name, exc)))
+                return
+            if not children:
+                out.append((HOLE, tags, EMPTY))
+                return
+            child_tags, rest = _split(tags, len(children))
+            for t, c in zip(child_tags, children):
+                out.append((DATA, t, c))
+            if rest:
+                out.append((HOLE, rest, MERGED))
+        elif what == "unbatch":
+            if type(tags) is list and len(tags) == len(value):
+                for t, v in zip(tags, value):
+                    out.append((DATA, t, v))
+                return
+            children = list(value)
+            if not children:
+                out.append((HOLE, tags, EMPTY))
+                return
+            child_tags, rest = _split(tags, len(children))
+            for t, c in zip(child_tags, children):
+                out.append((DATA, t, c))
+            if rest:
+                out.append((HOLE, rest, MERGED))
+        else:  # pragma: no cover - batch is handled by run_batch
+            raise AssertionError(what)
+
+    def send(self, q: Any, obj: Any) -> None:
+        """``q.put(obj)``, waiting for room as long as the parent lives (a
+        worker of a killed parent exits instead of waiting forever)."""
+        while True:
+            try:
+                q.put(obj, timeout=0.5)
+                return
+            except Full:
+                if os.getppid() != self.parent_pid:
+                    os._exit(0)
+
+    def send_many(self, q: Any, objs: list) -> None:
+        """``q.put_many(objs)``, likewise.  A put_many that times out part-way
+        leaves its first items put: they are put again, and the parent drops
+        the second copies (counted in duplicates_dropped)."""
+        while True:
+            try:
+                q.put_many(objs, timeout=0.5)
+                return
+            except Full:
+                if os.getppid() != self.parent_pid:
+                    os._exit(0)
+
+    def put_each(self, out: list) -> None:
+        """Put ``out`` one by one; a message that cannot be put (its value
+        does not pickle) becomes an ERROR for the parent to raise."""
+        for o in out:
+            try:
+                self.send(self.outq, o)
+            except Exception as exc:
+                self.send(self.outq, (ERROR, o[1], _describe(self.spec.name, exc)))
+
+    # -- loops ------------------------------------------------------------
+    def run(self, parent_pid: int) -> None:
+        spec = self.spec
+        row = self.row
+        inq, outq = self.inq, self.outq
+        take = spec.take
+        take_now = 1
+        fn = spec.fn
+        is_map = spec.kind == "map"
+        perf_ns = time.perf_counter_ns
+        from queue import Empty
+
+        while True:
+            try:
+                msgs = inq.get_many(take_now, timeout=0.5) if take_now > 1 else [inq.get(timeout=0.5)]
+            except Empty:
+                if os.getppid() != parent_pid:
+                    return  # orphaned: the parent is gone
+                continue
+            ended = False
+            if END in msgs:
+                ended = True
+                msgs = [m for m in msgs if m is not END]
+            if msgs:
+                where, n_items = self.hold(msgs)
+                row[S_IN] += n_items
+                out: list = []
+                t0 = perf_ns()
+                if is_map:
+                    # the common case inline: no call per item but fn's
+                    i = 0
+                    for m in msgs:
+                        row[S_CURRENT] = where[i]
+                        i += 1
+                        kind = m[0]
+                        if kind == DATA:
+                            try:
+                                out.append((DATA, m[1], fn(m[2])))
+                                continue
+                            except Exception as exc:
+                                r = self.failed(m[2], m[1], out, exc)
+                                if r is not _FAILED:
+                                    out.append((DATA, m[1], r))
+                        elif kind == CHUNK:
+                            self.map_chunk(m, out)
+                        else:
+                            out.append(m)
+                else:
+                    for i, m in enumerate(msgs):
+                        row[S_CURRENT] = where[i]
+                        self.process(m, out)
+                busy = perf_ns() - t0
+                row[S_BUSY_NS] += busy
+                # Take many cheap items at once, but a slow item alone: a
+                # worker must not sit on a run of them while the others idle.
+                per_item = busy // max(1, n_items)
+                # (starting at 1 and doubling: the first run may be slow too)
+                if per_item < 20_000:
+                    take_now = min(take, 2 * take_now)
+                else:
+                    take_now = min(take, 4) if per_item < 200_000 else 1
+                n_data = 0
+                for o in out:
+                    if o[0] == DATA:
+                        n_data += 1
+                    elif o[0] == CHUNK:
+                        n_data += len(o[2])
+                try:
+                    if len(out) == 1:
+                        self.send(outq, out[0])
+                    elif out:
+                        self.send_many(outq, out)  # pickles all first: an error puts none
+                except Exception:
+                    self.put_each(out)
+                row[S_OUT] += n_data
+                row[S_STATE] = 0
+            if ended:
+                return
+
+    def run_batch(self, parent_pid: int) -> None:
+        """Group DATA messages by ``batch_size``; a partial batch leaves
+        after ``linger`` seconds without a new message."""
+        spec = self.spec
+        row = self.row
+        inq, outq = self.inq, self.outq
+        from queue import Empty
+
+        tags: list = []
+        values: list = []
+        pending: list = []  # the messages held, for the status table
+
+        def flush() -> None:
+            if values:
+                self.send(outq, (DATA, list(tags), list(values)))
+                row[S_OUT] += 1
+            tags.clear()
+            values.clear()
+            pending.clear()
+            row[S_STATE] = 0
+
+        while True:
+            try:
+                msg = inq.get(timeout=spec.linger if values else 0.5)
+            except Empty:
+                if values:
+                    flush()
+                elif os.getppid() != parent_pid:
+                    return
+                continue
+            if msg is END:
+                flush()
+                return
+            if msg[0] == CHUNK:
+                parts = [(DATA, msg[1] + k, v) for k, v in enumerate(msg[2])]
+            elif msg[0] != DATA:
+                row[S_IN] += 1
+                self.send(outq, msg)
+                continue
+            else:
+                parts = [msg]
+            row[S_IN] += len(parts)
+            row[S_CURRENT] = -1
+            for part in parts:
+                pending.append(part)
+                self.hold(pending)
+                tags.append(part[1])
+                values.append(part[2])
+                if len(values) >= spec.batch_size:
+                    flush()
+
+
+_FAILED = object()
+
+
+def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
+    """Entry point of a worker process."""
+    # Ctrl-C goes to the whole process group: the parent handles it and
+    # stops the workers; a worker must not die half-way through a put.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    w = _Worker(spec, index, inq, outq, status, parent_pid)
+    w.row[S_PID] = os.getpid()
+    if spec.init is not None:
+        try:
+            spec.init()
+        except BaseException as exc:
+            w.send(outq, (ERROR, (), _describe(spec.name, exc)))
+            sys.stdout.flush()
+            os._exit(INIT_FAILED_EXIT)
+    if spec.kind == "batch":
+        w.run_batch(parent_pid)
+    else:
+        w.run(parent_pid)

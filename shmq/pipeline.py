@@ -1,0 +1,857 @@
+"""Pipeline: stages of worker processes connected by shmq queues.
+
+``Pipeline(source).map(f, workers=4).filter(g).map(h)`` builds a chain of
+stages; iterating it (or ``run()``) starts every stage's worker processes and
+streams the source through them.  Guide: docs/pipelines.md.
+
+How it works
+    Stage ``k`` reads the shmq Queue ``q[k]`` and writes to ``q[k+1]``; the
+    last stage writes to an output queue the parent reads.  A thread of the
+    parent feeds the source into ``q[0]``, numbering every item (its *seq*)
+    and keeping it until the item is *accounted for*: the parent has received,
+    for that seq, an output or a hole (filtered, skipped, dead-lettered...),
+    flat_map children included (their weights sum to 1).  Items never go
+    through a pipe or through the parent between stages; numpy arrays travel
+    through the queues' slot pools.  Runs of cheap items travel as one CHUNK
+    message (see ``_tune_chunks``).
+
+Back-pressure
+    Every queue has a ``maxsize``; the feeder also stops at a window of
+    ``sum(max_in_flight)`` seqs in flight (in source order when the pipeline
+    is ordered), so an endless source runs in flat memory.
+
+Crash recovery (at-least-once, deduplicated)
+    A worker writes the seqs it holds ((first, count) ranges) and which one
+    is in fn into its row of its stage's status table (shared int64 words)
+    before working, and clears the state after putting its results: a few
+    stores per message.  The parent checks its
+    workers every 50 ms; a dead one is replaced, and every seq its row holds
+    is fed again from the parent's copy of the source item (``attempts`` is
+    counted; past ``retries`` it is given up under the stage's
+    ``on_error``).  A worker killed between taking an item and recording it
+    loses it from every queue: after a crash the parent watches for a stall
+    (every queue empty, every worker idle, items still in flight) and feeds
+    those items again.  Results of the first attempt that still arrive are
+    dropped by (seq, position), so every output is delivered exactly once.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional
+
+from . import _pipeline_worker as W
+from ._errors import Empty, Full, RemoteError, WorkerDied
+from ._pipeline_stats import PipelineStatistics, StageStatistics
+from ._pipeline_worker import DeadLetter
+from .queue import Queue
+
+__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
+
+ON_ERROR = ("raise", "skip", "retry", "dead-letter")
+_MISSING = object()
+_DATA = W.DATA
+_CHUNK = W.CHUNK
+_CHEAP_NS = 20_000  # a map whose items take less than this (mean) gets them in CHUNKs
+_CHECK_EVERY = 0.05  # seconds between looks at the workers
+_STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
+_JOIN_SECONDS = 1.5
+#: Items a stage holds at most, unless told (``max(128, 4 * workers)``): the
+#: queues must cover the time a sleeping process takes to wake up, else small
+#: items crawl (2 stages of trivial functions on a loaded 2-core machine:
+#: 16 -> 17k items/s, 64 -> 55k, 128 -> 120-145k, 1024 -> 125-300k).  Bytes
+#: stay bounded whatever the count: arrays go through a pool of 8 slots, other
+#: large items through the queue's side path (64 MiB).
+DEFAULT_MAX_IN_FLIGHT = 128
+#: Default size of the dead letters queue's ring (reserved in /dev/shm at
+#: once: about ten thousand records with their tracebacks).
+DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
+_FEED_RUN = 64  # source items taken and put at once, at most
+_TAKE_MAX = 64  # messages a worker takes at once, at most
+
+
+class _Stage:
+    def __init__(self, spec: W.StageSpec, workers: int, ordered: bool, max_in_flight: int, start_method: Optional[str]):
+        self.spec = spec
+        self.workers = workers
+        self.ordered = ordered
+        self.max_in_flight = max_in_flight
+        self.start_method = start_method
+        self.procs: List[Any] = []
+        self.status: Any = None
+        self.width = W.ROW_FIXED + 2 * spec.held_capacity
+        self.words: Any = None
+        self.crashes = 0
+        self.crash_retries = 0
+        self.crash_skipped = 0
+
+    def row(self, i: int) -> Any:
+        return self.words[i * self.width : (i + 1) * self.width]
+
+    def total(self, field: int) -> int:
+        return sum(self.words[i * self.width + field] for i in range(self.workers))
+
+
+class _Item:
+    """Accounting of a source item beyond "in flight": made only for items
+    that arrive in parts (flat_map, batches, holes) or were fed again."""
+
+    __slots__ = ("attempts", "weight", "seen", "parts", "has_data", "reason")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.weight: Any = 0
+        self.seen: Optional[set] = None
+        self.parts: Optional[list] = None
+        self.has_data = False
+        self.reason = 0
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _rebuild(desc: tuple) -> BaseException:
+    """The exception a worker described (see _pipeline_worker._describe)."""
+    stage, blob, type_name, message, tb = desc
+    exc: Optional[BaseException] = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteError(type_name, f"{message}\n\nRemote traceback:\n{tb}", tb, stage)
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb}"""')
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in pipeline stage {stage!r}; remote traceback:\n{tb}")
+    return exc
+
+
+class Pipeline:
+    """``Pipeline(source, *, start_method=None, progress=False, dead_letters_name=None,
+    dead_letters_capacity_bytes=16 MiB)``
+
+    A chain of stages over ``source`` (any iterable, consumed lazily by a
+    thread of this process).  Add stages with :meth:`map`, :meth:`filter`,
+    :meth:`flat_map`, :meth:`batch`, :meth:`unbatch` (each returns the
+    pipeline), then iterate it or call :meth:`run`.  Use it as a context
+    manager, or call :meth:`close`, to stop it early and free its queues.
+    ``start_method`` is the default of every stage; ``progress=True`` prints
+    a line of statistics to stderr every half second when it is a terminal.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[Any],
+        *,
+        start_method: Optional[str] = None,
+        progress: bool = False,
+        dead_letters_name: Optional[str] = None,
+        dead_letters_capacity_bytes: int = DEAD_LETTERS_CAPACITY_BYTES,
+    ) -> None:
+        self._source = source
+        self._start_method = start_method
+        self._progress = progress
+        self._dead_name = dead_letters_name
+        self._dead_bytes = dead_letters_capacity_bytes
+        self._stages: List[_Stage] = []
+        self._seqs_per_msg = 1
+        self._state = "new"  # new, running, done, closed
+        self._queues: List[Queue] = []
+        self._deadq: Optional[Queue] = None
+        self._gen: Optional[Iterator[Any]] = None
+        # accounting (main thread, and the feeder under _cond)
+        self._cond = threading.Condition()
+        self._inflight: Dict[int, Any] = {}  # seq -> source item, until accounted for
+        self._meta: Dict[int, _Item] = {}  # seq -> its accounting, for the few that need one
+        self._done: Dict[int, list] = {}  # ordered: finished seqs waiting for their turn
+        self._retry: Deque[int] = deque()
+        self._next_seq = 0
+        self._next_emit = 0
+        self._exhausted = False
+        self._feeding = False
+        self._feed_error: Optional[BaseException] = None
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._feeder: Optional[threading.Thread] = None
+        self._fates = [0] * 6  # index: a hole reason; 0: with output
+        self._outputs = 0
+        self._dups = 0
+        self._started = 0.0
+        self._suspect = False
+        self._stall_since: Optional[float] = None
+        self._late: List[Any] = []
+        self._dead_by_stage: Dict[str, int] = {}  # ordered outputs released by a give-up in _supervise
+
+    # -- building --------------------------------------------------------------
+    def _add(
+        self,
+        kind: str,
+        fn: Optional[Callable[..., Any]],
+        workers: int,
+        ordered: bool,
+        max_in_flight: Optional[int],
+        init: Optional[Callable[[], Any]],
+        on_error: str,
+        retries: int,
+        backoff: float,
+        start_method: Optional[str],
+        name: Optional[str],
+        batch_size: int = 0,
+        linger: float = 0.0,
+    ) -> "Pipeline":
+        if self._state != "new":
+            raise ValueError("stages cannot be added to a pipeline that has started")
+        if fn is not None and not callable(fn):
+            raise TypeError(f"'fn' must be callable, got {type(fn).__name__}")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"'workers' must be a positive int, got {workers!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"'on_error' must be one of {', '.join(map(repr, ON_ERROR))}; got {on_error!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"'retries' must be an int >= 0, got {retries!r}")
+        if not isinstance(backoff, (int, float)) or backoff < 0:
+            raise ValueError(f"'backoff' must be a number >= 0, got {backoff!r}")
+        if max_in_flight is None:
+            max_in_flight = max(DEFAULT_MAX_IN_FLIGHT, 4 * workers)
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < workers:
+            raise ValueError(f"'max_in_flight' must be an int >= workers ({workers}), got {max_in_flight!r}")
+        spm = self._seqs_per_msg
+        take = 1 if (spm > 1 or kind == "batch") else max(1, min(_TAKE_MAX, max_in_flight // (2 * workers)))
+        held = take * spm * (batch_size if kind == "batch" else 1)
+        label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
+        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
+        self._stages.append(_Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method))
+        if kind == "batch":
+            self._seqs_per_msg = spm * batch_size
+        return self
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage of ``workers`` processes passing on ``fn(item)``.
+
+        ``ordered=True``: the pipeline yields in source order.
+        ``max_in_flight``: items the stage holds at most (queued plus being
+        worked on; default ``max(128, 4 * workers)``).  ``init()`` runs once in
+        every worker before its first item.  ``on_error``: ``"raise"`` stops
+        the pipeline and re-raises the exception in the caller; ``"skip"``
+        drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
+        (sleeping ``backoff * 2**k`` seconds), then raises; ``"dead-letter"``
+        puts a :class:`DeadLetter` in :attr:`dead_letters`.  An item whose
+        worker is killed is fed again up to ``retries`` times, then treated
+        by ``on_error`` (raising :class:`shmq.WorkerDied`).  ``start_method``:
+        ``"fork"``, ``"spawn"`` or ``"forkserver"`` (default: the pipeline's,
+        else multiprocessing's default)."""
+        return self._add("map", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def filter(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage passing on the items for which ``fn(item)`` is true
+        (arguments as :meth:`map`)."""
+        return self._add("filter", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def flat_map(
+        self,
+        fn: Callable[[Any], Iterable[Any]],
+        workers: int = 1,
+        ordered: bool = False,
+        max_in_flight: Optional[int] = None,
+        *,
+        init: Optional[Callable[[], Any]] = None,
+        on_error: str = "raise",
+        retries: int = 2,
+        backoff: float = 0.0,
+        start_method: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Pipeline":
+        """Add a stage passing on every element of ``fn(item)`` (an iterable,
+        collected into a list per item; arguments as :meth:`map`)."""
+        return self._add("flat_map", fn, workers, ordered, max_in_flight, init, on_error, retries, backoff, start_method, name)
+
+    def batch(self, n: int, *, linger: float = 0.05, max_in_flight: Optional[int] = None, name: Optional[str] = None) -> "Pipeline":
+        """Add a stage (one process) grouping items into lists of ``n``; a
+        shorter list leaves after ``linger`` seconds without a new item."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"'n' must be a positive int, got {n!r}")
+        if linger <= 0:
+            raise ValueError(f"'linger' must be > 0, got {linger!r}")
+        mif = max_in_flight if max_in_flight is not None else max(16, 2 * n)
+        return self._add("batch", None, 1, False, mif, None, "raise", 0, 0.0, None, name, batch_size=n, linger=linger)
+
+    def unbatch(self, *, max_in_flight: Optional[int] = None, name: Optional[str] = None) -> "Pipeline":
+        """Add a stage (one process) passing on every element of each list.
+        A list as long as the batch it came from gives every element back its
+        own source position; any other iterable is split like a flat_map."""
+        return self._add("unbatch", None, 1, False, max_in_flight, None, "raise", 0, 0.0, None, name)
+
+    # -- the dead letters ---------------------------------------------------------
+    @property
+    def dead_letters(self) -> Queue:
+        """The shmq Queue of :class:`DeadLetter` records (another process may
+        ``shmq.Queue.attach(pipe.dead_letters.name)``).  It lives until
+        :meth:`close`.  The parent posts every letter, once per item; when
+        the queue is full (``dead_letters_capacity_bytes``) the pipeline
+        stops with :class:`shmq.Full`."""
+        if self._deadq is None:
+            if self._state == "closed":
+                raise ValueError("the pipeline is closed")
+            self._deadq = Queue(capacity_bytes=self._dead_bytes, name=self._dead_name)
+        return self._deadq
+
+    # -- running --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        if self._gen is not None or self._state != "new":
+            raise ValueError("a pipeline runs once")
+        self._gen = self._run()
+        return self._gen
+
+    def run(self, sink: Optional[Callable[[Any], Any]] = None) -> int:
+        """Run the pipeline to its end, calling ``sink(out)`` for every output
+        (if given).  Returns the number of outputs."""
+        n = 0
+        for out in self:
+            if sink is not None:
+                sink(out)
+            n += 1
+        return n
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline (if running): its workers are terminated and its
+        queues, the dead letters included, removed.  Idempotent."""
+        if self._state == "closed":
+            return
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()  # runs _run's finally: the workers stop
+        self._shutdown(graceful=False)
+        if self._deadq is not None:
+            self._deadq.close()
+            self._deadq = None
+        self._state = "closed"
+
+    # -- the run ------------------------------------------------------------------------
+    def _start(self) -> None:
+        if not self._stages:
+            raise ValueError("the pipeline has no stage: add one with map(), filter(), ...")
+        self._state = "running"
+        self._started = time.monotonic()
+        self._ordered = any(s.ordered for s in self._stages)
+        self._window = sum(s.max_in_flight for s in self._stages)
+        self._chunk = 1  # items per CHUNK message into stage 0 (see _tune_chunks)
+        self.dead_letters  # made now: its name is known before the first item
+        try:
+            for s in self._stages:
+                qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
+                self._queues.append(Queue(qsize))
+            self._queues.append(Queue(max(64, self._stages[-1].max_in_flight)))
+            for k, s in enumerate(self._stages):
+                ctx = mp.get_context(s.start_method)
+                s.ctx = ctx
+                s.status = ctx.RawArray("q", s.workers * s.width)
+                s.words = memoryview(s.status).cast("B").cast("q")
+                s.procs = [None] * s.workers
+                for i in range(s.workers):
+                    self._spawn(k, i)
+        except BaseException:
+            self._shutdown(graceful=False)
+            raise
+        self._feeder = threading.Thread(target=self._feed, name="shmq-pipeline-feeder", daemon=True)
+        self._feeder.start()
+
+    def _spawn(self, k: int, i: int) -> None:
+        s = self._stages[k]
+        p = s.ctx.Process(
+            target=W.worker_main,
+            args=(s.spec, i, self._queues[k], self._queues[k + 1], s.status, os.getpid()),
+            name=f"shmq-pipeline-{s.spec.name}-{i}",
+            daemon=True,
+        )
+        p.start()
+        s.procs[i] = p
+
+    def _feed(self) -> None:
+        """The feeder thread: source items (and items to retry) into q[0],
+        up to _FEED_RUN at a time (one lock round and one put_many)."""
+        q0 = self._queues[0]
+        cond = self._cond
+        it = iter(self._source)
+        inflight = self._inflight
+        DATA = W.DATA
+        try:
+            while not self._stop:
+                msgs: list = []
+                with cond:
+                    while not self._stop:
+                        while self._retry and len(msgs) < _FEED_RUN:
+                            seq = self._retry.popleft()
+                            item = inflight.get(seq, _MISSING)
+                            if item is not _MISSING:
+                                msgs.append((DATA, seq, item))
+                        room = 0 if self._exhausted else self._room()
+                        if msgs or room:
+                            break
+                        cond.wait(0.1)
+                    else:
+                        return
+                    self._feeding = True
+                if not msgs:
+                    free = q0.maxsize - q0.qsize()
+                    items = list(itertools.islice(it, max(1, min(room, free, _FEED_RUN))))
+                    with cond:
+                        if not items:
+                            self._exhausted = True
+                        first = seq = self._next_seq
+                        for item in items:
+                            inflight[seq] = item
+                            seq += 1
+                        self._next_seq = seq
+                    if len(items) > 1 and self._chunk > 1:
+                        # runs of consecutive items in one message (a map
+                        # stage passes them on as one; others split them)
+                        for k in range(0, len(items), self._chunk):
+                            msgs.append((W.CHUNK, first + k, items[k : k + self._chunk]))
+                    else:
+                        msgs = [(DATA, first + k, item) for k, item in enumerate(items)]
+                self._put_all(q0, msgs)
+                self._feeding = False
+        except BaseException as exc:  # the source raised
+            self._feed_error = exc
+            self._feeding = False
+
+    def _put_all(self, q0: Queue, msgs: list) -> None:
+        while msgs and not self._stop:
+            try:
+                if len(msgs) == 1:
+                    q0.put(msgs[0], timeout=0.1)
+                else:
+                    # Full part-way: the puts before it stay, and are put
+                    # again below; the parent drops the second results.
+                    q0.put_many(msgs, timeout=0.5)
+                return
+            except Full:
+                continue
+
+    def _room(self) -> int:
+        """How many more source items the window admits now."""
+        if self._ordered:
+            return max(0, self._window - (self._next_seq - self._next_emit))
+        return max(0, self._window - len(self._inflight))
+
+    def _run(self) -> Iterator[Any]:
+        self._start()
+        out = self._queues[-1]
+        last_check = time.monotonic()
+        finished = False
+        try:
+            while True:
+                try:
+                    msgs = out.get_many(256, timeout=_CHECK_EVERY)
+                except Empty:
+                    msgs = ()
+                if msgs:
+                    emit: list = []
+                    with self._cond:
+                        if self._ordered or self._meta:
+                            for m in msgs:
+                                self._receive(m, emit)
+                        else:
+                            # the common case inline: a whole item's value
+                            inflight = self._inflight
+                            done = 0
+                            for m in msgs:
+                                kind = m[0]
+                                if kind == _DATA and type(m[1]) is int:
+                                    if inflight.pop(m[1], _MISSING) is _MISSING:
+                                        self._dups += 1
+                                    else:
+                                        done += 1
+                                        emit.append(m[2])
+                                elif kind == _CHUNK:
+                                    seq = m[1]
+                                    for v in m[2]:
+                                        if inflight.pop(seq, _MISSING) is _MISSING:
+                                            self._dups += 1
+                                        else:
+                                            done += 1
+                                            emit.append(v)
+                                        seq += 1
+                                else:
+                                    self._receive(m, emit)
+                            self._fates[0] += done
+                        self._cond.notify()
+                    self._stall_since = None
+                    for v in emit:
+                        self._outputs += 1
+                        yield v
+                now = time.monotonic()
+                if now - last_check >= _CHECK_EVERY:
+                    last_check = now
+                    self._supervise(now)
+                    while self._late:
+                        self._outputs += 1
+                        yield self._late.pop(0)
+                if self._error is not None:
+                    raise self._error
+                if self._feed_error is not None:
+                    raise self._feed_error
+                if self._exhausted and not self._inflight and not self._done and not self._feeding:
+                    break
+            finished = True
+        finally:
+            self._shutdown(graceful=finished)
+            if getattr(self, "_last_progress", 0.0):
+                self._last_progress = time.monotonic()
+                sys.stderr.write("\n")  # keep the last progress line
+            if self._state == "running":
+                self._state = "done"
+
+    # -- accounting -------------------------------------------------------------
+    def _receive(self, msg: tuple, emit: list) -> None:
+        kind, tags, value = msg
+        if kind == W.ERROR:
+            if self._error is None:
+                self._error = _rebuild(value)
+            return
+        if kind == W.CHUNK:
+            for k, v in enumerate(value):
+                self._receive((W.DATA, tags + k, v), emit)
+            return
+        letter = None
+        if kind == W.HOLE and type(value) is tuple:  # (DEAD, the letter)
+            value, letter = value
+        inflight = self._inflight
+        owner_given = kind != W.DATA
+        for seq, sub, w in W.keys_of(tags):
+            if seq not in inflight:
+                self._dups += 1
+                continue
+            rec = self._meta_of(seq)
+            if rec.seen is None:
+                rec.seen = set()
+            if sub in rec.seen:
+                self._dups += 1
+                continue
+            if letter is not None:  # the first copy of this hole: post its letter once
+                if not self._post(letter):
+                    return
+                letter = None
+            rec.seen.add(sub)
+            rec.weight += w
+            if not owner_given:
+                owner_given = True
+                rec.has_data = True
+                if self._ordered:
+                    if rec.parts is None:
+                        rec.parts = []
+                    rec.parts.append((sub, value))
+                else:
+                    emit.append(value)
+            elif not rec.reason:
+                rec.reason = value if kind == W.HOLE else W.MERGED
+            if rec.weight >= 1:
+                self._complete(seq, emit)
+
+    def _meta_of(self, seq: int) -> _Item:
+        rec = self._meta.get(seq)
+        if rec is None:
+            rec = self._meta[seq] = _Item()
+        return rec
+
+    def _complete(self, seq: int, emit: list) -> None:
+        del self._inflight[seq]
+        rec = self._meta.pop(seq)
+        self._fates[0 if rec.has_data else rec.reason] += 1
+        if not self._ordered:
+            return
+        parts = rec.parts or []
+        if len(parts) > 1:
+            parts.sort(key=lambda p: p[0])
+        self._done[seq] = parts
+        done = self._done
+        while self._next_emit in done:
+            emit.extend(v for _, v in done.pop(self._next_emit))
+            self._next_emit += 1
+
+    def _give_up(self, seq: int, stage: _Stage, reason: str) -> None:
+        """An item crashed its workers too often: treat it by the stage's on_error."""
+        if seq not in self._inflight:
+            return
+        rec = self._meta_of(seq)
+        mode = stage.spec.on_error
+        if mode in ("raise", "retry"):
+            if self._error is None:
+                self._error = WorkerDied(
+                    f"stage {stage.spec.name!r}: {reason} while holding source item #{seq}, "
+                    f"{rec.attempts} times (retries={stage.spec.retries})"
+                )
+            return
+        if mode == "dead-letter":
+            assert self._deadq is not None
+            letter = DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
+            if not self._post(letter):
+                return
+            why = W.DEAD
+        else:
+            stage.crash_skipped += 1
+            why = W.SKIPPED
+        emit: list = []
+        rec.weight = 1
+        if not rec.has_data:
+            rec.reason = why
+        self._complete(seq, emit)
+        self._late.extend(emit)
+
+    def _post(self, letter: DeadLetter) -> bool:
+        """Put ``letter`` in the dead letters; False (and the pipeline's
+        error set) if they are full: the parent never waits here."""
+        assert self._deadq is not None
+        try:
+            self._deadq.put_nowait(letter)
+        except Full:
+            if self._error is None:
+                self._error = Full(
+                    f"the dead letters queue {self._deadq.name!r} is full: read pipe.dead_letters while the "
+                    "pipeline runs, or give Pipeline() a larger dead_letters_capacity_bytes"
+                )
+            return False
+        self._dead_by_stage[letter.stage] = self._dead_by_stage.get(letter.stage, 0) + 1
+        return True
+
+    def _retry_or_give_up(self, seq: int, stage: _Stage, reason: str, charge: bool = True) -> None:
+        if seq not in self._inflight:
+            return
+        rec = self._meta_of(seq)
+        rec.attempts += charge
+        if rec.attempts > stage.spec.retries:
+            self._give_up(seq, stage, reason)
+            return
+        stage.crash_retries += 1
+        self._retry.append(seq)
+
+    def _supervise(self, now: float) -> None:
+        if self._stop:
+            return
+        with self._cond:
+            for k, s in enumerate(self._stages):
+                for i, p in enumerate(s.procs):
+                    if p is None or p.exitcode is None:
+                        continue
+                    if p.exitcode == W.INIT_FAILED_EXIT:
+                        if self._error is None and now - self._started > 5.0:
+                            self._error = RemoteError("init", "init= failed", "", s.spec.name)
+                        continue
+                    row = s.row(i)
+                    pairs = list(row[W.S_HELD : W.S_HELD + 2 * row[W.S_HELD_N]]) if row[W.S_STATE] else []
+                    held = [first + k for first, n in zip(pairs[::2], pairs[1::2]) for k in range(n)]
+                    # A worker records which of the items it holds is in fn:
+                    # only that one is charged an attempt; the others are fed
+                    # again free.  (-1: it cannot tell; every one is charged.)
+                    cur = row[W.S_CURRENT]
+                    culprit = None
+                    if 0 <= cur < len(pairs) // 2:
+                        culprit = pairs[2 * cur] + (row[W.S_SUB] if pairs[2 * cur + 1] > 1 else 0)
+                    row[W.S_STATE] = 0
+                    row[W.S_HELD_N] = 0
+                    s.crashes += 1
+                    self._suspect = True
+                    reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
+                    for seq in dict.fromkeys(held):
+                        self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
+                    self._spawn(k, i)
+            if self._suspect:
+                self._look_for_lost(now)
+            self._tune_chunks()
+            self._cond.notify()
+        if self._progress:
+            self._show_progress(now)
+
+    def _tune_chunks(self) -> None:
+        """Runs of cheap items travel as one CHUNK message (one pickle, one
+        record), but a slow stage must get items one by one so that all its
+        workers share them.  Per stage: the longest CHUNK it gets, from its
+        measured time per item -- none while unmeasured (8 items) or slow,
+        the stage's take while below _CHEAP_NS.  Stage k-1's workers
+        read stage k's value from their rows; the feeder uses stage 0's."""
+        limits = []
+        for s in self._stages:
+            items = s.total(W.S_IN)
+            cheap = s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
+            s.chunk = s.spec.take if cheap else 1
+            limits.append(s.chunk)
+        limits.append(1 << 30)  # the parent takes anything
+        self._chunk = limits[0]
+        for k, s in enumerate(self._stages):
+            for i in range(s.workers):
+                s.words[i * s.width + W.S_CHUNK_OUT] = limits[k + 1]
+
+    def _look_for_lost(self, now: float) -> None:
+        """After a crash: items in flight with every queue empty and every
+        worker idle for a while were lost by a worker killed between taking
+        and recording them.  Feed them again."""
+        if not self._inflight:
+            self._suspect = False
+            return
+        idle = (
+            not self._feeding
+            and not self._retry
+            and all(q.qsize() == 0 for q in self._queues)
+            and all(s.total(W.S_STATE) == 0 for s in self._stages)
+        )
+        if not idle:
+            self._stall_since = None
+            return
+        if self._stall_since is None:
+            self._stall_since = now
+            return
+        if now - self._stall_since < _STALL_SECONDS:
+            return
+        self._stall_since = None
+        for seq in list(self._inflight):
+            self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
+
+    def _show_progress(self, now: float) -> None:
+        if not sys.stderr.isatty() or now - getattr(self, "_last_progress", 0.0) < 0.5:
+            return
+        self._last_progress = now
+        st = self.statistics()
+        parts = [f"{s.name}: {s.items_in}->{s.items_out} busy {s.busy_fraction:.0%}" for s in st.stages]
+        sys.stderr.write("\r" + " | ".join(parts) + f" | out {st.outputs}\x1b[K")
+        sys.stderr.flush()
+
+    def _shutdown(self, graceful: bool) -> None:
+        self._stop = True
+        with self._cond:
+            self._cond.notify_all()
+        if self._feeder is not None:
+            self._feeder.join(2.0)
+            self._feeder = None
+        procs = [(s, p) for s in self._stages for p in s.procs if p is not None]
+        if graceful:
+            for k, s in enumerate(self._stages):
+                for _ in range(s.workers):
+                    try:
+                        self._queues[k].put(W.END, timeout=0.2)
+                    except Full:
+                        break
+            deadline = time.monotonic() + _JOIN_SECONDS
+            for _, p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for _, p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + _JOIN_SECONDS
+        for _, p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for _, p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join(1.0)
+        for s in self._stages:
+            s.procs = []
+        for q in self._queues:
+            q.close()
+        self._queues = []
+
+    # -- statistics ---------------------------------------------------------------
+    @staticmethod
+    def _held(s: _Stage) -> int:
+        """Items the workers of ``s`` hold now."""
+        n = 0
+        for i in range(s.workers):
+            row = s.row(i)
+            if row[W.S_STATE]:
+                n += sum(row[W.S_HELD + 1 : W.S_HELD + 2 * row[W.S_HELD_N] : 2])
+        return n
+
+    def statistics(self) -> PipelineStatistics:
+        """A snapshot of the pipeline and of every stage (see the dataclasses)."""
+        elapsed = time.monotonic() - self._started if self._started else 0.0
+        stages = []
+        for k, s in enumerate(self._stages):
+            if s.words is None:
+                stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
+                continue
+            t = s.total
+            items_in = t(W.S_IN)
+            busy = t(W.S_BUSY_NS) / 1e9
+            queued = self._queues[k].qsize() if k < len(self._queues) else 0
+            stages.append(
+                StageStatistics(
+                    name=s.spec.name,
+                    kind=s.spec.kind,
+                    workers=s.workers,
+                    items_in=items_in,
+                    items_out=t(W.S_OUT),
+                    in_flight=queued + self._held(s),
+                    filtered=t(W.S_FILTERED),
+                    skipped=t(W.S_SKIPPED) + s.crash_skipped,
+                    dead_letters=self._dead_by_stage.get(s.spec.name, 0),
+                    retries=t(W.S_RETRIES) + s.crash_retries,
+                    crashes=s.crashes,
+                    busy_fraction=min(1.0, busy / (elapsed * s.workers)) if elapsed else 0.0,
+                    seconds_per_item=busy / items_in if items_in else 0.0,
+                )
+            )
+        f = self._fates
+        return PipelineStatistics(
+            stages=tuple(stages),
+            source_items=self._next_seq,
+            outputs=self._outputs,
+            with_output=f[0],
+            filtered=f[W.FILTERED],
+            skipped=f[W.SKIPPED],
+            dead_letters=f[W.DEAD],
+            empty=f[W.EMPTY],
+            merged=f[W.MERGED],
+            in_flight=len(self._inflight),
+            crash_retries=sum(s.crash_retries for s in self._stages),
+            duplicates_dropped=self._dups,
+            elapsed_seconds=elapsed,
+            bottleneck=max(stages, key=lambda s: s.busy_fraction).name if stages and self._started else None,
+        )
+
+    def __repr__(self) -> str:
+        names = " -> ".join(s.spec.name for s in self._stages)
+        return f"<shmq.Pipeline {self._state} [{names}]>"
