@@ -20,7 +20,9 @@ architectures are not supported yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 import weakref
 from threading import get_ident
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -29,10 +31,10 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import BrokenError, ClosedError, CorruptError, LayoutError, MessageTooLarge, ShmqError
 from . import _sync
-from ._segment import Segment
+from ._segment import ParticipantInfo, Segment, participant_infos
 from ._sync import Doorbell, RobustLock
 
-__all__ = ("RingBuffer", "DEFAULT_CAPACITY_BYTES")
+__all__ = ("RingBuffer", "DEFAULT_CAPACITY_BYTES", "RingStatistics", "read_ring_statistics", "ring_statistics")
 
 DEFAULT_CAPACITY_BYTES = 1 << 20
 _REPAIR_WAIT = 2.0  # seconds a counter repair waits for each lock
@@ -1031,3 +1033,90 @@ class RingBuffer:
             return f"<{type(self).__name__} {self.name!r} closed>"
         return f"<{type(self).__name__} {self.name!r} {self.bytes_used()}/{self._cap} bytes, {self.qsize()} records>"
 
+
+# -- statistics: a snapshot of the ring's counters --------------------------------
+@dataclasses.dataclass(frozen=True)
+class RingStatistics:
+    """A snapshot of one ring's counters."""
+
+    #: segment name
+    name: str
+    #: size of the data area in bytes
+    capacity_bytes: int
+    #: maximum records held at once (0: limited by bytes only)
+    max_messages: int
+    #: records written since creation
+    messages_in: int
+    #: records read since creation
+    messages_out: int
+    #: ring bytes written since creation (payload + 8-byte headers + padding)
+    bytes_in: int
+    #: ring bytes released by readers since creation
+    bytes_out: int
+    #: records held now
+    messages_used: int
+    #: ring bytes held now
+    bytes_used: int
+    #: highest ``bytes_used`` seen (sampled when producers re-read the head)
+    peak_bytes: int
+    #: blocking writes that had to wait for room (back-pressure)
+    full_waits: int
+    #: total seconds writers spent waiting for room
+    full_wait_seconds: float
+    #: blocking reads that had to wait for a record
+    empty_waits: int
+    #: total seconds readers spent waiting for a record
+    empty_wait_seconds: float
+    #: pid of the creating process
+    creator_pid: int
+    #: the creating process still runs
+    creator_alive: bool
+    #: registered processes
+    participants: Tuple[ParticipantInfo, ...]
+    #: time.monotonic() when the snapshot was taken
+    taken_at: float
+
+    @property
+    def fill_ratio(self) -> float:
+        """``bytes_used / capacity_bytes`` (or by messages, whichever is fuller)."""
+        ratio = self.bytes_used / self.capacity_bytes if self.capacity_bytes else 0.0
+        if self.max_messages:
+            ratio = max(ratio, self.messages_used / self.max_messages)
+        return ratio
+
+
+def read_ring_statistics(name: str, w: memoryview, seg: Any) -> RingStatistics:
+    """A snapshot of the ring counters in ``w`` (the words of ``seg``, a
+    Segment or a read-only SegmentView)."""
+    # Consumer-side words first: every counter only grows, so "out" read
+    # before "in" never makes the amount held negative.
+    head, msgs_out = w[L.W_HEAD], w[L.W_MSGS_OUT]
+    empty_waits, empty_ns = w[L.W_EMPTY_WAITS], w[L.W_EMPTY_WAIT_NS]
+    tail, msgs_in = w[L.W_TAIL], w[L.W_MSGS_IN]
+    used = tail - head
+    return RingStatistics(
+        name=name,
+        capacity_bytes=w[L.W_CAPACITY],
+        max_messages=w[L.W_MAX_MESSAGES],
+        messages_in=msgs_in,
+        messages_out=msgs_out,
+        bytes_in=tail,
+        bytes_out=head,
+        messages_used=max(0, msgs_in - msgs_out),
+        bytes_used=used,
+        peak_bytes=max(w[L.W_PEAK_BYTES], used),
+        full_waits=w[L.W_FULL_WAITS],
+        full_wait_seconds=w[L.W_FULL_WAIT_NS] / 1e9,
+        empty_waits=empty_waits,
+        empty_wait_seconds=empty_ns / 1e9,
+        creator_pid=w[L.W_CREATOR_PID],
+        creator_alive=seg.creator_alive(),
+        participants=participant_infos(seg),
+        taken_at=time.monotonic(),
+    )
+
+
+def ring_statistics(ring: Any) -> RingStatistics:
+    """Snapshot the counters of ``ring`` (a RingBuffer)."""
+    seg = ring.segment
+    return read_ring_statistics(ring.name, seg.words, seg)

@@ -13,6 +13,7 @@ registers with multiprocessing's resource tracker, and never unlinks.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import mmap
 import os
@@ -28,7 +29,7 @@ from . import _layout as L
 from . import _platform as P
 from ._errors import BrokenError, ClosedError, LayoutError
 
-__all__ = ("Segment", "SegmentView", "Participant", "check_header", "read_participants")
+__all__ = ("Segment", "SegmentView", "Participant", "ParticipantInfo", "check_header", "participant_infos", "read_participants")
 
 
 class Participant(NamedTuple):
@@ -734,3 +735,20 @@ class SegmentView:
 
     def __repr__(self) -> str:
         return f"<SegmentView {self.name!r} {L.KIND_NAMES.get(self.kind, self.kind)}, {self.size} bytes>"
+
+
+# -- what statistics show of a segment's participants ---------------------------
+@dataclasses.dataclass(frozen=True)
+class ParticipantInfo:
+    """One process registered with a segment."""
+
+    pid: int
+    #: "creator", "producer", "consumer" (several joined by "+"), or "attached"
+    role: str
+    #: the process still runs (zombies and reused pids count as dead)
+    alive: bool
+
+
+def participant_infos(seg: "Segment | SegmentView") -> Tuple[ParticipantInfo, ...]:
+    """The participants of ``seg`` as statistics show them."""
+    return tuple(ParticipantInfo(p.pid, "+".join(p.roles), p.alive) for p in seg.participants())

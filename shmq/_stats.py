@@ -5,7 +5,9 @@ joining the segment: :func:`read_statistics` maps it read-only
 (:class:`~shmq._segment.SegmentView`), so an observer never appears among
 the participants and never writes shared memory.
 
-* :class:`RingStatistics`: one ring's counters (``Ring.statistics()``).
+* :func:`read_statistics`: a segment's statistics by name (each kind's
+  statistics class lives beside what it measures: ``_ring.RingStatistics``,
+  ``_slots.SlotPoolStatistics``; ``_segment.ParticipantInfo``).
 * :class:`SegmentInfo`: what the common header tells about any segment
   (kind, size, creator, age, participants): ``shmq ls``, and the fallback
   for kinds without a statistics reader.
@@ -28,86 +30,23 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from . import _layout as L
 from . import _platform as P
 from ._errors import LayoutError
-from ._segment import SegmentView
+from ._ring import read_ring_statistics
+from ._segment import ParticipantInfo, SegmentView, participant_infos
 from ._segment import set_sweeper as _set_sweeper
 from ._slots import view_statistics as pool_view_statistics
 
 __all__ = (
     "VERDICTS",
     "Garbage",
-    "ParticipantInfo",
     "Rates",
-    "RingStatistics",
     "SegmentInfo",
     "collect_garbage",
     "list_segments",
     "rates",
     "read_statistics",
-    "ring_statistics",
     "segment_info",
     "verdict",
 )
-
-
-@dataclass(frozen=True)
-class ParticipantInfo:
-    """One process registered with a segment."""
-
-    pid: int
-    #: "creator", "producer", "consumer" (several joined by "+"), or "attached"
-    role: str
-    #: the process still runs (zombies and reused pids count as dead)
-    alive: bool
-
-
-@dataclass(frozen=True)
-class RingStatistics:
-    """A snapshot of one ring's counters."""
-
-    #: segment name
-    name: str
-    #: size of the data area in bytes
-    capacity_bytes: int
-    #: maximum records held at once (0: limited by bytes only)
-    max_messages: int
-    #: records written since creation
-    messages_in: int
-    #: records read since creation
-    messages_out: int
-    #: ring bytes written since creation (payload + 8-byte headers + padding)
-    bytes_in: int
-    #: ring bytes released by readers since creation
-    bytes_out: int
-    #: records held now
-    messages_used: int
-    #: ring bytes held now
-    bytes_used: int
-    #: highest ``bytes_used`` seen (sampled when producers re-read the head)
-    peak_bytes: int
-    #: blocking writes that had to wait for room (back-pressure)
-    full_waits: int
-    #: total seconds writers spent waiting for room
-    full_wait_seconds: float
-    #: blocking reads that had to wait for a record
-    empty_waits: int
-    #: total seconds readers spent waiting for a record
-    empty_wait_seconds: float
-    #: pid of the creating process
-    creator_pid: int
-    #: the creating process still runs
-    creator_alive: bool
-    #: registered processes
-    participants: Tuple[ParticipantInfo, ...]
-    #: time.monotonic() when the snapshot was taken
-    taken_at: float
-
-    @property
-    def fill_ratio(self) -> float:
-        """``bytes_used / capacity_bytes`` (or by messages, whichever is fuller)."""
-        ratio = self.bytes_used / self.capacity_bytes if self.capacity_bytes else 0.0
-        if self.max_messages:
-            ratio = max(ratio, self.messages_used / self.max_messages)
-        return ratio
 
 
 @dataclass(frozen=True)
@@ -146,45 +85,6 @@ class SegmentInfo:
         return self.creator_alive or any(p.alive for p in self.participants)
 
 
-def _participants(seg: Any) -> Tuple[ParticipantInfo, ...]:
-    return tuple(ParticipantInfo(p.pid, "+".join(p.roles), p.alive) for p in seg.participants())
-
-
-def _ring_statistics(name: str, w: memoryview, seg: Any) -> RingStatistics:
-    # Consumer-side words first: every counter only grows, so "out" read
-    # before "in" never makes the amount held negative.
-    head, msgs_out = w[L.W_HEAD], w[L.W_MSGS_OUT]
-    empty_waits, empty_ns = w[L.W_EMPTY_WAITS], w[L.W_EMPTY_WAIT_NS]
-    tail, msgs_in = w[L.W_TAIL], w[L.W_MSGS_IN]
-    used = tail - head
-    return RingStatistics(
-        name=name,
-        capacity_bytes=w[L.W_CAPACITY],
-        max_messages=w[L.W_MAX_MESSAGES],
-        messages_in=msgs_in,
-        messages_out=msgs_out,
-        bytes_in=tail,
-        bytes_out=head,
-        messages_used=max(0, msgs_in - msgs_out),
-        bytes_used=used,
-        peak_bytes=max(w[L.W_PEAK_BYTES], used),
-        full_waits=w[L.W_FULL_WAITS],
-        full_wait_seconds=w[L.W_FULL_WAIT_NS] / 1e9,
-        empty_waits=empty_waits,
-        empty_wait_seconds=empty_ns / 1e9,
-        creator_pid=w[L.W_CREATOR_PID],
-        creator_alive=seg.creator_alive(),
-        participants=_participants(seg),
-        taken_at=time.monotonic(),
-    )
-
-
-def ring_statistics(ring: Any) -> RingStatistics:
-    """Snapshot the counters of ``ring`` (a RingBuffer)."""
-    seg = ring.segment
-    return _ring_statistics(ring.name, seg.words, seg)
-
-
 _QUEUE_ROLES = {
     L.QUEUE_KIND_QUEUE: "queue",
     L.QUEUE_KIND_JOINABLE: "joinable-queue",
@@ -210,7 +110,7 @@ def _segment_info(view: SegmentView, owner: Optional[str] = None) -> SegmentInfo
         creator_pid=w[L.W_CREATOR_PID],
         creator_alive=view.creator_alive(),
         created=w[L.W_CREATED_NS] / 1e9,
-        participants=_participants(view),
+        participants=participant_infos(view),
         taken_at=time.monotonic(),
         owner=owner,
     )
@@ -300,7 +200,7 @@ def read_statistics(name: str) -> Any:
     this layout version)."""
     with SegmentView.open(name) as view:
         if view.kind == L.KIND_RING:
-            return _ring_statistics(view.name, view.words, view)
+            return read_ring_statistics(view.name, view.words, view)
         if view.kind == L.KIND_POOL:
             return pool_view_statistics(view)
         return _segment_info(view)

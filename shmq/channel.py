@@ -75,7 +75,7 @@ from ._errors import (
 )
 from ._members import RECEIVE, RESERVE_SECONDS, SEND, MemberTable
 from ._slots import DEFAULT_MAX_MEMBERS, SlotPool, SlotPoolStatistics
-from ._stats import RingStatistics
+from ._ring import RingStatistics
 from ._wait import deadline_for
 from .ring import DEFAULT_CAPACITY_BYTES, Ring
 

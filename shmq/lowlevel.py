@@ -10,9 +10,9 @@ from ._slots import SlotInfo as SlotInfo
 from ._slots import SlotPool as SlotPool
 from ._slots import SlotPoolStatistics as SlotPoolStatistics
 from ._stats import Garbage as Garbage
-from ._stats import ParticipantInfo as ParticipantInfo
+from ._segment import ParticipantInfo as ParticipantInfo
 from ._stats import Rates as Rates
-from ._stats import RingStatistics as RingStatistics
+from ._ring import RingStatistics as RingStatistics
 from ._stats import SegmentInfo as SegmentInfo
 from ._stats import collect_garbage as collect_garbage
 from ._stats import list_segments as list_segments

@@ -59,7 +59,7 @@ from ._ring import DEFAULT_CAPACITY_BYTES
 from ._side import NOTHING, SidePath, blob_names, check_ring
 from ._segment import call_at_exit, call_now, cancel_at_exit
 from ._slots import SlotPool
-from ._stats import RingStatistics
+from ._ring import RingStatistics
 from ._sync import Doorbell
 from ._wait import deadline_for_mp, wait_until
 from .ring import Ring

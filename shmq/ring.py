@@ -12,7 +12,7 @@ from typing import Any, Iterable, List, Optional
 from . import _layout as L
 from ._errors import Empty, Full, MessageTooLarge
 from ._ring import DEFAULT_CAPACITY_BYTES, RingBuffer
-from ._stats import RingStatistics, ring_statistics
+from ._ring import RingStatistics, ring_statistics
 from ._wait import SPIN_SECONDS, deadline_for, wait_until
 
 __all__ = ("Ring", "DEFAULT_CAPACITY_BYTES")
