@@ -117,7 +117,22 @@ def all_imports(tree):
     return names
 
 
-STDLIB = set(sys.stdlib_module_names)
+def _stdlib_names() -> set:
+    """The standard library's top-level module names (sys.stdlib_module_names
+    is 3.10+: on 3.9, what the stdlib directory and the interpreter hold)."""
+    if hasattr(sys, "stdlib_module_names"):
+        return set(sys.stdlib_module_names)
+    import sysconfig
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    names = set(sys.builtin_module_names)
+    for path in list(root.iterdir()) + list((root / "lib-dynload").iterdir()):
+        if path.name != "site-packages":
+            names.add(path.name.split(".")[0])
+    return names
+
+
+STDLIB = _stdlib_names()
 
 
 # -- the layer table itself ----------------------------------------------------------
