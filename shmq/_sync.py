@@ -52,6 +52,7 @@ __all__ = (
     "deadline_for",
     "deadline_for_mp",
     "remaining",
+    "slice_end",
     "wait_until",
     "full_fence",
 )
@@ -388,8 +389,15 @@ def remaining(deadline: Optional[float]) -> Optional[float]:
     return left if left > 0 else 0.0
 
 
-# -- the waiting loop ---------------------------------------------------------
+def slice_end(deadline: Optional[float], seconds: float) -> float:
+    """The deadline of the next wait slice: ``seconds`` from now, or
+    ``deadline`` if that comes first (for waits that re-check a peer's
+    liveness between slices)."""
+    end = _monotonic() + seconds
+    return end if deadline is None or deadline > end else deadline
 
+
+# -- the waiting loop ---------------------------------------------------------
 
 
 def wait_until(

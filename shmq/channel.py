@@ -76,6 +76,7 @@ from ._errors import (
 from ._members import RECEIVE, RESERVE_SECONDS, SEND, MemberTable
 from ._slots import DEFAULT_MAX_MEMBERS, SlotPool, SlotPoolStatistics
 from ._ring import RingStatistics
+from ._sync import slice_end
 from ._wait import deadline_for
 from .ring import DEFAULT_CAPACITY_BYTES, Ring
 
@@ -115,11 +116,6 @@ def _slice_of(deadline: Optional[float]) -> float:
         return SLICE_SECONDS
     left = deadline - _monotonic()
     return SLICE_SECONDS if left > SLICE_SECONDS else (left if left > 0.0 else 0.0)
-
-
-def _slice_end(deadline: Optional[float]) -> float:
-    end = _monotonic() + SLICE_SECONDS
-    return end if deadline is None or deadline > end else deadline
 
 
 @dataclass(frozen=True)
@@ -697,7 +693,7 @@ class SendChannel(_Endpoint):
             if deadline is not None and _monotonic() >= deadline:
                 raise Full(f"ring {ring.name!r} of channel {self.name!r} stayed full")
             try:
-                ring._block_writing(ready, _slice_end(deadline))
+                ring._block_writing(ready, slice_end(deadline, SLICE_SECONDS))
             except Full:
                 continue  # one slice over: look at the receivers again
             if not w[_W_STATE] & _SEND_STOPPED and ring.try_write(data):
@@ -930,7 +926,7 @@ class ReceiveChannel(_Endpoint):
                     continue
                 raise Empty(f"channel {self.name!r} is empty")
             try:
-                ring._block_reading(_slice_end(deadline), ready)
+                ring._block_reading(slice_end(deadline, SLICE_SECONDS), ready)
             except Empty:
                 members.maybe_scan()  # one slice over: did a sender die?
 

@@ -46,7 +46,7 @@ from ._errors import (
     TooManyMembers,
 )
 from ._segment import Segment
-from ._sync import SPIN_SECONDS, Doorbell, RobustLock, full_fence
+from ._sync import SPIN_SECONDS, Doorbell, RobustLock, full_fence, slice_end
 from ._wait import deadline_for, wait_until
 
 __all__ = (
@@ -71,11 +71,6 @@ _monotonic = time.monotonic
 
 def _now_us() -> int:
     return time.monotonic_ns() // 1000
-
-
-def _slice_end(deadline: Optional[float]) -> float:
-    end = _monotonic() + SLICE_SECONDS
-    return end if deadline is None or deadline > end else deadline
 
 
 def _check_capacity(capacity_bytes: Any) -> int:
@@ -503,7 +498,7 @@ class Topic:
             return ring.room_for(n)
 
         while True:
-            if wait_until(ready, shared.not_full, _slice_end(deadline)):
+            if wait_until(ready, shared.not_full, slice_end(deadline, SLICE_SECONDS)):
                 return
             self._reap_gating(n)
             if ring.room_for(n):
@@ -731,7 +726,7 @@ class Subscription:
                 if publishers.maybe_scan() & L.T_PUBLISHERS_DONE:
                     continue
                 raise Empty(f"topic {self.name!r} has no new message")
-            if not wait_until(ready, self._bell, _slice_end(deadline)):
+            if not wait_until(ready, self._bell, slice_end(deadline, SLICE_SECONDS)):
                 publishers.maybe_scan()  # one slice over: did a publisher die?
 
     def __iter__(self) -> Iterator[Any]:
