@@ -37,6 +37,8 @@ from .pipeline import Pipeline as Pipeline
 from .pipeline import PipelineStatistics as PipelineStatistics
 from .pipeline import StageStatistics as StageStatistics
 
+from . import lowlevel as lowlevel  # (its import also installs the SHMQ_SWEEP sweeper)
+
 __version__ = "0.1.0"
 
 __all__ = (
