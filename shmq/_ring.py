@@ -52,6 +52,28 @@ _POWNER = L.W_PRODUCER_LOCK
 _COWNER = L.W_CONSUMER_LOCK
 
 
+def _load_core() -> Any:
+    """shmq._core if it is built, matches this layout and SHMQ_PURE is not
+    set; else None (the pure-Python core).  See docs/core.md."""
+    if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    expected = {k: getattr(L, k) for k in _core.LAYOUT}
+    return _core if _core.LAYOUT == expected else None
+
+
+_core = _load_core()
+#: which core runs the record moves: "c" (shmq._core) or "python"
+CORE = "python" if _core is None else "c"
+# With the C core, RingBuffer's per-record fields (_cap, _base, _maxm,
+# _head_seen, _tail_seen, _buf, _psem, _csem) are C members of this base,
+# and its try_write/try_read replace the Python ones (end of this module).
+_RingBase: Any = object if _core is None else _core.RingCore
+
+
 def _as_bytes(data: Any) -> Any:
     if type(data) is bytes:
         return data
@@ -76,7 +98,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RingBuffer:
+class RingBuffer(_RingBase):
     """A named ring of byte records shared by any number of processes.
 
     Create with :meth:`create`, attach from any process with :meth:`attach`
@@ -1031,3 +1053,12 @@ class RingBuffer:
             return f"<{type(self).__name__} {self.name!r} closed>"
         return f"<{type(self).__name__} {self.name!r} {self.bytes_used()}/{self._cap} bytes, {self.qsize()} records>"
 
+
+# The Python record moves above are the specification; with the C core its
+# mirrors of try_write/try_read take their place (docs/core.md).  The C
+# try_write hands anything but bytes to the Python one.
+RingBuffer._py_try_write = RingBuffer.try_write
+RingBuffer._py_try_read = RingBuffer.try_read
+if _core is not None:
+    RingBuffer.try_write = _core.RingCore.try_write  # type: ignore[assignment]
+    RingBuffer.try_read = _core.RingCore.try_read  # type: ignore[assignment]

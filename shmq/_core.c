@@ -1,0 +1,519 @@
+/* shmq._core: the ring's one-record moves in C, on the same bytes and the
+ * same protocol as the pure-Python core in shmq/_ring.py (the readable
+ * specification; see docs/core.md).
+ *
+ * RingCore is the base class of shmq._ring.RingBuffer when this module is
+ * built and SHMQ_PURE is not set.  It holds the fields the record moves read
+ * on every call (_cap, _base, _maxm, _head_seen, _tail_seen, _buf, _psem,
+ * _csem) as C members, which the Python code reads and writes as ordinary
+ * attributes.  Its try_write / try_read replace the generated Python methods
+ * of the same name; everything off the common path (_refresh_free, _pad,
+ * _skip_pad, the corrupt-word errors, _failure, the doorbells, the lock's
+ * slow path and recovery) is a call back into the Python methods, so there
+ * is one implementation of each of those.
+ *
+ * Memory order: every shared index word is loaded with acquire and stored
+ * with release semantics (__atomic builtins), so a reader that sees TAIL sees
+ * the record before it on any CPU, and a writer that sees HEAD sees the
+ * reader done with the bytes before it.  The payload is copied with memcpy.
+ *
+ * The GIL is held throughout: a one-record move copies at most one record
+ * (a 64-byte record costs less than releasing and retaking the GIL) and never
+ * waits here (a busy lock is handed to RobustLock._acquire_slow, in Python,
+ * which sleeps in bounded slices with the GIL released by SemLock).
+ *
+ * Test hook: SHMQ_CORE_STOP_AT=N (read at import) makes try_write / try_read
+ * stop the process with SIGSTOP after step N of the move (see STEP below),
+ * so a test can SIGKILL it there.  Unset, it costs one predictable branch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef Py_NewRef /* 3.9 */
+static inline PyObject *shmq_newref(PyObject *o) { Py_INCREF(o); return o; }
+#define Py_NewRef(o) shmq_newref((PyObject *)(o))
+#endif
+
+/* Word indices of the ring header (shmq/_layout.py); _ring.py compares them
+ * with LAYOUT below and falls back to the pure-Python core if they differ. */
+#define W_TAIL 272
+#define W_MSGS_IN 273
+#define W_HEAD 280
+#define W_MSGS_OUT 281
+#define W_CONSUMER_WAITING 288
+#define W_PRODUCER_WAITING 296
+#define W_PRODUCER_LOCK 304
+#define W_CONSUMER_LOCK 312
+#define ROLE_CONSUMER 4
+
+static inline int64_t load_word(const char *mem, Py_ssize_t i) {
+    return __atomic_load_n((const int64_t *)(mem + 8 * i), __ATOMIC_ACQUIRE);
+}
+static inline void store_word(char *mem, Py_ssize_t i, int64_t v) {
+    __atomic_store_n((int64_t *)(mem + 8 * i), v, __ATOMIC_RELEASE);
+}
+
+static long my_pid; /* _sync._PID: refreshed in a forked child */
+static void refresh_pid(void) { my_pid = (long)getpid(); }
+
+static long stop_at = 0; /* SHMQ_CORE_STOP_AT */
+#define STEP(k)                                                                \
+    do {                                                                       \
+        if (stop_at == (k)) raise(SIGSTOP);                                    \
+    } while (0)
+
+static PyObject *s_acquire, *s_release, *s_acquire_slow, *s_plock, *s_clock,
+    *s_refresh_free, *s_pad, *s_skip_pad, *s_failure, *s_corrupt_indices,
+    *s_corrupt_record, *s_not_empty, *s_not_full, *s_ring, *s_segment,
+    *s_roles_marked, *s_add_role, *s_py_try_write;
+
+typedef struct {
+    PyObject_HEAD
+    long long cap, base, maxm, head_seen, tail_seen;
+    PyObject *buf, *psem, *csem;
+} RingCore;
+
+static int RingCore_traverse(RingCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->buf);
+    Py_VISIT(self->psem);
+    Py_VISIT(self->csem);
+    return 0;
+}
+
+static int RingCore_clear(RingCore *self) {
+    Py_CLEAR(self->buf);
+    Py_CLEAR(self->psem);
+    Py_CLEAR(self->csem);
+    return 0;
+}
+
+static void RingCore_dealloc(RingCore *self) {
+    PyObject_GC_UnTrack(self);
+    RingCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ---- helpers: calls back into the Python slow paths ------------------- */
+
+/* Call self.<meth>(*args) and return a new reference (NULL on error). */
+static PyObject *call_method(PyObject *self, PyObject *meth, PyObject *args) {
+    PyObject *f = PyObject_GetAttr(self, meth);
+    if (f == NULL) return NULL;
+    PyObject *r = PyObject_Call(f, args, NULL);
+    Py_DECREF(f);
+    return r;
+}
+
+/* Raise self._corrupt_indices(a, b) / self._corrupt_record(a, n, b). */
+static void raise_corrupt(PyObject *self, PyObject *meth, PyObject *args) {
+    if (args == NULL) return;
+    PyObject *exc = call_method(self, meth, args);
+    Py_DECREF(args);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
+/* An exception is set: if it is a ValueError, replace it by
+ * self._failure(exc) (the Python moves' `except ValueError as exc: raise
+ * self._failure(exc)`). */
+static void map_failure(PyObject *self) {
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) PyException_SetTraceback(value, tb);
+    PyObject *err = PyObject_CallMethodOneArg(self, s_failure, value);
+    if (err != NULL) {
+        if (err != value) PyException_SetContext(err, Py_NewRef(value));
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        Py_DECREF(err);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* Ring self.<bell> (a Doorbell). 0 or -1. */
+static int ring_bell(PyObject *self, PyObject *bell) {
+    PyObject *b = PyObject_GetAttr(self, bell);
+    if (b == NULL) return -1;
+    PyObject *r = PyObject_CallMethodNoArgs(b, s_ring);
+    Py_DECREF(b);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* RobustLock.acquire, inlined as the Python moves do: the semaphore without
+ * blocking, else self.<lock>._acquire_slow(None).  0 or -1. */
+static int take_lock(PyObject *self, PyObject *sem, PyObject *lockname) {
+    PyObject *r = PyObject_CallMethodOneArg(sem, s_acquire, Py_False);
+    if (r == NULL) return -1;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (got < 0) return -1;
+    if (got) return 0;
+    PyObject *lock = PyObject_GetAttr(self, lockname);
+    if (lock == NULL) return -1;
+    r = PyObject_CallMethodOneArg(lock, s_acquire_slow, Py_None);
+    Py_DECREF(lock);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The Python moves' `finally:` -- the owner word back to 0 (if the view is
+ * still there), then sem.release(); keeps a pending exception. */
+static int drop_lock(char *mem, Py_ssize_t owner_word, PyObject *sem) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (mem != NULL) store_word(mem, owner_word, 0);
+    PyObject *r = PyObject_CallMethodNoArgs(sem, s_release);
+    Py_XDECREF(r);
+    if (type != NULL) {
+        if (r == NULL) { /* the move's own error wins, as in Python's finally */
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return r == NULL ? -1 : 0;
+}
+
+static int checked_add(int64_t a, int64_t b, int64_t *out) {
+    if (__builtin_add_overflow(a, b, out)) {
+        PyErr_SetString(PyExc_ValueError, "a shared word would overflow int64");
+        return -1;
+    }
+    return 0;
+}
+
+/* Python's a % b (b > 0): never negative. */
+static inline int64_t py_mod(int64_t a, int64_t b) {
+    int64_t r = a % b;
+    return r < 0 ? r + b : r;
+}
+
+/* maxm and MSGS_IN - MSGS_OUT >= maxm, in Python's unbounded ints. */
+static inline int msgs_full(const char *mem, int64_t maxm) {
+    int64_t in = load_word(mem, W_MSGS_IN), out = load_word(mem, W_MSGS_OUT), d;
+    if (__builtin_sub_overflow(in, out, &d)) return in > out;
+    return d >= maxm;
+}
+
+/* ---- try_write: mirrors RingBuffer.try_write (the generated Python) ---- */
+
+static PyObject *RingCore_try_write(RingCore *self, PyObject *data) {
+    PyObject *me = (PyObject *)self;
+    if (!PyBytes_CheckExact(data)) /* other buffers: _as_bytes and friends */
+        return PyObject_CallMethodOneArg(me, s_py_try_write, data);
+    const char *src = PyBytes_AS_STRING(data);
+    int64_t n = (int64_t)PyBytes_GET_SIZE(data);
+    int64_t cap = self->cap, base = self->base, maxm = self->maxm;
+    PyObject *sem = self->psem;
+    if (sem == Py_None) sem = NULL;
+    Py_XINCREF(sem);
+    Py_buffer view;
+    view.obj = NULL;
+    char *mem = NULL;
+    PyObject *result = NULL;
+    if (sem != NULL && take_lock(me, sem, s_plock) < 0) {
+        Py_DECREF(sem);
+        return NULL;
+    }
+    STEP(1);
+    /* the view: ValueError once the handle is closed (released) */
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        view.obj = NULL;
+        goto fail;
+    }
+    mem = (char *)view.buf;
+    if (sem != NULL) store_word(mem, W_PRODUCER_LOCK, my_pid);
+    int64_t tail = load_word(mem, W_TAIL);
+    int64_t need = (n + 15) & -8;
+    /* HEAD is the consumers' cache line: read it only when the last value
+     * seen says there is no room (it only grows, so a stale one is safe). */
+    int64_t free_, used;
+    /* free = cap - tail + head_seen, in Python's unbounded ints: a stale
+     * HEAD_SEEN (_LONG_AGO) or a corrupt TAIL that would overflow here, or
+     * a TAIL before the HEAD seen, takes the refresh (which checks both). */
+    if (__builtin_sub_overflow(tail, self->head_seen, &used) || used < 0 || used > cap)
+        free_ = -1;
+    else
+        free_ = cap - used;
+    if (need > free_) {
+        PyObject *f = PyObject_CallMethod(me, "_refresh_free", "LL", (long long)tail, (long long)n);
+        if (f == NULL) goto fail;
+        free_ = PyLong_AsLongLong(f);
+        Py_DECREF(f);
+        if (free_ == -1 && PyErr_Occurred()) goto fail;
+    }
+    int64_t off = py_mod(tail, cap), pos;
+    if (need > free_ || (maxm && msgs_full(mem, maxm))) {
+        pos = -1;
+    } else if (need <= cap - off) {
+        pos = base + off;
+    } else { /* the record would wrap: pad the end of the data area, start it at 0 */
+        if (cap - off + need > free_) { /* the HEAD seen may be old: look again first */
+            PyObject *f = PyObject_CallMethod(me, "_refresh_free", "LL", (long long)tail, (long long)n);
+            if (f == NULL) goto fail;
+            free_ = PyLong_AsLongLong(f);
+            Py_DECREF(f);
+            if (free_ == -1 && PyErr_Occurred()) goto fail;
+        }
+        STEP(2);
+        PyObject *t = PyObject_CallMethod(me, "_pad", "LLLL", (long long)tail, (long long)(cap - off),
+                                          (long long)need, (long long)free_);
+        if (t == NULL) goto fail;
+        tail = PyLong_AsLongLong(t);
+        Py_DECREF(t);
+        if (tail == -1 && PyErr_Occurred()) goto fail;
+        pos = tail >= 0 ? base : -1;
+    }
+    if (pos < 0) {
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    if (pos < base || pos + 8 + n > base + cap) { /* cannot happen with checked indices */
+        PyErr_SetString(PyExc_ValueError, "record placed outside the data area");
+        goto fail;
+    }
+    int64_t msgs_in, new_tail;
+    if (checked_add(load_word(mem, W_MSGS_IN), 1, &msgs_in) < 0 || checked_add(tail, need, &new_tail) < 0)
+        goto fail;
+    memcpy(mem + pos + 8, src, (size_t)n);
+    STEP(3);
+    store_word(mem, pos >> 3, n);
+    STEP(4);
+    store_word(mem, W_MSGS_IN, msgs_in);
+    STEP(5);
+    store_word(mem, W_TAIL, new_tail);
+    STEP(6);
+    if (load_word(mem, W_CONSUMER_WAITING) && ring_bell(me, s_not_empty) < 0) goto fail;
+    result = Py_NewRef(Py_True);
+    goto done;
+fail:
+    map_failure(me);
+done:
+    if (sem != NULL) {
+        if (drop_lock(mem, W_PRODUCER_LOCK, sem) < 0) Py_CLEAR(result);
+        Py_DECREF(sem);
+    }
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    return result;
+}
+
+/* ---- try_read: mirrors RingBuffer.try_read (the generated Python) ------ */
+
+static PyObject *RingCore_try_read(RingCore *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *me = (PyObject *)self;
+    int64_t cap = self->cap, base = self->base;
+    PyObject *sem = self->csem;
+    if (sem == Py_None) sem = NULL;
+    Py_buffer view;
+    view.obj = NULL;
+    char *mem = NULL;
+    PyObject *result = NULL;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        map_failure(me);
+        return NULL;
+    }
+    mem = (char *)view.buf;
+    Py_XINCREF(sem);
+    if (sem != NULL) {
+        int64_t head = load_word(mem, W_HEAD);
+        if (head >= self->tail_seen && head == load_word(mem, W_TAIL)) {
+            Py_DECREF(sem);
+            PyBuffer_Release(&view);
+            Py_RETURN_NONE; /* empty: no need for the lock */
+        }
+        if (take_lock(me, sem, s_clock) < 0) {
+            Py_DECREF(sem);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        store_word(mem, W_CONSUMER_LOCK, my_pid);
+    }
+    STEP(11);
+    int64_t head = load_word(mem, W_HEAD);
+    int64_t tail_seen = self->tail_seen;
+    /* TAIL is the producers' cache line: read it only when caught up. */
+    if (head >= tail_seen) { /* >=: other consumers may be ahead of it */
+        tail_seen = load_word(mem, W_TAIL);
+        PyObject *seg = PyObject_GetAttr(me, s_segment);
+        if (seg == NULL) goto fail;
+        PyObject *roles = PyObject_GetAttr(seg, s_roles_marked);
+        if (roles == NULL) {
+            Py_DECREF(seg);
+            goto fail;
+        }
+        long r = PyLong_AsLong(roles);
+        Py_DECREF(roles);
+        if (r == -1 && PyErr_Occurred()) {
+            Py_DECREF(seg);
+            goto fail;
+        }
+        if (!(r & ROLE_CONSUMER)) {
+            PyObject *x = PyObject_CallMethod(seg, "add_role", "i", ROLE_CONSUMER);
+            if (x == NULL) {
+                Py_DECREF(seg);
+                goto fail;
+            }
+            Py_DECREF(x);
+        }
+        Py_DECREF(seg);
+        if (!(0 <= head && head <= tail_seen && tail_seen - head <= cap)) {
+            raise_corrupt(me, s_corrupt_indices, Py_BuildValue("LL", (long long)head, (long long)tail_seen));
+            goto fail;
+        }
+        self->tail_seen = tail_seen; /* (only once checked: later reads trust it) */
+        if (head == tail_seen) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    int64_t pos = base + py_mod(head, cap);
+    int64_t n = load_word(mem, pos >> 3), end;
+    if (n < 0) { /* a pad fills the end of the data area: the record after it starts the area */
+        STEP(12);
+        PyObject *t = PyObject_CallMethod(me, "_skip_pad", "LL", (long long)head, (long long)n);
+        if (t == NULL) goto fail;
+        long long h2, n2, e2;
+        if (!PyArg_ParseTuple(t, "LLL", &h2, &n2, &e2)) {
+            Py_DECREF(t);
+            goto fail;
+        }
+        Py_DECREF(t);
+        head = h2, n = n2, end = e2;
+        pos = base;
+        if (n < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    } else {
+        /* (n > cap: end would be past TAIL <= HEAD + cap, as in Python, and
+         * computing it could overflow) */
+        if (n > cap || __builtin_add_overflow(head, (n + 15) & -8, &end) || end > tail_seen) {
+            raise_corrupt(me, s_corrupt_record,
+                          Py_BuildValue("LLL", (long long)head, (long long)n, (long long)tail_seen));
+            goto fail;
+        }
+    }
+    if (n > cap - 8 || pos + 8 + n > base + cap) { /* a length the data area cannot hold */
+        raise_corrupt(me, s_corrupt_record, Py_BuildValue("LLL", (long long)head, (long long)n, (long long)tail_seen));
+        goto fail;
+    }
+    int64_t msgs_out;
+    if (checked_add(load_word(mem, W_MSGS_OUT), 1, &msgs_out) < 0) goto fail;
+    result = PyBytes_FromStringAndSize(mem + pos + 8, (Py_ssize_t)n);
+    if (result == NULL) goto fail;
+    STEP(13);
+    store_word(mem, W_MSGS_OUT, msgs_out);
+    STEP(14);
+    store_word(mem, W_HEAD, end);
+    STEP(15);
+    if (load_word(mem, W_PRODUCER_WAITING) && ring_bell(me, s_not_full) < 0) {
+        Py_CLEAR(result);
+        goto fail;
+    }
+    goto done;
+fail:
+    map_failure(me);
+done:
+    if (sem != NULL) {
+        if (drop_lock(mem, W_CONSUMER_LOCK, sem) < 0) Py_CLEAR(result);
+        Py_DECREF(sem);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef RingCore_methods[] = {
+    {"try_write", (PyCFunction)RingCore_try_write, METH_O,
+     "Append one record.  True if written, False if the ring is full\n"
+     "(in bytes or in messages).  Raises MessageTooLarge if it can never fit.\n"
+     "(C core: mirrors the generated RingBuffer.try_write.)"},
+    {"try_read", (PyCFunction)RingCore_try_read, METH_NOARGS,
+     "Remove and return the oldest record, or None if the ring is empty.\n"
+     "Raises CorruptError if the ring's indices or the record's length\n"
+     "word are impossible.  (C core: mirrors the generated RingBuffer.try_read.)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyMemberDef RingCore_members[] = {
+    {"_cap", T_LONGLONG, offsetof(RingCore, cap), 0, NULL},
+    {"_base", T_LONGLONG, offsetof(RingCore, base), 0, NULL},
+    {"_maxm", T_LONGLONG, offsetof(RingCore, maxm), 0, NULL},
+    {"_head_seen", T_LONGLONG, offsetof(RingCore, head_seen), 0, NULL},
+    {"_tail_seen", T_LONGLONG, offsetof(RingCore, tail_seen), 0, NULL},
+    {"_buf", T_OBJECT, offsetof(RingCore, buf), 0, NULL},
+    {"_psem", T_OBJECT, offsetof(RingCore, psem), 0, NULL},
+    {"_csem", T_OBJECT, offsetof(RingCore, csem), 0, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject RingCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.RingCore",
+    .tp_basicsize = sizeof(RingCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C record moves under shmq's RingBuffer (see docs/core.md).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)RingCore_dealloc,
+    .tp_traverse = (traverseproc)RingCore_traverse,
+    .tp_clear = (inquiry)RingCore_clear,
+    .tp_methods = RingCore_methods,
+    .tp_members = RingCore_members,
+};
+
+static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "shmq._core",
+                                         "shmq's compiled core (see docs/core.md).", -1, NULL};
+
+#define INTERN(var, text)                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC PyInit__core(void) {
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_acquire_slow, "_acquire_slow");
+    INTERN(s_plock, "_plock");
+    INTERN(s_clock, "_clock");
+    INTERN(s_refresh_free, "_refresh_free");
+    INTERN(s_pad, "_pad");
+    INTERN(s_skip_pad, "_skip_pad");
+    INTERN(s_failure, "_failure");
+    INTERN(s_corrupt_indices, "_corrupt_indices");
+    INTERN(s_corrupt_record, "_corrupt_record");
+    INTERN(s_not_empty, "_not_empty");
+    INTERN(s_not_full, "_not_full");
+    INTERN(s_ring, "ring");
+    INTERN(s_segment, "_segment");
+    INTERN(s_roles_marked, "roles_marked");
+    INTERN(s_add_role, "add_role");
+    INTERN(s_py_try_write, "_py_try_write");
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+    const char *stop = getenv("SHMQ_CORE_STOP_AT");
+    stop_at = stop ? atol(stop) : 0;
+    if (PyType_Ready(&RingCoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&RingCoreType);
+    if (PyModule_AddObject(m, "RingCore", (PyObject *)&RingCoreType) < 0) return NULL;
+    PyObject *layout = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "W_TAIL", W_TAIL, "W_MSGS_IN",
+                                     W_MSGS_IN, "W_HEAD", W_HEAD, "W_MSGS_OUT", W_MSGS_OUT, "W_CONSUMER_WAITING",
+                                     W_CONSUMER_WAITING, "W_PRODUCER_WAITING", W_PRODUCER_WAITING,
+                                     "W_PRODUCER_LOCK", W_PRODUCER_LOCK, "W_CONSUMER_LOCK", W_CONSUMER_LOCK,
+                                     "ROLE_CONSUMER", ROLE_CONSUMER);
+    if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) return NULL;
+    if (PyModule_AddIntConstant(m, "STOP_AT", stop_at) < 0) return NULL;
+    return m;
+}
