@@ -212,12 +212,10 @@ static inline int msgs_full(const char *mem, int64_t maxm) {
 
 /* ---- try_write: mirrors RingBuffer.try_write (the generated Python) ---- */
 
-static PyObject *RingCore_try_write(RingCore *self, PyObject *data) {
+/* The record move of try_write and of the put closure: append the n bytes
+ * at src.  Py_True if written, Py_False if full, NULL with an exception. */
+static PyObject *write_record(RingCore *self, const char *src, int64_t n) {
     PyObject *me = (PyObject *)self;
-    if (!PyBytes_CheckExact(data)) /* other buffers: _as_bytes and friends */
-        return PyObject_CallMethodOneArg(me, s_py_try_write, data);
-    const char *src = PyBytes_AS_STRING(data);
-    int64_t n = (int64_t)PyBytes_GET_SIZE(data);
     int64_t cap = self->cap, base = self->base, maxm = self->maxm;
     PyObject *sem = self->psem;
     if (sem == Py_None) sem = NULL;
@@ -315,6 +313,14 @@ done:
 
 /* ---- try_read: mirrors RingBuffer.try_read (the generated Python) ------ */
 
+static PyObject *RingCore_try_write(RingCore *self, PyObject *data) {
+    if (!PyBytes_CheckExact(data)) /* other buffers: _as_bytes and friends */
+        return PyObject_CallMethodOneArg((PyObject *)self, s_py_try_write, data);
+    return write_record(self, PyBytes_AS_STRING(data), (int64_t)PyBytes_GET_SIZE(data));
+}
+
+/* ---- try_read: mirrors RingBuffer.try_read (the generated Python) ------ */
+/* (also the record move of the get closure): the record, None if empty */
 static PyObject *RingCore_try_read(RingCore *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *me = (PyObject *)self;
     int64_t cap = self->cap, base = self->base;
@@ -474,8 +480,267 @@ static PyTypeObject RingCoreType = {
     .tp_members = RingCore_members,
 };
 
+
+/* ---- the Queue's put and get: mirror the closures that
+ * RingBuffer.encoding_writer / decoding_reader return ----------------------
+ * Writer(ring, dumps, protocol, buffer_callback, on_error, limit, on_long,
+ * on_full) is put(owner, obj, block=True, timeout=None); Reader(ring, loads,
+ * on_error, on_empty, held, on_held) is get(owner, block=True,
+ * timeout=None).  Both are vectorcall objects with a __dict__ (the Queue
+ * sets __name__/__qualname__/__doc__ and binds them with types.MethodType).
+ * The pickling, the slow paths and the waits stay Python callables. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+    PyObject *ring, *dumps, *protocol, *buffer_callback, *on_error, *on_long, *on_full;
+    Py_ssize_t limit;
+} Writer;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+    PyObject *ring, *loads, *on_error, *on_empty, *held, *on_held;
+} Reader;
+
+static PyObject *kw_buffer_callback; /* ("buffer_callback",) */
+
+/* owner, then one or two of obj/block/timeout, positional or by keyword. */
+static int parse_call(PyObject *const *args, size_t nargsf, PyObject *kwnames, int npos_min,
+                      PyObject **out, int nout, const char *const *names) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < npos_min || nargs > nout) {
+        PyErr_Format(PyExc_TypeError, "expected %d to %d positional arguments, got %zd", npos_min, nout, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) out[i] = args[i];
+    if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t k = 0; k < nkw; k++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+            int found = 0;
+            for (int i = npos_min; i < nout; i++) {
+                if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
+                    if (out[i] != NULL) {
+                        PyErr_Format(PyExc_TypeError, "got multiple values for argument '%s'", names[i]);
+                        return -1;
+                    }
+                    out[i] = args[nargs + k];
+                    found = 1;
+                }
+            }
+            if (!found) {
+                PyErr_Format(PyExc_TypeError, "got an unexpected keyword argument '%U'", key);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static const char *const put_names[] = {"owner", "obj", "block", "timeout"};
+static const char *const get_names[] = {"owner", "block", "timeout"};
+
+/* mirrors the closure `put` of RingBuffer.encoding_writer */
+static PyObject *Writer_call(Writer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *a[4] = {NULL, NULL, NULL, NULL};
+    if (parse_call(args, nargsf, kwnames, 2, a, 4, put_names) < 0) return NULL;
+    PyObject *owner = a[0], *obj = a[1];
+    PyObject *block = a[2] ? a[2] : Py_True, *timeout = a[3] ? a[3] : Py_None;
+    PyObject *dargs[3] = {obj, self->protocol, self->buffer_callback};
+    PyObject *data = PyObject_Vectorcall(self->dumps, dargs, 2, kw_buffer_callback);
+    if (data == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL) PyException_SetTraceback(value, tb);
+        data = PyObject_CallFunctionObjArgs(self->on_error, obj, value, NULL);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        if (data == NULL) return NULL;
+    }
+    PyObject *result = NULL;
+    Py_buffer view;
+    Py_ssize_t n = PyObject_Size(data); /* len(data): on_error may give a marker with a __len__ */
+    if (n < 0) goto out;
+    if (n > self->limit) {
+        result = PyObject_CallFunctionObjArgs(self->on_long, owner, obj, data, block, timeout, NULL);
+        goto out;
+    }
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) goto out;
+    PyObject *written = write_record((RingCore *)self->ring, (const char *)view.buf, (int64_t)view.len);
+    PyBuffer_Release(&view);
+    if (written == NULL) goto out;
+    if (written == Py_True) {
+        Py_DECREF(written);
+        result = Py_NewRef(Py_None);
+        goto out;
+    }
+    Py_DECREF(written);
+    result = PyObject_CallFunctionObjArgs(self->on_full, owner, data, block, timeout, NULL);
+out:
+    Py_DECREF(data);
+    return result;
+}
+
+/* mirrors the closure `get` of RingBuffer.decoding_reader */
+static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *a[3] = {NULL, NULL, NULL};
+    if (parse_call(args, nargsf, kwnames, 1, a, 3, get_names) < 0) return NULL;
+    PyObject *owner = a[0];
+    PyObject *block = a[1] ? a[1] : Py_True, *timeout = a[2] ? a[2] : Py_None;
+    int held = PyObject_IsTrue(self->held);
+    if (held < 0) return NULL;
+    if (held) return PyObject_CallFunctionObjArgs(self->on_held, owner, block, timeout, NULL);
+    PyObject *data = RingCore_try_read((RingCore *)self->ring, NULL);
+    if (data == NULL) return NULL;
+    if (data != Py_None && PyBytes_GET_SIZE(data) > 0) {
+        PyObject *obj = PyObject_CallOneArg(self->loads, data);
+        if (obj == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL) PyException_SetTraceback(value, tb);
+            obj = PyObject_CallFunctionObjArgs(self->on_error, owner, data, value, NULL);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+        Py_DECREF(data);
+        return obj;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(self->on_empty, owner, data, block, timeout, NULL);
+    Py_DECREF(data);
+    return r;
+}
+
+static PyObject *Writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *ring, *dumps, *protocol, *bcb, *on_error, *on_long, *on_full;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!OOOOnOO:Writer", &RingCoreType, &ring, &dumps, &protocol, &bcb, &on_error, &limit,
+                          &on_long, &on_full))
+        return NULL;
+    Writer *self = (Writer *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = (vectorcallfunc)Writer_call;
+    self->ring = Py_NewRef(ring);
+    self->dumps = Py_NewRef(dumps);
+    self->protocol = Py_NewRef(protocol);
+    self->buffer_callback = Py_NewRef(bcb);
+    self->on_error = Py_NewRef(on_error);
+    self->on_long = Py_NewRef(on_long);
+    self->on_full = Py_NewRef(on_full);
+    self->limit = limit;
+    return (PyObject *)self;
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *ring, *loads, *on_error, *on_empty, *held = NULL, *on_held = Py_None;
+    if (!PyArg_ParseTuple(args, "O!OOO|OO:Reader", &RingCoreType, &ring, &loads, &on_error, &on_empty, &held, &on_held))
+        return NULL;
+    Reader *self = (Reader *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = (vectorcallfunc)Reader_call;
+    self->ring = Py_NewRef(ring);
+    self->loads = Py_NewRef(loads);
+    self->on_error = Py_NewRef(on_error);
+    self->on_empty = Py_NewRef(on_empty);
+    self->held = held ? Py_NewRef(held) : PyTuple_New(0);
+    self->on_held = Py_NewRef(on_held);
+    if (self->held == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int Writer_traverse(Writer *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dict);
+    Py_VISIT(self->ring);
+    Py_VISIT(self->dumps);
+    Py_VISIT(self->protocol);
+    Py_VISIT(self->buffer_callback);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->on_long);
+    Py_VISIT(self->on_full);
+    return 0;
+}
+static int Writer_clear(Writer *self) {
+    Py_CLEAR(self->dict);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->dumps);
+    Py_CLEAR(self->protocol);
+    Py_CLEAR(self->buffer_callback);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->on_long);
+    Py_CLEAR(self->on_full);
+    return 0;
+}
+static void Writer_dealloc(Writer *self) {
+    PyObject_GC_UnTrack(self);
+    Writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+static int Reader_traverse(Reader *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dict);
+    Py_VISIT(self->ring);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->on_empty);
+    Py_VISIT(self->held);
+    Py_VISIT(self->on_held);
+    return 0;
+}
+static int Reader_clear(Reader *self) {
+    Py_CLEAR(self->dict);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->on_empty);
+    Py_CLEAR(self->held);
+    Py_CLEAR(self->on_held);
+    return 0;
+}
+static void Reader_dealloc(Reader *self) {
+    PyObject_GC_UnTrack(self);
+    Reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.Writer",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "put(owner, obj, block=True, timeout=None): RingBuffer.encoding_writer's closure in C.",
+    .tp_new = Writer_new,
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_traverse = (traverseproc)Writer_traverse,
+    .tp_clear = (inquiry)Writer_clear,
+    .tp_vectorcall_offset = offsetof(Writer, vectorcall),
+    .tp_dictoffset = offsetof(Writer, dict),
+    .tp_call = PyVectorcall_Call,
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "get(owner, block=True, timeout=None): RingBuffer.decoding_reader's closure in C.",
+    .tp_new = Reader_new,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+    .tp_vectorcall_offset = offsetof(Reader, vectorcall),
+    .tp_dictoffset = offsetof(Reader, dict),
+    .tp_call = PyVectorcall_Call,
+};
+
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "shmq._core",
-                                         "shmq's compiled core (see docs/core.md).", -1, NULL};
+                                         "shmq's compiled core (see docs/core.md).", -1, NULL, NULL, NULL, NULL, NULL};
 
 #define INTERN(var, text)                                                      \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
@@ -503,11 +768,17 @@ PyMODINIT_FUNC PyInit__core(void) {
     pthread_atfork(NULL, NULL, refresh_pid);
     const char *stop = getenv("SHMQ_CORE_STOP_AT");
     stop_at = stop ? atol(stop) : 0;
-    if (PyType_Ready(&RingCoreType) < 0) return NULL;
+    if ((kw_buffer_callback = Py_BuildValue("(s)", "buffer_callback")) == NULL) return NULL;
+    if (PyType_Ready(&RingCoreType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
     Py_INCREF(&RingCoreType);
     if (PyModule_AddObject(m, "RingCore", (PyObject *)&RingCoreType) < 0) return NULL;
+    Py_INCREF(&WriterType);
+    if (PyModule_AddObject(m, "Writer", (PyObject *)&WriterType) < 0) return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) return NULL;
     PyObject *layout = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "W_TAIL", W_TAIL, "W_MSGS_IN",
                                      W_MSGS_IN, "W_HEAD", W_HEAD, "W_MSGS_OUT", W_MSGS_OUT, "W_CONSUMER_WAITING",
                                      W_CONSUMER_WAITING, "W_PRODUCER_WAITING", W_PRODUCER_WAITING,

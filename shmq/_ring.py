@@ -1059,6 +1059,28 @@ class RingBuffer(_RingBase):
 # try_write hands anything but bytes to the Python one.
 RingBuffer._py_try_write = RingBuffer.try_write
 RingBuffer._py_try_read = RingBuffer.try_read
+RingBuffer._py_encoding_writer = RingBuffer.encoding_writer
+RingBuffer._py_decoding_reader = RingBuffer.decoding_reader
+
+
+def _c_encoding_writer(self: RingBuffer, *args: Any) -> Callable[..., Any]:
+    put = _core.Writer(self, *args)
+    # The Python closure checks the arguments, and gives the C one its
+    # signature (inspect.signature follows __wrapped__).
+    put.__wrapped__ = self._py_encoding_writer(*args)
+    return put
+
+
+def _c_decoding_reader(self: RingBuffer, *args: Any) -> Callable[..., Any]:
+    get = _core.Reader(self, *args)
+    get.__wrapped__ = self._py_decoding_reader(*args)
+    return get
+
+
 if _core is not None:
     RingBuffer.try_write = _core.RingCore.try_write  # type: ignore[assignment]
     RingBuffer.try_read = _core.RingCore.try_read  # type: ignore[assignment]
+    _c_encoding_writer.__doc__ = RingBuffer.encoding_writer.__doc__
+    _c_decoding_reader.__doc__ = RingBuffer.decoding_reader.__doc__
+    RingBuffer.encoding_writer = _c_encoding_writer  # type: ignore[assignment]
+    RingBuffer.decoding_reader = _c_decoding_reader  # type: ignore[assignment]

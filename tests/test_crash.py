@@ -158,11 +158,13 @@ def run_script(ring, ops, sh, closures=False):
 
 
 def _python_moves():
-    """In a (forked) child: the Python try_write/try_read, whichever core
+    """In a (forked) child: the Python record moves, whichever core
     the parent runs (with the C core, the parent then recovers after a
     Python-core process killed mid-move)."""
     RingBuffer.try_write = RingBuffer._py_try_write
     RingBuffer.try_read = RingBuffer._py_try_read
+    RingBuffer.encoding_writer = RingBuffer._py_encoding_writer
+    RingBuffer.decoding_reader = RingBuffer._py_decoding_reader
 
 
 def _kill_at(code, line, hit, ring, ops, sh):
@@ -293,11 +295,11 @@ class _Closure:
 
 
 CLOSURE_CODES = {
-    _nested_code(RingBuffer.encoding_writer, "put"),
-    _nested_code(RingBuffer.decoding_reader, "get"),
+    _nested_code(RingBuffer._py_encoding_writer, "put"),
+    _nested_code(RingBuffer._py_decoding_reader, "get"),
 }
-TARGETS["encoding_writer.put"] = _Closure(_nested_code(RingBuffer.encoding_writer, "put"))
-TARGETS["decoding_reader.get"] = _Closure(_nested_code(RingBuffer.decoding_reader, "get"))
+TARGETS["encoding_writer.put"] = _Closure(_nested_code(RingBuffer._py_encoding_writer, "put"))
+TARGETS["decoding_reader.get"] = _Closure(_nested_code(RingBuffer._py_decoding_reader, "get"))
 LOCKED_ONLY = {"RobustLock.acquire", "RobustLock.release"}
 SCRIPT_SEED = 7
 
