@@ -13,6 +13,7 @@ Everything but the CORE test is skipped when the extension is not built.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import shmq.lowlevel
 from shmq._ring import RingBuffer
 
 from _core_helpers import wait_for
-from test_ring_stateful import RingMachine, sizes
+from test_ring_stateful import RingMachine, _identity_dumps, sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_C = shmq.lowlevel.CORE == "c"
@@ -198,10 +199,45 @@ def test_producers_on_both_cores_share_a_ring():
         ring.unlink()
 
 
+# A Queue user on either core: puts ``count`` tuples, or gets them.
+QUEUE_USER = r"""
+import pickle, sys, shmq, shmq.lowlevel
+q = pickle.loads(bytes.fromhex(sys.argv[1]))
+side, count = sys.argv[2], int(sys.argv[3])
+if side == "put":
+    for i in range(count):
+        q.put((i, "x" * (i % 300), float(i)), timeout=30)
+else:
+    got = [q.get(timeout=30) for _ in range(count)]
+    assert got == [(i, "x" * (i % 300), float(i)) for i in range(count)], got[:5]
+q.close()
+print(shmq.lowlevel.CORE)
+"""
+
+
+@needs_c
+@pytest.mark.parametrize("putter_pure", [True, False], ids=["python-puts", "c-puts"])
+def test_queue_across_cores(putter_pure):
+    """A Queue (small ring: wrap-around pads) put on one core, got on the
+    other, with this process between them holding the queue."""
+    q = shmq.Queue(capacity_bytes=4096)
+    try:
+        name = pickle.dumps(q).hex()
+        count = 3000
+        putter = _run(QUEUE_USER, putter_pure, name, "put", str(count))
+        getter = _run(QUEUE_USER, not putter_pure, name, "get", str(count))
+        assert _finish(getter).strip() == ("c" if putter_pure else "python")
+        assert _finish(putter).strip() == ("python" if putter_pure else "c")
+        assert q.empty()
+    finally:
+        q.close()
+
+
 class BothCoresMachine(RingMachine):
-    """test_ring_stateful's machine with the Python try_write/try_read as
-    extra rules: its write/read rules drive the C ones (the class's), these
-    the specification, interleaved on one ring against one model."""
+    """test_ring_stateful's machine with the Python try_write/try_read and
+    put/get closures as extra rules: its write/read/put/get rules drive the C
+    ones (the class's), these the specification, interleaved on one ring
+    against one model."""
 
     @precondition(RingMachine.writable)
     @rule(n=sizes, h=st.integers(0, 1))
@@ -219,6 +255,32 @@ class BothCoresMachine(RingMachine):
     @rule(h=st.integers(0, 1))
     def read_python(self, h):
         assert RingBuffer._py_try_read(self.rings[h]) == self.model.pop()
+
+    def _py_closures(self, h):
+        ring = self.rings[h]
+        put = RingBuffer._py_encoding_writer(
+            ring, _identity_dumps, 5, None, None, ring.max_payload,
+            lambda owner, obj, data, block, timeout: "long",
+            lambda owner, data, block, timeout: "full",
+        )  # fmt: skip
+        get = RingBuffer._py_decoding_reader(ring, bytes, None, lambda owner, data, block, timeout: data)
+        return put, get
+
+    @precondition(RingMachine.writable)
+    @rule(n=sizes, h=st.integers(0, 1))
+    def put_python(self, n, h):
+        data = self.payload(n)
+        put = self._py_closures(h)[0]
+        if n > self.model.cap - 8:
+            assert put(None, data) == "long"
+            return
+        expected = self.model.write(data)
+        assert put(None, data) == (None if expected in ("fits", "pad-then-fits") else "full"), expected
+
+    @precondition(RingMachine.readable)
+    @rule(h=st.integers(0, 1))
+    def get_python(self, h):
+        assert self._py_closures(h)[1](None) == self.model.pop()
 
 
 TestBothCoresMachine = needs_c(BothCoresMachine.TestCase)
