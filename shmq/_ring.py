@@ -21,6 +21,7 @@ architectures are not supported yet.
 from __future__ import annotations
 
 import os
+import platform
 import weakref
 from threading import get_ident
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -56,6 +57,11 @@ def _load_core() -> Any:
     """shmq._core if it is built, matches this layout and SHMQ_PURE is not
     set; else None (the pure-Python core).  See docs/core.md."""
     if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        # _platform let a non-x86-64 CPU through because the core is built;
+        # the pure-Python moves still need x86-64's store order.
+        problem = P.memory_order_problem(platform.machine(), compiled_core=False)
+        if problem is not None:
+            raise ImportError(problem + " (SHMQ_PURE is set)")
         return None
     try:
         from . import _core
