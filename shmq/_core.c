@@ -31,6 +31,7 @@
 #include <structmember.h>
 #include <pthread.h>
 #include <signal.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -445,6 +446,101 @@ done:
     return result;
 }
 
+/* ---- _read_many: mirrors RingBuffer._read_many (the generated Python):
+ * try_read_many's records, under the consumer lock the caller holds ------ */
+static PyObject *RingCore_read_many(RingCore *self, PyObject *args) {
+    PyObject *me = (PyObject *)self;
+    PyObject *items_obj, *bytes_obj;
+    if (!PyArg_ParseTuple(args, "OO:_read_many", &items_obj, &bytes_obj)) return NULL;
+    int over1, over2; /* a limit past int64 is no limit (Python's ints are unbounded) */
+    long long max_items = PyLong_AsLongLongAndOverflow(items_obj, &over1);
+    if (max_items == -1 && PyErr_Occurred()) return NULL;
+    long long max_bytes = PyLong_AsLongLongAndOverflow(bytes_obj, &over2);
+    if (max_bytes == -1 && PyErr_Occurred()) return NULL;
+    if (over1) max_items = over1 > 0 ? LLONG_MAX : LLONG_MIN;
+    if (over2) max_bytes = over2 > 0 ? LLONG_MAX : LLONG_MIN;
+    int64_t cap = self->cap, base = self->base;
+    Py_buffer view;
+    PyObject *out = NULL;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        map_failure(me);
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    out = PyList_New(0);
+    if (out == NULL) goto fail;
+    int64_t head = load_word(mem, W_HEAD), start = head;
+    int64_t tail_seen = load_word(mem, W_TAIL);
+    PyObject *seg = PyObject_GetAttr(me, s_segment);
+    if (seg == NULL) goto fail;
+    PyObject *roles = PyObject_GetAttr(seg, s_roles_marked);
+    long r = roles == NULL ? -1 : PyLong_AsLong(roles);
+    Py_XDECREF(roles);
+    if (r == -1 && PyErr_Occurred()) {
+        Py_DECREF(seg);
+        goto fail;
+    }
+    if (!(r & ROLE_CONSUMER)) {
+        PyObject *x = PyObject_CallMethod(seg, "add_role", "i", ROLE_CONSUMER);
+        if (x == NULL) {
+            Py_DECREF(seg);
+            goto fail;
+        }
+        Py_DECREF(x);
+    }
+    Py_DECREF(seg);
+    if (!(0 <= head && head <= tail_seen && tail_seen - head <= cap)) {
+        raise_corrupt(me, s_corrupt_indices, Py_BuildValue("LL", (long long)head, (long long)tail_seen));
+        goto fail;
+    }
+    self->tail_seen = tail_seen; /* (only once checked: later reads trust it) */
+    int64_t nbytes = 0;
+    while (head != tail_seen && PyList_GET_SIZE(out) < max_items && nbytes < max_bytes) {
+        int64_t pos = base + py_mod(head, cap);
+        int64_t n = load_word(mem, pos >> 3), end;
+        if (n < 0) {
+            PyObject *e = PyObject_CallMethod(me, "_check_pad", "LLL", (long long)head, (long long)n,
+                                              (long long)tail_seen);
+            if (e == NULL) goto fail;
+            head = PyLong_AsLongLong(e);
+            Py_DECREF(e);
+            if (head == -1 && PyErr_Occurred()) goto fail;
+            continue;
+        }
+        if (n > cap - 8 || pos + 8 + n > base + cap || __builtin_add_overflow(head, (n + 15) & -8, &end) ||
+            end > tail_seen) {
+            raise_corrupt(me, s_corrupt_record,
+                          Py_BuildValue("LLL", (long long)head, (long long)n, (long long)tail_seen));
+            goto fail;
+        }
+        PyObject *rec = PyBytes_FromStringAndSize(mem + pos + 8, (Py_ssize_t)n);
+        if (rec == NULL || PyList_Append(out, rec) < 0) {
+            Py_XDECREF(rec);
+            goto fail;
+        }
+        Py_DECREF(rec);
+        nbytes += n;
+        head = end;
+    }
+    if (head != start) {
+        int64_t msgs_out;
+        if (checked_add(load_word(mem, W_MSGS_OUT), PyList_GET_SIZE(out), &msgs_out) < 0) goto fail;
+        STEP(21);
+        store_word(mem, W_MSGS_OUT, msgs_out);
+        STEP(22);
+        store_word(mem, W_HEAD, head);
+        if (load_word(mem, W_PRODUCER_WAITING) && ring_bell(me, s_not_full) < 0) goto fail;
+    }
+    PyBuffer_Release(&view);
+    return out;
+fail:
+    Py_XDECREF(out);
+    map_failure(me);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef RingCore_methods[] = {
     {"try_write", (PyCFunction)RingCore_try_write, METH_O,
      "Append one record.  True if written, False if the ring is full\n"
@@ -454,6 +550,8 @@ static PyMethodDef RingCore_methods[] = {
      "Remove and return the oldest record, or None if the ring is empty.\n"
      "Raises CorruptError if the ring's indices or the record's length\n"
      "word are impossible.  (C core: mirrors the generated RingBuffer.try_read.)"},
+    {"_read_many", (PyCFunction)RingCore_read_many, METH_VARARGS,
+     "try_read_many under the consumer lock.  (C core: mirrors the generated RingBuffer._read_many.)"},
     {NULL, NULL, 0, NULL}};
 
 static PyMemberDef RingCore_members[] = {

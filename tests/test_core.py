@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import psutil
 import pytest
@@ -256,6 +257,16 @@ class BothCoresMachine(RingMachine):
     def read_python(self, h):
         assert RingBuffer._py_try_read(self.rings[h]) == self.model.pop()
 
+    @precondition(RingMachine.readable)
+    @rule(h=st.integers(0, 1), max_items=st.integers(1, 5), max_bytes=st.sampled_from([1 << 62, 1, 20, 100]))
+    def read_many_python(self, h, max_items, max_bytes):
+        ring = self.rings[h]
+        ring._read_many = types.MethodType(RingBuffer._py_read_many, ring)  # (try_read_many takes the lock)
+        try:
+            assert ring.try_read_many(max_items, max_bytes) == self.model.read_many(max_items, max_bytes)
+        finally:
+            del ring._read_many
+
     def _py_closures(self, h):
         ring = self.rings[h]
         put = RingBuffer._py_encoding_writer(
@@ -303,15 +314,20 @@ ring = shmq.lowlevel.RingBuffer.attach(name)
 for i in range(1000):
     if side == "w":
         assert ring.try_write(b"%d," % i + b"y" * 150), "full"
+    elif side == "m":
+        recs = ring.try_read_many(1)
+        assert recs, "empty"
+        i = int(recs[0].split(b",")[0])
     else:
         rec = ring.try_read()
         assert rec is not None, "empty"
         i = int(rec.split(b",")[0])
     print(i, flush=True)
 """
-# Steps of RingCore_try_write (1-6) and try_read (11-15), see shmq/_core.c.
+# Steps of RingCore_try_write (1-6), try_read (11-15) and _read_many (21-22), see shmq/_core.c.
 WRITE_STEPS = range(1, 7)
 READ_STEPS = range(11, 16)
+READ_MANY_STEPS = range(21, 23)  # _read_many (try_read_many of one record)
 
 
 def _stopped(p: subprocess.Popen) -> bool:
@@ -323,7 +339,7 @@ def _stopped(p: subprocess.Popen) -> bool:
 
 @needs_c
 @pytest.mark.parametrize("multi", [False, True], ids=["spsc", "mpmc"])
-@pytest.mark.parametrize("step", [*WRITE_STEPS, *READ_STEPS])
+@pytest.mark.parametrize("step", [*WRITE_STEPS, *READ_STEPS, *READ_MANY_STEPS])
 def test_sigkill_at_every_step_of_the_c_moves(step, multi):
     """Killed at step ``step`` of a C record move (the first move that
     reaches it; the second write and the second read pass a pad): the survivors
@@ -341,7 +357,8 @@ def test_sigkill_at_every_step_of_the_c_moves(step, multi):
         else:
             ring.write(b"p" * 200)
             assert ring.read(timeout=5) == b"p" * 200  # so the second write pads
-        p = _run(MOVER, False, ring.name, "w" if writing else "r", SHMQ_CORE_STOP_AT=str(step))
+        side = "w" if writing else "m" if step in READ_MANY_STEPS else "r"
+        p = _run(MOVER, False, ring.name, side, SHMQ_CORE_STOP_AT=str(step))
         try:
             wait_for(lambda: _stopped(p) or p.poll() is not None, timeout=CHILD_TIMEOUT, what="the step")
         finally:

@@ -163,6 +163,7 @@ def _python_moves():
     Python-core process killed mid-move)."""
     RingBuffer.try_write = RingBuffer._py_try_write
     RingBuffer.try_read = RingBuffer._py_try_read
+    RingBuffer._read_many = RingBuffer._py_read_many
     RingBuffer.encoding_writer = RingBuffer._py_encoding_writer
     RingBuffer.decoding_reader = RingBuffer._py_decoding_reader
 
@@ -276,7 +277,7 @@ TARGETS = {
     "_skip_pad": RingBuffer._skip_pad,
     "_check_pad": RingBuffer._check_pad,
     "try_read_many": RingBuffer.try_read_many,
-    "_read_many": RingBuffer._read_many,
+    "_read_many": RingBuffer._py_read_many,
     "peek": RingBuffer.peek,
     "release": RingBuffer.release,
     "RobustLock.acquire": RobustLock.acquire,
