@@ -6,8 +6,9 @@
  * built and SHMQ_PURE is not set.  It holds the fields the record moves read
  * on every call (_cap, _base, _maxm, _head_seen, _tail_seen, _buf, _psem,
  * _csem) as C members, which the Python code reads and writes as ordinary
- * attributes.  Its try_write / try_read replace the generated Python methods
- * of the same name; everything off the common path (_refresh_free, _pad,
+ * attributes.  Its try_write / try_read / _write_many / _read_many replace
+ * the generated Python methods of the same name, and Writer / Reader the
+ * closures of encoding_writer / decoding_reader (shmq.Queue's put and get); everything off the common path (_refresh_free, _pad,
  * _skip_pad, the corrupt-word errors, _failure, the doorbells, the lock's
  * slow path and recovery) is a call back into the Python methods, so there
  * is one implementation of each of those.
@@ -22,9 +23,11 @@
  * waits here (a busy lock is handed to RobustLock._acquire_slow, in Python,
  * which sleeps in bounded slices with the GIL released by SemLock).
  *
- * Test hook: SHMQ_CORE_STOP_AT=N (read at import) makes try_write / try_read
- * stop the process with SIGSTOP after step N of the move (see STEP below),
- * so a test can SIGKILL it there.  Unset, it costs one predictable branch.
+ * Test hook: SHMQ_CORE_STOP_AT=N (read at import) makes a record move stop
+ * the process with SIGSTOP at step N (the STEP(N) lines: try_write 1-6,
+ * try_read 11-15, _read_many 21-22, _write_many 31-33), so a test can
+ * SIGKILL it there (tests/test_core.py).  Unset, it costs one predictable
+ * branch per step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -446,6 +449,130 @@ done:
     return result;
 }
 
+/* ---- _write_many: mirrors RingBuffer._write_many (the generated Python):
+ * try_write_many's records, under the producer lock the caller holds ----- */
+static int64_t refresh_free(PyObject *me, int64_t tail, int64_t n) {
+    PyObject *f = PyObject_CallMethod(me, "_refresh_free", "LL", (long long)tail, (long long)n);
+    if (f == NULL) return -2;
+    int64_t v = PyLong_AsLongLong(f);
+    Py_DECREF(f);
+    if (v == -1 && PyErr_Occurred()) return -2;
+    return v;
+}
+
+static PyObject *RingCore_write_many(RingCore *self, PyObject *items) {
+    PyObject *me = (PyObject *)self;
+    int64_t cap = self->cap, base = self->base, maxm = self->maxm;
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        map_failure(me);
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    PyObject *it = NULL, *data = NULL;
+    int64_t tail = load_word(mem, W_TAIL);
+    int64_t room_msgs = -1;
+    if (maxm) {
+        int64_t held;
+        if (__builtin_sub_overflow(load_word(mem, W_MSGS_IN), load_word(mem, W_MSGS_OUT), &held) ||
+            __builtin_sub_overflow(maxm, held, &room_msgs)) {
+            PyErr_SetString(PyExc_ValueError, "message counters out of range");
+            goto fail;
+        }
+    }
+    int64_t count = 0, pending = 0; /* records written; of those, not yet published */
+    it = PyObject_GetIter(items);
+    if (it == NULL) goto fail;
+    while ((data = PyIter_Next(it)) != NULL) {
+        Py_buffer src;
+        if (PyBytes_CheckExact(data)) {
+            src.buf = PyBytes_AS_STRING(data);
+            src.len = PyBytes_GET_SIZE(data);
+            src.obj = NULL;
+        } else if (PyObject_GetBuffer(data, &src, PyBUF_C_CONTIGUOUS) < 0) {
+            goto fail; /* (Python: _as_bytes raises TypeError for these too) */
+        }
+        int64_t n = (int64_t)src.len;
+        if (count && n > cap - 8) {
+            if (src.obj) PyBuffer_Release(&src);
+            break; /* (the first record raises MessageTooLarge below) */
+        }
+        int64_t need = (n + 15) & -8, used, free_, pos;
+        /* HEAD is the consumers' cache line: read it only when the last value
+         * seen says there is no room (see write_record) */
+        if (__builtin_sub_overflow(tail, self->head_seen, &used) || used < 0 || used > cap)
+            free_ = -1;
+        else
+            free_ = cap - used;
+        if (need > free_ && (free_ = refresh_free(me, tail, n)) == -2) goto fail_src;
+        int64_t off = py_mod(tail, cap);
+        if (need > free_ || count == room_msgs) {
+            pos = -1;
+        } else if (need <= cap - off) {
+            pos = base + off;
+        } else { /* the record would wrap: pad the end of the data area, start it at 0 */
+            if (cap - off + need > free_ && (free_ = refresh_free(me, tail, n)) == -2) goto fail_src;
+            if (pending) {
+                int64_t msgs_in;
+                if (checked_add(load_word(mem, W_MSGS_IN), pending, &msgs_in) < 0) goto fail_src;
+                store_word(mem, W_MSGS_IN, msgs_in);
+                store_word(mem, W_TAIL, tail);
+                if (load_word(mem, W_CONSUMER_WAITING) && ring_bell(me, s_not_empty) < 0) goto fail_src;
+                pending = 0;
+            }
+            STEP(31);
+            PyObject *t = PyObject_CallMethod(me, "_pad", "LLLL", (long long)tail, (long long)(cap - off),
+                                              (long long)need, (long long)free_);
+            if (t == NULL) goto fail_src;
+            tail = PyLong_AsLongLong(t);
+            Py_DECREF(t);
+            if (tail == -1 && PyErr_Occurred()) goto fail_src;
+            pos = tail >= 0 ? base : -1;
+        }
+        if (pos < 0) {
+            if (src.obj) PyBuffer_Release(&src);
+            Py_CLEAR(data);
+            break;
+        }
+        if (pos < base || pos + 8 + n > base + cap) {
+            PyErr_SetString(PyExc_ValueError, "record placed outside the data area");
+            goto fail_src;
+        }
+        memcpy(mem + pos + 8, src.buf, (size_t)n);
+        store_word(mem, pos >> 3, n);
+        if (src.obj) PyBuffer_Release(&src);
+        Py_CLEAR(data);
+        tail += need; /* (tail is where the record went: past a pad, if any) */
+        count++;
+        pending++;
+        continue;
+    fail_src:
+        if (src.obj) PyBuffer_Release(&src);
+        goto fail;
+    }
+    if (PyErr_Occurred()) goto fail;
+    if (pending) {
+        int64_t msgs_in;
+        if (checked_add(load_word(mem, W_MSGS_IN), pending, &msgs_in) < 0) goto fail;
+        STEP(32);
+        store_word(mem, W_MSGS_IN, msgs_in);
+        STEP(33);
+        store_word(mem, W_TAIL, tail);
+        if (load_word(mem, W_CONSUMER_WAITING) && ring_bell(me, s_not_empty) < 0) goto fail;
+    }
+    Py_XDECREF(data);
+    Py_DECREF(it);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(count);
+fail:
+    Py_XDECREF(data);
+    Py_XDECREF(it);
+    map_failure(me);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 /* ---- _read_many: mirrors RingBuffer._read_many (the generated Python):
  * try_read_many's records, under the consumer lock the caller holds ------ */
 static PyObject *RingCore_read_many(RingCore *self, PyObject *args) {
@@ -550,6 +677,8 @@ static PyMethodDef RingCore_methods[] = {
      "Remove and return the oldest record, or None if the ring is empty.\n"
      "Raises CorruptError if the ring's indices or the record's length\n"
      "word are impossible.  (C core: mirrors the generated RingBuffer.try_read.)"},
+    {"_write_many", (PyCFunction)RingCore_write_many, METH_O,
+     "try_write_many under the producer lock.  (C core: mirrors the generated RingBuffer._write_many.)"},
     {"_read_many", (PyCFunction)RingCore_read_many, METH_VARARGS,
      "try_read_many under the consumer lock.  (C core: mirrors the generated RingBuffer._read_many.)"},
     {NULL, NULL, 0, NULL}};

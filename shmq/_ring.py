@@ -1066,6 +1066,7 @@ class RingBuffer(_RingBase):
 RingBuffer._py_try_write = RingBuffer.try_write
 RingBuffer._py_try_read = RingBuffer.try_read
 RingBuffer._py_read_many = RingBuffer._read_many
+RingBuffer._py_write_many = RingBuffer._write_many
 RingBuffer._py_encoding_writer = RingBuffer.encoding_writer
 RingBuffer._py_decoding_reader = RingBuffer.decoding_reader
 
@@ -1088,6 +1089,7 @@ if _core is not None:
     RingBuffer.try_write = _core.RingCore.try_write  # type: ignore[assignment]
     RingBuffer.try_read = _core.RingCore.try_read  # type: ignore[assignment]
     RingBuffer._read_many = _core.RingCore._read_many  # type: ignore[assignment]
+    RingBuffer._write_many = _core.RingCore._write_many  # type: ignore[assignment]
     _c_encoding_writer.__doc__ = RingBuffer.encoding_writer.__doc__
     _c_decoding_reader.__doc__ = RingBuffer.decoding_reader.__doc__
     RingBuffer.encoding_writer = _c_encoding_writer  # type: ignore[assignment]

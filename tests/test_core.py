@@ -267,6 +267,22 @@ class BothCoresMachine(RingMachine):
         finally:
             del ring._read_many
 
+    @precondition(RingMachine.writable)
+    @rule(ns=st.lists(sizes, max_size=6), h=st.integers(0, 1))
+    def write_many_python(self, ns, h):
+        ring = self.rings[h]
+        items = [self.payload(n) for n in ns]
+        expected = self.model.write_many(items)
+        ring._write_many = types.MethodType(RingBuffer._py_write_many, ring)  # (try_write_many takes the lock)
+        try:
+            if expected == "too-large":
+                with pytest.raises(shmq.MessageTooLarge):
+                    ring.try_write_many(items)
+            else:
+                assert ring.try_write_many(items) == expected
+        finally:
+            del ring._write_many
+
     def _py_closures(self, h):
         ring = self.rings[h]
         put = RingBuffer._py_encoding_writer(
@@ -314,6 +330,8 @@ ring = shmq.lowlevel.RingBuffer.attach(name)
 for i in range(1000):
     if side == "w":
         assert ring.try_write(b"%d," % i + b"y" * 150), "full"
+    elif side == "W":
+        assert ring.try_write_many([b"%d," % i + b"y" * 150]) == 1, "full"
     elif side == "m":
         recs = ring.try_read_many(1)
         assert recs, "empty"
@@ -324,10 +342,12 @@ for i in range(1000):
         i = int(rec.split(b",")[0])
     print(i, flush=True)
 """
-# Steps of RingCore_try_write (1-6), try_read (11-15) and _read_many (21-22), see shmq/_core.c.
+# Steps of RingCore_try_write (1-6), try_read (11-15), _read_many (21-22)
+# and _write_many (31-33), see shmq/_core.c.
 WRITE_STEPS = range(1, 7)
 READ_STEPS = range(11, 16)
 READ_MANY_STEPS = range(21, 23)  # _read_many (try_read_many of one record)
+WRITE_MANY_STEPS = range(31, 34)  # _write_many (try_write_many of one record)
 
 
 def _stopped(p: subprocess.Popen) -> bool:
@@ -339,13 +359,13 @@ def _stopped(p: subprocess.Popen) -> bool:
 
 @needs_c
 @pytest.mark.parametrize("multi", [False, True], ids=["spsc", "mpmc"])
-@pytest.mark.parametrize("step", [*WRITE_STEPS, *READ_STEPS, *READ_MANY_STEPS])
+@pytest.mark.parametrize("step", [*WRITE_STEPS, *READ_STEPS, *READ_MANY_STEPS, *WRITE_MANY_STEPS])
 def test_sigkill_at_every_step_of_the_c_moves(step, multi):
     """Killed at step ``step`` of a C record move (the first move that
     reaches it; the second write and the second read pass a pad): the survivors
     take over the lock within the recovery bound, and every acknowledged
     record is delivered once, in order; a record in flight at most once."""
-    writing = step in WRITE_STEPS
+    writing = step in WRITE_STEPS or step in WRITE_MANY_STEPS
     ring = shmq.Ring.create(512, multi_producer=multi, multi_consumer=multi)
     try:
         if not writing:  # records for the killed reader: the 3rd skips a pad
@@ -357,7 +377,7 @@ def test_sigkill_at_every_step_of_the_c_moves(step, multi):
         else:
             ring.write(b"p" * 200)
             assert ring.read(timeout=5) == b"p" * 200  # so the second write pads
-        side = "w" if writing else "m" if step in READ_MANY_STEPS else "r"
+        side = "W" if step in WRITE_MANY_STEPS else "w" if writing else "m" if step in READ_MANY_STEPS else "r"
         p = _run(MOVER, False, ring.name, side, SHMQ_CORE_STOP_AT=str(step))
         try:
             wait_for(lambda: _stopped(p) or p.poll() is not None, timeout=CHILD_TIMEOUT, what="the step")

@@ -164,6 +164,7 @@ def _python_moves():
     RingBuffer.try_write = RingBuffer._py_try_write
     RingBuffer.try_read = RingBuffer._py_try_read
     RingBuffer._read_many = RingBuffer._py_read_many
+    RingBuffer._write_many = RingBuffer._py_write_many
     RingBuffer.encoding_writer = RingBuffer._py_encoding_writer
     RingBuffer.decoding_reader = RingBuffer._py_decoding_reader
 
@@ -269,7 +270,7 @@ TARGETS = {
     "_refresh_free": RingBuffer._refresh_free,
     "_pad": RingBuffer._pad,
     "try_write_many": RingBuffer.try_write_many,
-    "_write_many": RingBuffer._write_many,
+    "_write_many": RingBuffer._py_write_many,
     "reserve": RingBuffer.reserve,
     "commit": RingBuffer.commit,
     "abort": RingBuffer.abort,
