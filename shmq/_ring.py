@@ -74,8 +74,8 @@ def _load_core() -> Any:
 _core = _load_core()
 #: which core runs the record moves: "c" (shmq._core) or "python"
 CORE = "python" if _core is None else "c"
-# With the C core, RingBuffer's per-record fields (_cap, _base, _maxm,
-# _head_seen, _tail_seen, _buf, _psem, _csem) are C members of this base,
+# With the C core, RingBuffer's per-record fields (_head_seen, _tail_seen,
+# _buf, _psem, _csem, and copies of _cap, _base, _maxm) are C members of this base,
 # and its try_write/try_read replace the Python ones (end of this module).
 _RingBase: Any = object if _core is None else _core.RingCore
 
@@ -142,6 +142,8 @@ class RingBuffer(_RingBase):
         self._cap = cap
         self._base = L.DATA_OFFSET
         self._maxm = self.max_messages
+        if _core is not None:  # (the C moves' copies: see docs/core.md)
+            self._c_cap, self._c_base, self._c_maxm = cap, L.DATA_OFFSET, maxm
         self._not_empty = Doorbell(self._semaphore("-ne"), w, _CWAIT)
         self._not_full = Doorbell(self._semaphore("-nf"), w, _PWAIT)
         self._plock = self._clock = None
