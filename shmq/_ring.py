@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import platform
 import weakref
 from threading import get_ident
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -54,6 +55,33 @@ _POWNER = L.W_PRODUCER_LOCK
 _COWNER = L.W_CONSUMER_LOCK
 
 
+def _load_core() -> Any:
+    """shmq._core if it is built, matches this layout and SHMQ_PURE is not
+    set; else None (the pure-Python core).  See docs/core.md."""
+    if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        # _platform let a non-x86-64 CPU through because the core is built;
+        # the pure-Python moves still need x86-64's store order.
+        problem = P.memory_order_problem(platform.machine(), compiled_core=False)
+        if problem is not None:
+            raise ImportError(problem + " (SHMQ_PURE is set)")
+        return None
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    expected = {k: getattr(L, k) for k in _core.LAYOUT}
+    return _core if _core.LAYOUT == expected else None
+
+
+_core = _load_core()
+#: which core runs the record moves: "c" (shmq._core) or "python"
+CORE = "python" if _core is None else "c"
+# With the C core, RingBuffer's per-record fields (_head_seen, _tail_seen,
+# _buf, _psem, _csem, and copies of _cap, _base, _maxm) are C members of this base,
+# and its try_write/try_read replace the Python ones (end of this module).
+_RingBase: Any = object if _core is None else _core.RingCore
+
+
 def _as_bytes(data: Any) -> Any:
     if type(data) is bytes:
         return data
@@ -78,7 +106,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RingBuffer:
+class RingBuffer(_RingBase):
     """A named ring of byte records shared by any number of processes.
 
     Create with :meth:`create`, attach from any process with :meth:`attach`
@@ -116,6 +144,8 @@ class RingBuffer:
         self._cap = cap
         self._base = L.DATA_OFFSET
         self._maxm = self.max_messages
+        if _core is not None:  # (the C moves' copies: see docs/core.md)
+            self._c_cap, self._c_base, self._c_maxm = cap, L.DATA_OFFSET, maxm
         self._not_empty = Doorbell(self._semaphore("-ne"), w, _CWAIT)
         self._not_full = Doorbell(self._semaphore("-nf"), w, _PWAIT)
         self._plock = self._clock = None
@@ -1032,6 +1062,42 @@ class RingBuffer:
         if self._closed:
             return f"<{type(self).__name__} {self.name!r} closed>"
         return f"<{type(self).__name__} {self.name!r} {self.bytes_used()}/{self._cap} bytes, {self.qsize()} records>"
+
+
+# The Python record moves above are the specification; with the C core its
+# mirrors of try_write/try_read take their place (docs/core.md).  The C
+# try_write hands anything but bytes to the Python one.
+RingBuffer._py_try_write = RingBuffer.try_write
+RingBuffer._py_try_read = RingBuffer.try_read
+RingBuffer._py_read_many = RingBuffer._read_many
+RingBuffer._py_write_many = RingBuffer._write_many
+RingBuffer._py_encoding_writer = RingBuffer.encoding_writer
+RingBuffer._py_decoding_reader = RingBuffer.decoding_reader
+
+
+def _c_encoding_writer(self: RingBuffer, *args: Any) -> Callable[..., Any]:
+    put = _core.Writer(self, *args)
+    # The Python closure checks the arguments, and gives the C one its
+    # signature (inspect.signature follows __wrapped__).
+    put.__wrapped__ = self._py_encoding_writer(*args)
+    return put
+
+
+def _c_decoding_reader(self: RingBuffer, *args: Any) -> Callable[..., Any]:
+    get = _core.Reader(self, *args)
+    get.__wrapped__ = self._py_decoding_reader(*args)
+    return get
+
+
+if _core is not None:
+    RingBuffer.try_write = _core.RingCore.try_write  # type: ignore[assignment]
+    RingBuffer.try_read = _core.RingCore.try_read  # type: ignore[assignment]
+    RingBuffer._read_many = _core.RingCore._read_many  # type: ignore[assignment]
+    RingBuffer._write_many = _core.RingCore._write_many  # type: ignore[assignment]
+    _c_encoding_writer.__doc__ = RingBuffer.encoding_writer.__doc__
+    _c_decoding_reader.__doc__ = RingBuffer.decoding_reader.__doc__
+    RingBuffer.encoding_writer = _c_encoding_writer  # type: ignore[assignment]
+    RingBuffer.decoding_reader = _c_decoding_reader  # type: ignore[assignment]
 
 
 # -- statistics: a snapshot of the ring's counters --------------------------------

@@ -2,6 +2,7 @@
 from ._codec import Codec as Codec
 from ._codec import RingFence as RingFence
 from ._layout import LAYOUT_VERSION as LAYOUT_VERSION
+from ._ring import CORE as CORE
 from ._ring import RingBuffer as RingBuffer
 from ._segment import Participant as Participant
 from ._segment import Segment as Segment
@@ -22,6 +23,7 @@ from ._stats import segment_info as segment_info
 from ._stats import verdict as verdict
 
 __all__ = (
+    "CORE",
     "Codec",
     "RingFence",
     "SlotInfo",

@@ -157,9 +157,22 @@ def run_script(ring, ops, sh, closures=False):
     return 0
 
 
+def _python_moves():
+    """In a (forked) child: the Python record moves, whichever core
+    the parent runs (with the C core, the parent then recovers after a
+    Python-core process killed mid-move)."""
+    RingBuffer.try_write = RingBuffer._py_try_write
+    RingBuffer.try_read = RingBuffer._py_try_read
+    RingBuffer._read_many = RingBuffer._py_read_many
+    RingBuffer._write_many = RingBuffer._py_write_many
+    RingBuffer.encoding_writer = RingBuffer._py_encoding_writer
+    RingBuffer.decoding_reader = RingBuffer._py_decoding_reader
+
+
 def _kill_at(code, line, hit, ring, ops, sh):
     """Child: SIGKILL ourselves just before the ``hit``-th execution of ``line``
     of ``code``; then run the script."""
+    _python_moves()
     hits = [0]
 
     def local(frame, event, arg):
@@ -176,6 +189,7 @@ def _kill_at(code, line, hit, ring, ops, sh):
 
 def _record_lines(code, ring, ops, conn):
     """Child: run the script and report how often each line of ``code`` ran."""
+    _python_moves()
     counts = {}
 
     def local(frame, event, arg):
@@ -249,19 +263,22 @@ def verify_after_crash(ring, sh, where):
 
 
 TARGETS = {
-    "try_write": RingBuffer.try_write,
+    # the Python record moves (the specification), also where shmq._core
+    # replaces them: the children run them (_python_moves); the C ones are
+    # killed at every step in tests/test_core.py
+    "try_write": RingBuffer._py_try_write,
     "_refresh_free": RingBuffer._refresh_free,
     "_pad": RingBuffer._pad,
     "try_write_many": RingBuffer.try_write_many,
-    "_write_many": RingBuffer._write_many,
+    "_write_many": RingBuffer._py_write_many,
     "reserve": RingBuffer.reserve,
     "commit": RingBuffer.commit,
     "abort": RingBuffer.abort,
-    "try_read": RingBuffer.try_read,
+    "try_read": RingBuffer._py_try_read,
     "_skip_pad": RingBuffer._skip_pad,
     "_check_pad": RingBuffer._check_pad,
     "try_read_many": RingBuffer.try_read_many,
-    "_read_many": RingBuffer._read_many,
+    "_read_many": RingBuffer._py_read_many,
     "peek": RingBuffer.peek,
     "release": RingBuffer.release,
     "RobustLock.acquire": RobustLock.acquire,
@@ -280,11 +297,11 @@ class _Closure:
 
 
 CLOSURE_CODES = {
-    _nested_code(RingBuffer.encoding_writer, "put"),
-    _nested_code(RingBuffer.decoding_reader, "get"),
+    _nested_code(RingBuffer._py_encoding_writer, "put"),
+    _nested_code(RingBuffer._py_decoding_reader, "get"),
 }
-TARGETS["encoding_writer.put"] = _Closure(_nested_code(RingBuffer.encoding_writer, "put"))
-TARGETS["decoding_reader.get"] = _Closure(_nested_code(RingBuffer.decoding_reader, "get"))
+TARGETS["encoding_writer.put"] = _Closure(_nested_code(RingBuffer._py_encoding_writer, "put"))
+TARGETS["decoding_reader.get"] = _Closure(_nested_code(RingBuffer._py_decoding_reader, "get"))
 LOCKED_ONLY = {"RobustLock.acquire", "RobustLock.release"}
 SCRIPT_SEED = 7
 
