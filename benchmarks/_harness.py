@@ -113,6 +113,13 @@ def _version(module: str) -> Optional[str]:
     return str(v)
 
 
+def _shmq_core() -> str:
+    """Which shmq core runs here: "c" (compiled) or "python" (SHMQ_PURE=1, or not built)."""
+    import shmq.lowlevel
+
+    return shmq.lowlevel.CORE
+
+
 def meta() -> Dict[str, Any]:
     """The machine, Python and library versions a result belongs to."""
     versions = {m: _version(m) for m in ("shmq", "numpy", "posix_ipc", "psutil", "faster_fifo", "zmq", "iceoryx2")}
@@ -123,6 +130,7 @@ def meta() -> Dict[str, Any]:
         "pinned": len(_CORES) >= 2 and hasattr(os, "sched_setaffinity"),
         "os": platform.platform(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "shmq_core": _shmq_core(),
         "versions": {k: v for k, v in versions.items() if v is not None},
         "start_method": "fork",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -679,6 +679,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         scripts.append(bench_dir / "bench_sizes.py")
     all_rows: List[Dict[str, Any]] = []
     failures = []
+    print(f"shmq {shmq.__version__}, {ll.CORE} core (SHMQ_PURE=1 forces the pure-Python one)", file=sys.stderr)
     missing = [module for module in PEERS if importlib.util.find_spec(module) is None]
     if missing:
         print(
@@ -796,7 +797,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 proc.join(10)
     rate = args.count / elapsed if elapsed > 0 else float("inf")
     print(
-        f"shmq {shmq.__version__}: moved {args.count:,} messages of {args.size} bytes "
+        f"shmq {shmq.__version__} ({ll.CORE} core): moved {args.count:,} messages of {args.size} bytes "
         f"from one process to another in {elapsed:.3f} s: {rate:,.0f} msg/s, "
         f"{rate * args.size / 1e6:,.1f} MB/s\n"
         f"measured: this process -> 1 consumer process (start method {method}), one message at a time "

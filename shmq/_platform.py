@@ -64,8 +64,9 @@ TSO_MACHINES = frozenset({"x86_64", "amd64"})
 def memory_order_problem(machine: str, compiled_core: bool) -> Optional[str]:
     """Why shmq cannot run on a CPU reported as ``machine``
     (``platform.machine()``), or None if it can: the pure-Python rings need
-    x86-64's store ordering; a compiled core (``compiled_core``: ``shmq._core``
-    imports) brings its own fences and runs anywhere."""
+    x86-64's store ordering; a compiled core that orders every shared-memory
+    access (``compiled_core``: see :func:`_compiled_core_orders_everything`)
+    brings its own fences and runs anywhere."""
     if compiled_core or machine.lower() in TSO_MACHINES:
         return None
     cpu = machine or "unknown CPU"
@@ -73,22 +74,28 @@ def memory_order_problem(machine: str, compiled_core: bool) -> Optional[str]:
         f"shmq does not run on this machine ({cpu}): its pure-Python rings rely on x86-64 (TSO) "
         f"store ordering to publish data before the index that covers it, and this CPU ({cpu}) may "
         f"reorder those stores, so readers could see torn or stale messages; no compiled core "
-        f"(shmq._core) is installed to add the memory fences"
+        f"(shmq._core) that fences every shared-memory access is installed (today's core fences the "
+        f"hot record moves only)"
     )
 
 
-def _compiled_core_importable() -> bool:
+def _compiled_core_orders_everything() -> bool:
+    """True if ``shmq._core`` imports and says (``ORDERS_EVERY_ACCESS``) that
+    every load and store of a shared index goes through its acquire/release
+    atomics.  Today's core covers try_write/try_read, the batches and the
+    Queue's put/get, but reserve/commit, peek/release, pads and lock
+    recovery still store from Python (docs/core.md), so it does not."""
     try:
-        importlib.import_module(__package__ + "._core")
+        core = importlib.import_module(__package__ + "._core")
     except ImportError:
         return False
-    return True
+    return bool(getattr(core, "ORDERS_EVERY_ACCESS", False))
 
 
 def _refuse_unsafe_machine() -> None:
     machine = platform.machine()
     if machine.lower() not in TSO_MACHINES:  # only then look for a compiled core
-        problem = memory_order_problem(machine, _compiled_core_importable())
+        problem = memory_order_problem(machine, _compiled_core_orders_everything())
         if problem is not None:
             raise ImportError(problem)
 

@@ -69,8 +69,11 @@ def _load_core() -> Any:
         from . import _core
     except ImportError:
         return None
-    expected = {k: getattr(L, k) for k in _core.LAYOUT}
-    return _core if _core.LAYOUT == expected else None
+    layout = getattr(_core, "LAYOUT", None)
+    if not isinstance(layout, dict) or not hasattr(_core, "RingCore"):
+        return None  # not a core of this version
+    expected = {k: getattr(L, k, None) for k in layout}
+    return _core if layout == expected else None
 
 
 _core = _load_core()

@@ -75,6 +75,7 @@ def test_demo_still_works():
     res = shmq_cli("demo", "-n", "2000", timeout=120)
     assert res.returncode == 0, res.stderr
     assert "moved 2,000 messages of 64 bytes" in res.stdout
+    assert f"({ll.CORE} core)" in res.stdout  # which core ran (issue 12)
 
 
 def test_console_script_is_installed():

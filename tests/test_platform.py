@@ -66,8 +66,10 @@ def test_import_succeeds_on_x86_64():
     assert res.stdout.strip() == "imported"
 
 
-# A finder that makes "shmq._core" importable (as an empty module) in the
-# child: stands in for the compiled core a later version may install.
+# A finder that makes "shmq._core" importable in the child, as a module that
+# says it fences every shared access: stands in for the complete compiled
+# core a later version may install (today's does not say so, and is refused
+# on other CPUs: test_import_refuses_an_aarch64_machine_with_a_clear_message).
 _FAKE_CORE = """
 import importlib.abc, importlib.machinery, sys
 class _CoreFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -76,7 +78,7 @@ class _CoreFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         return None
     def exec_module(self, module):
-        pass
+        module.ORDERS_EVERY_ACCESS = True
 sys.meta_path.insert(0, _CoreFinder())
 """
 
