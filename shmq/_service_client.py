@@ -423,8 +423,9 @@ class Client:
             records = []
         for rec in records:
             self._dispatch(rec)
-        if _monotonic() >= self._next_check:
-            self._next_check = _monotonic() + LIVENESS_INTERVAL
+        now = _monotonic()
+        if now >= self._next_check:
+            self._next_check = now + LIVENESS_INTERVAL
             self._check_servers()
 
     def _dispatch(self, rec: bytes) -> None:
