@@ -12,12 +12,21 @@ Three questions:
 * ``array``: a call whose argument and result are 16 MiB float32 arrays
   (the server returns ``a + 1``): calls per second, same baselines as ``rtt``.
 
-Usage: ``python benchmarks/bench_service.py [--quick] [--json]``.  The
-numbers depend heavily on how loaded the machine is; compare rows of one run.
+The round trip is measured by placement (``--placement``): ``cross-core``
+(server on the second CPU, client on the first), ``one-core`` (both on the
+first) and ``unpinned``; every repeat (``--repeats``) runs every placement
+and transport once, interleaved, and the table shows the median over the
+repeats of each run's median and p99, with the spread of the run medians
+(the noise).  Ratios are against pyzmq.
+
+Usage: ``python benchmarks/bench_service.py [--quick] [--json] [-n N]
+[--repeats R] [--placement P]... [--only rtt|array|fan]...``.  The numbers
+depend heavily on how loaded the machine is; compare rows of one run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -26,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 
@@ -37,6 +46,33 @@ SPAWN = mp.get_context("spawn")  # the baselines' servers: no state inherited fr
 SMALL = (1, "abc", 1.5)
 
 
+PLACEMENTS = ("cross-core", "one-core", "unpinned")
+_CORES = sorted(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def _placed(placement: str) -> Iterator[Callable[[], None]]:
+    """Place the server started inside the block and this process (the
+    client): ``cross-core`` server on the second CPU, client on the first;
+    ``one-core`` both on the first; ``unpinned`` wherever the scheduler
+    puts them.  Yields ``started()``, to call once the server has started
+    (it inherits the affinity this process had at its start)."""
+    before = os.sched_getaffinity(0)
+    if placement == "unpinned" or len(_CORES) < 2:
+        os.sched_setaffinity(0, _CORES)
+    else:
+        os.sched_setaffinity(0, {_CORES[1] if placement == "cross-core" else _CORES[0]})
+
+    def started() -> None:
+        if placement == "cross-core" and len(_CORES) >= 2:
+            os.sched_setaffinity(0, {_CORES[0]})
+
+    try:
+        yield started
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _handler(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x + 1
@@ -44,10 +80,11 @@ def _handler(x: Any) -> Any:
 
 
 # -- shmq ---------------------------------------------------------------------------------
-def shmq_calls(payload: Any, n: int) -> List[float]:
+def shmq_calls(payload: Any, n: int, placement: str = "unpinned") -> List[float]:
     svc = shmq.Service()
     try:
-        with svc.serve(_handler, workers=1, ctx=CTX):
+        with _placed(placement) as started, svc.serve(_handler, workers=1, ctx=CTX):
+            started()
             c = svc.client()
             for _ in range(min(n, 200)):
                 c.call(payload, timeout=60)
@@ -106,14 +143,15 @@ def _zmq_server(addr: str, n: int) -> None:
     sock.close(linger=1000)
 
 
-def zmq_calls(payload: Any, n: int) -> List[float]:
+def zmq_calls(payload: Any, n: int, placement: str = "unpinned") -> List[float]:
     import zmq
 
     warm = min(n, 200)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, _placed(placement) as started:
         addr = f"ipc://{d}/rr"
         p = SPAWN.Process(target=_zmq_server, args=(addr, n + warm))
         p.start()
+        started()
         sock = zmq.Context.instance().socket(zmq.REQ)
         sock.setsockopt(zmq.RCVTIMEO, 120_000)  # a dead server fails the run instead of hanging it
         sock.connect(addr)
@@ -201,22 +239,24 @@ def _mpq_server(req: Any, rep: Any, n: int) -> None:
         rep.put(_handler(req.get()))
 
 
-def mpq_calls(payload: Any, n: int) -> List[float]:
+def mpq_calls(payload: Any, n: int, placement: str = "unpinned") -> List[float]:
     warm = min(n, 200)
     req, rep = SPAWN.Queue(), SPAWN.Queue()
-    p = SPAWN.Process(target=_mpq_server, args=(req, rep, n + warm))
-    p.start()
-    for _ in range(warm):
-        req.put(payload)
-        rep.get()
-    out = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        req.put(payload)
-        rep.get()
-        out.append((clock() - t0) / 1e3)
-    p.join(30)
+    with _placed(placement) as started:
+        p = SPAWN.Process(target=_mpq_server, args=(req, rep, n + warm))
+        p.start()
+        started()
+        for _ in range(warm):
+            req.put(payload)
+            rep.get()
+        out = []
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            req.put(payload)
+            rep.get()
+            out.append((clock() - t0) / 1e3)
+        p.join(30)
     return out
 
 
@@ -238,12 +278,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("-n", "--count", type=int, help="small calls per measurement (5000; --quick 500)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of each measurement (3; --quick 1)")
+    parser.add_argument("--placement", choices=PLACEMENTS, action="append", help="rtt only in these placements (repeatable; default all)")
+    parser.add_argument("--only", choices=("rtt", "array", "fan"), action="append", help="only these cases (repeatable)")
     args = parser.parse_args()
-    n_small = 500 if args.quick else 5000
+    n_small = args.count or (500 if args.quick else 5000)
     n_big = 5 if args.quick else 30
+    repeats = args.repeats or (1 if args.quick else 3)
     fan_seconds = 1.0 if args.quick else 3.0
+    cases = args.only or ("rtt", "array", "fan")
+    placements = args.placement or PLACEMENTS
     big = np.ones(4 << 20, dtype=np.float32)
-    transports: Dict[str, Callable[[Any, int], List[float]]] = {"shmq.Service": shmq_calls, "mp.Queue x2": mpq_calls}
+    transports: Dict[str, Callable[..., List[float]]] = {"shmq.Service": shmq_calls, "mp.Queue x2": mpq_calls}
     if _have_zmq():
         transports["pyzmq REQ/REP"] = zmq_calls
     rows = []
@@ -253,15 +300,27 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg()[0],
     }
-    for label, fn in transports.items():
-        t = fn(SMALL, n_small)
-        rows.append({"bench": "service", "case": "rtt", "transport": label, "median_us": statistics.median(t), "p99_us": _p99(t), "calls": n_small})
-    for label, fn in transports.items():
-        t = fn(big, n_big)
-        rows.append({"bench": "service", "case": "array16MiB", "transport": label, "calls_per_s": 1e6 / statistics.median(t), "median_ms": statistics.median(t) / 1e3, "calls": n_big})
-    rows.append({"bench": "service", "case": "fan4x2", "transport": "shmq.Service", "calls_per_s": shmq_fan(4, 2, fan_seconds)})
-    if _have_zmq():
-        rows.append({"bench": "service", "case": "fan4x2", "transport": "pyzmq ROUTER/DEALER", "calls_per_s": zmq_fan(4, 2, fan_seconds)})
+    if "rtt" in cases:
+        # every repeat runs every (placement, transport) once: load changes hit them alike
+        runs: Dict[tuple, List[tuple]] = {}
+        for _ in range(repeats):
+            for placement in placements:
+                for label, fn in transports.items():
+                    t = fn(SMALL, n_small, placement)
+                    runs.setdefault((placement, label), []).append((statistics.median(t), _p99(t)))
+        for (placement, label), rs in runs.items():
+            meds, p99s = [r[0] for r in rs], [r[1] for r in rs]
+            rows.append({"bench": "service", "case": "rtt", "placement": placement, "transport": label,
+                         "median_us": statistics.median(meds), "median_min_us": min(meds), "median_max_us": max(meds),
+                         "p99_us": statistics.median(p99s), "p99_max_us": max(p99s), "calls": n_small, "repeats": len(rs)})
+    if "array" in cases:
+        for label, fn in transports.items():
+            t = fn(big, n_big)
+            rows.append({"bench": "service", "case": "array16MiB", "transport": label, "calls_per_s": 1e6 / statistics.median(t), "median_ms": statistics.median(t) / 1e3, "calls": n_big})
+    if "fan" in cases:
+        rows.append({"bench": "service", "case": "fan4x2", "transport": "shmq.Service", "calls_per_s": shmq_fan(4, 2, fan_seconds)})
+        if _have_zmq():
+            rows.append({"bench": "service", "case": "fan4x2", "transport": "pyzmq ROUTER/DEALER", "calls_per_s": zmq_fan(4, 2, fan_seconds)})
     for r in rows:
         r.update(meta)
     if args.json:
@@ -269,16 +328,19 @@ def main() -> int:
             print(json.dumps(r))
         return 0
     print(f"python {meta['python']}, {meta['cpus']} cpus, load average {meta['loadavg']:.1f}")
-    base = {r["case"]: r for r in rows if r["transport"] == "mp.Queue x2"}
+    zmq_rtt = {r["placement"]: r for r in rows if r["case"] == "rtt" and r["transport"] == "pyzmq REQ/REP"}
+    zmq_big = [r for r in rows if r["case"] == "array16MiB" and r["transport"] == "pyzmq REQ/REP"]
     for r in rows:
         if r["case"] == "rtt":
-            ratio = base["rtt"]["median_us"] / r["median_us"]
-            print(f"rtt        {r['transport']:15s} median {r['median_us']:8.1f} us  p99 {r['p99_us']:8.1f} us  ({ratio:.2f}x mp.Queue)")
+            ref = zmq_rtt.get(r["placement"])
+            ratio = f"  ({ref['median_us'] / r['median_us']:.2f}x pyzmq)" if ref else ""
+            print(f"rtt {r['placement']:10s} {r['transport']:15s} median {r['median_us']:8.1f} us"
+                  f" [{r['median_min_us']:.1f}-{r['median_max_us']:.1f}]  p99 {r['p99_us']:8.1f} us (max {r['p99_max_us']:.1f}){ratio}")
         elif r["case"] == "array16MiB":
-            ratio = r["calls_per_s"] / base["array16MiB"]["calls_per_s"]
-            print(f"16 MiB     {r['transport']:15s} {r['calls_per_s']:8.1f} calls/s  ({ratio:.2f}x mp.Queue)")
+            ratio = f"  ({r['calls_per_s'] / zmq_big[0]['calls_per_s']:.2f}x pyzmq)" if zmq_big else ""
+            print(f"16 MiB         {r['transport']:15s} {r['calls_per_s']:8.1f} calls/s{ratio}")
         else:
-            print(f"4x2 fan    {r['transport']:19s} {r['calls_per_s']:8.0f} calls/s")
+            print(f"4x2 fan        {r['transport']:19s} {r['calls_per_s']:8.0f} calls/s")
     return 0
 
 

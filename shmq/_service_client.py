@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from . import _codec
 from . import _layout as L
@@ -19,10 +19,11 @@ from . import _platform as P
 from ._errors import BrokenError, ClosedError, Empty, Full, RemoteError, ShmqError
 from ._segment import Segment
 from ._slots import SlotPool
+from ._sync import full_fence as _fence  # cancelling and taking are each "store mine, load theirs" (Dekker)
 from ._wait import deadline_for
 from .ring import Ring
 
-__all__ = ("Client", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES", "SPIN_SECONDS")
+__all__ = ("Client", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES")
 
 #: requests one client may have outstanding at once
 MAX_OUTSTANDING = 1024
@@ -31,13 +32,6 @@ NO_SERVER_GRACE = 1.0
 #: how often a waiting client checks the liveness of the servers of its requests
 LIVENESS_INTERVAL = 0.1
 _SLICE = 0.05
-#: How long a waiting client or server polls its ring before it sleeps.  0:
-#: a service's two sides wait on each other in turn, and when the scheduler
-#: puts them on one core a spinning side only delays the other.  Measured
-#: 2026-12-02, 2 loaded cores, 1000 small calls, median round trip: with the
-#: rings' default 100 us spin 14 us or 234 us depending on where the two
-#: processes landed (2 of 4 runs at 234); with 0, 25-26 us in every run.
-SPIN_SECONDS = 0.0
 #: times an idempotent call is sent again after its server died
 MAX_RETRIES = 3
 _RETRY_SEND_SECONDS = 5.0
@@ -63,19 +57,6 @@ _TABLE_BYTES = MAX_OUTSTANDING * ENTRY_WORDS * 8
 _TABLE_BASE = L.DATA_OFFSET // 8
 
 _monotonic = time.monotonic
-_fence_lock = threading.Lock()
-
-
-def _fence() -> None:
-    """A full memory barrier.  x86-64 may let a load pass an earlier store
-    (the store buffer); cancelling and taking are each "store my word, then
-    load the other's" (Dekker), which needs the store drained first.  An
-    uncontended threading.Lock round trip is a locked instruction (sem_trywait
-    and sem_post in CPython's lock), which drains it."""
-    _fence_lock.acquire()
-    _fence_lock.release()
-
-
 def _drop_message(data: bytes, resolver: Callable[[str], SlotPool]) -> None:
     """Return the slots of a message nobody will decode."""
     if not _codec.is_slot_message(data):
@@ -154,6 +135,60 @@ class Future(cf.Future):
         return True
 
 
+class _Call:
+    """The outcome of one :meth:`Client.call`: what a Future offers the
+    client's own code (``done``, ``set_result``, ``set_exception``,
+    ``cancel``, ``result``), without a Future's condition variable.  The
+    caller waits in ``Client._wait`` (pumping, or on the client's condition
+    when another thread pumps), so nothing waits on the call itself; an
+    outcome is set at most once, by whoever took the call out of the
+    pending table (or cancelled it there)."""
+
+    __slots__ = ("_client", "seq", "entry", "partials", "_retry_obj", "_retries", "_state", "_value")
+    _PENDING, _RESULT, _ERROR, _CANCELLED = range(4)
+
+    def __init__(self, client: "Client") -> None:
+        self._client = client
+        self.seq = 0
+        self.entry = 0
+        self.partials = None
+        self._retry_obj: Optional[tuple] = None
+        self._retries = 0
+        self._state = 0
+        self._value: Any = None
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        return self._state == 3
+
+    def set_result(self, value: Any) -> None:
+        self._value = value
+        self._state = 1
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._value = exc
+        self._state = 2
+
+    def cancel(self) -> bool:
+        if self._state:
+            return self._state == 3
+        if not self._client._withdraw(self, cancel=True):
+            return False  # an outcome is being delivered
+        self._state = 3
+        return True
+
+    def result(self) -> Any:
+        """The reply; raises the call's exception (the caller checked done())."""
+        if self._state == 1:
+            return self._value
+        if self._state == 2:
+            exc, self._value = self._value, None  # (no reference cycle through the traceback)
+            raise exc
+        raise cf.CancelledError()
+
+
 class Client:
     """The client side of a service in one process: ``call``, ``submit``,
     ``stream``.  Made by :meth:`Service.client`; belongs to the process that
@@ -182,7 +217,6 @@ class Client:
         except BaseException:
             self._requests.close()
             raise
-        self._replies.spin = SPIN_SECONDS
         self._w = self._table.words
         self._pool: Optional[SlotPool] = None
         self._encoder = _codec.Codec(None)
@@ -191,7 +225,9 @@ class Client:
         self._pump_lock = threading.Lock()  # one thread reads the reply ring at a time
         self._cv = threading.Condition(threading.Lock())
         self._free = collections.deque(range(MAX_OUTSTANDING))  # FIFO: an entry is reused as late as possible
-        self._pending: Dict[int, Future] = {}
+        self._pending: Dict[int, Union[Future, _Call]] = {}
+        self._cv_waiters = 0  # threads in _wait on self._cv (else nobody needs its notify)
+        self._name_bytes = self.name.encode()
         self._seq = 0
         self._thread: Optional[threading.Thread] = None
         self._next_check = 0.0
@@ -207,12 +243,18 @@ class Client:
         request again (up to MAX_RETRIES times) instead of raising
         BrokenError; the handler may then run more than once."""
         deadline = deadline_for(timeout)
-        fut = self._submit(obj, False, deadline, idempotent)
+        self._check()
+        fut = _Call(self)
+        if idempotent:
+            fut._retry_obj = (obj,)
+        self._post(fut, obj, deadline)
         if not self._wait(fut.done, deadline):
             if fut.cancel():
                 raise cf.TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
             # the outcome won the race with the cancel: it is being set right now
-        return fut.result(_OUTCOME_GRACE)
+            if not self._wait(fut.done, _monotonic() + _OUTCOME_GRACE):
+                raise BrokenError(f"the outcome of a call to service {self.service!r} was lost")  # a bug
+        return fut.result()
 
     def submit(self, obj: Any, timeout: Optional[float] = None, *, idempotent: bool = False) -> Future:
         """Send ``obj`` and return a Future for the reply at once (a thread
@@ -310,7 +352,7 @@ class Client:
                 w[base + E_TAKEN] = 0
                 w[base + E_SEQ] = seq
                 self._pending[seq] = fut
-            name = self.name.encode()
+            name = self._name_bytes
             record = _REQ.pack(seq, entry, len(name)) + name + data
             try:
                 self._requests.write(record, timeout=None if deadline is None else max(0.0, deadline - _monotonic()))
@@ -357,12 +399,19 @@ class Client:
                         self._pump(slice_)
                 finally:
                     self._pump_lock.release()
-                with self._cv:
-                    self._cv.notify_all()
+                if self._cv_waiters:
+                    with self._cv:
+                        self._cv.notify_all()
             else:
                 with self._cv:
-                    if not ready():
-                        self._cv.wait(slice_)
+                    # counted before the check: a pumper that reads 0 after an
+                    # outcome was set means that check sees the outcome
+                    self._cv_waiters += 1
+                    try:
+                        if not ready():
+                            self._cv.wait(slice_)
+                    finally:
+                        self._cv_waiters -= 1
             if self._closed and not ready():
                 raise ClosedError(f"client of service {self.service!r} is closed")
         return True
@@ -374,8 +423,9 @@ class Client:
             records = []
         for rec in records:
             self._dispatch(rec)
-        if _monotonic() >= self._next_check:
-            self._next_check = _monotonic() + LIVENESS_INTERVAL
+        now = _monotonic()
+        if now >= self._next_check:
+            self._next_check = now + LIVENESS_INTERVAL
             self._check_servers()
 
     def _dispatch(self, rec: bytes) -> None:

@@ -66,7 +66,6 @@ from ._service_client import (
     MAX_OUTSTANDING,
     MAX_RETRIES,
     NO_SERVER_GRACE,
-    SPIN_SECONDS,
     Client,
     Future,
     _drop_message,
@@ -92,11 +91,12 @@ __all__ = (
     "LIVENESS_INTERVAL",
     "MAX_RETRIES",
     "PEER_SWEEP_INTERVAL",
-    "SPIN_SECONDS",
 )
 
 #: how often a server looks for dead or closed clients to forget
 PEER_SWEEP_INTERVAL = 1.0
+#: how often a busy worker of Service.serve looks whether it was asked to stop
+_STOP_LOOK = 0.01
 _monotonic = time.monotonic
 
 
@@ -239,11 +239,11 @@ class Service:
         return self
 
     def _setup(self, ring: Ring) -> None:
-        ring.spin = SPIN_SECONDS
         self._requests = ring
         self.name = ring.name
         self._client: Optional[Client] = None
-        self._peers: Dict[str, _Peer] = {}
+        self._peers: Dict[bytes, _Peer] = {}  # by reply-ring name, as requests carry it
+        self._server_start = 0
         self._pool: Optional[SlotPool] = None
         self._encoder = _codec.Codec(None)
         self._decoder = _codec.Codec(None)
@@ -374,14 +374,17 @@ class Service:
             if self._pool is not None and self._pool._pid != pid:  # forked: the parent's pool is not ours
                 self._pool, self._encoder = None, _codec.Codec(None)
             self._peers = {}
+            self._server_start = P.my_start_us()
             self._server_in = pid
 
-    def _peer(self, name: str) -> Optional[_Peer]:
+    def _peer(self, name: bytes) -> Optional[_Peer]:
+        """The client whose reply ring is ``name`` (as a request carries it),
+        or None if it is gone (or ``name`` is not one)."""
         peer = self._peers.get(name)
         if peer is None:
             try:
-                peer = self._peers[name] = _Peer(name)
-            except (OSError, ShmqError, ValueError):
+                peer = self._peers[name] = _Peer(name.decode("ascii"))
+            except (OSError, ShmqError, ValueError):  # (UnicodeError is a ValueError)
                 return None  # the client is gone
         return peer
 
@@ -402,9 +405,9 @@ class Service:
         try:
             try:
                 seq, entry, nlen = _REQ.unpack_from(view)
-                name = bytes(view[_REQ.size : _REQ.size + nlen]).decode("ascii")
+                name = bytes(view[_REQ.size : _REQ.size + nlen])
                 data = bytes(view[_REQ.size + nlen :])
-            except (struct.error, UnicodeError):
+            except struct.error:
                 return None  # not a request: dropped
             finally:
                 view.release()
@@ -416,8 +419,8 @@ class Service:
                 if w[base + E_SEQ] != seq or w[base + E_CANCEL] == seq:
                     peer = None  # answered or cancelled already
                 else:
-                    w[base + E_PID] = os.getpid()
-                    w[base + E_START] = P.my_start_us()
+                    w[base + E_PID] = self._server_in  # this process's pid (_register_server)
+                    w[base + E_START] = self._server_start
                     w[base + E_TAKEN] = seq
                     _fence()
                     if w[base + E_CANCEL] == seq:  # the client cancelled as we took it
@@ -482,10 +485,19 @@ def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) ->
     try:
         svc._register_server()
         ready.release()
-        while not stop.is_set():
+        next_look = 0.0
+        while True:
+            # stop.is_set() costs a semaphore round trip (~0.5 us, a twentieth
+            # of a call): look at most every _STOP_LOOK seconds while busy
+            now = _monotonic()
+            if now >= next_look:
+                if stop.is_set():
+                    break
+                next_look = now + _STOP_LOOK
             try:
                 req = svc.receive(timeout=0.1)
             except cf.TimeoutError:
+                next_look = 0.0
                 continue
             try:
                 _handle(req, fn)
