@@ -31,12 +31,20 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._broadcast import BroadcastRing, Cursor, ValueCell
+from ._broadcast import (  # the statistics classes live beside the bytes they read (shmq stat)
+    BroadcastRing,
+    Cursor,
+    LatestStatistics,
+    SubscriberStatistics,
+    TopicStatistics,
+    ValueCell,
+    latest_statistics,
+    topic_statistics,
+)
 from ._errors import (
     BrokenError,
     ClosedError,
@@ -51,6 +59,7 @@ from ._wait import deadline_for, wait_until
 
 __all__ = (
     "Latest",
+    "LatestStatistics",
     "Subscription",
     "SubscriberStatistics",
     "Topic",
@@ -79,46 +88,6 @@ def _check_capacity(capacity_bytes: Any) -> int:
     if capacity_bytes < 1024 or capacity_bytes % 8:
         raise ValueError(f"'capacity_bytes' must be a multiple of 8 of at least 1024, got {capacity_bytes}")
     return capacity_bytes
-
-
-@dataclass(frozen=True)
-class SubscriberStatistics:
-    """One subscription's position in its topic."""
-
-    #: the subscriber's process id
-    pid: int
-    #: messages still in the ring that it has not read yet
-    lag_messages: int
-    #: bytes of the ring between its cursor and the newest record
-    lag_bytes: int
-    #: messages it lost (overwritten before it read them; drop-oldest only)
-    lost: int
-    #: messages it received
-    received: int
-
-
-@dataclass(frozen=True)
-class TopicStatistics:
-    """A snapshot of a topic, as every attached process sees it."""
-
-    #: the topic's name
-    name: str
-    #: "block" or "drop-oldest"
-    overflow: str
-    #: size of the ring's data area
-    capacity_bytes: int
-    #: messages published since the topic was created
-    published: int
-    #: messages still in the ring (readable by a ``start="oldest"`` subscriber)
-    held_messages: int
-    #: bytes those take in the ring (record headers and padding included)
-    held_bytes: int
-    #: open publisher handles in every process (dead ones not counted)
-    publishers: int
-    #: True once every publisher has closed (or died): the stream ended
-    ended: bool
-    #: the live subscriptions, one entry each
-    subscribers: Tuple[SubscriberStatistics, ...]
 
 
 # -- counting publishers -----------------------------------------------------------
@@ -576,25 +545,7 @@ class Topic:
 
 
 def _statistics(shared: _Shared) -> TopicStatistics:
-    w, ring = shared.words, shared.ring
-    tail, oldest = w[L.W_T_TAIL], w[L.W_T_OLDEST]
-    published, oldest_seq = w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ]
-    subs = tuple(
-        SubscriberStatistics(pid, max(0, published - max(seq, oldest_seq)), max(0, tail - max(cursor, oldest)),
-                             lost, received)
-        for _i, pid, _start, cursor, seq, lost, received in ring.entries()
-    )
-    return TopicStatistics(
-        name=shared.name,
-        overflow="drop-oldest" if ring.drop_oldest else "block",
-        capacity_bytes=ring.capacity_bytes,
-        published=published,
-        held_messages=max(0, published - w[L.W_T_OLDEST_SEQ]),
-        held_bytes=max(0, tail - oldest),
-        publishers=shared.publishers.count(),
-        ended=bool(shared.publishers.state() & L.T_PUBLISHERS_DONE),
-        subscribers=subs,
-    )
+    return topic_statistics(shared.segment)
 
 
 _KEY = object()
@@ -913,6 +864,12 @@ class Latest:
                     with seg.admin_lock():
                         w[L.W_L_WAITERS] = max(0, w[L.W_L_WAITERS] - 1)
         return self.get_versioned()
+
+    def statistics(self) -> LatestStatistics:
+        """The version, the newest value's size and the readers waiting
+        (``shmq stat`` reads the same by name).  ClosedError if closed."""
+        self._check()
+        return latest_statistics(self._segment)
 
     def close(self) -> None:
         """Unmap this handle (idempotent)."""
