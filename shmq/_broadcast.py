@@ -36,6 +36,7 @@ __all__ = (
     "LatestStatistics",
     "SubscriberStatistics",
     "TopicStatistics",
+    "SlotCursor",
     "ValueCell",
     "latest_statistics",
     "record_size",
@@ -230,6 +231,8 @@ class BroadcastRing:
         #: the largest payload a record may carry (a pad before it never makes it wrap)
         self.max_payload = cap // 2 - _HDR
         self._base = L.TOPIC_DATA_OFFSET
+        #: where the last record this attachment wrote ends (TAIL after it)
+        self.last_end = 0
         # the publisher's cached lowest live cursor and the epoch it was read in
         self._gate = -1
         self._gate_epoch = -1
@@ -339,11 +342,31 @@ class BroadcastRing:
             w[at // _W + 1] = seq
             buf[at + _HDR : at + _HDR + n] = data
             w[L.W_T_NEXT_SEQ] = seq + 1
-            w[L.W_T_TAIL] = t + size  # publishes the record to every subscriber
+            w[L.W_T_TAIL] = self.last_end = t + size  # publishes the record to every subscriber
         finally:
             w[lock._w_owner] = 0
             sem.release()
         return True
+
+    def trim(self, upto: int) -> None:
+        """Evict the records that end at or before ``upto`` (a record
+        boundary: the lowest live cursor).  Holds: the producer lock.  Only
+        records every live subscriber has read go, so nobody loses one; what
+        changes is the history a ``start="oldest"`` subscriber sees."""
+        w, base, cap = self.words, self._base, self.capacity_bytes
+        o, t = w[L.W_T_OLDEST], w[L.W_T_TAIL]
+        if o >= upto:
+            return
+        seq = w[L.W_T_OLDEST_SEQ]
+        while o < upto and o < t:
+            h = w[(base + o % cap) // _W]
+            if h < 0:
+                o -= h
+            else:
+                o += record_size(h)
+                seq += 1
+        w[L.W_T_OLDEST_SEQ] = seq
+        w[L.W_T_OLDEST] = o
 
     def repair(self) -> None:
         """After a publisher died holding the lock (caller holds it now):
@@ -429,7 +452,7 @@ class Cursor:
     """A subscriber's position: reads records one by one, counting the ones
     it lost to publishers that overwrote them.  One thread uses it."""
 
-    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full")
+    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full", "_pending")
 
     def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
         self.ring = ring
@@ -441,6 +464,7 @@ class Cursor:
         self._w = ring.words
         self._base = L.topic_sub_word(entry)
         self._not_full = not_full
+        self._pending = -1
 
     def can_read(self) -> bool:
         return self._w[L.W_T_TAIL] > self.pos
@@ -507,6 +531,77 @@ class Cursor:
     def withdraw(self) -> None:
         """Left the wait without a post for this entry."""
         self._w[self._base + L.TS_WAITING] = 0
+
+
+class SlotCursor(Cursor):
+    """A cursor of a topic with a slot pool.  A record whose payload starts
+    with byte 0 (a slot message; a pickle starts with 0x80) carries slot
+    references the reader must hold before its cursor passes the record (the
+    publisher gives back its own hold once every live cursor passed it):
+    :meth:`try_read` returns it with the cursor still before it, and
+    :meth:`commit` moves the cursor on.  (A subclass so that topics without
+    a pool do not pay for the test: ~3% of a receive.)"""
+
+    __slots__ = ()
+
+    def try_read(self) -> Optional[bytes]:
+        """The next record's payload, or None if there is none yet; for a
+        slot message, call :meth:`commit` once its slots are held."""
+        ring, w = self.ring, self._w
+        buf, cap, base = ring.buf, ring.capacity_bytes, ring._base
+        pos = self.pos
+        while True:
+            t = w[L.W_T_TAIL]
+            if pos >= t:
+                if pos != self.pos:
+                    self._store(pos)
+                return None
+            if pos < w[L.W_T_OLDEST]:
+                pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+                continue
+            at = base + pos % cap
+            h = w[at // _W]
+            if h < 0:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                if -h > cap - pos % cap or -h % _W:
+                    raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
+                pos -= h
+                continue
+            if h > ring.max_payload or pos % cap + _HDR + h > cap:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
+            seq = w[at // _W + 1]
+            data = bytes(buf[at + _HDR : at + _HDR + h])
+            if w[L.W_T_OLDEST] > pos:
+                continue  # overwritten while we copied: lost, look again
+            if seq > self.next_seq:
+                self.lost += seq - self.next_seq
+                w[self._base + L.TS_LOST] = self.lost
+            self.next_seq = seq + 1
+            self.received += 1
+            pos = pos + _HDR + ((h + 7) & -8)
+            if h and data[0] == 0:
+                # A record that starts with byte 0 carries references the
+                # reader takes before its cursor passes it: commit() moves it.
+                self._pending = pos
+                return data
+            self.pos = pos
+            b = self._base
+            w[b + L.TS_NEXT_SEQ] = seq + 1
+            w[b + L.TS_RECEIVED] = self.received
+            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
+            if w[L.W_T_PUB_WAITING]:
+                self._not_full.ring()
+            return data
+
+    def commit(self) -> None:
+        """Move the cursor past the record :meth:`try_read` returned last,
+        when it started with byte 0 (nothing to do otherwise)."""
+        pos, self._pending = self._pending, -1
+        if pos >= 0:
+            self._store(pos)
 
 
 class ValueCell:

@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Iterator, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Iterator, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
@@ -39,21 +40,25 @@ from ._broadcast import (  # the statistics classes live beside the bytes they r
     BroadcastRing,
     Cursor,
     LatestStatistics,
+    SlotCursor,
     SubscriberStatistics,
     TopicStatistics,
     ValueCell,
     latest_statistics,
     topic_statistics,
 )
+from ._codec import LARGE, Codec, first_pass_failed, stop_at_large
 from ._errors import (
     BrokenError,
     ClosedError,
     Empty,
     EndOfChannel,
+    Full,
     MessageTooLarge,
     TooManyMembers,
 )
 from ._segment import Segment
+from ._slots import SlotPool
 from ._sync import SPIN_SECONDS, Doorbell, RobustLock, full_fence, slice_end
 from ._wait import deadline_for, wait_until
 
@@ -74,6 +79,11 @@ SLICE_SECONDS = 0.1
 _OVERFLOWS = ("block", "drop-oldest")
 _STARTS = ("next", "oldest")
 _LOW = (1 << 32) - 1
+_SIZE_MASK = (1 << L.POOL_COUNT_SHIFT) - 1
+#: a publisher short of slots re-checks which ones the subscribers are done with this often
+SLOT_RECHECK_SECONDS = 0.01
+_dumps = pickle.dumps
+_loads = pickle.loads
 
 _monotonic = time.monotonic
 
@@ -193,9 +203,11 @@ class _Publishers:
 
 class _Shared:
     """One process's attachment to a topic: the segment, the ring, the lock
-    and the bells, shared by its Topic handles and Subscriptions."""
+    and the bells, shared by its Topic handles and Subscriptions; and, for a
+    topic with a slot pool, the pool, the codec and the slots this process
+    published whose records the ring still shows (``held``)."""
 
-    def __init__(self, segment: Segment) -> None:
+    def __init__(self, segment: Segment, pool: Optional[SlotPool] = None) -> None:
         self.segment = segment
         self.name = segment.name
         self.ring = BroadcastRing(segment)
@@ -210,6 +222,16 @@ class _Shared:
         self.users = 0
         self.pid = os.getpid()
         self.mutex = threading.Lock()
+        self.pool: Optional[SlotPool] = None
+        self.codec: Optional[Codec] = None
+        #: (end of the record, [(slot, generation)]) of this process's slot
+        #: messages, oldest first: it holds each slot once for the ring
+        self.held: Deque[Tuple[int, List[Tuple[int, int]]]] = deque()
+        self.held_lock = threading.Lock()  # publishing threads share ``held``
+        self.next_reap = 0.0
+        if w[L.W_T_SLOT_CONFIG] & _SIZE_MASK:
+            self.pool = pool if pool is not None else SlotPool.attach(P.part_name(self.name, "p"))
+            self.codec = Codec(self.pool)
 
     def _repair(self) -> None:
         if self.lock.acquire(1.0):
@@ -228,6 +250,16 @@ class _Shared:
             last = self.users <= 0
         if last and not self.segment.closed:
             _attachments.pop(self.name, None)
+            if self.pool is not None and self.pid == os.getpid():
+                try:
+                    return_slots(self)
+                except Exception:
+                    pass
+                # Slots still held for the ring stay held until this process
+                # ends (the pool's mapping stays until then): subscribers may
+                # still read their records.
+                self.codec.close()
+                self.pool.close()
             self.segment.close()
 
     def wake(self, bits: int) -> None:
@@ -241,6 +273,54 @@ class _Shared:
                 f"without closing; everything published before was delivered"
             )
         return EndOfChannel(f"topic {self.name!r} ended: every publisher closed and everything was received")
+
+
+def return_slots(shared: _Shared) -> None:
+    """Give back this process's hold of the slots whose records no
+    subscriber can read any more, then let the pool free what nobody holds.
+
+    A slot message's slots are held once by its publisher "for the ring",
+    from its write until both (a) its record is evicted (OLDEST passed it:
+    no subscriber can start reading it) and (b) every live subscriber's
+    cursor passed it (a subscriber takes its own hold before its cursor moves
+    past the record, see ``Cursor.commit``).  Records every live subscriber
+    has read are evicted here (``BroadcastRing.trim``): otherwise small slot
+    records would wait for the ring to wrap.  Subscriber entries of dead
+    processes that keep a record are freed here too (every SLICE_SECONDS)."""
+    with shared.held_lock:
+        _return_slots_locked(shared)
+
+
+def _return_slots_locked(shared: _Shared) -> None:
+    held = shared.held
+    pool = shared.pool
+    if held:
+        ring, w = shared.ring, shared.words
+        first_end = held[0][0]
+        if _monotonic() >= shared.next_reap:
+            shared.next_reap = _monotonic() + SLICE_SECONDS
+            dead = [(i, pid, start) for i, pid, start, cursor, *_ in ring.entries()
+                    if cursor < first_end and not P.is_alive(pid, start)]
+            if dead:
+                with shared.segment.admin_lock():
+                    for i, pid, start in dead:
+                        ring.free(i, pid, start)
+                ring._gate_epoch = -1
+        if w[L.W_T_OLDEST] < first_end:
+            shared.lock.acquire()  # joins hold it too: no cursor appears below the lowest meanwhile
+            try:
+                low = ring.lowest_cursor()
+                ring.trim(w[L.W_T_TAIL] if low < 0 else low)
+            finally:
+                shared.lock.release()
+        low = ring.lowest_cursor()
+        bound = w[L.W_T_OLDEST]
+        if 0 <= low < bound:
+            bound = low
+        while held and held[0][0] <= bound:
+            for index, gen in held.popleft()[1]:
+                pool.release(index, gen)
+    pool.collect()
 
 
 # one attachment per topic per process (Topic handles and subscriptions share it)
@@ -318,6 +398,8 @@ def _after_fork_in_child() -> None:
     _exit_pid = 0
     for shared in list(_attachments.values()):
         shared.mutex = threading.Lock()
+        shared.held_lock = threading.Lock()
+        shared.held = deque()  # the parent's holds: the parent gives them back
     _attachments.clear()  # a child attaches anew (its own users count)
 
 
@@ -366,12 +448,19 @@ class Topic:
         if not isinstance(slot_count, int) or slot_count <= 0:
             raise ValueError(f"'slot_count' must be a positive int, got {slot_count!r}")
         segment = Segment.create(L.KIND_TOPIC, L.topic_segment_size(capacity_bytes), name)
+        pool = None
         try:
             BroadcastRing.initialise(segment, capacity_bytes, overflow == "drop-oldest",
                                      slot_count << L.POOL_COUNT_SHIFT | (slot_size or 0))
-            shared = _Shared(segment)
+            if slot_size:
+                pool = SlotPool.create(slot_size, slot_count, name=P.part_name(segment.name, "p"),
+                                       max_members=2 * L.T_SUBSCRIBERS, link=segment.name)
+            shared = _Shared(segment, pool)
             segment.publish()
         except BaseException:
+            if pool is not None:
+                pool.unlink()
+                pool.close()
             segment.unlink()
             segment.close()
             raise
@@ -392,6 +481,7 @@ class Topic:
 
     def _setup(self, shared: _Shared) -> None:
         self._shared = shared
+        self._has_pool = shared.pool is not None
         self._segment = shared.segment
         self._ring = shared.ring
         self._w = shared.words
@@ -441,7 +531,19 @@ class Topic:
             if shared.publishers.state() & L.T_PUBLISHERS_DONE:
                 raise BrokenError(f"topic {self.name!r} has ended: every publisher had closed before this publish")
             self._count()
-        data = pickle.dumps(obj, 5)
+        if shared.codec is None:
+            data = _dumps(obj, 5)
+        else:
+            return_slots(shared)  # (also frees the slots whose last views died)
+            try:
+                data = _dumps(obj, 5, buffer_callback=stop_at_large)
+            except Exception as exc:
+                data = first_pass_failed(obj, exc)
+            if data is LARGE:
+                data, lease = self._encode_large(shared, obj, deadline)
+                if lease is not None:
+                    self._publish_slots(shared, data, lease, deadline)
+                    return
         ring = self._ring
         if len(data) > ring.max_payload:
             raise MessageTooLarge(
@@ -451,6 +553,45 @@ class Topic:
         gate = not ring.drop_oldest
         while not ring.try_write(data, shared.lock, gate):
             self._wait_for_room(len(data), deadline)
+        if self._w[L.W_T_SUB_WAITING]:
+            ring.wake_subscribers(shared.not_empty_sem)
+
+    def _encode_large(self, shared: _Shared, obj: Any, deadline: Optional[float]) -> Tuple[bytes, Any]:
+        """``obj``'s large buffers copied into slots: (message, lease), or
+        (its pickle, None) if a buffer exceeds slot_size.  Waits for free
+        slots until ``deadline`` (Full), taking back the slots subscribers
+        are done with meanwhile."""
+        codec = shared.codec
+        while True:
+            return_slots(shared)
+            left = SLOT_RECHECK_SECONDS
+            if deadline is not None:
+                left = min(left, max(0.0, deadline - _monotonic()))
+            try:
+                return codec.encode(obj, timeout=left)
+            except Full:
+                if deadline is not None and _monotonic() >= deadline:
+                    raise Full(
+                        f"topic {self.name!r} has no free slot: subscribers still hold or have not read "
+                        f"the arrays of earlier messages"
+                    ) from None
+
+    def _publish_slots(self, shared: _Shared, data: bytes, lease: Any, deadline: Optional[float]) -> None:
+        """Write a slot message, then hold its slots for the ring (see return_slots)."""
+        ring, pool = self._ring, shared.pool
+        try:
+            while not ring.try_write(data, shared.lock, not ring.drop_oldest):
+                self._wait_for_room(len(data), deadline)
+        except BaseException:
+            lease.abort()  # nothing was published
+            raise
+        end = ring.last_end
+        refs = [(i, pool.generation(i)) for i in lease.indices]
+        for i, gen in refs:
+            pool.acquire(i, gen).release()  # the hold for the ring (the view is not needed)
+        with shared.held_lock:
+            shared.held.append((end, refs))
+        lease.sent()
         if self._w[L.W_T_SUB_WAITING]:
             ring.wake_subscribers(shared.not_empty_sem)
 
@@ -526,6 +667,8 @@ class Topic:
         """Remove the topic's name (and semaphores) for everybody; handles
         already open keep working.  The creator does this when it ends.
         Also allowed after close()."""
+        if self._has_pool:
+            P.shm_unlink(P.part_name(self.name, "p"))
         self._segment.unlink()
 
     def __reduce__(self):
@@ -618,7 +761,10 @@ class Subscription:
         self.name = shared.name
         self._start = start
         self._pid = pid
-        self._cursor = Cursor(ring, entry, pos, seq, shared.not_full)
+        self._cursor = (Cursor if shared.codec is None else SlotCursor)(ring, entry, pos, seq, shared.not_full)
+        #: how a payload becomes the message: a pickle, or (a topic with a
+        #: slot pool) maybe a slot message (chosen once: ~3% of a receive)
+        self._decode = _loads if shared.codec is None else self._decode_slots
         self._bell = _SubscriberBell(self._cursor, shared.not_empty_sem)
         self._w = shared.words
         self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start)
@@ -653,7 +799,17 @@ class Subscription:
         data = self._cursor.try_read()
         if data is None:
             data = self._receive_waiting(shared, timeout)
-        return pickle.loads(data)
+        return self._decode(data)
+
+    def _decode_slots(self, data: bytes) -> Any:
+        """A pickle, or a slot message: hold its slots (read-only views),
+        then let the cursor pass its record."""
+        if data[0]:  # a pickle (0x80); byte 0: a slot message
+            return _loads(data)
+        try:
+            return self._shared.codec.decode(data)
+        finally:
+            self._cursor.commit()
 
     def receive_nowait(self) -> Any:
         """The next message, or raise Empty at once; otherwise as :meth:`receive`."""
