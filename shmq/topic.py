@@ -415,8 +415,11 @@ class Topic:
     overflow="block")`` creates one; :meth:`attach` opens an existing one by
     name; the handle pickles as its name.  ``capacity_bytes``: the ring's
     data area; one message (pickled) may take up to half of it.
-    ``slot_size``/``slot_count`` are recorded for a slot pool of large arrays
-    that this version does not use yet: arrays travel pickled through the ring.
+    ``slot_size``/``slot_count``: a slot pool (``<name>.p``) for large
+    buffers: arrays of 64 KiB up to ``slot_size`` in a message go through a
+    slot once and reach every subscriber as read-only zero-copy views (see
+    ``return_slots`` for when a slot returns).  Without ``slot_size`` they
+    travel pickled through the ring.
 
     Counted publishers: the handle ``Topic(...)`` returns counts as a
     publisher from its creation; any other handle (from :meth:`attach`,
