@@ -231,8 +231,6 @@ class BroadcastRing:
         #: the largest payload a record may carry (a pad before it never makes it wrap)
         self.max_payload = cap // 2 - _HDR
         self._base = L.TOPIC_DATA_OFFSET
-        #: where the last record this attachment wrote ends (TAIL after it)
-        self.last_end = 0
         # the publisher's cached lowest live cursor and the epoch it was read in
         self._gate = -1
         self._gate_epoch = -1
@@ -342,7 +340,7 @@ class BroadcastRing:
             w[at // _W + 1] = seq
             buf[at + _HDR : at + _HDR + n] = data
             w[L.W_T_NEXT_SEQ] = seq + 1
-            w[L.W_T_TAIL] = self.last_end = t + size  # publishes the record to every subscriber
+            w[L.W_T_TAIL] = t + size  # publishes the record to every subscriber
         finally:
             w[lock._w_owner] = 0
             sem.release()

@@ -588,7 +588,7 @@ class Topic:
         except BaseException:
             lease.abort()  # nothing was published
             raise
-        end = ring.last_end
+        end = self._w[L.W_T_TAIL]  # at or after our record's end (another publisher may follow): holding longer is safe
         refs = [(i, pool.generation(i)) for i in lease.indices]
         for i, gen in refs:
             pool.acquire(i, gen).release()  # the hold for the ring (the view is not needed)
@@ -639,7 +639,7 @@ class Topic:
         shared = self._check()
         if start not in _STARTS:
             raise ValueError(f"'start' must be 'next' or 'oldest', got {start!r}")
-        return Subscription(shared, start == "oldest", _key=_KEY)
+        return (Subscription if shared.codec is None else _SlotSubscription)(shared, start == "oldest", _key=_KEY)
 
     # -- the rest -------------------------------------------------------------
     def statistics(self) -> TopicStatistics:
@@ -765,9 +765,6 @@ class Subscription:
         self._start = start
         self._pid = pid
         self._cursor = (Cursor if shared.codec is None else SlotCursor)(ring, entry, pos, seq, shared.not_full)
-        #: how a payload becomes the message: a pickle, or (a topic with a
-        #: slot pool) maybe a slot message (chosen once: ~3% of a receive)
-        self._decode = _loads if shared.codec is None else self._decode_slots
         self._bell = _SubscriberBell(self._cursor, shared.not_empty_sem)
         self._w = shared.words
         self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start)
@@ -802,17 +799,7 @@ class Subscription:
         data = self._cursor.try_read()
         if data is None:
             data = self._receive_waiting(shared, timeout)
-        return self._decode(data)
-
-    def _decode_slots(self, data: bytes) -> Any:
-        """A pickle, or a slot message: hold its slots (read-only views),
-        then let the cursor pass its record."""
-        if data[0]:  # a pickle (0x80); byte 0: a slot message
-            return _loads(data)
-        try:
-            return self._shared.codec.decode(data)
-        finally:
-            self._cursor.commit()
+        return _loads(data)
 
     def receive_nowait(self) -> Any:
         """The next message, or raise Empty at once; otherwise as :meth:`receive`."""
@@ -888,6 +875,30 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription to {self.name!r}{' closed' if self.closed else ''}>"
+
+
+class _SlotSubscription(Subscription):
+    """A subscription of a topic with a slot pool: a message is a pickle or
+    a slot message (a subclass, so that a topic without a pool does not pay
+    the test: ~3% of a receive)."""
+
+    def receive(self, timeout: Optional[float] = None) -> Any:
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"subscription to topic {self.name!r} is closed")
+        if timeout is not None and timeout < 0:
+            deadline_for(timeout)  # raises ValueError
+        data = self._cursor.try_read()
+        if data is None:
+            data = self._receive_waiting(shared, timeout)
+        if data[0]:  # a pickle (0x80); byte 0: a slot message
+            return _loads(data)
+        try:  # hold its slots (read-only views), then let the cursor pass its record
+            return shared.codec.decode(data)
+        finally:
+            self._cursor.commit()
+
+    receive.__doc__ = Subscription.receive.__doc__
 
 
 def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int) -> None:
