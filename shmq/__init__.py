@@ -25,6 +25,7 @@ from .queue import JoinableQueue as JoinableQueue
 from .queue import Queue as Queue
 from .queue import SimpleQueue as SimpleQueue
 from .topic import Latest as Latest
+from .topic import LatestStatistics as LatestStatistics
 from .topic import SubscriberStatistics as SubscriberStatistics
 from .topic import Subscription as Subscription
 from .topic import Topic as Topic
@@ -67,6 +68,7 @@ __all__ = (
     "WouldBlock",
     "NoFreeName",
     "Latest",
+    "LatestStatistics",
     "SubscriberStatistics",
     "Subscription",
     "Topic",

@@ -19,16 +19,29 @@ caller's policy (``gate`` of :meth:`BroadcastRing.try_write`).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError
-from ._segment import Segment
+from ._errors import BrokenError, LayoutError
+from ._segment import ParticipantInfo, Segment, participant_infos
 from . import _sync
 from ._sync import Doorbell, RobustLock
 
-__all__ = ("BroadcastRing", "Cursor", "ValueCell", "record_size")
+__all__ = (
+    "BroadcastRing",
+    "Cursor",
+    "LatestStatistics",
+    "SubscriberStatistics",
+    "TopicStatistics",
+    "SlotCursor",
+    "ValueCell",
+    "latest_statistics",
+    "record_size",
+    "topic_statistics",
+)
 
 _W = L.WORD
 _HDR = L.T_RECORD_HEADER
@@ -37,6 +50,170 @@ _HDR = L.T_RECORD_HEADER
 def record_size(payload_bytes: int) -> int:
     """Bytes a record of ``payload_bytes`` takes in the data area."""
     return _HDR + ((payload_bytes + _W - 1) & -_W)
+
+
+@dataclass(frozen=True)
+class SubscriberStatistics:
+    """One subscription's position in its topic."""
+
+    #: the subscriber's process id
+    pid: int
+    #: messages still in the ring that it has not read yet
+    lag_messages: int
+    #: bytes of the ring between its cursor and the newest record
+    lag_bytes: int
+    #: messages it lost (overwritten before it read them; drop-oldest only)
+    lost: int
+    #: messages it received
+    received: int
+
+
+@dataclass(frozen=True)
+class TopicStatistics:
+    """A snapshot of a topic, as every attached process sees it (also what
+    ``shmq stat`` reads, without attaching)."""
+
+    #: the topic's name
+    name: str
+    #: "block" or "drop-oldest"
+    overflow: str
+    #: size of the ring's data area
+    capacity_bytes: int
+    #: messages published since the topic was created
+    published: int
+    #: messages still in the ring (readable by a ``start="oldest"`` subscriber)
+    held_messages: int
+    #: bytes those take in the ring (record headers and padding included)
+    held_bytes: int
+    #: open publisher handles in every process (dead ones not counted)
+    publishers: int
+    #: True once every publisher has closed (or died): the stream ended
+    ended: bool
+    #: the live subscriptions, one entry each
+    subscribers: Tuple[SubscriberStatistics, ...]
+    #: bytes written into the ring since the topic was created (record
+    #: headers and padding included): the byte rate's counter
+    bytes_published: int = 0
+    #: pid of the creating process, and whether it still runs
+    creator_pid: int = 0
+    creator_alive: bool = False
+    #: registered processes (publishers and subscribers)
+    participants: Tuple[ParticipantInfo, ...] = ()
+    #: time.monotonic() when the snapshot was taken
+    taken_at: float = 0.0
+
+    @property
+    def fill_ratio(self) -> float:
+        """The slowest subscriber's lag as a share of the ring (0.0 with no
+        subscriber): near 1.0 it gates a ``block`` topic's publishers, or
+        is about to lose messages under ``drop-oldest``.  (The ring itself
+        keeps old records until they are overwritten, so ``held_bytes``
+        says nothing about who keeps up.)"""
+        lag = max((x.lag_bytes for x in self.subscribers), default=0)
+        return min(1.0, lag / self.capacity_bytes) if self.capacity_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class LatestStatistics:
+    """A snapshot of a ``shmq.Latest``."""
+
+    #: its name
+    name: str
+    #: the largest value (pickled) it holds
+    capacity_bytes: int
+    #: the newest version: 0 if never set, then one more per set
+    version: int
+    #: bytes of the newest value's pickle (0 if never set)
+    value_bytes: int
+    #: readers sleeping in ``wait()`` now
+    waiters: int
+    #: pid of the creating process, and whether it still runs
+    creator_pid: int
+    creator_alive: bool
+    #: registered processes
+    participants: Tuple[ParticipantInfo, ...]
+    #: time.monotonic() when the snapshot was taken
+    taken_at: float
+
+
+def _alive(pid: int, start_us: int) -> bool:
+    return 0 < pid < 1 << 31 and P.is_alive(pid, start_us)
+
+
+def topic_statistics(seg: Any) -> TopicStatistics:
+    """A snapshot of the topic in ``seg`` (a Segment, or a read-only
+    SegmentView: nothing is written).  Publisher handles of dead processes
+    are not counted (and, once none is left, the stream shows as ended:
+    the next publisher scan will say so).  Raises LayoutError if the header
+    contradicts itself."""
+    w = seg.words
+    cap = w[L.W_T_CAPACITY]
+    if cap < L.MIN_CAPACITY or cap % _W or seg.size != L.topic_segment_size(cap):
+        raise LayoutError(f"topic {seg.name!r} has a corrupt header: capacity {cap}, size {seg.size}")
+    # As a subscriber reads them: the cursor words before the ring's.
+    subs = []
+    for i in range(L.T_SUBSCRIBERS):
+        base = L.topic_sub_word(i)
+        pid = w[base + L.TS_PID]
+        if pid:
+            subs.append((pid, w[base + L.TS_CURSOR], w[base + L.TS_NEXT_SEQ], w[base + L.TS_LOST],
+                         w[base + L.TS_RECEIVED]))
+    oldest, oldest_seq = w[L.W_T_OLDEST], w[L.W_T_OLDEST_SEQ]
+    tail, published = w[L.W_T_TAIL], w[L.W_T_NEXT_SEQ]
+    publishers, dead = 0, False
+    for i in range(L.T_PUB_MEMBERS):
+        base = L.topic_pub_word(i)
+        pid = w[base]
+        if pid:
+            if _alive(pid, w[base + 1]):
+                publishers += max(0, w[base + 2])
+            elif w[base + 2] > 0:
+                dead = True
+    state = w[L.W_T_STATE]
+    return TopicStatistics(
+        name=seg.name,
+        overflow="drop-oldest" if w[L.W_T_FLAGS] & L.T_DROP_OLDEST else "block",
+        capacity_bytes=cap,
+        published=published,
+        held_messages=max(0, published - oldest_seq),
+        held_bytes=max(0, tail - oldest),
+        publishers=publishers,
+        ended=bool(state & L.T_PUBLISHERS_DONE) or (dead and publishers == 0),
+        subscribers=tuple(
+            SubscriberStatistics(pid, max(0, published - max(seq, oldest_seq)), max(0, tail - max(cursor, oldest)),
+                                 lost, received)
+            for pid, cursor, seq, lost, received in subs
+        ),
+        bytes_published=tail,
+        creator_pid=w[L.W_CREATOR_PID],
+        creator_alive=seg.creator_alive(),
+        participants=participant_infos(seg),
+        taken_at=time.monotonic(),
+    )
+
+
+def latest_statistics(seg: Any) -> LatestStatistics:
+    """A snapshot of the ``shmq.Latest`` in ``seg`` (a Segment or a
+    read-only SegmentView).  Raises LayoutError if the header contradicts
+    itself."""
+    w = seg.words
+    cap = w[L.W_L_CAPACITY]
+    if cap < 0 or cap % _W or seg.size != L.latest_segment_size(cap):
+        raise LayoutError(f"latest {seg.name!r} has a corrupt header: capacity {cap}, size {seg.size}")
+    v = w[L.W_L_VERSION]
+    hdr = L.W_L_BUFFERS + 2 * (v % L.LATEST_BUFFERS)
+    n = w[hdr + 1] if v and w[hdr] == v else 0
+    return LatestStatistics(
+        name=seg.name,
+        capacity_bytes=cap,
+        version=v,
+        value_bytes=max(0, min(n, cap)),
+        waiters=max(0, w[L.W_L_WAITERS]),
+        creator_pid=w[L.W_CREATOR_PID],
+        creator_alive=seg.creator_alive(),
+        participants=participant_infos(seg),
+        taken_at=time.monotonic(),
+    )
 
 
 class BroadcastRing:
@@ -169,6 +346,26 @@ class BroadcastRing:
             sem.release()
         return True
 
+    def trim(self, upto: int) -> None:
+        """Evict the records that end at or before ``upto`` (a record
+        boundary: the lowest live cursor).  Holds: the producer lock.  Only
+        records every live subscriber has read go, so nobody loses one; what
+        changes is the history a ``start="oldest"`` subscriber sees."""
+        w, base, cap = self.words, self._base, self.capacity_bytes
+        o, t = w[L.W_T_OLDEST], w[L.W_T_TAIL]
+        if o >= upto:
+            return
+        seq = w[L.W_T_OLDEST_SEQ]
+        while o < upto and o < t:
+            h = w[(base + o % cap) // _W]
+            if h < 0:
+                o -= h
+            else:
+                o += record_size(h)
+                seq += 1
+        w[L.W_T_OLDEST_SEQ] = seq
+        w[L.W_T_OLDEST] = o
+
     def repair(self) -> None:
         """After a publisher died holding the lock (caller holds it now):
         recount OLDEST_SEQ and NEXT_SEQ from the records themselves."""
@@ -253,7 +450,7 @@ class Cursor:
     """A subscriber's position: reads records one by one, counting the ones
     it lost to publishers that overwrote them.  One thread uses it."""
 
-    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full")
+    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full", "_pending")
 
     def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
         self.ring = ring
@@ -265,6 +462,7 @@ class Cursor:
         self._w = ring.words
         self._base = L.topic_sub_word(entry)
         self._not_full = not_full
+        self._pending = -1
 
     def can_read(self) -> bool:
         return self._w[L.W_T_TAIL] > self.pos
@@ -331,6 +529,77 @@ class Cursor:
     def withdraw(self) -> None:
         """Left the wait without a post for this entry."""
         self._w[self._base + L.TS_WAITING] = 0
+
+
+class SlotCursor(Cursor):
+    """A cursor of a topic with a slot pool.  A record whose payload starts
+    with byte 0 (a slot message; a pickle starts with 0x80) carries slot
+    references the reader must hold before its cursor passes the record (the
+    publisher gives back its own hold once every live cursor passed it):
+    :meth:`try_read` returns it with the cursor still before it, and
+    :meth:`commit` moves the cursor on.  (A subclass so that topics without
+    a pool do not pay for the test: ~3% of a receive.)"""
+
+    __slots__ = ()
+
+    def try_read(self) -> Optional[bytes]:
+        """The next record's payload, or None if there is none yet; for a
+        slot message, call :meth:`commit` once its slots are held."""
+        ring, w = self.ring, self._w
+        buf, cap, base = ring.buf, ring.capacity_bytes, ring._base
+        pos = self.pos
+        while True:
+            t = w[L.W_T_TAIL]
+            if pos >= t:
+                if pos != self.pos:
+                    self._store(pos)
+                return None
+            if pos < w[L.W_T_OLDEST]:
+                pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+                continue
+            at = base + pos % cap
+            h = w[at // _W]
+            if h < 0:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                if -h > cap - pos % cap or -h % _W:
+                    raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
+                pos -= h
+                continue
+            if h > ring.max_payload or pos % cap + _HDR + h > cap:
+                if w[L.W_T_OLDEST] > pos:
+                    continue
+                raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
+            seq = w[at // _W + 1]
+            data = bytes(buf[at + _HDR : at + _HDR + h])
+            if w[L.W_T_OLDEST] > pos:
+                continue  # overwritten while we copied: lost, look again
+            if seq > self.next_seq:
+                self.lost += seq - self.next_seq
+                w[self._base + L.TS_LOST] = self.lost
+            self.next_seq = seq + 1
+            self.received += 1
+            pos = pos + _HDR + ((h + 7) & -8)
+            if h and data[0] == 0:
+                # A record that starts with byte 0 carries references the
+                # reader takes before its cursor passes it: commit() moves it.
+                self._pending = pos
+                return data
+            self.pos = pos
+            b = self._base
+            w[b + L.TS_NEXT_SEQ] = seq + 1
+            w[b + L.TS_RECEIVED] = self.received
+            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
+            if w[L.W_T_PUB_WAITING]:
+                self._not_full.ring()
+            return data
+
+    def commit(self) -> None:
+        """Move the cursor past the record :meth:`try_read` returned last,
+        when it started with byte 0 (nothing to do otherwise)."""
+        pos, self._pending = self._pending, -1
+        if pos >= 0:
+            self._store(pos)
 
 
 class ValueCell:

@@ -182,6 +182,44 @@ def _ring_lines(s: ll.RingStatistics) -> List[Tuple[str, str]]:
     return lines
 
 
+def _topic_lines(s: "shmq.TopicStatistics") -> List[Tuple[str, str]]:
+    state = "ended" if s.ended else f"{s.publishers} publisher handle{'s' if s.publishers != 1 else ''} open"
+    lines = [
+        ("topic", f"{s.name}: {_size(s.capacity_bytes)} ring, overflow {s.overflow}"),
+        ("creator", f"{s.creator_pid} ({'alive' if s.creator_alive else 'dead'})"),
+        ("published", f"{s.published:,} messages, {s.bytes_published:,} bytes; {state}"),
+        ("held", f"{s.held_messages:,} messages, {s.held_bytes:,} bytes (for start=\"oldest\")"),
+        ("subscribers", f"{len(s.subscribers)}, slowest lag {_bar(s.fill_ratio)}" if s.subscribers else "none"),
+    ]
+    for sub in s.subscribers:
+        lines.append(
+            ("", f"pid {sub.pid}: lag {sub.lag_messages:,} messages ({_size(sub.lag_bytes)}), "
+                 f"received {sub.received:,}, lost {sub.lost:,}")
+        )
+    lines.append(("participants", _participants(s.participants)))
+    return lines
+
+
+def _latest_lines(s: "shmq.LatestStatistics") -> List[Tuple[str, str]]:
+    return [
+        ("latest", f"{s.name}: values up to {_size(s.capacity_bytes)}"),
+        ("creator", f"{s.creator_pid} ({'alive' if s.creator_alive else 'dead'})"),
+        ("version", f"{s.version:,}" + (f", newest value {s.value_bytes:,} bytes" if s.version else " (never set)")),
+        ("waiters", f"{s.waiters}"),
+        ("participants", _participants(s.participants)),
+    ]
+
+
+def _stat_lines(stats: Any) -> List[Tuple[str, str]]:
+    if isinstance(stats, ll.RingStatistics):
+        return _ring_lines(stats)
+    if isinstance(stats, shmq.TopicStatistics):
+        return _topic_lines(stats)
+    if isinstance(stats, shmq.LatestStatistics):
+        return _latest_lines(stats)
+    return _generic_lines(stats)
+
+
 def _fields_text(lines: List[Tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
@@ -221,7 +259,54 @@ def _rates_lines(r: ll.Rates) -> List[Tuple[str, str]]:
 
 
 def _has_rates(stats: Any) -> bool:
-    return all(hasattr(stats, a) for a in ("messages_in", "full_wait_seconds", "fill_ratio", "taken_at"))
+    return _is_stream(stats) or all(
+        hasattr(stats, a) for a in ("messages_in", "full_wait_seconds", "fill_ratio", "taken_at")
+    )
+
+
+def _is_stream(stats: Any) -> bool:
+    return isinstance(stats, (shmq.TopicStatistics, shmq.LatestStatistics))
+
+
+def _stream_count(stats: Any) -> int:
+    """The counter a topic's (Latest's) rate is taken from: messages published (versions set)."""
+    return stats.published if isinstance(stats, shmq.TopicStatistics) else stats.version
+
+
+def _stream_rates(before: Any, after: Any) -> ll.Rates:
+    """Rates of a topic or a Latest between two snapshots.  In: messages
+    published (versions set) per second; out: messages received, summed
+    over the subscribers (a topic's bytes are written once and read in place,
+    so the byte rates are both the bytes published per second).  Topics do
+    not count blocked time: the wait ratios are 0 and the verdict comes from
+    the fill of a ``block`` topic (its slowest subscriber gates)."""
+    dt = after.taken_at - before.taken_at
+    if dt <= 0 or before.name != after.name:
+        raise ValueError(f"snapshots of {before.name!r} and {after.name!r} {dt:.3f} s apart")
+    m_in = max(0, _stream_count(after) - _stream_count(before))
+    if isinstance(after, shmq.TopicStatistics):
+        m_out = max(0, sum(x.received for x in after.subscribers) - sum(x.received for x in before.subscribers))
+        b_in = max(0, after.bytes_published - before.bytes_published)
+        fill = after.fill_ratio
+        mean_fill = (before.fill_ratio + fill) / 2
+    else:
+        m_out, b_in, fill, mean_fill = 0, 0, 0.0, 0.0
+    return ll.Rates(
+        name=after.name,
+        interval_seconds=dt,
+        messages_in_per_second=m_in / dt,
+        messages_out_per_second=m_out / dt,
+        bytes_in_per_second=b_in / dt,
+        bytes_out_per_second=b_in / dt,
+        producer_wait_ratio=0.0,
+        consumer_wait_ratio=0.0,
+        fill_ratio=fill,
+        verdict=ll.verdict(0.0, 0.0, mean_fill, bool(m_in or m_out)),
+    )
+
+
+def _rates_between(before: Any, after: Any) -> ll.Rates:
+    return _stream_rates(before, after) if _is_stream(after) else ll.rates(before, after)
 
 
 def _part_text(part: Any, info: Any) -> str:
@@ -251,7 +336,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
         if _has_rates(stats):
             time.sleep(args.interval)
             later = ll.read_statistics(args.name)
-            rates = ll.rates(stats, later)
+            rates = _rates_between(stats, later)
             stats = later
     parts = []
     order = {"queue-side": 0, "pool": 1}
@@ -272,7 +357,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
             out["parts"] = [dict(_as_json(p), kind=i.kind) for p, i in parts]
         _print_json(out)
         return 0
-    lines = _ring_lines(stats) if isinstance(stats, ll.RingStatistics) else _generic_lines(stats)
+    lines = _stat_lines(stats)
     if rates is not None:
         lines += _rates_lines(rates)
     lines += [("parts" if k == 0 else "", _part_text(*p)) for k, p in enumerate(parts)]
@@ -319,16 +404,18 @@ def _top_sample(
         }
         if _has_rates(stats):
             current[info.name] = stats
-            entry["fill_ratio"] = stats.fill_ratio
+            entry["fill_ratio"] = getattr(stats, "fill_ratio", None)
             before = previous.get(info.name)
-            # A counter that went back means the name now holds a new segment.
+            count = _stream_count if _is_stream(stats) else (lambda x: x.messages_in)
+            # A counter that went back (or a kind that changed) means the name now holds a new segment.
             if (
                 not entry["dead"]
                 and before is not None
-                and stats.messages_in >= before.messages_in
+                and type(before) is type(stats)
+                and count(stats) >= count(before)
                 and stats.taken_at > before.taken_at
             ):
-                entry["rates"] = ll.rates(before, stats)
+                entry["rates"] = _rates_between(before, stats)
         elif getattr(stats, "slot_count", 0):  # a pool: slots in use
             entry["fill_ratio"] = (stats.slot_count - stats.free) / stats.slot_count
         out.append(entry)

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _layout as L
 from . import _platform as P
+from ._broadcast import latest_statistics, topic_statistics
 from ._errors import LayoutError
 from ._ring import read_ring_statistics
 from ._segment import ParticipantInfo, SegmentView, participant_infos
@@ -195,7 +196,8 @@ def segment_info(name: str) -> SegmentInfo:
 def read_statistics(name: str) -> Any:
     """A statistics snapshot of segment ``name``, read-only, from any process:
     RingStatistics for a ring (queues included), SlotPoolStatistics for a
-    slot pool, SegmentInfo for any other kind.  Raises
+    slot pool, TopicStatistics / LatestStatistics for a topic / Latest (the
+    same as the handle's ``statistics()``), SegmentInfo for any other kind.  Raises
     FileNotFoundError, PermissionError, or LayoutError (not an shmq segment of
     this layout version)."""
     with SegmentView.open(name) as view:
@@ -203,6 +205,10 @@ def read_statistics(name: str) -> Any:
             return read_ring_statistics(view.name, view.words, view)
         if view.kind == L.KIND_POOL:
             return pool_view_statistics(view)
+        if view.kind == L.KIND_TOPIC:
+            return topic_statistics(view)
+        if view.kind == L.KIND_LATEST:
+            return latest_statistics(view)
         return _segment_info(view)
 
 

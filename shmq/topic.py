@@ -31,26 +31,40 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Iterator, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._broadcast import BroadcastRing, Cursor, ValueCell
+from ._broadcast import (  # the statistics classes live beside the bytes they read (shmq stat)
+    BroadcastRing,
+    Cursor,
+    LatestStatistics,
+    SlotCursor,
+    SubscriberStatistics,
+    TopicStatistics,
+    ValueCell,
+    latest_statistics,
+    topic_statistics,
+)
+from ._codec import LARGE, Codec, first_pass_failed, stop_at_large
 from ._errors import (
     BrokenError,
     ClosedError,
     Empty,
     EndOfChannel,
+    Full,
     MessageTooLarge,
     TooManyMembers,
 )
 from ._segment import Segment
+from ._slots import SlotPool
 from ._sync import SPIN_SECONDS, Doorbell, RobustLock, full_fence, slice_end
 from ._wait import deadline_for, wait_until
 
 __all__ = (
     "Latest",
+    "LatestStatistics",
     "Subscription",
     "SubscriberStatistics",
     "Topic",
@@ -65,6 +79,11 @@ SLICE_SECONDS = 0.1
 _OVERFLOWS = ("block", "drop-oldest")
 _STARTS = ("next", "oldest")
 _LOW = (1 << 32) - 1
+_SIZE_MASK = (1 << L.POOL_COUNT_SHIFT) - 1
+#: a publisher short of slots re-checks which ones the subscribers are done with this often
+SLOT_RECHECK_SECONDS = 0.01
+_dumps = pickle.dumps
+_loads = pickle.loads
 
 _monotonic = time.monotonic
 
@@ -79,46 +98,6 @@ def _check_capacity(capacity_bytes: Any) -> int:
     if capacity_bytes < 1024 or capacity_bytes % 8:
         raise ValueError(f"'capacity_bytes' must be a multiple of 8 of at least 1024, got {capacity_bytes}")
     return capacity_bytes
-
-
-@dataclass(frozen=True)
-class SubscriberStatistics:
-    """One subscription's position in its topic."""
-
-    #: the subscriber's process id
-    pid: int
-    #: messages still in the ring that it has not read yet
-    lag_messages: int
-    #: bytes of the ring between its cursor and the newest record
-    lag_bytes: int
-    #: messages it lost (overwritten before it read them; drop-oldest only)
-    lost: int
-    #: messages it received
-    received: int
-
-
-@dataclass(frozen=True)
-class TopicStatistics:
-    """A snapshot of a topic, as every attached process sees it."""
-
-    #: the topic's name
-    name: str
-    #: "block" or "drop-oldest"
-    overflow: str
-    #: size of the ring's data area
-    capacity_bytes: int
-    #: messages published since the topic was created
-    published: int
-    #: messages still in the ring (readable by a ``start="oldest"`` subscriber)
-    held_messages: int
-    #: bytes those take in the ring (record headers and padding included)
-    held_bytes: int
-    #: open publisher handles in every process (dead ones not counted)
-    publishers: int
-    #: True once every publisher has closed (or died): the stream ended
-    ended: bool
-    #: the live subscriptions, one entry each
-    subscribers: Tuple[SubscriberStatistics, ...]
 
 
 # -- counting publishers -----------------------------------------------------------
@@ -224,9 +203,11 @@ class _Publishers:
 
 class _Shared:
     """One process's attachment to a topic: the segment, the ring, the lock
-    and the bells, shared by its Topic handles and Subscriptions."""
+    and the bells, shared by its Topic handles and Subscriptions; and, for a
+    topic with a slot pool, the pool, the codec and the slots this process
+    published whose records the ring still shows (``held``)."""
 
-    def __init__(self, segment: Segment) -> None:
+    def __init__(self, segment: Segment, pool: Optional[SlotPool] = None) -> None:
         self.segment = segment
         self.name = segment.name
         self.ring = BroadcastRing(segment)
@@ -241,6 +222,16 @@ class _Shared:
         self.users = 0
         self.pid = os.getpid()
         self.mutex = threading.Lock()
+        self.pool: Optional[SlotPool] = None
+        self.codec: Optional[Codec] = None
+        #: (end of the record, [(slot, generation)]) of this process's slot
+        #: messages, oldest first: it holds each slot once for the ring
+        self.held: Deque[Tuple[int, List[Tuple[int, int]]]] = deque()
+        self.held_lock = threading.Lock()  # publishing threads share ``held``
+        self.next_reap = 0.0
+        if w[L.W_T_SLOT_CONFIG] & _SIZE_MASK:
+            self.pool = pool if pool is not None else SlotPool.attach(P.part_name(self.name, "p"))
+            self.codec = Codec(self.pool)
 
     def _repair(self) -> None:
         if self.lock.acquire(1.0):
@@ -259,6 +250,16 @@ class _Shared:
             last = self.users <= 0
         if last and not self.segment.closed:
             _attachments.pop(self.name, None)
+            if self.pool is not None and self.pid == os.getpid():
+                try:
+                    return_slots(self)
+                except Exception:
+                    pass
+                # Slots still held for the ring stay held until this process
+                # ends (the pool's mapping stays until then): subscribers may
+                # still read their records.
+                self.codec.close()
+                self.pool.close()
             self.segment.close()
 
     def wake(self, bits: int) -> None:
@@ -272,6 +273,54 @@ class _Shared:
                 f"without closing; everything published before was delivered"
             )
         return EndOfChannel(f"topic {self.name!r} ended: every publisher closed and everything was received")
+
+
+def return_slots(shared: _Shared) -> None:
+    """Give back this process's hold of the slots whose records no
+    subscriber can read any more, then let the pool free what nobody holds.
+
+    A slot message's slots are held once by its publisher "for the ring",
+    from its write until both (a) its record is evicted (OLDEST passed it:
+    no subscriber can start reading it) and (b) every live subscriber's
+    cursor passed it (a subscriber takes its own hold before its cursor moves
+    past the record, see ``Cursor.commit``).  Records every live subscriber
+    has read are evicted here (``BroadcastRing.trim``): otherwise small slot
+    records would wait for the ring to wrap.  Subscriber entries of dead
+    processes that keep a record are freed here too (every SLICE_SECONDS)."""
+    with shared.held_lock:
+        _return_slots_locked(shared)
+
+
+def _return_slots_locked(shared: _Shared) -> None:
+    held = shared.held
+    pool = shared.pool
+    if held:
+        ring, w = shared.ring, shared.words
+        first_end = held[0][0]
+        if _monotonic() >= shared.next_reap:
+            shared.next_reap = _monotonic() + SLICE_SECONDS
+            dead = [(i, pid, start) for i, pid, start, cursor, *_ in ring.entries()
+                    if cursor < first_end and not P.is_alive(pid, start)]
+            if dead:
+                with shared.segment.admin_lock():
+                    for i, pid, start in dead:
+                        ring.free(i, pid, start)
+                ring._gate_epoch = -1
+        if w[L.W_T_OLDEST] < first_end:
+            shared.lock.acquire()  # joins hold it too: no cursor appears below the lowest meanwhile
+            try:
+                low = ring.lowest_cursor()
+                ring.trim(w[L.W_T_TAIL] if low < 0 else low)
+            finally:
+                shared.lock.release()
+        low = ring.lowest_cursor()
+        bound = w[L.W_T_OLDEST]
+        if 0 <= low < bound:
+            bound = low
+        while held and held[0][0] <= bound:
+            for index, gen in held.popleft()[1]:
+                pool.release(index, gen)
+    pool.collect()
 
 
 # one attachment per topic per process (Topic handles and subscriptions share it)
@@ -349,6 +398,8 @@ def _after_fork_in_child() -> None:
     _exit_pid = 0
     for shared in list(_attachments.values()):
         shared.mutex = threading.Lock()
+        shared.held_lock = threading.Lock()
+        shared.held = deque()  # the parent's holds: the parent gives them back
     _attachments.clear()  # a child attaches anew (its own users count)
 
 
@@ -364,8 +415,11 @@ class Topic:
     overflow="block")`` creates one; :meth:`attach` opens an existing one by
     name; the handle pickles as its name.  ``capacity_bytes``: the ring's
     data area; one message (pickled) may take up to half of it.
-    ``slot_size``/``slot_count`` are recorded for a slot pool of large arrays
-    that this version does not use yet: arrays travel pickled through the ring.
+    ``slot_size``/``slot_count``: a slot pool (``<name>.p``) for large
+    buffers: arrays of 64 KiB up to ``slot_size`` in a message go through a
+    slot once and reach every subscriber as read-only zero-copy views (see
+    ``return_slots`` for when a slot returns).  Without ``slot_size`` they
+    travel pickled through the ring.
 
     Counted publishers: the handle ``Topic(...)`` returns counts as a
     publisher from its creation; any other handle (from :meth:`attach`,
@@ -397,12 +451,19 @@ class Topic:
         if not isinstance(slot_count, int) or slot_count <= 0:
             raise ValueError(f"'slot_count' must be a positive int, got {slot_count!r}")
         segment = Segment.create(L.KIND_TOPIC, L.topic_segment_size(capacity_bytes), name)
+        pool = None
         try:
             BroadcastRing.initialise(segment, capacity_bytes, overflow == "drop-oldest",
                                      slot_count << L.POOL_COUNT_SHIFT | (slot_size or 0))
-            shared = _Shared(segment)
+            if slot_size:
+                pool = SlotPool.create(slot_size, slot_count, name=P.part_name(segment.name, "p"),
+                                       max_members=2 * L.T_SUBSCRIBERS, link=segment.name)
+            shared = _Shared(segment, pool)
             segment.publish()
         except BaseException:
+            if pool is not None:
+                pool.unlink()
+                pool.close()
             segment.unlink()
             segment.close()
             raise
@@ -423,6 +484,7 @@ class Topic:
 
     def _setup(self, shared: _Shared) -> None:
         self._shared = shared
+        self._has_pool = shared.pool is not None
         self._segment = shared.segment
         self._ring = shared.ring
         self._w = shared.words
@@ -472,7 +534,19 @@ class Topic:
             if shared.publishers.state() & L.T_PUBLISHERS_DONE:
                 raise BrokenError(f"topic {self.name!r} has ended: every publisher had closed before this publish")
             self._count()
-        data = pickle.dumps(obj, 5)
+        if shared.codec is None:
+            data = _dumps(obj, 5)
+        else:
+            return_slots(shared)  # (also frees the slots whose last views died)
+            try:
+                data = _dumps(obj, 5, buffer_callback=stop_at_large)
+            except Exception as exc:
+                data = first_pass_failed(obj, exc)
+            if data is LARGE:
+                data, lease = self._encode_large(shared, obj, deadline)
+                if lease is not None:
+                    self._publish_slots(shared, data, lease, deadline)
+                    return
         ring = self._ring
         if len(data) > ring.max_payload:
             raise MessageTooLarge(
@@ -482,6 +556,45 @@ class Topic:
         gate = not ring.drop_oldest
         while not ring.try_write(data, shared.lock, gate):
             self._wait_for_room(len(data), deadline)
+        if self._w[L.W_T_SUB_WAITING]:
+            ring.wake_subscribers(shared.not_empty_sem)
+
+    def _encode_large(self, shared: _Shared, obj: Any, deadline: Optional[float]) -> Tuple[bytes, Any]:
+        """``obj``'s large buffers copied into slots: (message, lease), or
+        (its pickle, None) if a buffer exceeds slot_size.  Waits for free
+        slots until ``deadline`` (Full), taking back the slots subscribers
+        are done with meanwhile."""
+        codec = shared.codec
+        while True:
+            return_slots(shared)
+            left = SLOT_RECHECK_SECONDS
+            if deadline is not None:
+                left = min(left, max(0.0, deadline - _monotonic()))
+            try:
+                return codec.encode(obj, timeout=left)
+            except Full:
+                if deadline is not None and _monotonic() >= deadline:
+                    raise Full(
+                        f"topic {self.name!r} has no free slot: subscribers still hold or have not read "
+                        f"the arrays of earlier messages"
+                    ) from None
+
+    def _publish_slots(self, shared: _Shared, data: bytes, lease: Any, deadline: Optional[float]) -> None:
+        """Write a slot message, then hold its slots for the ring (see return_slots)."""
+        ring, pool = self._ring, shared.pool
+        try:
+            while not ring.try_write(data, shared.lock, not ring.drop_oldest):
+                self._wait_for_room(len(data), deadline)
+        except BaseException:
+            lease.abort()  # nothing was published
+            raise
+        end = self._w[L.W_T_TAIL]  # at or after our record's end (another publisher may follow): holding longer is safe
+        refs = [(i, pool.generation(i)) for i in lease.indices]
+        for i, gen in refs:
+            pool.acquire(i, gen).release()  # the hold for the ring (the view is not needed)
+        with shared.held_lock:
+            shared.held.append((end, refs))
+        lease.sent()
         if self._w[L.W_T_SUB_WAITING]:
             ring.wake_subscribers(shared.not_empty_sem)
 
@@ -526,7 +639,7 @@ class Topic:
         shared = self._check()
         if start not in _STARTS:
             raise ValueError(f"'start' must be 'next' or 'oldest', got {start!r}")
-        return Subscription(shared, start == "oldest", _key=_KEY)
+        return (Subscription if shared.codec is None else _SlotSubscription)(shared, start == "oldest", _key=_KEY)
 
     # -- the rest -------------------------------------------------------------
     def statistics(self) -> TopicStatistics:
@@ -557,6 +670,8 @@ class Topic:
         """Remove the topic's name (and semaphores) for everybody; handles
         already open keep working.  The creator does this when it ends.
         Also allowed after close()."""
+        if self._has_pool:
+            P.shm_unlink(P.part_name(self.name, "p"))
         self._segment.unlink()
 
     def __reduce__(self):
@@ -576,25 +691,7 @@ class Topic:
 
 
 def _statistics(shared: _Shared) -> TopicStatistics:
-    w, ring = shared.words, shared.ring
-    tail, oldest = w[L.W_T_TAIL], w[L.W_T_OLDEST]
-    published, oldest_seq = w[L.W_T_NEXT_SEQ], w[L.W_T_OLDEST_SEQ]
-    subs = tuple(
-        SubscriberStatistics(pid, max(0, published - max(seq, oldest_seq)), max(0, tail - max(cursor, oldest)),
-                             lost, received)
-        for _i, pid, _start, cursor, seq, lost, received in ring.entries()
-    )
-    return TopicStatistics(
-        name=shared.name,
-        overflow="drop-oldest" if ring.drop_oldest else "block",
-        capacity_bytes=ring.capacity_bytes,
-        published=published,
-        held_messages=max(0, published - w[L.W_T_OLDEST_SEQ]),
-        held_bytes=max(0, tail - oldest),
-        publishers=shared.publishers.count(),
-        ended=bool(shared.publishers.state() & L.T_PUBLISHERS_DONE),
-        subscribers=subs,
-    )
+    return topic_statistics(shared.segment)
 
 
 _KEY = object()
@@ -667,7 +764,7 @@ class Subscription:
         self.name = shared.name
         self._start = start
         self._pid = pid
-        self._cursor = Cursor(ring, entry, pos, seq, shared.not_full)
+        self._cursor = (Cursor if shared.codec is None else SlotCursor)(ring, entry, pos, seq, shared.not_full)
         self._bell = _SubscriberBell(self._cursor, shared.not_empty_sem)
         self._w = shared.words
         self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start)
@@ -702,7 +799,7 @@ class Subscription:
         data = self._cursor.try_read()
         if data is None:
             data = self._receive_waiting(shared, timeout)
-        return pickle.loads(data)
+        return _loads(data)
 
     def receive_nowait(self) -> Any:
         """The next message, or raise Empty at once; otherwise as :meth:`receive`."""
@@ -778,6 +875,30 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription to {self.name!r}{' closed' if self.closed else ''}>"
+
+
+class _SlotSubscription(Subscription):
+    """A subscription of a topic with a slot pool: a message is a pickle or
+    a slot message (a subclass, so that a topic without a pool does not pay
+    the test: ~3% of a receive)."""
+
+    def receive(self, timeout: Optional[float] = None) -> Any:
+        shared = self._shared
+        if shared is None:
+            raise ClosedError(f"subscription to topic {self.name!r} is closed")
+        if timeout is not None and timeout < 0:
+            deadline_for(timeout)  # raises ValueError
+        data = self._cursor.try_read()
+        if data is None:
+            data = self._receive_waiting(shared, timeout)
+        if data[0]:  # a pickle (0x80); byte 0: a slot message
+            return _loads(data)
+        try:  # hold its slots (read-only views), then let the cursor pass its record
+            return shared.codec.decode(data)
+        finally:
+            self._cursor.commit()
+
+    receive.__doc__ = Subscription.receive.__doc__
 
 
 def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int) -> None:
@@ -913,6 +1034,12 @@ class Latest:
                     with seg.admin_lock():
                         w[L.W_L_WAITERS] = max(0, w[L.W_L_WAITERS] - 1)
         return self.get_versioned()
+
+    def statistics(self) -> LatestStatistics:
+        """The version, the newest value's size and the readers waiting
+        (``shmq stat`` reads the same by name).  ClosedError if closed."""
+        self._check()
+        return latest_statistics(self._segment)
 
     def close(self) -> None:
         """Unmap this handle (idempotent)."""

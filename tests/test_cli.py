@@ -792,3 +792,135 @@ def test_a_pure_producer_is_labelled_producer():
         child.wait(30)
         child.stdout.close()
         q.close()
+
+
+# -- topics and Latest -------------------------------------------------------
+
+SUBSCRIBE_AND_COUNT = (
+    "import shmq, sys; t = shmq.Topic.attach(sys.argv[1]); s = t.subscribe(); print('ready', flush=True)\n"
+    "n = 0\n"
+    "for msg in s:\n"
+    "    n += 1\n"
+    "    if n == int(sys.argv[2]): print('got', flush=True)\n"
+    "print('total', n, flush=True)\n"
+)
+
+
+def _topic_with_two_subscribers(first):
+    """A topic of this process and two subscriber processes attached by
+    name that have each received ``first`` messages (and go on receiving
+    until the stream ends, then print their total)."""
+    topic = shmq.Topic(1 << 16, name=unique_name("tpc"))
+    children = [
+        subprocess.Popen([sys.executable, "-c", SUBSCRIBE_AND_COUNT, topic.name, str(first)],
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        for _ in range(2)
+    ]
+    for c in children:
+        assert c.stdout.readline().strip() == "ready"
+    for i in range(first):
+        topic.publish((i, "tick"), timeout=30)
+    for c in children:
+        assert c.stdout.readline().strip() == "got"
+    return topic, children
+
+
+def _end_topic(topic, children):
+    """Close the topic (the stream ends), and the subscribers' totals."""
+    topic.close()
+    totals = []
+    try:
+        for c in children:
+            line = c.stdout.readline().split()
+            totals.append(int(line[1]) if line[:1] == ["total"] else line)
+    finally:
+        for c in children:
+            if c.poll() is None and c.wait(30) is None:
+                c.kill()
+            c.stdout.close()
+        topic.unlink()
+    return totals
+
+
+def test_stat_reads_a_live_topic_and_its_subscribers():
+    topic, children = _topic_with_two_subscribers(50)
+    try:
+        res = shmq_cli("stat", topic.name, "--json")
+        assert res.returncode == 0, res.stderr
+        data = json.loads(res.stdout)
+        mine = topic.statistics()
+        assert data["type"] == "TopicStatistics"
+        for field in ("name", "overflow", "capacity_bytes", "published", "held_messages", "held_bytes",
+                      "publishers", "ended", "bytes_published", "creator_pid"):
+            assert data[field] == getattr(mine, field), field
+        assert data["published"] == 50 and data["publishers"] == 1 and data["ended"] is False
+        subs = {s["pid"]: s for s in data["subscribers"]}
+        assert set(subs) == {c.pid for c in children}
+        for s in subs.values():
+            assert (s["received"], s["lag_messages"], s["lag_bytes"], s["lost"]) == (50, 0, 0, 0)
+        assert data["fill_ratio"] == 0.0
+        roles = {p["pid"]: p["role"] for p in data["participants"]}
+        assert all(roles[c.pid] == "consumer" for c in children), roles
+        # the same snapshot from the library, by name, read-only
+        by_name = ll.read_statistics(topic.name)
+        assert isinstance(by_name, shmq.TopicStatistics)
+        assert by_name.subscribers == mine.subscribers
+
+        text = shmq_cli("stat", topic.name).stdout
+        assert f"topic         {topic.name}: 64.0 KiB ring, overflow block" in text, text
+        assert "published     50 messages" in text and "1 publisher handle open" in text, text
+        for c in children:
+            assert f"pid {c.pid}: lag 0 messages (0 B), received 50, lost 0" in text, text
+    finally:
+        assert _end_topic(topic, children) == [50, 50]
+
+
+def test_top_shows_a_topic_s_publish_rate():
+    topic, children = _topic_with_two_subscribers(1)
+    stop = threading.Event()
+    sent = [1]
+
+    def publish():
+        while not stop.is_set():
+            topic.publish(("tick", sent[0]), timeout=30)
+            sent[0] += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=publish)
+    t.start()
+    try:
+        res = shmq_cli("top", "--prefix", topic.name, "--json", "--iterations", "1", "--interval", "0.3")
+        assert res.returncode == 0, res.stderr
+        frame = json.loads(res.stdout)
+        (seg,) = frame["segments"]
+        assert (seg["name"], seg["kind"], seg["dead"]) == (topic.name, "topic", False)
+        r = seg["rates"]
+        assert r["messages_in_per_second"] > 0 and r["messages_out_per_second"] > 0, r
+        assert r["bytes_in_per_second"] > 0 and r["verdict"] in VERDICTS
+        text = shmq_cli("top", "--prefix", topic.name, "--iterations", "1", "--interval", "0.3").stdout
+        row = next(line for line in text.splitlines() if line.startswith(topic.name))
+        assert row.split()[1] == "topic" and row.split()[2] != "-", text
+    finally:
+        stop.set()
+        t.join(30)
+        assert _end_topic(topic, children) == [sent[0], sent[0]]
+
+
+def test_stat_and_ls_read_a_latest():
+    latest = shmq.Latest(4096, name=unique_name("lat"))
+    try:
+        latest.set({"gain": 2})
+        latest.set({"gain": 3})
+        data = json.loads(shmq_cli("stat", latest.name, "--json").stdout)
+        assert data["type"] == "LatestStatistics"
+        assert (data["version"], data["capacity_bytes"], data["waiters"]) == (2, 4096, 0)
+        assert data["value_bytes"] == latest.statistics().value_bytes > 0
+        assert "version       2, newest value" in shmq_cli("stat", latest.name).stdout
+        listing = json.loads(shmq_cli("ls", "--prefix", latest.name, "--json").stdout)
+        assert [(x["name"], x["kind"]) for x in listing] == [(latest.name, "latest")]
+        frame = json.loads(shmq_cli("top", "--prefix", latest.name, "--json", "--iterations", "1",
+                                    "--interval", "0.1").stdout)
+        assert frame["segments"][0]["kind"] == "latest"
+    finally:
+        latest.close()
+        latest.unlink()

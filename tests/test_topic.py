@@ -571,3 +571,219 @@ def test_nothing_left_in_dev_shm():
     topic.close()
     left = [n for n in os.listdir(SHM) if name in n]
     assert left == []
+
+
+# -- large arrays through the slot pool --------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from shmq import _platform as P  # noqa: E402
+from shmq import lowlevel as ll  # noqa: E402
+
+MIB16 = 16 << 20
+
+
+def _pool_free(topic):
+    return ll.read_statistics(P.part_name(topic.name, "p")).free
+
+
+def _slots_come_back(topic, count, what, timeout=30.0):
+    """Publish ticks (each publish takes back what subscribers are done
+    with) until the pool has ``count`` free slots."""
+    _wait_for(lambda: topic.publish(("tick",)) or _pool_free(topic) == count, timeout=timeout, what=what)
+
+
+ARRAY_SUBSCRIBER = textwrap.dedent(
+    """
+    import sys, numpy as np, shmq
+    topic = shmq.Topic.attach(sys.argv[1])
+    sub = topic.subscribe()
+    print("ready", flush=True)
+    got = [sub.receive(timeout=60) for _ in range(3)]
+    ok = True
+    for k, msg in enumerate(got[:2]):
+        ok &= msg.shape == (2 << 20,) and not msg.flags.writeable and not msg.flags.owndata
+        ok &= float(msg[0]) == k and float(msg[-1]) == k
+    d = got[2]
+    ok &= sorted(d) == ["a", "b", "n"] and d["n"] == 7
+    ok &= not d["a"].flags.writeable and not d["b"].flags.writeable
+    ok &= int(d["a"][-1]) == 3 and d["b"].shape == (1024, 1024)
+    print("ok" if ok else "BAD", flush=True)
+    mode = sys.stdin.readline().strip()
+    if mode == "drop":
+        del got, d, msg
+        print("dropped", flush=True)
+    elif mode == "unread":   # receive nothing more: two array messages stay unread
+        print("waiting", flush=True)
+    sys.stdin.readline()
+    sub.close()
+    """
+)
+
+
+def _array_children(topic, n=2):
+    kids = [subprocess.Popen([sys.executable, "-c", ARRAY_SUBSCRIBER, topic.name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(n)]
+    for k in kids:
+        assert k.stdout.readline().strip() == "ready"
+    return kids
+
+
+def _publish_three_arrays(topic):
+    for k in range(2):
+        topic.publish(np.full(2 << 20, k, dtype=np.float64), timeout=30)  # 16 MiB each
+    topic.publish({"a": np.full(MIB16 // 8, 3, dtype=np.int64), "b": np.zeros((1024, 1024), np.uint8), "n": 7},
+                  timeout=30)
+
+
+def _finish(kids, topic):
+    try:
+        for k in kids:
+            try:
+                k.stdin.close()
+            except BrokenPipeError:  # (a killed child)
+                pass
+        for k in kids:
+            k.wait(30)
+    finally:
+        for k in kids:
+            if k.poll() is None:
+                k.kill()
+                k.wait(10)
+            k.stdout.close()
+        topic.close()
+        topic.unlink()
+
+
+def test_arrays_reach_two_subscriber_processes_zero_copy_and_the_slots_come_back():
+    topic = shmq.Topic(1 << 20, name=unique_name("tar"), slot_size=MIB16, slot_count=6)
+    kids = _array_children(topic)
+    try:
+        _publish_three_arrays(topic)
+        for k in kids:
+            assert k.stdout.readline().strip() == "ok"
+        # 4 slots in flight (the dict has two arrays), each written once for both subscribers
+        assert _pool_free(topic) == 2
+        for k in kids:
+            k.stdin.write("drop\n")
+            k.stdin.flush()
+            assert k.stdout.readline().strip() == "dropped"
+        _slots_come_back(topic, 6, "the slots to come back once both subscribers dropped their views")
+    finally:
+        _finish(kids, topic)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(topic.name)]
+
+
+def test_views_keep_their_slot_until_the_last_one_is_gone():
+    topic = shmq.Topic(1 << 16, name=unique_name("tvw"), slot_size=1 << 20, slot_count=2)
+    a, b = topic.subscribe(), topic.subscribe()
+    try:
+        topic.publish(np.arange(100_000, dtype=np.float64))
+        x, y = a.receive(), b.receive()
+        half = x[::2]
+        del x
+        topic.publish(("tick",))
+        assert _pool_free(topic) == 1  # y and half still look at it
+        del y
+        topic.publish(("tick",))
+        assert _pool_free(topic) == 1
+        assert half[1] == 2.0
+        del half
+        topic.publish(("tick",))
+        assert _pool_free(topic) == 2
+        assert [a.receive(0), a.receive(0), a.receive(0)] == [("tick",)] * 3
+    finally:
+        a.close()
+        b.close()
+        topic.close()
+        topic.unlink()
+
+
+def test_a_subscriber_that_closes_with_unread_arrays_gives_their_slots_back():
+    topic = shmq.Topic(1 << 16, name=unique_name("tcl"), slot_size=1 << 20, slot_count=3)
+    fast, idle = topic.subscribe(), topic.subscribe()
+    try:
+        for k in range(3):
+            topic.publish(np.full(50_000, k, dtype=np.float64))
+            assert fast.receive(0)[0] == k  # views dropped at once
+        topic.publish(("tick",))
+        assert fast.receive(0) == ("tick",)
+        assert _pool_free(topic) == 0  # `idle` has not read them
+        with pytest.raises(shmq.Full):
+            topic.publish(np.zeros(50_000), timeout=0.2)
+        idle.close()
+        topic.publish(np.full(50_000, 9.0), timeout=5)  # took the slots back while it waited
+        assert fast.receive(0)[0] == 9.0
+        _slots_come_back(topic, 3, "every slot free")
+    finally:
+        fast.close()
+        idle.close()
+        topic.close()
+        topic.unlink()
+
+
+def test_drop_oldest_arrays_a_subscriber_lost_give_their_slots_back():
+    topic = shmq.Topic(1024, name=unique_name("tdr"), slot_size=1 << 20, slot_count=3, overflow="drop-oldest")
+    slow = topic.subscribe()
+    try:
+        for k in range(3):
+            topic.publish(np.full(50_000, k, dtype=np.float64))
+        for k in range(100):  # overwrite the array records
+            topic.publish(("small", k))
+        assert _pool_free(topic) == 0  # still gated by the slow cursor
+        msg = slow.receive(0)
+        assert msg[0] == "small" and slow.lost >= 3
+        _slots_come_back(topic, 3, "the lost arrays' slots")
+    finally:
+        slow.close()
+        topic.close()
+        topic.unlink()
+
+
+def test_a_subscriber_killed_holding_views_and_unread_arrays_gives_the_slots_back():
+    topic = shmq.Topic(1 << 20, name=unique_name("tkl"), slot_size=MIB16, slot_count=6)
+    kids = _array_children(topic, 1)
+    try:
+        _publish_three_arrays(topic)
+        topic.publish(np.ones(MIB16 // 8))  # a fourth array it will never read
+        assert kids[0].stdout.readline().strip() == "ok"
+        kids[0].stdin.write("unread\n")
+        kids[0].stdin.flush()
+        assert kids[0].stdout.readline().strip() == "waiting"
+        assert _pool_free(topic) == 1
+        os.kill(kids[0].pid, signal.SIGKILL)
+        kids[0].wait(10)
+        t0 = time.monotonic()
+        _slots_come_back(topic, 6, "the killed subscriber's slots", timeout=5)
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        _finish(kids, topic)
+
+
+def _publish_arrays(topic, n):
+    for k in range(n):
+        topic.publish({"k": k, "frame": np.full((512, 512, 3), k, np.uint8)}, timeout=30)
+    topic.close()
+
+
+def test_a_child_process_publishes_arrays(ctx):
+    topic = shmq.Topic(1 << 16, name=unique_name("tch"), slot_size=1 << 20, slot_count=4)
+    sub = topic.subscribe()
+    try:
+        p = ctx.Process(target=_publish_arrays, args=(topic, 6))
+        p.start()
+        got = []
+        for _ in range(6):
+            msg = sub.receive(timeout=30)
+            frame = msg["frame"]
+            assert not frame.flags.writeable and frame.shape == (512, 512, 3)
+            assert int(frame[0, 0, 0]) == int(frame[-1, -1, -1]) == msg["k"]
+            got.append(msg["k"])
+            del msg, frame  # the child waits for slots: 4 of them for 6 messages
+        assert got == list(range(6))
+        join_all([p])
+        assert p.exitcode == 0
+    finally:
+        sub.close()
+        topic.close()
+        topic.unlink()
