@@ -250,7 +250,7 @@ class Client:
         self._post(fut, obj, deadline)
         if not self._wait(fut.done, deadline):
             if fut.cancel():
-                raise cf.TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
+                raise TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
             # the outcome won the race with the cancel: it is being set right now
             if not self._wait(fut.done, _monotonic() + _OUTCOME_GRACE):
                 raise BrokenError(f"the outcome of a call to service {self.service!r} was lost")  # a bug
@@ -358,7 +358,7 @@ class Client:
                 self._requests.write(record, timeout=None if deadline is None else max(0.0, deadline - _monotonic()))
             except Full:
                 self._withdraw(fut, cancel=True)
-                raise cf.TimeoutError(f"the request ring of service {self.service!r} stayed full") from None
+                raise TimeoutError(f"the request ring of service {self.service!r} stayed full") from None
             except BaseException:
                 self._withdraw(fut, cancel=True)
                 raise
@@ -565,7 +565,7 @@ class Client:
             while True:
                 deadline = deadline_for(timeout)
                 if not self._wait(lambda: bool(fut.partials) or fut.done(), deadline):
-                    raise cf.TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
+                    raise TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
                 if fut.partials:
                     yield fut.partials.popleft()
                     continue

@@ -33,7 +33,6 @@ fails the call with BrokenError.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import inspect
 import multiprocessing
 import os
@@ -283,7 +282,7 @@ class Service:
                 return req
             now = _monotonic()
             if deadline is not None and now >= deadline:
-                raise cf.TimeoutError(f"no request for service {self.name!r} within {timeout} s")
+                raise TimeoutError(f"no request for service {self.name!r} within {timeout} s")
             until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
             try:
                 ring._block_reading(until)
@@ -496,7 +495,7 @@ def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) ->
                 next_look = now + _STOP_LOOK
             try:
                 req = svc.receive(timeout=0.1)
-            except cf.TimeoutError:
+            except TimeoutError:
                 next_look = 0.0
                 continue
             try:
