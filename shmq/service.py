@@ -70,6 +70,7 @@ from ._service_client import (
     NO_SERVER_GRACE,
     Client,
     Future,
+    ReadWait,
     _drop_message,
     _dumps,
     _error_info,
@@ -102,6 +103,8 @@ __all__ = (
 PEER_SWEEP_INTERVAL = 1.0
 #: how often a busy worker of Service.serve looks whether it was asked to stop
 _STOP_LOOK = 0.01
+#: how often a receiving server adds its waits to the request ring's statistics
+_FLUSH_INTERVAL = 0.1
 #: how often a server with a result for a client looks whether it is gone
 _GONE_LOOK = 0.1
 _monotonic = time.monotonic
@@ -339,6 +342,8 @@ class Service:
         self._by_ident: Dict[int, _Peer] = {}
         self._idents = 0
         self._read_request = ring.try_read
+        self._request_wait = ReadWait(ring)
+        self._next_flush = 0.0
         self._server_start = 0
         self._pool: Optional[SlotPool] = None
         self._encoder = _codec.Codec(None)
@@ -371,23 +376,17 @@ class Service:
             self._check()
             self._register_server()
         deadline = None if timeout is None else deadline_for(timeout)
-        ring = self._requests
         while True:
             now = _monotonic()
-            if now >= self._next_sweep:
-                self._next_sweep = now + PEER_SWEEP_INTERVAL
-                self._sweep_peers()
+            if now >= self._next_flush:
+                self._housekeeping(now)
             req = self._take()
             if req is not None:
                 return req
             now = _monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"no request for service {self.name!r} within {timeout} s")
-            until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
-            try:
-                ring._block_reading(until)
-            except Empty:
-                pass
+            self._request_wait.wait(now + _SLICE if deadline is None or deadline > now + _SLICE else deadline)
             if self._closed:
                 raise ClosedError(f"service {self.name!r} is closed")
 
@@ -443,6 +442,7 @@ class Service:
             peer.forget(False)
         self._peers = {}
         self._by_ident = {}
+        self._request_wait.flush()
         self._encoder.close()
         self._decoder.close()
         if self._pool is not None:
@@ -490,6 +490,15 @@ class Service:
                 return None  # the client is gone
             self._peers[name] = self._by_ident[peer.ident] = peer
         return peer
+
+    def _housekeeping(self, now: float) -> None:
+        """Every _FLUSH_INTERVAL while receiving: the request ring's wait
+        statistics; every PEER_SWEEP_INTERVAL: the clients that are gone."""
+        self._next_flush = now + _FLUSH_INTERVAL
+        self._request_wait.flush()
+        if now >= self._next_sweep:
+            self._next_sweep = now + PEER_SWEEP_INTERVAL
+            self._sweep_peers()
 
     def _sweep_peers(self) -> None:
         for name, peer in list(self._peers.items()):
