@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import itertools
 import os
 import pickle
@@ -23,9 +24,9 @@ from ._segment import Segment
 from ._slots import SlotPool
 from ._sync import full_fence as _fence  # cancelling and taking are each "store mine, load theirs" (Dekker)
 from ._wait import deadline_for, wait_until
-from .ring import Ring
+from .ring import Ring, RingStatistics
 
-__all__ = ("Client", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES")
+__all__ = ("Client", "ClientStatistics", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES")
 
 #: requests one client may have outstanding at once
 MAX_OUTSTANDING = 1024
@@ -193,6 +194,20 @@ def _remote_error(info: bytes) -> RemoteError:
     return err
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientStatistics:
+    """A snapshot of one client's reply ring and requests."""
+
+    #: the client's reply ring (replies in all: ``messages_in``; waiting to be read: ``messages_used``)
+    replies: RingStatistics
+    #: requests sent and not yet answered, failed or cancelled
+    outstanding: int
+    #: requests sent so far (retries included)
+    sent: int
+    #: requests sent again: an idempotent call whose server died, or a request a dying server lost
+    resent: int
+
+
 # -- client ---------------------------------------------------------------------
 
 
@@ -340,6 +355,8 @@ class Client:
         self._name_bytes = self.name.encode()
         self._trailer = _request_trailer(self._name_bytes)
         self._seqs = itertools.count(1)  # next() is atomic: no lock for the correlation ids
+        self._sent = 0
+        self._resent = 0
         self._thread: Optional[threading.Thread] = None
         self._next_check = 0.0
         self._no_server_since: Optional[float] = None
@@ -422,6 +439,13 @@ class Client:
         self._encoder.close()
         self._decoder.close()
 
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of this client's reply ring and requests.  Raises
+        ClosedError once the client is closed."""
+        self._check()
+        self._reply_wait.flush()
+        return ClientStatistics(self._replies.statistics(), len(self._pending), self._sent, self._resent)
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -485,7 +509,7 @@ class Client:
                     f"{MAX_OUTSTANDING} requests are outstanding on this client of service {self.service!r}:"
                     " wait for some of them first"
                 ) from None
-            seq = next(self._seqs)
+            seq = self._sent = next(self._seqs)  # (ids count up: the last one is how many were sent)
             fut.seq = seq
             fut.entry = entry
             # (seq is unique per client: CANCEL and TAKEN, compared with it, need no reset)
@@ -696,6 +720,7 @@ class Client:
         """Send ``fut``'s request again under a new correlation id (``obj``,
         or ``data``, its pickle as sent before)."""
         fut._retries += 1
+        self._resent += 1
         fut.lost_at = 0.0
         fut.pos = 0  # (until the new attempt is written)
         self._w[_TABLE_BASE + fut.entry * ENTRY_WORDS + E_CANCEL] = fut.seq  # the old attempt, should it be served after all

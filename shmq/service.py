@@ -33,6 +33,7 @@ fails the call with BrokenError.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -69,6 +70,7 @@ from ._service_client import (
     MAX_RETRIES,
     NO_SERVER_GRACE,
     Client,
+    ClientStatistics,
     Future,
     ReadWait,
     _drop_message,
@@ -82,11 +84,13 @@ from ._service_client import (
 )
 from ._slots import SlotPool
 from ._wait import deadline_for
-from .ring import DEFAULT_CAPACITY_BYTES, Ring
+from .ring import DEFAULT_CAPACITY_BYTES, Ring, RingStatistics
 
 __all__ = (
     "Service",
+    "ServiceStatistics",
     "Client",
+    "ClientStatistics",
     "Future",
     "Request",
     "Serving",
@@ -108,6 +112,16 @@ _FLUSH_INTERVAL = 0.1
 #: how often a server with a result for a client looks whether it is gone
 _GONE_LOOK = 0.1
 _monotonic = time.monotonic
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceStatistics:
+    """A snapshot of a service's request ring and of who serves it."""
+
+    #: the request ring (requests in all: ``messages_in``; waiting to be taken: ``messages_used``)
+    requests: RingStatistics
+    #: pids of the live processes listed as servers
+    servers: List[int]
 
 
 # -- server ---------------------------------------------------------------------
@@ -420,6 +434,13 @@ class Service:
                     serving.close(1.0)
                     raise BrokenError(f"the workers of service {self.name!r} did not start")
         return serving
+
+    def statistics(self) -> ServiceStatistics:
+        """A snapshot of the request ring's counters (every process sees the
+        same) and of the live servers.  Raises ClosedError once closed."""
+        self._check()
+        self._request_wait.flush()
+        return ServiceStatistics(self._requests.statistics(), self.servers())
 
     def servers(self) -> List[int]:
         """Pids of the live processes listed as servers of the service."""

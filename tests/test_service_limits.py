@@ -255,3 +255,21 @@ def test_records_are_payload_then_trailer_and_bad_records_are_dropped():
         assert req.payload == "after"
         req.reply("ok")
         assert f2.result(timeout=5) == "ok"
+
+
+# -- statistics -------------------------------------------------------------------------
+def test_service_and_client_statistics():
+    with _Svc() as svc, svc.serve(echo, workers=1, ctx=mp.get_context("fork")) as serving:
+        c = svc.client()
+        for i in range(10):
+            assert c.call(i, timeout=10) == i
+        st = c.statistics()
+        assert (st.outstanding, st.sent, st.resent) == (0, 10, 0)
+        assert st.replies.messages_in == 10 and st.replies.messages_used == 0
+        assert st.replies.empty_waits >= 1  # (counted in the process, flushed by statistics())
+        sv = svc.statistics()
+        assert sv.servers == [serving.processes[0].pid]
+        assert sv.requests.messages_in == 10 and sv.requests.messages_used == 0
+        c.close()
+        with pytest.raises(shmq.ClosedError):
+            c.statistics()
