@@ -76,7 +76,8 @@ from ._service_client import (
     _drop_message,
     _dumps,
     _error_info,
-    _fence,
+    _fence_acquire,
+    _fence_release,
     _fitted_pool,
     _forks,
     _loads,
@@ -112,6 +113,7 @@ _FLUSH_INTERVAL = 0.1
 #: how often a server with a result for a client looks whether it is gone
 _GONE_LOOK = 0.1
 _monotonic = time.monotonic
+_GeneratorType = types.GeneratorType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +134,11 @@ class _Peer:
     ``ident``: a number this server gives the client (never reused), which
     the slots of the results sent to it carry as their fence (_ResultFence)."""
 
-    __slots__ = ("name", "ring", "table", "w", "write", "ident", "_gone_at", "_gone")
+    __slots__ = ("server", "name", "ring", "table", "w", "write", "ident", "_gone_at", "_gone")
     # (also the codec's fence while encoding a result for this client: position())
 
-    def __init__(self, name: str, ident: int) -> None:
+    def __init__(self, server: "Service", name: str, ident: int) -> None:
+        self.server = server
         self.name = name
         self.ident = ident
         self.ring = Ring.attach(name)
@@ -212,14 +215,13 @@ class Request:
     client sent.  Answer with exactly one of :meth:`reply` or :meth:`fail`,
     after any number of :meth:`send_partial`."""
 
-    __slots__ = ("payload", "_server", "_peer", "_base", "_entry", "seq", "flags", "done")
+    __slots__ = ("payload", "_peer", "_base", "seq", "flags", "done")
 
-    def __init__(self, server: "Service", peer: _Peer, entry: int, seq: int, flags: int, payload: Any) -> None:
+    def __init__(self, peer: _Peer, base: int, seq: int, flags: int, payload: Any) -> None:
+        """(``base``: the first word of the request's entry in ``peer.w``.)"""
         self.payload = payload
-        self._server = server
         self._peer = peer
-        self._base = _TABLE_BASE + entry * ENTRY_WORDS
-        self._entry = entry
+        self._base = base
         self.seq = seq
         self.flags = flags
         self.done = False
@@ -269,9 +271,9 @@ class Request:
             except Exception:
                 data = first_pass(obj)  # (the fallbacks: LARGE, or the pickling error)
             if len(data) >= _THRESHOLD and (data is LARGE or type(obj) in _RAW_TYPES):
-                self._server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
+                self._peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
             elif not peer.write(data + _REP.pack(seq, K_RESULT)):  # (the reply ring is full)
-                self._server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
+                self._peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
         self.done = True
 
     def fail(self, exc: BaseException, timeout: Optional[float] = None) -> None:
@@ -289,7 +291,7 @@ class Request:
             self._answered()
         if not self.cancelled:  # a cancelled request's replies would be dropped by the client anyway
             # raises (unpicklable object, Full) before anything was sent: the request stays open for fail()
-            self._server._send_reply(self._peer, self.seq, obj, kind, deadline_for(timeout), self)
+            self._peer.server._send_reply(self._peer, self.seq, obj, kind, deadline_for(timeout), self)
         if kind != K_PARTIAL:
             self.done = True
 
@@ -506,7 +508,7 @@ class Service:
         if peer is None:
             self._idents += 1
             try:
-                peer = _Peer(name.decode("ascii"), self._idents)
+                peer = _Peer(self, name.decode("ascii"), self._idents)
             except (OSError, ShmqError, ValueError):  # (UnicodeError is a ValueError)
                 return None  # the client is gone
             self._peers[name] = self._by_ident[peer.ident] = peer
@@ -541,14 +543,15 @@ class Service:
         rec = self._read_request()
         if rec is None:
             return None
-        # the trailer (see _service_client): seq, entry, flags, name, len(name)
-        n = len(rec)
-        nlen = rec[-1] if n else 0
-        end = n - 1 - nlen - _REQ.size
-        if end < 1 or not nlen:
+        # the trailer (see _service_client): name, then seq, entry, flags, len(name)
+        end = len(rec) - _REQ.size
+        if end < 2:
             return None  # not a request: dropped
-        seq, entry, flags = _REQ.unpack_from(rec, end)
-        name = rec[n - 1 - nlen : n - 1]
+        seq, entry, flags, nlen = _REQ.unpack_from(rec, end)
+        end -= nlen  # (now the end of the payload)
+        if end < 1 or not nlen:
+            return None
+        name = rec[end : end + nlen]
         peer = (self._peers.get(name) or self._peer(name)) if entry < MAX_OUTSTANDING else None
         if peer is not None:
             w = peer.w
@@ -560,7 +563,8 @@ class Service:
                     w[base + E_PID] = self._server_pid
                     w[base + E_START] = self._server_start
                     w[base + E_TAKEN] = seq
-                    _fence()
+                    _fence_acquire()  # (_fence(), inlined)
+                    _fence_release()
                     if w[base + E_CANCEL] == seq:  # the client cancelled as we took it
                         peer = None
             except ValueError:  # the table was closed (swept): the client is gone
@@ -572,9 +576,9 @@ class Service:
         try:
             payload = _loads(rec) if rec[0] == 0x80 else self._decoder.decode(rec[:end])
         except Exception as exc:
-            Request(self, peer, entry, seq, flags, None).fail(exc)
+            Request(peer, base, seq, flags, None).fail(exc)
             return None
-        return Request(self, peer, entry, seq, flags, payload)
+        return Request(peer, base, seq, flags, payload)
 
     def _send_reply(
         self, peer: _Peer, seq: int, obj: Any, kind: int, deadline: Optional[float], req: Request, data: Any = None
@@ -659,7 +663,7 @@ def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) ->
 def _handle(req: Request, fn: Callable[[Any], Any]) -> None:
     try:
         out = fn(req.payload)
-        if type(out) is types.GeneratorType:
+        if type(out) is _GeneratorType:
             partials = req.flags & F_PARTIALS  # (else the client would drop them: not even sent)
             try:
                 while True:

@@ -242,13 +242,13 @@ def test_records_are_payload_then_trailer_and_bad_records_are_dropped():
         fut = c.submit({"k": [1, 2]})
         rec = svc._requests.read(timeout=5)
         name = c.name.encode()
-        assert rec[-1] == len(name) and rec[-1 - len(name) : -1] == name
-        seq, entry, flags = SC._REQ.unpack_from(rec, len(rec) - 1 - len(name) - SC._REQ.size)
-        assert (seq, entry, flags) == (fut.seq, fut.entry, 0)
+        seq, entry, flags, nlen = SC._REQ.unpack_from(rec, len(rec) - SC._REQ.size)
+        assert (seq, entry, flags, nlen) == (fut.seq, fut.entry, 0, len(name))
+        assert rec[-SC._REQ.size - nlen : -SC._REQ.size] == name
         assert pickle.loads(rec) == {"k": [1, 2]}  # (pickle ignores the trailer)
         fut.cancel()
         # garbage in the request ring is dropped, not served, and the server goes on
-        for junk in (b"", b"\x00", b"\x05abc", b"x" * 40 + bytes([200])):
+        for junk in (b"", b"\x00", b"\x05abc", b"x" * 40 + bytes([200]), b"x" * 30 + SC._REQ.pack(1, 5, 0, 0)):
             svc._requests.write(junk)
         f2 = c.submit("after")
         req = svc.receive(timeout=5)
