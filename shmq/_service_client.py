@@ -392,13 +392,16 @@ class Client:
             try:
                 while True:
                     self._pump(deadline, fut)
+                    if fut._state or self._closed or (deadline is not None and _monotonic() >= deadline):
+                        break
                     if self._cv_waiters:  # (another thread's reply may be among those dispatched)
                         with self._cv:
                             self._cv.notify_all()
-                    if fut._state or self._closed or (deadline is not None and _monotonic() >= deadline):
-                        break
             finally:
                 self._pump_lock.release()
+            if self._cv_waiters:  # (after the release: see _wait)
+                with self._cv:
+                    self._cv.notify_all()
         if not fut._state and not self._wait(fut.done, deadline):
             if fut.cancel():
                 raise TimeoutError(f"no reply from service {self.service!r} within {timeout} s")
@@ -590,11 +593,13 @@ class Client:
                 now = _monotonic()
                 slice_ = _SLICE if deadline is None else min(_SLICE, deadline - now)
                 with self._cv:
-                    # counted before the check: a pumper that reads 0 after an
-                    # outcome was set means that check sees the outcome
+                    # Counted before the checks, and pumpers read the count
+                    # after releasing the pump lock: a pumper that reads 0
+                    # released before our count, so either the outcome is
+                    # set (ready) or the lock is free (we pump ourselves).
                     self._cv_waiters += 1
                     try:
-                        if not ready() and slice_ > 0:
+                        if not ready() and slice_ > 0 and self._pump_lock.locked():
                             self._cv.wait(slice_)
                     finally:
                         self._cv_waiters -= 1
