@@ -446,12 +446,17 @@ class Client:
             t.join(1.0)
         self._reply_wait.flush()
         if os.getpid() == self._pid:
-            with self._pump_lock:
+            # Best effort (the servers also free the slots of a client that is
+            # gone): a callback run by a pumping thread may be closing us, with
+            # the pump lock held by that very thread.
+            if self._pump_lock.acquire(timeout=0.2):
                 try:
                     for rec in self._replies.try_read_many(1 << 20):
                         self._drop(rec)
                 except ShmqError:
                     pass  # (a broken ring: nothing more to return)
+                finally:
+                    self._pump_lock.release()
             for seg in (self._replies, self._table, self._pool):
                 if seg is not None:
                     seg.unlink()
@@ -784,6 +789,7 @@ class Client:
                 self._retry(fut, fut._retry_obj[0])
             elif self._withdraw(fut, cancel=False):
                 fut.set_exception(BrokenError(f"a request to service {self.service!r} was lost by a server that stalled or died"))
+
     def _servers_alive(self) -> bool:
         try:
             return any(p.alive and p.role & L.ROLE_CONSUMER for p in self._requests.participants())

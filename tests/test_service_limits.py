@@ -273,3 +273,20 @@ def test_service_and_client_statistics():
         c.close()
         with pytest.raises(shmq.ClosedError):
             c.statistics()
+
+
+def test_a_done_callback_may_close_the_client():
+    """Callbacks run in the thread that pumps the replies, with the pump
+    lock held; close() there must not wait for that lock forever."""
+    with _Svc() as svc, svc.serve(echo, workers=1, ctx=mp.get_context("fork")):
+        c = svc.client()
+        closed = threading.Event()
+
+        def close_it(_fut):
+            c.close()
+            closed.set()
+
+        fut = c.submit(1)
+        fut.add_done_callback(close_it)
+        assert fut.result(timeout=10) == 1
+        assert closed.wait(5) and c.closed
