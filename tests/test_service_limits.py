@@ -258,11 +258,18 @@ def test_records_are_payload_then_trailer_and_bad_records_are_dropped():
 
 
 # -- statistics -------------------------------------------------------------------------
+def napping_echo(x):
+    if isinstance(x, float):
+        time.sleep(x)
+    return x
+
+
 def test_service_and_client_statistics():
-    with _Svc() as svc, svc.serve(echo, workers=1, ctx=mp.get_context("fork")) as serving:
+    with _Svc() as svc, svc.serve(napping_echo, workers=1, ctx=mp.get_context("fork")) as serving:
         c = svc.client()
-        for i in range(10):
+        for i in range(9):
             assert c.call(i, timeout=10) == i
+        assert c.call(0.05, timeout=10) == 0.05  # (the client surely waits for this one)
         st = c.statistics()
         assert (st.outstanding, st.sent, st.resent) == (0, 10, 0)
         assert st.replies.messages_in == 10 and st.replies.messages_used == 0
