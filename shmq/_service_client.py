@@ -373,8 +373,9 @@ class Client:
         """Send ``obj`` to a server and return its reply.  Raises RemoteError
         if the handler failed, BrokenError if its server died or there is no
         live server, TimeoutError after ``timeout`` seconds (the request is
-        then cancelled), Full if this client already has MAX_OUTSTANDING
-        requests outstanding, ClosedError if the client is closed (or was
+        then cancelled; it also bounds the wait for room: a full request
+        ring, or MAX_OUTSTANDING requests already outstanding on this
+        client), ClosedError if the client is closed (or was
         made by another process: a forked child calls ``client()`` for one
         of its own).  ``idempotent=True``: if the server dies, send the
         request again (up to MAX_RETRIES times) instead of raising
@@ -416,7 +417,8 @@ class Client:
         """Send ``obj`` and return a Future for the reply at once (a thread
         of this client delivers the outcome, so callbacks, ``wait`` and
         ``as_completed`` work).  ``timeout`` bounds only the sending (a full
-        request ring): TimeoutError.  ``idempotent``, and the other errors:
+        request ring, or MAX_OUTSTANDING requests outstanding on this client:
+        back-pressure): TimeoutError.  ``idempotent``, and the other errors:
         as for :meth:`call`."""
         fut = self._submit(obj, False, deadline_for(timeout), idempotent)
         self._ensure_thread()
@@ -508,10 +510,11 @@ class Client:
         self, fut: Union[Future, _Call], obj: Any, deadline: Optional[float], replaces: int = 0, data: Optional[bytes] = None
     ) -> None:
         """Give ``fut`` a fresh entry and correlation id and send ``obj``.
-        ``replaces``: the id of the earlier attempt (a retry), withdrawn
-        under the lock so that a cancel sees one or the other.  Raises Full
-        if MAX_OUTSTANDING requests are outstanding, TimeoutError if the
-        request ring stays full past ``deadline``, the pickling error.
+        ``replaces``: the id of the earlier attempt (a retry, which keeps
+        its entry), swapped under the lock so that a cancel sees one or the
+        other.  Raises TimeoutError if the request ring stays full, or
+        MAX_OUTSTANDING requests stay outstanding, past ``deadline``; the
+        pickling error.
         ``data``: ``obj``'s plain pickle, already made (a lost request)."""
         lease = None
         if data is None:
@@ -524,24 +527,26 @@ class Client:
             else:
                 fut.data = data  # (what a lost request is sent again with)
         try:
-            if replaces:
+            if replaces:  # a retry keeps its entry; the swap of ids is seen whole by a cancel
                 with self._lock:
                     if self._pending.pop(replaces, None) is None:
                         raise _Resolved  # cancelled meanwhile
-                    self._free.append(fut.entry)
-            try:
-                entry = self._free.popleft()
-            except IndexError:
-                raise Full(
-                    f"{MAX_OUTSTANDING} requests are outstanding on this client of service {self.service!r}:"
-                    " wait for some of them first"
-                ) from None
-            seq = self._sent = next(self._seqs)  # (ids count up: the last one is how many were sent)
-            fut.seq = seq
-            fut.entry = entry
-            # (seq is unique per client: CANCEL and TAKEN, compared with it, need no reset)
-            self._w[_TABLE_BASE + entry * ENTRY_WORDS] = seq  # E_SEQ
-            self._pending[seq] = fut
+                    seq = self._sent = next(self._seqs)
+                    fut.seq = seq
+                    entry = fut.entry
+                    self._w[_TABLE_BASE + entry * ENTRY_WORDS] = seq  # E_SEQ: a server skips the old attempt
+                    self._pending[seq] = fut
+            else:
+                try:
+                    entry = self._free.popleft()
+                except IndexError:
+                    entry = self._free_entry(deadline)
+                seq = self._sent = next(self._seqs)  # (ids count up: the last one is how many were sent)
+                fut.seq = seq
+                fut.entry = entry
+                # (seq is unique per client: CANCEL and TAKEN, compared with it, need no reset)
+                self._w[_TABLE_BASE + entry * ENTRY_WORDS] = seq  # E_SEQ
+                self._pending[seq] = fut
             record = data + self._trailer(self._name_bytes, seq, entry, fut.flags, len(self._name_bytes))
             try:
                 if not self._write_request(record):
@@ -559,6 +564,21 @@ class Client:
             raise
         if lease is not None:
             lease.sent()
+
+    def _free_entry(self, deadline: Optional[float]) -> int:
+        """Back-pressure: all MAX_OUTSTANDING entries are in use; wait
+        (reading replies meanwhile, or while another thread reads them) for
+        one to come free.  Raises TimeoutError at ``deadline``."""
+        free = self._free
+        while True:
+            if not self._wait(lambda: bool(free), deadline):
+                raise TimeoutError(
+                    f"{MAX_OUTSTANDING} requests stayed outstanding on this client of service {self.service!r}"
+                )
+            try:
+                return free.popleft()
+            except IndexError:
+                continue  # another thread took it
 
     def _encode_large(self, obj: Any, deadline: Optional[float]) -> tuple:
         if self._pool is None:

@@ -50,6 +50,10 @@ def echo(x):
     return x
 
 
+def quick_echo(x):
+    return x
+
+
 # -- partial replies go only to a client that reads them ------------------------------
 def test_partials_are_not_sent_to_call_or_submit_but_are_to_stream():
     with _Svc() as svc:
@@ -199,21 +203,26 @@ def test_a_request_lost_by_a_dying_server_is_sent_again_once():
 
 
 # -- the exception classes ----------------------------------------------------------------
-def test_too_many_outstanding_requests_raise_full():
+def test_more_than_max_outstanding_requests_wait_for_a_free_entry():
+    """Back-pressure, as for a full ring: the request waits (reading replies
+    meanwhile) for one of the client's MAX_OUTSTANDING entries; its timeout
+    bounds the wait (TimeoutError).  (Before: a bare ShmqError at once.)"""
     with _Svc() as svc:
         c = svc.client()
         futs = [c._submit(i, False, None) for i in range(SC.MAX_OUTSTANDING)]
-        with pytest.raises(shmq.Full, match="outstanding"):
-            c._submit("one too many", False, None)
-        with pytest.raises(shmq.Full):
-            c.call("one too many", timeout=1)
-        import queue
-
-        with pytest.raises(queue.Full):  # (shmq.Full is also the stdlib's)
-            c.submit("one too many")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="outstanding"):
+            c.submit("one too many", timeout=0.2)
+        assert 0.15 < time.monotonic() - t0 < 1.0
+        with pytest.raises(TimeoutError):
+            c.call("one too many", timeout=0.2)
         assert futs[0].cancel()
         c._submit("room again", False, None)  # the cancelled request's entry is free
         c.close()
+    with _Svc() as svc, svc.serve(quick_echo, workers=1, ctx=mp.get_context("fork")):
+        c = svc.client()
+        futs = [c.submit(i, timeout=30) for i in range(3 * SC.MAX_OUTSTANDING)]
+        assert [f.result(timeout=30) for f in futs] == list(range(3 * SC.MAX_OUTSTANDING))
 
 
 def _use_parents_client(client, out):
@@ -297,3 +306,29 @@ def test_a_done_callback_may_close_the_client():
         fut.add_done_callback(close_it)
         assert fut.result(timeout=10) == 1
         assert closed.wait(5) and c.closed
+
+
+def test_fast_servers_killed_at_random_points_every_call_ends_once():
+    """SIGKILL lands anywhere in a fast server's loop (often between its read
+    of a request and its record of taking it): every call, idempotent or
+    not, ends with its own reply or BrokenError, none waits past its
+    timeout, and at most one call per kill fails."""
+    import random
+
+    rng = random.Random(os.getpid())
+    ctx = mp.get_context("fork")
+    with _Svc() as svc:
+        c = svc.client()
+        for round_ in range(6):
+            with svc.serve(quick_echo, workers=2, ctx=ctx) as serving:
+                futs = [c.submit((round_, i)) for i in range(300)]
+                time.sleep(rng.uniform(0.0, 0.01))
+                os.kill(serving.processes[0].pid, signal.SIGKILL)
+                broken = 0
+                for i, f in enumerate(futs):
+                    try:
+                        assert f.result(timeout=10) == (round_, i)
+                    except shmq.BrokenError:
+                        broken += 1
+                assert broken <= 1, broken
+                assert c.call(("after", round_), timeout=10) == ("after", round_)
