@@ -19,7 +19,7 @@ from . import _codec
 from . import _layout as L
 from . import _platform as P
 from ._codec import LARGE, stop_at_large
-from ._errors import BrokenError, ClosedError, Empty, Full, RemoteError, ShmqError
+from ._errors import BrokenError, ClosedError, Full, RemoteError, ShmqError
 from ._segment import Segment
 from ._slots import SlotPool
 from ._sync import full_fence as _fence  # cancelling and taking are each "store mine, load theirs" (Dekker)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from . import _codec
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, ClosedError, Empty, Full, RemoteError, ShmqError
+from ._errors import BrokenError, ClosedError, Full, RemoteError, ShmqError
 from ._segment import Segment
 from ._codec import LARGE, stop_at_large
 from ._service_client import (
