@@ -26,7 +26,16 @@ from ._sync import full_fence as _fence  # cancelling and taking are each "store
 from ._wait import deadline_for, wait_until
 from .ring import Ring, RingStatistics
 
-__all__ = ("Client", "ClientStatistics", "Future", "MAX_OUTSTANDING", "NO_SERVER_GRACE", "LIVENESS_INTERVAL", "MAX_RETRIES")
+__all__ = (
+    "Client",
+    "ClientStatistics",
+    "Future",
+    "MAX_OUTSTANDING",
+    "NO_SERVER_GRACE",
+    "LIVENESS_INTERVAL",
+    "LOST_GRACE",
+    "MAX_RETRIES",
+)
 
 #: requests one client may have outstanding at once
 MAX_OUTSTANDING = 1024
@@ -808,7 +817,9 @@ class Client:
             elif taken and fut._retry_obj is not None and fut._retries < MAX_RETRIES:
                 self._retry(fut, fut._retry_obj[0])
             elif self._withdraw(fut, cancel=False):
-                fut.set_exception(BrokenError(f"a request to service {self.service!r} was lost by a server that stalled or died"))
+                fut.set_exception(
+                    BrokenError(f"a request to service {self.service!r} was lost by a server that stalled or died")
+                )
 
     def _servers_alive(self) -> bool:
         try:

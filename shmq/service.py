@@ -25,11 +25,12 @@ The pieces (all in /dev/shm, see docs/services.md):
 A request entry (8 words, one per outstanding request of the client) is how
 client and server agree without a message: the client writes SEQ (the
 correlation id) before sending and CANCEL to cancel; the server writes its
-pid and start time and then TAKEN = SEQ when it takes the request, before
-the request leaves the ring (it holds the ring's consumer lock through
-``peek``/``release``: a server killed before ``release`` leaves the request
-to the next server).  A client that finds the server named in TAKEN dead
-fails the call with BrokenError.
+pid and start time and then TAKEN = SEQ when it takes the request, just
+after reading it off the ring.  A client that finds the server named in
+TAKEN dead fails the call with BrokenError (or sends it again, if it is
+idempotent); one that finds the ring's readers past its request and no
+TAKEN for LOST_GRACE sends it again (its server died between the read and
+the record: it was never served).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ from ._service_client import (
     K_PARTIAL,
     K_RESULT,
     LIVENESS_INTERVAL,
+    LOST_GRACE,
     MAX_OUTSTANDING,
     MAX_RETRIES,
     NO_SERVER_GRACE,
@@ -100,6 +102,7 @@ __all__ = (
     "MAX_OUTSTANDING",
     "NO_SERVER_GRACE",
     "LIVENESS_INTERVAL",
+    "LOST_GRACE",
     "MAX_RETRIES",
     "PEER_SWEEP_INTERVAL",
 )
