@@ -259,6 +259,8 @@ class Request:
         error of ``obj`` (the request stays open: ``fail`` it)."""
         if self.done:
             self._answered()
+        if timeout is not None:
+            deadline_for(timeout)  # (raises ValueError for a bad one, even when there is room)
         peer = self._peer
         w = peer.w
         base = self._base
@@ -274,9 +276,9 @@ class Request:
             except Exception:
                 data = first_pass(obj)  # (the fallbacks: LARGE, or the pickling error)
             if len(data) >= _THRESHOLD and (data is LARGE or type(obj) in _RAW_TYPES):
-                self._peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
+                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
             elif not peer.write(data + _REP.pack(seq, K_RESULT)):  # (the reply ring is full)
-                self._peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
+                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
         self.done = True
 
     def fail(self, exc: BaseException, timeout: Optional[float] = None) -> None:
