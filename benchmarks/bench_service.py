@@ -8,7 +8,8 @@ Three questions:
   and a request/reply built from two ``multiprocessing.Queue``.
 * ``fan``: calls per second with 4 client processes and 2 server processes
   (shmq: one service, work sharing; pyzmq: REQ clients, a ROUTER/DEALER
-  proxy process, REP workers).
+  proxy process, REP workers; two mp.Queue: one request queue the servers
+  share, one reply queue per client).
 * ``array``: a call whose argument and result are 16 MiB float32 arrays
   (the server returns ``a + 1``): calls per second, same baselines as ``rtt``.
 
@@ -260,6 +261,54 @@ def mpq_calls(payload: Any, n: int, placement: str = "unpinned") -> List[float]:
     return out
 
 
+def _mpq_fan_server(req: Any, reps: List[Any]) -> None:
+    while True:
+        item = req.get()
+        if item is None:
+            return
+        k, payload = item
+        reps[k].put(_handler(payload))
+
+
+def _mpq_fan_client(k: int, req: Any, rep: Any, seconds: float, start: Any, out: Any) -> None:
+    req.put((k, SMALL))
+    rep.get()
+    start.wait(60)
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        req.put((k, SMALL))
+        rep.get()
+        n += 1
+    out.put(n)
+
+
+def mpq_fan(clients: int, servers: int, seconds: float) -> float:
+    """Clients put (client, request) on one shared queue; each of the
+    servers takes from it and puts the reply on the client's own queue."""
+    req = SPAWN.Queue()
+    reps = [SPAWN.Queue() for _ in range(clients)]
+    helpers = [SPAWN.Process(target=_mpq_fan_server, args=(req, reps), daemon=True) for _ in range(servers)]
+    for p in helpers:
+        p.start()
+    start, out = SPAWN.Event(), SPAWN.Queue()
+    procs = [SPAWN.Process(target=_mpq_fan_client, args=(k, req, reps[k], seconds, start, out)) for k in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)  # spawn start-up
+    start.set()
+    total = sum(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    for _ in helpers:
+        req.put(None)
+    for p in helpers:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    return total / seconds
+
+
 # -- report ---------------------------------------------------------------------------------
 def _have_zmq() -> bool:
     try:
@@ -314,13 +363,25 @@ def main() -> int:
                          "median_us": statistics.median(meds), "median_min_us": min(meds), "median_max_us": max(meds),
                          "p99_us": statistics.median(p99s), "p99_max_us": max(p99s), "calls": n_small, "repeats": len(rs)})
     if "array" in cases:
-        for label, fn in transports.items():
-            t = fn(big, n_big)
-            rows.append({"bench": "service", "case": "array16MiB", "transport": label, "calls_per_s": 1e6 / statistics.median(t), "median_ms": statistics.median(t) / 1e3, "calls": n_big})
+        per: Dict[str, List[float]] = {}
+        for _ in range(repeats):
+            for label, fn in transports.items():
+                t = fn(big, n_big)
+                per.setdefault(label, []).append(1e6 / statistics.median(t))
+        for label, v in per.items():
+            rows.append({"bench": "service", "case": "array16MiB", "transport": label, "calls_per_s": statistics.median(v),
+                         "calls_per_s_min": min(v), "calls_per_s_max": max(v), "calls": n_big, "repeats": len(v)})
     if "fan" in cases:
-        rows.append({"bench": "service", "case": "fan4x2", "transport": "shmq.Service", "calls_per_s": shmq_fan(4, 2, fan_seconds)})
+        fans: Dict[str, Callable[[int, int, float], float]] = {"shmq.Service": shmq_fan, "mp.Queue x2": mpq_fan}
         if _have_zmq():
-            rows.append({"bench": "service", "case": "fan4x2", "transport": "pyzmq ROUTER/DEALER", "calls_per_s": zmq_fan(4, 2, fan_seconds)})
+            fans["pyzmq ROUTER/DEALER"] = zmq_fan
+        per = {}
+        for _ in range(repeats):
+            for label, fn in fans.items():
+                per.setdefault(label, []).append(fn(4, 2, fan_seconds))
+        for label, v in per.items():
+            rows.append({"bench": "service", "case": "fan4x2", "transport": label, "calls_per_s": statistics.median(v),
+                         "calls_per_s_min": min(v), "calls_per_s_max": max(v), "seconds": fan_seconds, "repeats": len(v)})
     for r in rows:
         r.update(meta)
     if args.json:
@@ -329,18 +390,19 @@ def main() -> int:
         return 0
     print(f"python {meta['python']}, {meta['cpus']} cpus, load average {meta['loadavg']:.1f}")
     zmq_rtt = {r["placement"]: r for r in rows if r["case"] == "rtt" and r["transport"] == "pyzmq REQ/REP"}
-    zmq_big = [r for r in rows if r["case"] == "array16MiB" and r["transport"] == "pyzmq REQ/REP"]
+    zmq_rate = {r["case"]: r for r in rows if r["case"] != "rtt" and r["transport"].startswith("pyzmq")}
     for r in rows:
         if r["case"] == "rtt":
             ref = zmq_rtt.get(r["placement"])
             ratio = f"  ({ref['median_us'] / r['median_us']:.2f}x pyzmq)" if ref else ""
-            print(f"rtt {r['placement']:10s} {r['transport']:15s} median {r['median_us']:8.1f} us"
+            print(f"rtt {r['placement']:10s} {r['transport']:19s} median {r['median_us']:8.1f} us"
                   f" [{r['median_min_us']:.1f}-{r['median_max_us']:.1f}]  p99 {r['p99_us']:8.1f} us (max {r['p99_max_us']:.1f}){ratio}")
-        elif r["case"] == "array16MiB":
-            ratio = f"  ({r['calls_per_s'] / zmq_big[0]['calls_per_s']:.2f}x pyzmq)" if zmq_big else ""
-            print(f"16 MiB         {r['transport']:15s} {r['calls_per_s']:8.1f} calls/s{ratio}")
         else:
-            print(f"4x2 fan        {r['transport']:19s} {r['calls_per_s']:8.0f} calls/s")
+            ref = zmq_rate.get(r["case"])
+            ratio = f"  ({r['calls_per_s'] / ref['calls_per_s']:.2f}x pyzmq)" if ref else ""
+            what = "16 MiB array  " if r["case"] == "array16MiB" else "4x2 fan       "
+            print(f"{what}  {r['transport']:19s} {r['calls_per_s']:10.1f} calls/s"
+                  f" [{r['calls_per_s_min']:.1f}-{r['calls_per_s_max']:.1f}]{ratio}")
     return 0
 
 

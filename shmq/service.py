@@ -25,31 +25,35 @@ The pieces (all in /dev/shm, see docs/services.md):
 A request entry (8 words, one per outstanding request of the client) is how
 client and server agree without a message: the client writes SEQ (the
 correlation id) before sending and CANCEL to cancel; the server writes its
-pid and start time and then TAKEN = SEQ when it takes the request, before
-the request leaves the ring (it holds the ring's consumer lock through
-``peek``/``release``: a server killed before ``release`` leaves the request
-to the next server).  A client that finds the server named in TAKEN dead
-fails the call with BrokenError.
+pid and start time and then TAKEN = SEQ when it takes the request, just
+after reading it off the ring.  A client that finds the server named in
+TAKEN dead fails the call with BrokenError (or sends it again, if it is
+idempotent); one that finds the ring's readers past its request and no
+TAKEN for LOST_GRACE sends it again (its server died between the read and
+the record: it was never served).
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import multiprocessing
 import os
-import struct
 import time
 import traceback
+import types
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from . import _codec
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, ClosedError, Empty, Full, RemoteError, ShmqError
+from ._errors import BrokenError, ClosedError, Full, RemoteError, ShmqError
 from ._segment import Segment
+from ._codec import LARGE, stop_at_large
 from ._service_client import (
+    _RAW_TYPES,
     _REP,
     _REQ,
     _SLICE,
+    _THRESHOLD,
     _TABLE_BASE,
     _TOKEN,
     E_CANCEL,
@@ -58,28 +62,38 @@ from ._service_client import (
     E_START,
     E_TAKEN,
     ENTRY_WORDS,
+    F_PARTIALS,
     K_ERROR,
     K_PARTIAL,
     K_RESULT,
     LIVENESS_INTERVAL,
+    LOST_GRACE,
     MAX_OUTSTANDING,
     MAX_RETRIES,
     NO_SERVER_GRACE,
     Client,
+    ClientStatistics,
     Future,
+    ReadWait,
     _drop_message,
+    _dumps,
     _error_info,
-    _fence,
+    _fence_acquire,
+    _fence_release,
     _fitted_pool,
-    _plain,
+    _forks,
+    _loads,
+    first_pass,
 )
 from ._slots import SlotPool
 from ._wait import deadline_for
-from .ring import DEFAULT_CAPACITY_BYTES, Ring
+from .ring import DEFAULT_CAPACITY_BYTES, Ring, RingStatistics
 
 __all__ = (
     "Service",
+    "ServiceStatistics",
     "Client",
+    "ClientStatistics",
     "Future",
     "Request",
     "Serving",
@@ -88,6 +102,7 @@ __all__ = (
     "MAX_OUTSTANDING",
     "NO_SERVER_GRACE",
     "LIVENESS_INTERVAL",
+    "LOST_GRACE",
     "MAX_RETRIES",
     "PEER_SWEEP_INTERVAL",
 )
@@ -96,19 +111,39 @@ __all__ = (
 PEER_SWEEP_INTERVAL = 1.0
 #: how often a busy worker of Service.serve looks whether it was asked to stop
 _STOP_LOOK = 0.01
+#: how often a receiving server adds its waits to the request ring's statistics
+_FLUSH_INTERVAL = 0.1
+#: how often a server with a result for a client looks whether it is gone
+_GONE_LOOK = 0.1
 _monotonic = time.monotonic
+_GeneratorType = types.GeneratorType
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceStatistics:
+    """A snapshot of a service's request ring and of who serves it."""
+
+    #: the request ring (requests in all: ``messages_in``; waiting to be taken: ``messages_used``)
+    requests: RingStatistics
+    #: pids of the live processes listed as servers
+    servers: List[int]
 
 
 # -- server ---------------------------------------------------------------------
 
 
 class _Peer:
-    """What a server keeps of one client: its reply ring and request table."""
+    """What a server keeps of one client: its reply ring and request table.
+    ``ident``: a number this server gives the client (never reused), which
+    the slots of the results sent to it carry as their fence (_ResultFence)."""
 
-    __slots__ = ("name", "ring", "table", "w")
+    __slots__ = ("server", "name", "ring", "table", "w", "write", "ident", "_gone_at", "_gone")
+    # (also the codec's fence while encoding a result for this client: position())
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, server: "Service", name: str, ident: int) -> None:
+        self.server = server
         self.name = name
+        self.ident = ident
         self.ring = Ring.attach(name)
         try:
             self.table = Segment.attach(P.part_name(name, "b0"), L.KIND_BLOB)
@@ -116,21 +151,66 @@ class _Peer:
             self.ring.close()
             raise
         self.w = self.table.words
+        self.write = self.ring.try_write
+        self._gone_at = 0.0
+        self._gone = False
 
     def gone(self) -> bool:
         """True if the client closed (its names are gone) or died."""
+        if self._gone:
+            return True
         try:
             self.ring.segment.check_exists()
-        except BrokenError:
+        except (BrokenError, ClosedError):
+            self._gone = True
             return True
-        return not self.ring.creator_alive()
+        self._gone = not self.ring.creator_alive()
+        return self._gone
+
+    def position(self) -> int:
+        """What the slots of a result sent to this client carry as their
+        fence (the codec's Lease asks its fence for it): the client's ident."""
+        return self.ident
+
+    def gone_lately(self) -> bool:
+        """:meth:`gone`, looked up at most every _GONE_LOOK seconds."""
+        now = _monotonic()
+        if not self._gone and now >= self._gone_at:
+            self._gone_at = now + _GONE_LOOK
+            self.gone()
+        return self._gone
 
     def forget(self, reclaim: bool) -> None:
         if reclaim:  # the client died: nobody else will remove its names
             for name in (self.name, P.part_name(self.name, "b0"), P.part_name(self.name, "p")):
                 P.shm_unlink(name)
+        self._gone = True
         self.table.close()
         self.ring.close()
+
+
+class _ResultFence:
+    """The fence of a server's result pool (SlotPool.fence): each slot sent
+    carries the ident of the client it went to (``set_fence``), and a slot
+    counts as orphaned (SlotPool._orphaned frees it, once nobody holds it)
+    as soon as that client is gone -- died or closed, before decoding the
+    reply.  One ring fence per pool cannot say this: a server's results go to
+    many reply rings."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: "Service") -> None:
+        self._service = service
+
+    def position(self) -> int:
+        return 0  # (asked only for the slots of a dead source: this pool has one source, us)
+
+    def passed(self, ident: int) -> bool:
+        peer = self._service._by_ident.get(ident)
+        return peer is None or peer.gone_lately()  # (forgotten peers were gone)
+
+    def someone_died(self) -> bool:
+        return True  # passed() already asked whether that client is gone
 
 
 class Request:
@@ -138,13 +218,15 @@ class Request:
     client sent.  Answer with exactly one of :meth:`reply` or :meth:`fail`,
     after any number of :meth:`send_partial`."""
 
-    def __init__(self, server: "Service", peer: _Peer, entry: int, seq: int, payload: Any) -> None:
+    __slots__ = ("payload", "_peer", "_base", "seq", "flags", "done")
+
+    def __init__(self, peer: _Peer, base: int, seq: int, flags: int, payload: Any) -> None:
+        """(``base``: the first word of the request's entry in ``peer.w``.)"""
         self.payload = payload
-        self._server = server
         self._peer = peer
-        self._base = _TABLE_BASE + entry * ENTRY_WORDS
-        self._entry = entry
+        self._base = base
         self.seq = seq
+        self.flags = flags
         self.done = False
 
     @property
@@ -157,14 +239,47 @@ class Request:
         except ValueError:  # the table was closed: the client is gone
             return True
 
+    @property
+    def wants_partials(self) -> bool:
+        """True if the client reads partial replies (``stream``); to a
+        ``call`` or ``submit``, :meth:`send_partial` sends nothing."""
+        return bool(self.flags & F_PARTIALS)
+
     def send_partial(self, obj: Any, timeout: Optional[float] = None) -> None:
-        """Send one partial reply (the client's ``stream`` yields it)."""
-        self._send(K_PARTIAL, obj, timeout)
+        """Send one partial reply (the client's ``stream`` yields it).  A
+        no-op for a client that does not read them (``call``, ``submit``)."""
+        if self.flags & F_PARTIALS:
+            self._send(K_PARTIAL, obj, timeout)
+        elif self.done:
+            self._answered()
 
     def reply(self, obj: Any, timeout: Optional[float] = None) -> None:
         """Send the reply; this ends the request.  ``timeout`` bounds the
-        wait for room in the client's reply ring (Full)."""
-        self._send(K_RESULT, obj, timeout)
+        wait for room in the client's reply ring (Full).  Raises the pickling
+        error of ``obj`` (the request stays open: ``fail`` it)."""
+        if self.done:
+            self._answered()
+        if timeout is not None:
+            deadline_for(timeout)  # (raises ValueError for a bad one, even when there is room)
+        peer = self._peer
+        w = peer.w
+        base = self._base
+        seq = self.seq
+        try:
+            live = w[base + E_SEQ] == seq and w[base + E_CANCEL] != seq
+        except ValueError:  # the table was closed: the client is gone
+            live = False
+        if live:  # (a cancelled request's replies would be dropped by the client anyway)
+            # The common case inline: a small pickle that fits the ring now.
+            try:
+                data = _dumps(obj, 5, buffer_callback=stop_at_large)
+            except Exception:
+                data = first_pass(obj)  # (the fallbacks: LARGE, or the pickling error)
+            if len(data) >= _THRESHOLD and (data is LARGE or type(obj) in _RAW_TYPES):
+                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
+            elif not peer.write(data + _REP.pack(seq, K_RESULT)):  # (the reply ring is full)
+                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
+        self.done = True
 
     def fail(self, exc: BaseException, timeout: Optional[float] = None) -> None:
         """End the request with ``exc``: the client raises RemoteError
@@ -173,12 +288,15 @@ class Request:
             raise TypeError(f"'exc' must be an exception, got {type(exc).__name__}")
         self._send(K_ERROR, exc, timeout)
 
+    def _answered(self) -> None:
+        raise RuntimeError(f"request {self.seq} of client {self._peer.name!r} was already answered")
+
     def _send(self, kind: int, obj: Any, timeout: Optional[float]) -> None:
         if self.done:
-            raise RuntimeError(f"request {self.seq} of client {self._peer.name!r} was already answered")
+            self._answered()
         if not self.cancelled:  # a cancelled request's replies would be dropped by the client anyway
             # raises (unpicklable object, Full) before anything was sent: the request stays open for fail()
-            self._server._send_reply(self._peer, _REP.pack(self.seq, self._entry, kind), obj, kind, deadline_for(timeout), self)
+            self._peer.server._send_reply(self._peer, self.seq, obj, kind, deadline_for(timeout), self)
         if kind != K_PARTIAL:
             self.done = True
 
@@ -242,11 +360,17 @@ class Service:
         self.name = ring.name
         self._client: Optional[Client] = None
         self._peers: Dict[bytes, _Peer] = {}  # by reply-ring name, as requests carry it
+        self._by_ident: Dict[int, _Peer] = {}
+        self._idents = 0
+        self._read_request = ring.try_read
+        self._request_wait = ReadWait(ring)
+        self._next_flush = 0.0
         self._server_start = 0
         self._pool: Optional[SlotPool] = None
         self._encoder = _codec.Codec(None)
         self._decoder = _codec.Codec(None)
-        self._server_in = 0
+        self._server_in = -1  # the fork generation (_forks) this handle was registered as a server in
+        self._server_pid = 0
         self._next_sweep = 0.0
         self._closed = False
 
@@ -267,27 +391,23 @@ class Service:
     # -- server side ----------------------------------------------------
     def receive(self, timeout: Optional[float] = None) -> Request:
         """The next request for this service (the first call lists this
-        process as a server).  Raises TimeoutError after ``timeout`` seconds."""
-        self._check()
-        self._register_server()
-        deadline = deadline_for(timeout)
-        ring = self._requests
+        process as a server).  Raises TimeoutError after ``timeout`` seconds,
+        ClosedError once this handle is closed."""
+        if self._server_in != _forks[0] or self._closed:
+            self._check()
+            self._register_server()
+        deadline = None if timeout is None else deadline_for(timeout)
         while True:
             now = _monotonic()
-            if now >= self._next_sweep:
-                self._next_sweep = now + PEER_SWEEP_INTERVAL
-                self._sweep_peers()
+            if now >= self._next_flush:
+                self._housekeeping(now)
             req = self._take()
             if req is not None:
                 return req
             now = _monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"no request for service {self.name!r} within {timeout} s")
-            until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
-            try:
-                ring._block_reading(until)
-            except Empty:
-                pass
+            self._request_wait.wait(now + _SLICE if deadline is None or deadline > now + _SLICE else deadline)
             if self._closed:
                 raise ClosedError(f"service {self.name!r} is closed")
 
@@ -322,6 +442,13 @@ class Service:
                     raise BrokenError(f"the workers of service {self.name!r} did not start")
         return serving
 
+    def statistics(self) -> ServiceStatistics:
+        """A snapshot of the request ring's counters (every process sees the
+        same) and of the live servers.  Raises ClosedError once closed."""
+        self._check()
+        self._request_wait.flush()
+        return ServiceStatistics(self._requests.statistics(), self.servers())
+
     def servers(self) -> List[int]:
         """Pids of the live processes listed as servers of the service."""
         self._check()
@@ -342,6 +469,8 @@ class Service:
         for peer in self._peers.values():
             peer.forget(False)
         self._peers = {}
+        self._by_ident = {}
+        self._request_wait.flush()
         self._encoder.close()
         self._decoder.close()
         if self._pool is not None:
@@ -367,85 +496,115 @@ class Service:
             raise ClosedError(f"service {self.name!r} is closed")
 
     def _register_server(self) -> None:
-        pid = os.getpid()
-        if self._server_in != pid:
+        if self._server_in != _forks[0]:
             self._requests.segment.add_role(L.ROLE_CONSUMER)
-            if self._pool is not None and self._pool._pid != pid:  # forked: the parent's pool is not ours
+            if self._pool is not None and self._pool._pid != os.getpid():  # forked: the parent's pool is not ours
                 self._pool, self._encoder = None, _codec.Codec(None)
             self._peers = {}
+            self._by_ident = {}
             self._server_start = P.my_start_us()
-            self._server_in = pid
+            self._server_pid = os.getpid()
+            self._server_in = _forks[0]
 
     def _peer(self, name: bytes) -> Optional[_Peer]:
         """The client whose reply ring is ``name`` (as a request carries it),
         or None if it is gone (or ``name`` is not one)."""
         peer = self._peers.get(name)
         if peer is None:
+            self._idents += 1
             try:
-                peer = self._peers[name] = _Peer(name.decode("ascii"))
+                peer = _Peer(self, name.decode("ascii"), self._idents)
             except (OSError, ShmqError, ValueError):  # (UnicodeError is a ValueError)
                 return None  # the client is gone
+            self._peers[name] = self._by_ident[peer.ident] = peer
         return peer
+
+    def _housekeeping(self, now: float) -> None:
+        """Every _FLUSH_INTERVAL while receiving: the request ring's wait
+        statistics; every PEER_SWEEP_INTERVAL: the clients that are gone."""
+        self._next_flush = now + _FLUSH_INTERVAL
+        self._request_wait.flush()
+        if now >= self._next_sweep:
+            self._next_sweep = now + PEER_SWEEP_INTERVAL
+            self._sweep_peers()
 
     def _sweep_peers(self) -> None:
         for name, peer in list(self._peers.items()):
             if peer.gone():
                 del self._peers[name]
+                self._by_ident.pop(peer.ident, None)
                 peer.forget(reclaim=not peer.ring.creator_alive())
 
     def _take(self) -> Optional[Request]:
         """Take one request off the ring, or None.  A cancelled request, or
-        one whose client is gone, is dropped here: its handler never runs."""
-        ring = self._requests
-        view = ring.peek()
-        if view is None:
+        one whose client is gone, is dropped here: its handler never runs.
+
+        The request leaves the ring (try_read) before this server records
+        taking it in the client's entry: a server killed in between loses
+        it, and the client, which sees the ring's readers past its request
+        with no server recorded, sends it again (``Client._resend_lost``).
+        (Holding the ring's consumer lock through peek/release until the
+        record is made cost 0.7 us a request more.)"""
+        rec = self._read_request()
+        if rec is None:
             return None
-        peer = None
-        try:
+        # the trailer (see _service_client): name, then seq, entry, flags, len(name)
+        end = len(rec) - _REQ.size
+        if end < 2:
+            return None  # not a request: dropped
+        seq, entry, flags, nlen = _REQ.unpack_from(rec, end)
+        end -= nlen  # (now the end of the payload)
+        if end < 1 or not nlen:
+            return None
+        name = rec[end : end + nlen]
+        peer = (self._peers.get(name) or self._peer(name)) if entry < MAX_OUTSTANDING else None
+        if peer is not None:
+            w = peer.w
+            base = _TABLE_BASE + entry * ENTRY_WORDS
             try:
-                seq, entry, nlen = _REQ.unpack_from(view)
-                name = bytes(view[_REQ.size : _REQ.size + nlen])
-                data = bytes(view[_REQ.size + nlen :])
-            except struct.error:
-                return None  # not a request: dropped
-            finally:
-                view.release()
-            if entry < MAX_OUTSTANDING:
-                peer = self._peer(name)
-            if peer is not None:
-                w = peer.w
-                base = _TABLE_BASE + entry * ENTRY_WORDS
                 if w[base + E_SEQ] != seq or w[base + E_CANCEL] == seq:
                     peer = None  # answered or cancelled already
                 else:
-                    w[base + E_PID] = self._server_in  # this process's pid (_register_server)
+                    w[base + E_PID] = self._server_pid
                     w[base + E_START] = self._server_start
                     w[base + E_TAKEN] = seq
-                    _fence()
+                    _fence_acquire()  # (_fence(), inlined)
+                    _fence_release()
                     if w[base + E_CANCEL] == seq:  # the client cancelled as we took it
                         peer = None
-        finally:
-            ring.release()
+            except ValueError:  # the table was closed (swept): the client is gone
+                peer = None
         if peer is None:
-            _drop_message(data, self._decoder.resolve)
+            if rec[0] != 0x80:
+                _drop_message(rec[:end], self._decoder.resolve)
             return None
         try:
-            payload = self._decoder.decode(data)
+            payload = _loads(rec) if rec[0] == 0x80 else self._decoder.decode(rec[:end])
         except Exception as exc:
-            req = Request(self, peer, entry, seq, None)
-            req.fail(exc)
+            Request(peer, base, seq, flags, None).fail(exc)
             return None
-        return Request(self, peer, entry, seq, payload)
+        return Request(peer, base, seq, flags, payload)
 
-    def _send_reply(self, peer: _Peer, header: bytes, obj: Any, kind: int, deadline: Optional[float], req: Request) -> None:
+    def _send_reply(
+        self, peer: _Peer, seq: int, obj: Any, kind: int, deadline: Optional[float], req: Request, data: Any = None
+    ) -> None:
+        """Send one reply record to ``peer``: through a slot of this server's
+        result pool if ``obj`` has a large buffer; waiting (until
+        ``deadline``: Full) for room while the client still wants it.
+        ``data``: ``first_pass(obj)``, if the caller has it."""
+        lease = None
         if kind == K_ERROR:
-            data, lease = _error_info(obj), None
-        else:
-            data, lease = _plain(obj), None
-        if data is _codec.LARGE:
+            data = _error_info(obj)
+        elif data is None:
+            data = first_pass(obj)
+        if data is LARGE:
             if self._pool is None:
-                self._pool = _fitted_pool(obj, None)
-                self._encoder = _codec.Codec(self._pool)
+                pool = _fitted_pool(obj, None)
+                pool.fence = _ResultFence(self)
+                pool.orphan_seconds = 0.0  # (an orphan here is a slot sent to a client known gone)
+                self._pool = pool
+                self._encoder = _codec.Codec(pool)
+            self._encoder.fence = peer  # the slots' fence: the client they go to (see _ResultFence)
             while True:  # a pool with no free slot: wait while the client still wants the reply
                 try:
                     data, lease = self._encoder.encode(obj, timeout=_SLICE)
@@ -455,7 +614,7 @@ class Service:
                         return
                     if deadline is not None and _monotonic() >= deadline:
                         raise
-        record = header + data
+        record = data + _REP.pack(seq, kind)
         ring = peer.ring
         try:
             while not ring.try_write(record):
@@ -509,14 +668,16 @@ def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) ->
 def _handle(req: Request, fn: Callable[[Any], Any]) -> None:
     try:
         out = fn(req.payload)
-        if inspect.isgenerator(out):
+        if type(out) is _GeneratorType:
+            partials = req.flags & F_PARTIALS  # (else the client would drop them: not even sent)
             try:
                 while True:
                     item = next(out)
                     if req.cancelled:
                         out.close()
                         return
-                    req.send_partial(item)
+                    if partials:
+                        req.send_partial(item)
             except StopIteration as end:
                 out = end.value
         req.reply(out)
