@@ -31,7 +31,9 @@ from .topic import Subscription as Subscription
 from .topic import Topic as Topic
 from .topic import TopicStatistics as TopicStatistics
 from ._errors import RemoteError as RemoteError
+from .service import ClientStatistics as ClientStatistics
 from .service import Service as Service
+from .service import ServiceStatistics as ServiceStatistics
 from ._errors import WorkerDied as WorkerDied
 from .pipeline import DeadLetter as DeadLetter
 from .pipeline import Pipeline as Pipeline
@@ -75,6 +77,8 @@ __all__ = (
     "TopicStatistics",
     "RemoteError",
     "Service",
+    "ServiceStatistics",
+    "ClientStatistics",
     "__version__",
     "CorruptError",
     "WorkerDied",
