@@ -19,32 +19,61 @@ caller's policy (``gate`` of :meth:`BroadcastRing.try_write`).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, LayoutError
+from ._errors import BrokenError, EndOfChannel, LayoutError
 from ._segment import ParticipantInfo, Segment, participant_infos
 from . import _sync
 from ._sync import Doorbell, RobustLock
 
 __all__ = (
+    "CORE",
     "BroadcastRing",
     "Cursor",
+    "Receiver",
     "LatestStatistics",
     "SubscriberStatistics",
     "TopicStatistics",
     "SlotCursor",
     "ValueCell",
     "latest_statistics",
+    "publishing_writer",
     "record_size",
     "topic_statistics",
 )
 
 _W = L.WORD
 _HDR = L.T_RECORD_HEADER
+
+
+def _load_core() -> Any:
+    """shmq._core if it is built, has the broadcast moves for this layout and
+    SHMQ_PURE is not set; else None (the moves below run).  See docs/core.md."""
+    if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    layout = getattr(_core, "TOPIC_LAYOUT", None)
+    if not isinstance(layout, dict) or not hasattr(_core, "CursorCore"):
+        return None  # not a core of this version
+    return _core if layout == {k: getattr(L, k, None) for k in layout} else None
+
+
+_core = _load_core()
+#: which core runs the topic's record moves: "c" (shmq._core) or "python"
+CORE = "python" if _core is None else "c"
+# With the C core, the fields the record moves read on every call are C
+# members of these bases, and their try_write/try_read replace the Python
+# ones (end of this module).
+_RingBase: Any = object if _core is None else _core.BroadcastCore
+_CursorBase: Any = object if _core is None else _core.CursorCore
 
 
 def record_size(payload_bytes: int) -> int:
@@ -216,7 +245,7 @@ def latest_statistics(seg: Any) -> LatestStatistics:
     )
 
 
-class BroadcastRing:
+class BroadcastRing(_RingBase):
     """One attachment's view of a topic's ring and tables."""
 
     def __init__(self, segment: Segment) -> None:
@@ -234,6 +263,9 @@ class BroadcastRing:
         # the publisher's cached lowest live cursor and the epoch it was read in
         self._gate = -1
         self._gate_epoch = -1
+        if _core is not None:  # the C moves' copies (C members of the base)
+            self._c_cap, self._c_base, self._c_max_payload = cap, L.TOPIC_DATA_OFFSET, self.max_payload
+            self._buf = segment.buf
 
     @staticmethod
     def initialise(segment: Segment, capacity_bytes: int, drop_oldest: bool, slot_config: int) -> None:
@@ -446,14 +478,29 @@ class BroadcastRing:
         return out
 
 
-class Cursor:
+class Cursor(_CursorBase):
     """A subscriber's position: reads records one by one, counting the ones
-    it lost to publishers that overwrote them.  One thread uses it."""
+    it lost to publishers that overwrote them.  One thread uses it.
 
-    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full", "_pending")
-    _slot_records = False  # SlotCursor: records starting with byte 0 wait for commit()
+    ``pos`` is where it reads next; the shared CURSOR word (what publishers
+    gate on and return slots by) is stored lazily, with NEXT_SEQ and
+    RECEIVED: when it has read every record up to the TAIL it last looked
+    at, when it finds nothing to read, when it is ``flush_bytes`` ahead of
+    what it stored, and whenever a publisher waits for room.  So a
+    subscriber that keeps up holds nobody back, and one that reads a
+    backlog writes its words once per ``flush_bytes`` (capacity / 16)
+    instead of once per record.  TAIL, the publishers' cache line, is read
+    once per batch (when ``pos`` reaches the TAIL seen last), and so is
+    OLDEST in a ``block`` topic, where no live cursor is ever overwritten;
+    a ``drop-oldest`` reader re-checks OLDEST after every copy."""
 
-    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
+    __slots__: Tuple[str, ...] = ("ring", "entry", "_w", "_base")
+    if _core is None:  # (with the C core these are members of CursorCore)
+        __slots__ += ("pos", "next_seq", "lost", "received", "_tail_seen", "_stored", "_pending",
+                      "_flush", "_drop", "_slot_records", "_not_full")
+
+    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell,
+                 slot_records: bool = False) -> None:
         self.ring = ring
         self.entry = entry
         self.pos = pos
@@ -463,29 +510,48 @@ class Cursor:
         self._w = ring.words
         self._base = L.topic_sub_word(entry)
         self._not_full = not_full
-        self._pending = -1
+        self._tail_seen = pos  # nothing seen yet: the first read looks at TAIL
+        self._stored = pos  # what the CURSOR word says (join stored it)
+        self._pending = 0
+        self._flush = max(_W, ring.capacity_bytes // 16)
+        self._drop = bool(ring.drop_oldest)
+        # SlotCursor: records starting with byte 0 keep the stored cursor
+        # before them until commit()
+        self._slot_records = bool(slot_records)
+        if _core is not None:
+            self._c_cap, self._c_base, self._c_max_payload = ring.capacity_bytes, ring._base, ring.max_payload
+            self._c_sub = self._base
+            self._buf = ring.buf
 
     def can_read(self) -> bool:
         return self._w[L.W_T_TAIL] > self.pos
 
     def try_read(self) -> Optional[bytes]:
-        """The next record's payload, or None if there is none yet."""
+        """The next record's payload, or None if there is none yet.  Raises
+        BrokenError if a record's length word is impossible."""
         ring, w = self.ring, self._w
         buf, cap, base = ring.buf, ring.capacity_bytes, ring._base
+        drop = self._drop
         pos = self.pos
         while True:
-            t = w[L.W_T_TAIL]
-            if pos >= t:
-                if pos != self.pos:
-                    self._store(pos)
-                return None
-            if pos < w[L.W_T_OLDEST]:
-                pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+            if pos >= self._tail_seen:
+                t = w[L.W_T_TAIL]
+                if pos >= t:
+                    self.pos = pos
+                    if pos != self._stored:
+                        self._store(pos)
+                    return None
+                self._tail_seen = t
+                if pos < w[L.W_T_OLDEST]:
+                    pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+                    continue
+            elif drop and pos < w[L.W_T_OLDEST]:
+                pos = w[L.W_T_OLDEST]
                 continue
             at = base + pos % cap
             h = w[at // _W]
             if h < 0:
-                if w[L.W_T_OLDEST] > pos:
+                if drop and w[L.W_T_OLDEST] > pos:
                     continue
                 if -h > cap - pos % cap or -h % _W:
                     raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
@@ -497,31 +563,28 @@ class Cursor:
                 raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
             seq = w[at // _W + 1]
             data = bytes(buf[at + _HDR : at + _HDR + h])
-            if w[L.W_T_OLDEST] > pos:
+            if drop and w[L.W_T_OLDEST] > pos:
                 continue  # overwritten while we copied: lost, look again
             if seq > self.next_seq:
                 self.lost += seq - self.next_seq
                 w[self._base + L.TS_LOST] = self.lost
             self.next_seq = seq + 1
             self.received += 1
-            pos = pos + _HDR + ((h + 7) & -8)
+            pos += _HDR + ((h + 7) & -8)
+            self.pos = pos
             if self._slot_records and h and data[0] == 0:
                 # A record that starts with byte 0 carries slot references the
-                # reader takes before its cursor passes it: commit() moves it.
-                self._pending = pos
+                # reader takes before its stored cursor passes it: commit().
+                self._pending = 1
                 return data
-            self.pos = pos
-            b = self._base
-            w[b + L.TS_NEXT_SEQ] = seq + 1
-            w[b + L.TS_RECEIVED] = self.received
-            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
-            if w[L.W_T_PUB_WAITING]:
-                self._not_full.ring()
+            if pos >= self._tail_seen or pos - self._stored >= self._flush or w[L.W_T_PUB_WAITING]:
+                self._store(pos)
             return data
 
     def _store(self, pos: int) -> None:
+        """Publish ``pos`` (with NEXT_SEQ and RECEIVED) in the shared entry."""
         w, base = self._w, self._base
-        self.pos = pos
+        self._stored = pos
         w[base + L.TS_NEXT_SEQ] = self.next_seq
         w[base + L.TS_RECEIVED] = self.received
         w[base + L.TS_CURSOR] = pos  # publishers gate on this word
@@ -541,20 +604,89 @@ class Cursor:
 class SlotCursor(Cursor):
     """A cursor of a topic with a slot pool.  A record whose payload starts
     with byte 0 (a slot message; a pickle starts with 0x80) carries slot
-    references the reader must hold before its cursor passes the record (the
-    publisher gives back its own hold once every live cursor passed it):
-    :meth:`try_read` returns it with the cursor still before it, and
-    :meth:`commit` moves the cursor on."""
+    references the reader must hold before its stored cursor passes the
+    record (the publisher gives back its own hold once every live cursor
+    passed it): :meth:`try_read` returns it without storing the cursor, and
+    :meth:`commit` stores it."""
 
     __slots__ = ()
-    _slot_records = True
+
+    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
+        super().__init__(ring, entry, pos, next_seq, not_full, slot_records=True)
 
     def commit(self) -> None:
-        """Move the cursor past the record :meth:`try_read` returned last,
+        """Store the cursor past the record :meth:`try_read` returned last,
         when it started with byte 0 (nothing to do otherwise)."""
-        pos, self._pending = self._pending, -1
-        if pos >= 0:
-            self._store(pos)
+        if self._pending:
+            self._pending = 0
+            self._store(self.pos)
+
+
+class Receiver:
+    """``receive(timeout=None)`` and iteration over a subscription of a topic
+    without a slot pool: :meth:`Cursor.try_read`, then ``loads`` in the same
+    call; ``slow(timeout)`` (which waits, raises, and returns the object)
+    when there is nothing to read, the timeout is not a number >= 0, or
+    :meth:`close` was called.  Iteration ends (StopIteration) where
+    ``slow`` raises EndOfChannel.  (The C core's TopicReceiver mirrors it.)"""
+
+    __slots__ = ("cursor", "loads", "slow", "closed")
+
+    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], slow: Callable[[Any], Any]) -> None:
+        self.cursor = cursor
+        self.loads = loads
+        self.slow = slow
+        self.closed = False
+
+    def __call__(self, timeout: Optional[float] = None) -> Any:
+        if self.closed or not (timeout is None or (type(timeout) in (int, float) and timeout >= 0)):
+            return self.slow(timeout)
+        data = self.cursor.try_read()
+        if data is None:
+            return self.slow(timeout)
+        return self.loads(data)
+
+    def __iter__(self) -> "Receiver":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self(None)
+        except EndOfChannel:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """From now on every call goes to ``slow`` (which raises ClosedError)."""
+        self.closed = True
+
+
+def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[..., Any], protocol: int,
+                      wake: Callable[[], Any], slow: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
+    """The fast path of ``shmq.Topic.publish`` for a topic without a slot
+    pool: ``publish(obj, timeout=None)`` pickles ``obj`` once
+    (``dumps(obj, protocol)``) and appends it with :meth:`BroadcastRing.try_write`
+    (gated in a ``block`` topic), then ``wake()`` if a subscriber sleeps.
+    ``slow(obj, timeout, data)`` takes over (and returns the result) when
+    the calling process is not the one that made the closure (``data``
+    None: a forked child publishes as itself), the pickle can never fit, or
+    there is no room now.  (The C core's TopicPublisher mirrors it.)"""
+    w = ring.words
+    gate = not ring.drop_oldest
+    max_payload = ring.max_payload
+    try_write = ring.try_write
+    pid = _sync._PID
+
+    def publish(obj: Any, timeout: Optional[float] = None) -> None:
+        if _sync._PID != pid:
+            return slow(obj, timeout, None)
+        data = dumps(obj, protocol)
+        if len(data) > max_payload or not try_write(data, lock, gate):
+            return slow(obj, timeout, data)
+        if w[L.W_T_SUB_WAITING]:
+            wake()
+        return None
+
+    return publish
 
 
 class ValueCell:
@@ -613,3 +745,19 @@ class ValueCell:
         if w[hdr] != v:
             return -1, b""
         return v, data
+
+
+# The Python moves above are the specification; with the C core its mirrors
+# take their place (docs/core.md).  The Python ones stay reachable for the
+# tests: BroadcastRing._py_try_write, Cursor._py_try_read, PyReceiver and
+# py_publishing_writer.
+BroadcastRing._py_try_write = BroadcastRing.try_write  # type: ignore[attr-defined]
+Cursor._py_try_read = Cursor.try_read  # type: ignore[attr-defined]
+PyReceiver = Receiver
+py_publishing_writer = publishing_writer
+
+if _core is not None:
+    BroadcastRing.try_write = _core.BroadcastCore.try_write  # type: ignore[assignment]
+    Cursor.try_read = _core.CursorCore.try_read  # type: ignore[assignment]
+    Receiver = _core.TopicReceiver  # type: ignore[misc]
+    publishing_writer = _core.TopicPublisher  # type: ignore[assignment]
