@@ -552,13 +552,19 @@ class Cursor(_CursorBase):
             h = w[at // _W]
             if h < 0:
                 if drop and w[L.W_T_OLDEST] > pos:
-                    continue
+                    continue  # overwritten under us: the loop's top jumps to the oldest
                 if -h > cap - pos % cap or -h % _W:
+                    o = w[L.W_T_OLDEST]
+                    if o > pos:  # overwritten under us: look again from the oldest
+                        pos = o
+                        continue
                     raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
                 pos -= h
                 continue
             if h > ring.max_payload or pos % cap + _HDR + h > cap:
-                if w[L.W_T_OLDEST] > pos:
+                o = w[L.W_T_OLDEST]
+                if o > pos:
+                    pos = o
                     continue
                 raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
             seq = w[at // _W + 1]
@@ -628,14 +634,17 @@ class Receiver:
     call; ``slow(timeout)`` (which waits, raises, and returns the object)
     when there is nothing to read, the timeout is not a number >= 0, or
     :meth:`close` was called.  Iteration ends (StopIteration) where
-    ``slow`` raises EndOfChannel.  (The C core's TopicReceiver mirrors it.)"""
+    ``slow`` raises ``end`` (EndOfChannel).  (The C core's TopicReceiver
+    mirrors it.)"""
 
-    __slots__ = ("cursor", "loads", "slow", "closed")
+    __slots__ = ("cursor", "loads", "slow", "end", "closed")
 
-    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], slow: Callable[[Any], Any]) -> None:
+    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], slow: Callable[[Any], Any],
+                 end: type = EndOfChannel) -> None:
         self.cursor = cursor
         self.loads = loads
         self.slow = slow
+        self.end = end
         self.closed = False
 
     def __call__(self, timeout: Optional[float] = None) -> Any:
@@ -652,7 +661,7 @@ class Receiver:
     def __next__(self) -> Any:
         try:
             return self(None)
-        except EndOfChannel:
+        except self.end:
             raise StopIteration from None
 
     def close(self) -> None:

@@ -803,7 +803,10 @@ class Subscription:
         self._cursor = (Cursor if shared.codec is None else SlotCursor)(ring, entry, pos, seq, shared.not_full)
         # receive() and iteration ARE the Receiver (C with the compiled core):
         # try_read and loads in one call, the waits in _receive_slow.
-        self._receiver = Receiver(self._cursor, _loads, _weak_method(self, "_receive_slow", f"subscription to topic {self.name!r}"))
+        self._receiver = Receiver(
+            self._cursor, _loads, _weak_method(self, "_receive_slow", f"subscription to topic {self.name!r}"),
+            EndOfChannel,
+        )
         if type(self).receive is Subscription.receive:
             self.receive = self._receiver  # type: ignore[method-assign]
         self._bell = _SubscriberBell(self._cursor, shared.not_empty_sem)
