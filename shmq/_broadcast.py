@@ -420,9 +420,15 @@ class BroadcastRing(_RingBase):
         w[L.W_T_NEXT_SEQ] = seq
 
     def wake_subscribers(self, sem) -> None:
-        """Post ``sem`` once per subscriber that announced it sleeps."""
+        """Post ``sem`` once per subscriber that announced it sleeps, clearing
+        its flag (the post takes its count; see topic._SubscriberBell)."""
         w = self.words
         w[L.W_T_SUB_WAITING] = 0
+        # The clear before the scan: else a subscriber that announces in
+        # between (entry flag, then SUB_WAITING) is missed by the scan and
+        # its SUB_WAITING overwritten by this clear (x86-64 lets a store
+        # wait behind later loads): it slept until its slice ran out.
+        _sync.full_fence()
         count = 0
         for i in range(L.T_SUBSCRIBERS):
             word = L.topic_sub_word(i) + L.TS_WAITING
@@ -583,7 +589,7 @@ class Cursor(_CursorBase):
                 # reader takes before its stored cursor passes it: commit().
                 self._pending = 1
                 return data
-            if pos >= self._tail_seen or pos - self._stored >= self._flush or w[L.W_T_PUB_WAITING]:
+            if pos >= self._tail_seen or pos - self._stored >= self._flush:
                 self._store(pos)
             return data
 
@@ -594,17 +600,11 @@ class Cursor(_CursorBase):
         w[base + L.TS_NEXT_SEQ] = self.next_seq
         w[base + L.TS_RECEIVED] = self.received
         w[base + L.TS_CURSOR] = pos  # publishers gate on this word
+        # the CURSOR store before the PUB_WAITING load: else a publisher that
+        # announced and re-checked the cursors in between sleeps unrung
+        _sync.full_fence()
         if w[L.W_T_PUB_WAITING]:
             self._not_full.ring()
-
-    def announce(self) -> None:
-        """About to sleep on "not empty": publishers post for this entry."""
-        self._w[self._base + L.TS_WAITING] = 1
-        self._w[L.W_T_SUB_WAITING] = 1
-
-    def withdraw(self) -> None:
-        """Left the wait without a post for this entry."""
-        self._w[self._base + L.TS_WAITING] = 0
 
 
 class SlotCursor(Cursor):
@@ -630,19 +630,21 @@ class SlotCursor(Cursor):
 
 class Receiver:
     """``receive(timeout=None)`` and iteration over a subscription of a topic
-    without a slot pool: :meth:`Cursor.try_read`, then ``loads`` in the same
-    call; ``slow(timeout)`` (which waits, raises, and returns the object)
+    without a slot pool: :meth:`Cursor.try_read`, then ``unpack`` (a record
+    that starts with byte 1: a flat tuple) or ``loads`` (a pickle) in the
+    same call; ``slow(timeout)`` (which waits, raises, and returns the object)
     when there is nothing to read, the timeout is not a number >= 0, or
     :meth:`close` was called.  Iteration ends (StopIteration) where
     ``slow`` raises ``end`` (EndOfChannel).  (The C core's TopicReceiver
     mirrors it.)"""
 
-    __slots__ = ("cursor", "loads", "slow", "end", "closed")
+    __slots__ = ("cursor", "loads", "unpack", "slow", "end", "closed")
 
-    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], slow: Callable[[Any], Any],
-                 end: type = EndOfChannel) -> None:
+    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], unpack: Callable[[bytes], Any],
+                 slow: Callable[[Any], Any], end: type = EndOfChannel) -> None:
         self.cursor = cursor
         self.loads = loads
+        self.unpack = unpack
         self.slow = slow
         self.end = end
         self.closed = False
@@ -653,6 +655,8 @@ class Receiver:
         data = self.cursor.try_read()
         if data is None:
             return self.slow(timeout)
+        if data[0] == 1:
+            return self.unpack(data)
         return self.loads(data)
 
     def __iter__(self) -> "Receiver":
@@ -670,10 +674,12 @@ class Receiver:
 
 
 def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[..., Any], protocol: int,
-                      wake: Callable[[], Any], slow: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
+                      pack: Optional[Callable[[Any], Optional[bytes]]], wake: Callable[[], Any],
+                      slow: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
     """The fast path of ``shmq.Topic.publish`` for a topic without a slot
-    pool: ``publish(obj, timeout=None)`` pickles ``obj`` once
-    (``dumps(obj, protocol)``) and appends it with :meth:`BroadcastRing.try_write`
+    pool: ``publish(obj, timeout=None)`` encodes ``obj`` once (``pack(obj)``,
+    a flat tuple, unless ``pack`` is None or gives None; else
+    ``dumps(obj, protocol)``) and appends it with :meth:`BroadcastRing.try_write`
     (gated in a ``block`` topic), then ``wake()`` if a subscriber sleeps.
     ``slow(obj, timeout, data)`` takes over (and returns the result) when
     the calling process is not the one that made the closure (``data``
@@ -688,7 +694,9 @@ def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[...
     def publish(obj: Any, timeout: Optional[float] = None) -> None:
         if _sync._PID != pid:
             return slow(obj, timeout, None)
-        data = dumps(obj, protocol)
+        data = pack(obj) if pack is not None else None
+        if data is None:
+            data = dumps(obj, protocol)
         if len(data) > max_payload or not try_write(data, lock, gate):
             return slow(obj, timeout, data)
         if w[L.W_T_SUB_WAITING]:

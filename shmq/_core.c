@@ -1239,6 +1239,10 @@ static int cursor_store(CursorCore *self, char *mem, int64_t pos) {
     store_word(mem, self->sub + TS_NEXT_SEQ, self->next_seq);
     store_word(mem, self->sub + TS_RECEIVED, self->received);
     store_word(mem, self->sub + TS_CURSOR, pos); /* publishers gate on this word */
+    /* the CURSOR store before the PUB_WAITING load (x86-64 may let a load
+     * pass an earlier store): else a publisher that announced and re-checked
+     * the cursors in between sleeps unrung */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (load_word(mem, W_T_PUB_WAITING)) {
         if (self->not_full == NULL) {
             PyErr_SetString(PyExc_AttributeError, "_not_full");
@@ -1337,8 +1341,7 @@ static PyObject *cursor_read(CursorCore *self) {
             self->pending = 1;
             break;
         }
-        if ((pos >= self->tail_seen || pos - self->stored >= self->flush || load_word(mem, W_T_PUB_WAITING)) &&
-            cursor_store(self, mem, pos) < 0)
+        if ((pos >= self->tail_seen || pos - self->stored >= self->flush) && cursor_store(self, mem, pos) < 0)
             goto fail;
         break;
     }
@@ -1395,12 +1398,186 @@ static PyTypeObject CursorCoreType = {
     .tp_members = CursorCore_members,
 };
 
+/* ---- flat tuples: mirror topic._pack_flat / topic._unpack_flat ----------
+ * 0x01, item count, then per item a kind byte and its value: N / T / F,
+ * i + int64, d + float64 (little-endian), s + uint32 length + UTF-8,
+ * b + uint32 length + bytes. */
+#define FLAT_TAG 1
+#define FLAT_MAX_ITEMS 255
+
+/* mirrors topic._pack_flat: new bytes, or a new reference to None if obj is
+ * not a flat tuple; NULL with an exception only if memory runs out */
+static PyObject *flat_pack(PyObject *obj) {
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) > FLAT_MAX_ITEMS) Py_RETURN_NONE;
+    Py_ssize_t n = PyTuple_GET_SIZE(obj), size = 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyTuple_GET_ITEM(obj, i);
+        if (x == Py_None || x == Py_True || x == Py_False) {
+            size += 1;
+        } else if (PyLong_CheckExact(x)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
+            if (overflow || (v == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            size += 9;
+        } else if (PyFloat_CheckExact(x)) {
+            size += 9;
+        } else if (PyUnicode_CheckExact(x)) {
+            Py_ssize_t len;
+            if (PyUnicode_AsUTF8AndSize(x, &len) == NULL) { /* lone surrogates: pickle keeps them */
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            if ((unsigned long long)len > 0xFFFFFFFFull) Py_RETURN_NONE;
+            size += 5 + len;
+        } else if (PyBytes_CheckExact(x)) {
+            if ((unsigned long long)PyBytes_GET_SIZE(x) > 0xFFFFFFFFull) Py_RETURN_NONE;
+            size += 5 + PyBytes_GET_SIZE(x);
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    *p++ = FLAT_TAG;
+    *p++ = (unsigned char)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyTuple_GET_ITEM(obj, i);
+        if (x == Py_None) {
+            *p++ = 'N';
+        } else if (x == Py_True) {
+            *p++ = 'T';
+        } else if (x == Py_False) {
+            *p++ = 'F';
+        } else if (PyLong_CheckExact(x)) {
+            int64_t v = (int64_t)PyLong_AsLongLong(x);
+            *p++ = 'i';
+            memcpy(p, &v, 8); /* x86-64: little-endian, as struct "<q" */
+            p += 8;
+        } else if (PyFloat_CheckExact(x)) {
+            double v = PyFloat_AS_DOUBLE(x);
+            *p++ = 'd';
+            memcpy(p, &v, 8);
+            p += 8;
+        } else {
+            const char *raw;
+            Py_ssize_t len;
+            if (PyUnicode_CheckExact(x)) {
+                raw = PyUnicode_AsUTF8AndSize(x, &len); /* (cached by the first pass) */
+                *p++ = 's';
+            } else {
+                raw = PyBytes_AS_STRING(x);
+                len = PyBytes_GET_SIZE(x);
+                *p++ = 'b';
+            }
+            uint32_t l32 = (uint32_t)len;
+            memcpy(p, &l32, 4);
+            p += 4;
+            memcpy(p, raw, (size_t)len);
+            p += len;
+        }
+    }
+    return out;
+}
+
+/* mirrors topic._unpack_flat: the tuple, NULL with ValueError if malformed */
+static PyObject *flat_unpack(const unsigned char *data, Py_ssize_t n) {
+    if (n < 2 || data[0] != FLAT_TAG) {
+        PyErr_SetString(PyExc_ValueError, "not a flat-tuple record");
+        return NULL;
+    }
+    Py_ssize_t count = data[1], at = 2;
+    PyObject *out = PyTuple_New(count);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (at >= n) goto truncated;
+        unsigned char kind = data[at++];
+        PyObject *x;
+        switch (kind) {
+        case 'N':
+            x = Py_NewRef(Py_None);
+            break;
+        case 'T':
+            x = Py_NewRef(Py_True);
+            break;
+        case 'F':
+            x = Py_NewRef(Py_False);
+            break;
+        case 'i':
+        case 'd': {
+            if (at + 8 > n) goto truncated;
+            if (kind == 'i') {
+                int64_t v;
+                memcpy(&v, data + at, 8);
+                x = PyLong_FromLongLong(v);
+            } else {
+                double v;
+                memcpy(&v, data + at, 8);
+                x = PyFloat_FromDouble(v);
+            }
+            at += 8;
+            break;
+        }
+        case 's':
+        case 'b': {
+            if (at + 4 > n) goto truncated;
+            uint32_t len;
+            memcpy(&len, data + at, 4);
+            at += 4;
+            if ((Py_ssize_t)len > n - at) goto truncated;
+            x = kind == 's' ? PyUnicode_DecodeUTF8((const char *)data + at, len, NULL)
+                            : PyBytes_FromStringAndSize((const char *)data + at, len);
+            at += len;
+            break;
+        }
+        default:
+            Py_DECREF(out);
+            PyErr_Format(PyExc_ValueError, "flat-tuple record has an unknown item kind %d", (int)kind);
+            return NULL;
+        }
+        if (x == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    if (at != n) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, "flat-tuple record has bytes after its last item");
+        return NULL;
+    }
+    return out;
+truncated:
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, "flat-tuple record is truncated");
+    return NULL;
+}
+
+/* module function pack_flat(obj): mirrors topic._pack_flat */
+static PyObject *core_pack_flat(PyObject *Py_UNUSED(module), PyObject *obj) { return flat_pack(obj); }
+
+/* module function unpack_flat(data): mirrors topic._unpack_flat */
+static PyObject *core_unpack_flat(PyObject *Py_UNUSED(module), PyObject *data) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *r = flat_unpack((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+static int is_core_function(PyObject *f, PyCFunction c) {
+    return f != NULL && PyCFunction_Check(f) && PyCFunction_GET_FUNCTION(f) == c;
+}
+
 /* ---- TopicReceiver: mirrors the class _broadcast.Receiver --------------- */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *cursor, *loads, *slow, *end;
-    char closed;
+    PyObject *cursor, *loads, *unpack, *slow, *end;
+    char closed, c_unpack;
 } TopicReceiver;
 
 static int timeout_is_plain(PyObject *timeout) {
@@ -1423,7 +1600,12 @@ static PyObject *receiver_receive(TopicReceiver *self, PyObject *timeout) {
         Py_DECREF(data);
         return PyObject_CallOneArg(self->slow, timeout);
     }
-    PyObject *obj = PyObject_CallOneArg(self->loads, data);
+    PyObject *obj;
+    if (PyBytes_GET_SIZE(data) > 0 && PyBytes_AS_STRING(data)[0] == FLAT_TAG)
+        obj = self->c_unpack ? flat_unpack((const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                             : PyObject_CallOneArg(self->unpack, data);
+    else
+        obj = PyObject_CallOneArg(self->loads, data);
     Py_DECREF(data);
     return obj;
 }
@@ -1449,13 +1631,16 @@ static PyObject *TopicReceiver_close(TopicReceiver *self, PyObject *Py_UNUSED(ig
 }
 
 static PyObject *TopicReceiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *cursor, *loads, *slow, *end;
-    if (!PyArg_ParseTuple(args, "O!OOO:TopicReceiver", &CursorCoreType, &cursor, &loads, &slow, &end)) return NULL;
+    PyObject *cursor, *loads, *unpack, *slow, *end;
+    if (!PyArg_ParseTuple(args, "O!OOOO:TopicReceiver", &CursorCoreType, &cursor, &loads, &unpack, &slow, &end))
+        return NULL;
     TopicReceiver *self = (TopicReceiver *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->vectorcall = (vectorcallfunc)TopicReceiver_call;
     self->cursor = Py_NewRef(cursor);
     self->loads = Py_NewRef(loads);
+    self->unpack = Py_NewRef(unpack);
+    self->c_unpack = (char)is_core_function(unpack, (PyCFunction)core_unpack_flat);
     self->slow = Py_NewRef(slow);
     self->end = Py_NewRef(end);
     return (PyObject *)self;
@@ -1463,6 +1648,7 @@ static PyObject *TopicReceiver_new(PyTypeObject *type, PyObject *args, PyObject 
 static int TopicReceiver_traverse(TopicReceiver *self, visitproc visit, void *arg) {
     Py_VISIT(self->cursor);
     Py_VISIT(self->loads);
+    Py_VISIT(self->unpack);
     Py_VISIT(self->slow);
     Py_VISIT(self->end);
     return 0;
@@ -1470,6 +1656,7 @@ static int TopicReceiver_traverse(TopicReceiver *self, visitproc visit, void *ar
 static int TopicReceiver_clear(TopicReceiver *self) {
     Py_CLEAR(self->cursor);
     Py_CLEAR(self->loads);
+    Py_CLEAR(self->unpack);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->end);
     return 0;
@@ -1509,9 +1696,9 @@ static PyTypeObject TopicReceiverType = {
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *ring, *lock, *dumps, *protocol, *wake, *slow;
+    PyObject *ring, *lock, *dumps, *protocol, *pack, *wake, *slow;
     long pid;
-    int gate;
+    int gate, c_pack;
     long long max_payload;
 } TopicPublisher;
 
@@ -1521,9 +1708,20 @@ static PyObject *TopicPublisher_call(TopicPublisher *self, PyObject *const *args
     if (parse_call(args, nargsf, kwnames, 1, a, 2, names) < 0) return NULL;
     PyObject *obj = a[0], *timeout = a[1] ? a[1] : Py_None;
     if (my_pid != self->pid) return PyObject_CallFunctionObjArgs(self->slow, obj, timeout, Py_None, NULL);
-    PyObject *dargs[2] = {obj, self->protocol};
-    PyObject *data = PyObject_Vectorcall(self->dumps, dargs, 2, NULL);
+    PyObject *data = NULL;
+    if (self->c_pack)
+        data = flat_pack(obj);
+    else if (self->pack != Py_None)
+        data = PyObject_CallOneArg(self->pack, obj);
+    else
+        data = Py_NewRef(Py_None);
     if (data == NULL) return NULL;
+    if (data == Py_None) {
+        Py_DECREF(data);
+        PyObject *dargs[2] = {obj, self->protocol};
+        data = PyObject_Vectorcall(self->dumps, dargs, 2, NULL);
+        if (data == NULL) return NULL;
+    }
     int r = 0;
     if (PyBytes_CheckExact(data) && PyBytes_GET_SIZE(data) <= self->max_payload) {
         r = broadcast_write((BroadcastCore *)self->ring, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), self->lock,
@@ -1544,9 +1742,9 @@ static PyObject *TopicPublisher_call(TopicPublisher *self, PyObject *const *args
 }
 
 static PyObject *TopicPublisher_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *ring, *lock, *dumps, *protocol, *wake, *slow;
-    if (!PyArg_ParseTuple(args, "O!OOOOO:TopicPublisher", &BroadcastCoreType, &ring, &lock, &dumps, &protocol, &wake,
-                          &slow))
+    PyObject *ring, *lock, *dumps, *protocol, *pack, *wake, *slow;
+    if (!PyArg_ParseTuple(args, "O!OOOOOO:TopicPublisher", &BroadcastCoreType, &ring, &lock, &dumps, &protocol, &pack,
+                          &wake, &slow))
         return NULL;
     PyObject *drop = PyObject_GetAttrString(ring, "drop_oldest");
     if (drop == NULL) return NULL;
@@ -1560,6 +1758,8 @@ static PyObject *TopicPublisher_new(PyTypeObject *type, PyObject *args, PyObject
     self->lock = Py_NewRef(lock);
     self->dumps = Py_NewRef(dumps);
     self->protocol = Py_NewRef(protocol);
+    self->pack = Py_NewRef(pack);
+    self->c_pack = is_core_function(pack, (PyCFunction)core_pack_flat);
     self->wake = Py_NewRef(wake);
     self->slow = Py_NewRef(slow);
     self->pid = my_pid;
@@ -1572,6 +1772,7 @@ static int TopicPublisher_traverse(TopicPublisher *self, visitproc visit, void *
     Py_VISIT(self->lock);
     Py_VISIT(self->dumps);
     Py_VISIT(self->protocol);
+    Py_VISIT(self->pack);
     Py_VISIT(self->wake);
     Py_VISIT(self->slow);
     return 0;
@@ -1581,6 +1782,7 @@ static int TopicPublisher_clear(TopicPublisher *self) {
     Py_CLEAR(self->lock);
     Py_CLEAR(self->dumps);
     Py_CLEAR(self->protocol);
+    Py_CLEAR(self->pack);
     Py_CLEAR(self->wake);
     Py_CLEAR(self->slow);
     return 0;
@@ -1604,8 +1806,15 @@ static PyTypeObject TopicPublisherType = {
     .tp_call = PyVectorcall_Call,
 };
 
+static PyMethodDef core_functions[] = {
+    {"pack_flat", (PyCFunction)core_pack_flat, METH_O,
+     "pack_flat(obj): obj as a flat-tuple record, or None (C core: mirrors topic._pack_flat)."},
+    {"unpack_flat", (PyCFunction)core_unpack_flat, METH_O,
+     "unpack_flat(data): the tuple of a flat-tuple record (C core: mirrors topic._unpack_flat)."},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "shmq._core",
-                                         "shmq's compiled core (see docs/core.md).", -1, NULL, NULL, NULL, NULL, NULL};
+                                         "shmq's compiled core (see docs/core.md).", -1, core_functions, NULL, NULL, NULL, NULL};
 
 #define INTERN(var, text)                                                      \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
