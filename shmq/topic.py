@@ -642,6 +642,11 @@ class Topic:
         self._entry = shared.publishers.join()
         self._pid = os.getpid()
         shared.segment.add_role(L.ROLE_PRODUCER)  # shows in `shmq ls` / `stat`
+        # (again here: a forked multiprocessing child that publishes through
+        # an inherited handle needs the exit hook in its own process, and
+        # the parent may have made the handle before it imported
+        # multiprocessing.util, so no after-fork hook re-registers it)
+        _hook_exit()
         if shared.codec is None:
             # A counted publisher's publish IS the fast path (C with the
             # compiled core), bound to this handle until close(): measured
