@@ -86,7 +86,9 @@ _STARTS = ("next", "oldest")
 _LOW = (1 << 32) - 1
 _SIZE_MASK = (1 << L.POOL_COUNT_SHIFT) - 1
 #: a publisher short of slots re-checks which ones the subscribers are done with this often
-SLOT_RECHECK_SECONDS = 0.01
+#: (its own hold "for the ring" goes only when it looks: 10 ms gave 6 MiB frames to
+#: 4 subscribers through 4 slots 631 frames/s per subscriber, 1 ms 1,494)
+SLOT_RECHECK_SECONDS = 0.001
 _dumps = pickle.dumps
 _loads = pickle.loads
 
