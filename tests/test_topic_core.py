@@ -435,3 +435,17 @@ def test_nan_survives_a_topic():
     got = sub.receive(timeout=5)
     assert math.isnan(got[0]) and str(got[1]) == "-0.0" and got[2] == math.inf
     sub.close(), topic.close()
+
+
+@pytest.mark.parametrize("word, value", [(0, 1 << 40), (0, -3)], ids=["huge-record", "odd-pad"])
+def test_a_corrupt_record_is_a_broken_error_on_either_core(word, value):
+    topic = _topic(4096)
+    sub = topic.subscribe()
+    topic.publish((1, "abc"))
+    at = (L.TOPIC_DATA_OFFSET + topic._w[L.W_T_TAIL] - B.record_size(len(T._encode((1, "abc"))))) // L.WORD
+    topic._w[at + word] = value
+    with pytest.raises(shmq.BrokenError, match="is corrupt"):
+        sub.receive(timeout=0)
+    with pytest.raises(shmq.BrokenError, match="is corrupt"):
+        B.Cursor._py_try_read(sub._cursor)
+    sub.close(), topic.close()
