@@ -994,10 +994,11 @@ static PyTypeObject ReaderType = {
 #define TS_CURSOR 2
 #define TS_NEXT_SEQ 3
 #define TS_LOST 4
+#define TS_WAITING 5
 #define TS_RECEIVED 6
 #define T_RECORD_HEADER 16
 
-static PyObject *s_sem, *s_w_owner, *s_w_gen, *s_py_try_read;
+static PyObject *s_sem, *s_w_owner, *s_w_gen, *s_py_try_read, *s_get_value;
 
 typedef struct {
     PyObject_HEAD
@@ -1182,9 +1183,51 @@ static PyObject *BroadcastCore_try_write(BroadcastCore *self, PyObject *const *a
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
+/* mirrors BroadcastRing.wake_subscribers(sem) */
+static PyObject *BroadcastCore_wake_subscribers(BroadcastCore *self, PyObject *sem) {
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    if (view.len < (W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) * 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "topic header too short");
+        return NULL;
+    }
+    store_word(mem, W_T_SUB_WAITING, 0);
+    /* the clear before the scan (see the Python) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    long count = 0;
+    for (int i = 0; i < T_SUBSCRIBERS; i++) {
+        Py_ssize_t word = W_T_SUB_TABLE + (Py_ssize_t)i * T_SUB_WORDS + TS_WAITING;
+        if (load_word(mem, word)) {
+            store_word(mem, word, 0);
+            count++;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (count == 0) Py_RETURN_NONE;
+    /* a sleeper that timed out leaves a post behind: never pile them up */
+    PyObject *v = PyObject_CallMethodNoArgs(sem, s_get_value);
+    if (v == NULL) return NULL;
+    long value = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    for (long k = 0; k < count - value; k++) {
+        PyObject *r = PyObject_CallMethodNoArgs(sem, s_release);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef BroadcastCore_methods[] = {
     {"try_write", (PyCFunction)(void (*)(void))BroadcastCore_try_write, METH_FASTCALL,
      "try_write(data, lock, gate): append data as the next record (C core: mirrors BroadcastRing.try_write)."},
+    {"wake_subscribers", (PyCFunction)BroadcastCore_wake_subscribers, METH_O,
+     "Post sem once per subscriber that announced it sleeps (C core: mirrors BroadcastRing.wake_subscribers)."},
     {NULL, NULL, 0, NULL}};
 
 static PyMemberDef BroadcastCore_members[] = {
@@ -1842,6 +1885,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     INTERN(s_w_owner, "_w_owner");
     INTERN(s_w_gen, "_w_gen");
     INTERN(s_py_try_read, "_py_try_read");
+    INTERN(s_get_value, "_get_value");
     refresh_pid();
     pthread_atfork(NULL, NULL, refresh_pid);
     const char *stop = getenv("SHMQ_CORE_STOP_AT");
@@ -1878,11 +1922,12 @@ PyMODINIT_FUNC PyInit__core(void) {
         if (PyModule_AddObject(m, topic_names[i], (PyObject *)topic_types[i]) < 0) return NULL;
     }
     PyObject *tlayout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "W_T_TAIL", W_T_TAIL, "W_T_NEXT_SEQ",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "W_T_TAIL", W_T_TAIL, "W_T_NEXT_SEQ",
         W_T_NEXT_SEQ, "W_T_OLDEST", W_T_OLDEST, "W_T_OLDEST_SEQ", W_T_OLDEST_SEQ, "W_T_EPOCH", W_T_EPOCH,
         "W_T_PUB_WAITING", W_T_PUB_WAITING, "W_T_SUB_WAITING", W_T_SUB_WAITING, "W_T_SUB_TABLE", W_T_SUB_TABLE,
         "T_SUBSCRIBERS", T_SUBSCRIBERS, "T_SUB_WORDS", T_SUB_WORDS, "TS_PID", TS_PID, "TS_CURSOR", TS_CURSOR,
-        "TS_NEXT_SEQ", TS_NEXT_SEQ, "TS_LOST", TS_LOST, "TS_RECEIVED", TS_RECEIVED, "T_RECORD_HEADER", T_RECORD_HEADER);
+        "TS_NEXT_SEQ", TS_NEXT_SEQ, "TS_LOST", TS_LOST, "TS_RECEIVED", TS_RECEIVED, "T_RECORD_HEADER", T_RECORD_HEADER,
+        "TS_WAITING", TS_WAITING);
     if (tlayout == NULL || PyModule_AddObject(m, "TOPIC_LAYOUT", tlayout) < 0) return NULL;
     if (PyModule_AddIntConstant(m, "STOP_AT", stop_at) < 0) return NULL;
     return m;

@@ -449,3 +449,27 @@ def test_a_corrupt_record_is_a_broken_error_on_either_core(word, value):
     with pytest.raises(shmq.BrokenError, match="is corrupt"):
         B.Cursor._py_try_read(sub._cursor)
     sub.close(), topic.close()
+
+
+@pytest.mark.parametrize("which", ["wake_subscribers", "_py_wake_subscribers"])
+def test_wake_subscribers_posts_once_per_flag_and_never_piles_up(which):
+    from shmq import _platform as P
+
+    topic = _topic(4096)
+    subs = [topic.subscribe() for _ in range(3)]
+    shared = topic._shared
+    w, sem = topic._w, shared.not_empty_sem
+    wake = getattr(shared.ring, which)
+    for s in subs[:2]:
+        s._bell.announce()
+    wake(sem)
+    assert P.sem_value(sem) == 2 and w[L.W_T_SUB_WAITING] == 0
+    assert [w[L.topic_sub_word(s._cursor.entry) + L.TS_WAITING] for s in subs] == [0, 0, 0]
+    subs[2]._bell.announce()
+    wake(sem)  # one flag, two posts nobody took: none added
+    assert P.sem_value(sem) == 2
+    while sem.acquire(False):
+        pass
+    for s in subs:
+        s.close()
+    topic.close()
