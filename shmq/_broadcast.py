@@ -284,6 +284,9 @@ class BroadcastRing(_RingBase):
         pad = self.capacity_bytes - off if off + size > self.capacity_bytes else 0
         return t, pad, size
 
+    def _corrupt(self, what: str) -> BrokenError:
+        return BrokenError(f"topic {self.name!r} is corrupt: {what}")
+
     def lowest_cursor(self) -> int:
         """The lowest cursor of a subscriber entry (-1 if none), rescanned."""
         w = self.words
@@ -339,6 +342,8 @@ class BroadcastRing(_RingBase):
             buf, base, cap = self.buf, self._base, self.capacity_bytes
             n = len(data)
             t = w[L.W_T_TAIL]
+            if t < 0:
+                raise self._corrupt("TAIL out of range")
             size = _HDR + ((n + 7) & -8)
             off = t % cap
             pad = cap - off if off + size > cap else 0

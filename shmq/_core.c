@@ -1104,7 +1104,11 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
     int64_t pad = off + size > cap ? cap - off : 0;
     int64_t bound; /* records starting before this are overwritten */
     if (t < 0 || __builtin_add_overflow(t, pad + size - cap, &bound)) {
-        PyErr_SetString(PyExc_ValueError, "topic TAIL out of range");
+        PyObject *exc = PyObject_CallMethod((PyObject *)self, "_corrupt", "s", "TAIL out of range");
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
         goto out;
     }
     int64_t o = load_word(mem, W_T_OLDEST);
@@ -1123,11 +1127,11 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
         int64_t seq = load_word(mem, W_T_OLDEST_SEQ);
         while (o < bound && o < t) {
             int64_t h = load_word(mem, (base + py_mod(o, cap)) >> 3);
-            if (h < 0) {
-                if (h < -cap) break; /* corrupt: stop here (Python would walk it) */
+            if (h < -cap || h > cap) { /* a corrupt length: Python's walk passes TAIL, so does this */
+                o = t;
+            } else if (h < 0) {
                 o -= h;
             } else {
-                if (h > cap) break;
                 o += T_RECORD_HEADER + ((h + 7) & -8);
                 seq += 1;
             }
@@ -1135,9 +1139,6 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
         if (o >= t) {
             o = t;
             seq = load_word(mem, W_T_NEXT_SEQ);
-        } else if (o < bound) {
-            PyErr_SetString(PyExc_ValueError, "topic record length out of range");
-            goto out;
         }
         store_word(mem, W_T_OLDEST_SEQ, seq);
         store_word(mem, W_T_OLDEST, o); /* before any byte of the old records changes */

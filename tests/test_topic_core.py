@@ -473,3 +473,14 @@ def test_wake_subscribers_posts_once_per_flag_and_never_piles_up(which):
     for s in subs:
         s.close()
     topic.close()
+
+
+def test_a_corrupt_tail_is_a_broken_error_for_the_publisher():
+    topic = _topic(4096)
+    topic.publish(1)
+    good = topic._w[L.W_T_TAIL]
+    topic._w[L.W_T_TAIL] = -(1 << 62)
+    with pytest.raises(shmq.BrokenError, match="TAIL out of range"):
+        topic.publish(2)
+    topic._w[L.W_T_TAIL] = good
+    topic.close()
