@@ -483,4 +483,5 @@ def test_a_corrupt_tail_is_a_broken_error_for_the_publisher():
     with pytest.raises(shmq.BrokenError, match="TAIL out of range"):
         topic.publish(2)
     topic._w[L.W_T_TAIL] = good
+    topic.publish(3, timeout=1)  # the lock was released
     topic.close()
