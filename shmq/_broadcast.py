@@ -771,10 +771,11 @@ class ValueCell:
 
 # The Python moves above are the specification; with the C core its mirrors
 # take their place (docs/core.md).  The Python ones stay reachable for the
-# tests: BroadcastRing._py_try_write, _py_wake_subscribers,
+# tests: BroadcastRing._py_try_write, _py_wake_subscribers, _py_lowest_cursor,
 # Cursor._py_try_read, PyReceiver and py_publishing_writer.
 BroadcastRing._py_try_write = BroadcastRing.try_write  # type: ignore[attr-defined]
 BroadcastRing._py_wake_subscribers = BroadcastRing.wake_subscribers  # type: ignore[attr-defined]
+BroadcastRing._py_lowest_cursor = BroadcastRing.lowest_cursor  # type: ignore[attr-defined]
 Cursor._py_try_read = Cursor.try_read  # type: ignore[attr-defined]
 PyReceiver = Receiver
 py_publishing_writer = publishing_writer
@@ -782,6 +783,7 @@ py_publishing_writer = publishing_writer
 if _core is not None:
     BroadcastRing.try_write = _core.BroadcastCore.try_write  # type: ignore[assignment]
     BroadcastRing.wake_subscribers = _core.BroadcastCore.wake_subscribers  # type: ignore[assignment]
+    BroadcastRing.lowest_cursor = _core.BroadcastCore.lowest_cursor  # type: ignore[assignment]
     Cursor.try_read = _core.CursorCore.try_read  # type: ignore[assignment]
     Receiver = _core.TopicReceiver  # type: ignore[misc]
     publishing_writer = _core.TopicPublisher  # type: ignore[assignment]

@@ -1184,6 +1184,23 @@ static PyObject *BroadcastCore_try_write(BroadcastCore *self, PyObject *const *a
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
+/* mirrors BroadcastRing.lowest_cursor() */
+static PyObject *BroadcastCore_lowest_cursor(BroadcastCore *self, PyObject *Py_UNUSED(ignored)) {
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return NULL;
+    }
+    if (view.len < (W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) * 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "topic header too short");
+        return NULL;
+    }
+    int64_t low = lowest_cursor((const char *)view.buf);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(low);
+}
+
 /* mirrors BroadcastRing.wake_subscribers(sem) */
 static PyObject *BroadcastCore_wake_subscribers(BroadcastCore *self, PyObject *sem) {
     Py_buffer view;
@@ -1227,6 +1244,8 @@ static PyObject *BroadcastCore_wake_subscribers(BroadcastCore *self, PyObject *s
 static PyMethodDef BroadcastCore_methods[] = {
     {"try_write", (PyCFunction)(void (*)(void))BroadcastCore_try_write, METH_FASTCALL,
      "try_write(data, lock, gate): append data as the next record (C core: mirrors BroadcastRing.try_write)."},
+    {"lowest_cursor", (PyCFunction)BroadcastCore_lowest_cursor, METH_NOARGS,
+     "The lowest cursor of a subscriber entry (-1 if none) (C core: mirrors BroadcastRing.lowest_cursor)."},
     {"wake_subscribers", (PyCFunction)BroadcastCore_wake_subscribers, METH_O,
      "Post sem once per subscriber that announced it sleeps (C core: mirrors BroadcastRing.wake_subscribers)."},
     {NULL, NULL, 0, NULL}};

@@ -485,3 +485,19 @@ def test_a_corrupt_tail_is_a_broken_error_for_the_publisher():
     topic._w[L.W_T_TAIL] = good
     topic.publish(3, timeout=1)  # the lock was released
     topic.close()
+
+
+def test_lowest_cursor_on_both_cores():
+    topic = _topic(4096)
+    ring = topic._shared.ring
+    assert ring.lowest_cursor() == B.BroadcastRing._py_lowest_cursor(ring) == -1
+    a = topic.subscribe()
+    for i in range(10):
+        topic.publish(i)
+    b = topic.subscribe()
+    a.receive(timeout=0)
+    a.receive(timeout=0)
+    assert ring.lowest_cursor() == B.BroadcastRing._py_lowest_cursor(ring) == a._cursor._stored
+    a.close()
+    assert ring.lowest_cursor() == B.BroadcastRing._py_lowest_cursor(ring) == topic._w[L.W_T_TAIL]
+    b.close(), topic.close()
