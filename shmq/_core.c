@@ -1768,7 +1768,11 @@ typedef struct {
 static PyObject *TopicPublisher_call(TopicPublisher *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     static const char *const names[] = {"obj", "timeout"};
     PyObject *a[2] = {NULL, NULL};
-    if (parse_call(args, nargsf, kwnames, 1, a, 2, names) < 0) return NULL;
+    if (parse_call(args, nargsf, kwnames, 0, a, 2, names) < 0) return NULL;
+    if (a[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "publish() missing required argument 'obj'");
+        return NULL;
+    }
     PyObject *obj = a[0], *timeout = a[1] ? a[1] : Py_None;
     if (my_pid != self->pid) return PyObject_CallFunctionObjArgs(self->slow, obj, timeout, Py_None, NULL);
     PyObject *data = NULL;

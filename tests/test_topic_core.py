@@ -501,3 +501,18 @@ def test_lowest_cursor_on_both_cores():
     a.close()
     assert ring.lowest_cursor() == B.BroadcastRing._py_lowest_cursor(ring) == topic._w[L.W_T_TAIL]
     b.close(), topic.close()
+
+
+def test_publish_and_receive_take_their_arguments_by_keyword():
+    topic = _topic(4096)
+    sub = topic.subscribe()
+    topic.publish(obj=(1, "a"), timeout=1)
+    topic.publish({"b": 2}, timeout=None)
+    assert sub.receive(timeout=1) == (1, "a") and sub.receive(timeout=None) == {"b": 2}
+    with pytest.raises(TypeError):
+        topic.publish()
+    with pytest.raises(TypeError):
+        topic.publish(1, 2, 3)
+    with pytest.raises(TypeError):
+        sub.receive(1, 2)
+    sub.close(), topic.close()
