@@ -703,12 +703,13 @@ class Topic:
         elif shared.codec is None:
             data = _encode(obj)
         else:
-            return_slots(shared)  # (also frees the slots whose last views died)
             try:
                 data = _dumps(obj, 5, buffer_callback=stop_at_large)
             except Exception as exc:
                 data = first_pass_failed(obj, exc)
-            if data is LARGE:
+            if data is not LARGE:
+                return_slots(shared)  # (also frees the slots whose last views died)
+            else:  # (_encode_large takes the slots back first)
                 data, lease = self._encode_large(shared, obj, deadline)
                 if lease is not None:
                     self._publish_slots(shared, data, lease, deadline)
