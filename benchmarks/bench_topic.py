@@ -43,6 +43,7 @@ import shmq
 MESSAGE = (1, "abc", 1.5)
 FRAME_SHAPE = (1080, 1920, 3)
 FRAME_BYTES = 1080 * 1920 * 3
+FRAME_SLOTS = 4  # the pool: 4 x 6 MiB, whatever the number of subscribers
 SHM = "/dev/shm"
 
 
@@ -91,7 +92,7 @@ def _frames(n: int) -> Any:
 
 
 def run_frames_shmq(n: int, fan: int) -> Any:
-    topic = shmq.Topic(1 << 20, slot_size=FRAME_BYTES, slot_count=4)
+    topic = shmq.Topic(1 << 20, slot_size=FRAME_BYTES, slot_count=FRAME_SLOTS)
     ctx = mp.get_context("fork")
     pipes = [ctx.Pipe() for _ in range(fan)]
     procs = [ctx.Process(target=_frame_shmq_subscriber, args=(topic.name, n, c)) for _, c in pipes]
