@@ -1142,6 +1142,7 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
         }
         store_word(mem, W_T_OLDEST_SEQ, seq);
         store_word(mem, W_T_OLDEST, o); /* before any byte of the old records changes */
+        __atomic_thread_fence(__ATOMIC_RELEASE); /* (a no-op on x86-64; the later stores stay after it elsewhere) */
     }
     if (pad) {
         store_word(mem, (base + off) >> 3, -pad);
