@@ -35,6 +35,7 @@ __all__ = (
     "CORE",
     "BroadcastRing",
     "Cursor",
+    "Iteration",
     "Receiver",
     "LatestStatistics",
     "SubscriberStatistics",
@@ -61,7 +62,7 @@ def _load_core() -> Any:
     except ImportError:
         return None
     layout = getattr(_core, "TOPIC_LAYOUT", None)
-    if not isinstance(layout, dict) or not hasattr(_core, "CursorCore"):
+    if not isinstance(layout, dict) or not hasattr(_core, "TopicIteration"):
         return None  # not a core of this version
     return _core if layout == {k: getattr(L, k, None) for k in layout} else None
 
@@ -678,6 +679,26 @@ class Receiver:
         self.closed = True
 
 
+class Iteration:
+    """``iter(subscription)``: :meth:`Receiver.__next__`, holding ``owner``
+    (the subscription) for as long as the loop runs -- ``for msg in
+    topic.subscribe()`` keeps no other reference to it, and the Receiver
+    must not (a subscription dropped without close() frees its entry when
+    it is collected).  (The C core's TopicIteration mirrors it.)"""
+
+    __slots__ = ("receiver", "owner")
+
+    def __init__(self, receiver: Any, owner: Any) -> None:
+        self.receiver = receiver
+        self.owner = owner
+
+    def __iter__(self) -> "Iteration":
+        return self
+
+    def __next__(self) -> Any:
+        return self.receiver.__next__()
+
+
 def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[..., Any], protocol: int,
                       pack: Optional[Callable[[Any], Optional[bytes]]], wake: Callable[[], Any],
                       slow: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
@@ -778,6 +799,7 @@ BroadcastRing._py_wake_subscribers = BroadcastRing.wake_subscribers  # type: ign
 BroadcastRing._py_lowest_cursor = BroadcastRing.lowest_cursor  # type: ignore[attr-defined]
 Cursor._py_try_read = Cursor.try_read  # type: ignore[attr-defined]
 PyReceiver = Receiver
+PyIteration = Iteration
 py_publishing_writer = publishing_writer
 
 if _core is not None:
@@ -786,4 +808,5 @@ if _core is not None:
     BroadcastRing.lowest_cursor = _core.BroadcastCore.lowest_cursor  # type: ignore[assignment]
     Cursor.try_read = _core.CursorCore.try_read  # type: ignore[assignment]
     Receiver = _core.TopicReceiver  # type: ignore[misc]
+    Iteration = _core.TopicIteration  # type: ignore[misc]
     publishing_writer = _core.TopicPublisher  # type: ignore[assignment]

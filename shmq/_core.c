@@ -1756,6 +1756,58 @@ static PyTypeObject TopicReceiverType = {
     .tp_members = TopicReceiver_members,
 };
 
+/* ---- TopicIteration: mirrors the class _broadcast.Iteration ------------- */
+typedef struct {
+    PyObject_HEAD
+    PyObject *receiver, *owner;
+} TopicIteration;
+
+/* Iteration.__next__ */
+static PyObject *TopicIteration_next(TopicIteration *self) {
+    return TopicReceiver_next((TopicReceiver *)self->receiver);
+}
+static PyObject *TopicIteration_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *receiver, *owner;
+    if (!PyArg_ParseTuple(args, "O!O:TopicIteration", &TopicReceiverType, &receiver, &owner)) return NULL;
+    TopicIteration *self = (TopicIteration *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->receiver = Py_NewRef(receiver);
+    self->owner = Py_NewRef(owner);
+    return (PyObject *)self;
+}
+static int TopicIteration_traverse(TopicIteration *self, visitproc visit, void *arg) {
+    Py_VISIT(self->receiver);
+    Py_VISIT(self->owner);
+    return 0;
+}
+static int TopicIteration_clear(TopicIteration *self) {
+    Py_CLEAR(self->receiver);
+    Py_CLEAR(self->owner);
+    return 0;
+}
+static void TopicIteration_dealloc(TopicIteration *self) {
+    PyObject_GC_UnTrack(self);
+    TopicIteration_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+static PyMemberDef TopicIteration_members[] = {
+    {"receiver", T_OBJECT_EX, offsetof(TopicIteration, receiver), READONLY, NULL},
+    {"owner", T_OBJECT_EX, offsetof(TopicIteration, owner), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL}};
+static PyTypeObject TopicIterationType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.TopicIteration",
+    .tp_basicsize = sizeof(TopicIteration),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "iter(subscription) (C core: mirrors _broadcast.Iteration).",
+    .tp_new = TopicIteration_new,
+    .tp_dealloc = (destructor)TopicIteration_dealloc,
+    .tp_traverse = (traverseproc)TopicIteration_traverse,
+    .tp_clear = (inquiry)TopicIteration_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)TopicIteration_next,
+    .tp_members = TopicIteration_members,
+};
+
 /* ---- TopicPublisher: mirrors the closure of publishing_writer ----------- */
 typedef struct {
     PyObject_HEAD
@@ -1924,7 +1976,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     CursorCoreType.tp_new = PyBaseObject_Type.tp_new;
     if (PyType_Ready(&RingCoreType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0 ||
         PyType_Ready(&BroadcastCoreType) < 0 || PyType_Ready(&CursorCoreType) < 0 ||
-        PyType_Ready(&TopicReceiverType) < 0 || PyType_Ready(&TopicPublisherType) < 0)
+        PyType_Ready(&TopicReceiverType) < 0 || PyType_Ready(&TopicPublisherType) < 0 ||
+        PyType_Ready(&TopicIterationType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
@@ -1940,9 +1993,10 @@ PyMODINIT_FUNC PyInit__core(void) {
                                      "W_PRODUCER_LOCK", W_PRODUCER_LOCK, "W_CONSUMER_LOCK", W_CONSUMER_LOCK,
                                      "ROLE_CONSUMER", ROLE_CONSUMER);
     if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) return NULL;
-    PyTypeObject *topic_types[] = {&BroadcastCoreType, &CursorCoreType, &TopicReceiverType, &TopicPublisherType};
-    const char *topic_names[] = {"BroadcastCore", "CursorCore", "TopicReceiver", "TopicPublisher"};
-    for (int i = 0; i < 4; i++) {
+    PyTypeObject *topic_types[] = {&BroadcastCoreType, &CursorCoreType, &TopicReceiverType, &TopicPublisherType,
+                                   &TopicIterationType};
+    const char *topic_names[] = {"BroadcastCore", "CursorCore", "TopicReceiver", "TopicPublisher", "TopicIteration"};
+    for (int i = 0; i < 5; i++) {
         Py_INCREF(topic_types[i]);
         if (PyModule_AddObject(m, topic_names[i], (PyObject *)topic_types[i]) < 0) return NULL;
     }

@@ -42,6 +42,7 @@ from ._broadcast import (  # the statistics classes live beside the bytes they r
     _core,
     BroadcastRing,
     Cursor,
+    Iteration,
     LatestStatistics,
     Receiver,
     SlotCursor,
@@ -1035,7 +1036,9 @@ class Subscription:
 
     def __iter__(self) -> Iterator[Any]:
         if type(self).receive is Subscription.receive:
-            return self._receiver  # (its __next__ is receive() ending at EndOfChannel)
+            # the Receiver's __next__ (receive() ending at EndOfChannel),
+            # holding this subscription while the loop runs
+            return Iteration(self._receiver, self)
         return self
 
     def __next__(self) -> Any:

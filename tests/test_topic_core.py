@@ -516,3 +516,41 @@ def test_publish_and_receive_take_their_arguments_by_keyword():
     with pytest.raises(TypeError):
         sub.receive(1, 2)
     sub.close(), topic.close()
+
+
+def test_a_loop_over_a_subscription_nobody_else_holds_keeps_it():
+    """``for msg in topic.subscribe()``: the loop holds the only reference;
+    the subscription must stay (and gate) until the loop is gone."""
+    import gc
+
+    topic = _topic(4096)
+    got = []
+    sub_iter = iter(topic.subscribe())  # what a for statement holds
+    topic.publish("first")
+    for msg in sub_iter:
+        gc.collect()
+        assert len(topic.statistics().subscribers) == 1  # still subscribed, still gating
+        got.append(msg)
+        if msg == "second":
+            break
+        topic.publish("second")
+    assert got == ["first", "second"]
+    del sub_iter, msg
+    gc.collect()
+    assert len(topic.statistics().subscribers) == 0  # loop gone: entry freed
+    topic.close()
+
+
+def test_iteration_holds_the_subscription():
+    topic = _topic(4096)
+    it = iter(topic.subscribe())
+    import gc
+
+    gc.collect()
+    assert len(topic.statistics().subscribers) == 1
+    topic.publish(7)
+    assert next(it) == 7
+    del it
+    gc.collect()
+    assert len(topic.statistics().subscribers) == 0
+    topic.close()
