@@ -971,7 +971,10 @@ class Subscription:
             self.receive = self._receiver  # type: ignore[method-assign]
         self._bell = _SubscriberBell(shared.words, L.topic_sub_word(entry) + L.TS_WAITING, shared.not_empty_sem)
         self._w = shared.words
-        self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start)
+        # (a subscription collected without close() closes its Receiver too:
+        # a `receive` kept after the subscription was dropped raises
+        # ClosedError rather than reading through a freed entry)
+        self._finalizer = weakref.finalize(self, _free_subscriber, shared, entry, pid, start, self._receiver)
         self._finalizer.atexit = False
         _live_handles.add(self)
         _hook_exit()
@@ -1115,7 +1118,9 @@ class _SlotSubscription(Subscription):
     receive.__doc__ = Subscription.receive.__doc__
 
 
-def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int) -> None:
+def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int, receiver: Any = None) -> None:
+    if receiver is not None:
+        receiver.close()
     if shared.segment.closed or pid != os.getpid():
         return
     with shared.segment.admin_lock():

@@ -554,3 +554,16 @@ def test_iteration_holds_the_subscription():
     gc.collect()
     assert len(topic.statistics().subscribers) == 0
     topic.close()
+
+
+def test_a_receive_kept_after_its_subscription_was_dropped_is_closed():
+    import gc
+
+    topic = _topic(4096)
+    receive = topic.subscribe().receive
+    gc.collect()
+    assert len(topic.statistics().subscribers) == 0  # dropped: entry freed ...
+    topic.publish(1)
+    with pytest.raises(shmq.ClosedError):  # ... and nothing read through it
+        receive(timeout=0)
+    topic.close()
