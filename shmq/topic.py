@@ -82,6 +82,14 @@ __all__ = (
 DEFAULT_CAPACITY_BYTES = 1 << 20
 #: blocked publish/receive/wait calls re-check the peers (dead? closed?) this often
 SLICE_SECONDS = 0.1
+#: how long a subscriber that caught up polls before it sleeps (the queues' adaptive
+#: spin, shmq._sync.SPIN_SECONDS, is 100 us).  0: sleep at once.  Many readers wait for
+#: one writer, and a polling reader takes the CPU the writer needs: on 2 cores,
+#: bench_topic's 1/2/4 subscribers got 4.1-6.2M/3.4-4.3M/2.0-3.0M msgs/s each without
+#: it against 4.1-4.6M/2.5-3.0M/1.4-2.7M with it (interleaved runs), and the delay
+#: from publish to receive at one message per 20/200/1000 us was 2.2/2.3/4.3 us
+#: median against 2.3/6.3/42.9 us (docs/topics.md).
+SUBSCRIBER_SPIN_SECONDS = 0.0
 _OVERFLOWS = ("block", "drop-oldest")
 _STARTS = ("next", "oldest")
 _LOW = (1 << 32) - 1
@@ -1034,7 +1042,7 @@ class Subscription:
                 if publishers.maybe_scan() & L.T_PUBLISHERS_DONE:
                     continue
                 raise Empty(f"topic {self.name!r} has no new message")
-            if not wait_until(ready, self._bell, slice_end(deadline, SLICE_SECONDS)):
+            if not wait_until(ready, self._bell, slice_end(deadline, SLICE_SECONDS), SUBSCRIBER_SPIN_SECONDS):
                 publishers.maybe_scan()  # one slice over: did a publisher die?
 
     def __iter__(self) -> Iterator[Any]:
