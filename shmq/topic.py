@@ -971,7 +971,9 @@ class Subscription:
         self._pid = pid
         self._cursor = (Cursor if shared.codec is None else SlotCursor)(ring, entry, pos, seq, shared.not_full)
         # receive() and iteration ARE the Receiver (C with the compiled core):
-        # try_read and loads in one call, the waits in _receive_slow.
+        # try_read and decoding in one call, the waits in _receive_slow.
+        # Bound to this handle: receive() of a backlog measured 89 ns
+        # against 106 ns through a method that calls it.
         self._receiver = Receiver(
             self._cursor, _loads, _unpack, _weak_method(self, "_receive_slow", f"subscription to topic {self.name!r}"),
             EndOfChannel,
