@@ -25,7 +25,8 @@
  *
  * Test hook: SHMQ_CORE_STOP_AT=N (read at import) makes a record move stop
  * the process with SIGSTOP at step N (the STEP(N) lines: try_write 1-6,
- * try_read 11-15, _read_many 21-22, _write_many 31-33), so a test can
+ * try_read 11-15, _read_many 21-22, _write_many 31-33; a topic's publish
+ * move, broadcast_write, 41-44), so a test can
  * SIGKILL it there (tests/test_core.py).  Unset, it costs one predictable
  * branch per step.
  */
@@ -1098,6 +1099,7 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
         store_word(mem, w_owner, my_pid);
         store_word(mem, w_gen, load_word(mem, w_gen) + 1);
     }
+    STEP(41);
     int64_t t = load_word(mem, W_T_TAIL);
     int64_t size = T_RECORD_HEADER + ((n + 7) & -8);
     int64_t off = py_mod(t, cap);
@@ -1143,6 +1145,7 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
         store_word(mem, W_T_OLDEST_SEQ, seq);
         store_word(mem, W_T_OLDEST, o); /* before any byte of the old records changes */
         __atomic_thread_fence(__ATOMIC_RELEASE); /* (a no-op on x86-64; the later stores stay after it elsewhere) */
+        STEP(42);
     }
     if (pad) {
         store_word(mem, (base + off) >> 3, -pad);
@@ -1155,7 +1158,9 @@ static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyOb
     store_word(mem, (at >> 3) + 1, seq);
     memcpy(mem + at + T_RECORD_HEADER, src, (size_t)n);
     store_word(mem, W_T_NEXT_SEQ, seq + 1);
+    STEP(43);
     store_word(mem, W_T_TAIL, t + size); /* publishes the record to every subscriber */
+    STEP(44);
     result = 1;
 out:
     /* the `finally:` -- owner word back to 0, then sem.release() */

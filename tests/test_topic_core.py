@@ -567,3 +567,79 @@ def test_a_receive_kept_after_its_subscription_was_dropped_is_closed():
     with pytest.raises(shmq.ClosedError):  # ... and nothing read through it
         receive(timeout=0)
     topic.close()
+
+
+# A publisher process on the C core with SHMQ_CORE_STOP_AT set: it publishes
+# 0, 1, ... printing each one acknowledged, until the publish move stops it
+# (SIGSTOP) at the step; the test then SIGKILLs it there.
+PUBLISHER = r"""
+import sys, shmq, shmq._broadcast as B
+assert B.CORE == "c"
+topic = shmq.Topic.attach(sys.argv[1])
+for i in range(1000):
+    topic.publish((i, "x" * 150), timeout=5)
+    print(i, flush=True)
+"""
+
+
+def _stopped(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
+
+
+@needs_c
+@pytest.mark.parametrize("drop", [False, True], ids=["block", "drop-oldest"])
+@pytest.mark.parametrize("step", [41, 42, 43, 44])
+def test_sigkill_at_every_step_of_the_c_publish_move(step, drop):
+    """Killed at step ``step`` of broadcast_write (41 lock held, 42 OLDEST
+    moved, 43 record and NEXT_SEQ written but not TAIL, 44 TAIL published,
+    lock not yet released; the child's first publish evicts): the
+    other publisher takes the lock over within a second, the subscriber
+    gets every acknowledged message once and in order, the one in flight at
+    most once, then the survivor's, with no phantom loss (the recovery
+    recounts NEXT_SEQ); the stream then ends as broken, naming the dead."""
+    topic = _topic(1024, overflow="drop-oldest" if drop else "block")
+    sub = topic.subscribe()
+    pre = [("pre", i, "y" * 150) for i in range(5)]  # 5 x 184 of the 1024 bytes, read:
+    for msg in pre:  # the child's first publish pads, wraps and evicts the first
+        topic.publish(msg)
+    assert [sub.receive(timeout=5) for _ in pre] == pre
+    env = _core_env(False)
+    env["SHMQ_CORE_STOP_AT"] = str(step)
+    p = subprocess.Popen([sys.executable, "-c", PUBLISHER, topic.name], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_stopped(p.pid) or p.poll() is not None):
+            assert time.monotonic() < deadline, "the child never reached the step"
+            time.sleep(0.005)
+    finally:
+        p.kill()
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == -9, err.decode()
+    acked = [int(x) for x in out.split()]
+    t0 = time.monotonic()
+    topic.publish(("after", 0), timeout=5)  # takes the dead holder's lock over
+    assert time.monotonic() - t0 < 1.5
+    got = []
+    while True:
+        try:
+            msg = sub.receive(timeout=0)
+        except shmq.Empty:
+            break
+        got.append(msg)
+    mine = [m[0] for m in got if isinstance(m[0], int)]
+    assert mine[: len(acked)] == acked and len(mine) <= len(acked) + 1, (acked, got)
+    assert got[-1] == ("after", 0) and sub.lost == 0
+    for i in range(1, 30):  # survivors continue, wrapping the ring
+        topic.publish(("after", i), timeout=5)
+        assert sub.receive(timeout=5) == ("after", i)
+    assert sub.lost == 0
+    topic.close()
+    with pytest.raises(shmq.BrokenError, match=str(p.pid)):
+        sub.receive(timeout=5)
+    sub.close()
