@@ -19,32 +19,62 @@ caller's policy (``gate`` of :meth:`BroadcastRing.try_write`).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, LayoutError
+from ._errors import BrokenError, EndOfChannel, LayoutError
 from ._segment import ParticipantInfo, Segment, participant_infos
 from . import _sync
 from ._sync import Doorbell, RobustLock
 
 __all__ = (
+    "CORE",
     "BroadcastRing",
     "Cursor",
+    "Iteration",
+    "Receiver",
     "LatestStatistics",
     "SubscriberStatistics",
     "TopicStatistics",
     "SlotCursor",
     "ValueCell",
     "latest_statistics",
+    "publishing_writer",
     "record_size",
     "topic_statistics",
 )
 
 _W = L.WORD
 _HDR = L.T_RECORD_HEADER
+
+
+def _load_core() -> Any:
+    """shmq._core if it is built, has the broadcast moves for this layout and
+    SHMQ_PURE is not set; else None (the moves below run).  See docs/core.md."""
+    if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    layout = getattr(_core, "TOPIC_LAYOUT", None)
+    if not isinstance(layout, dict) or not hasattr(_core, "TopicIteration"):
+        return None  # not a core of this version
+    return _core if layout == {k: getattr(L, k, None) for k in layout} else None
+
+
+_core = _load_core()
+#: which core runs the topic's record moves: "c" (shmq._core) or "python"
+CORE = "python" if _core is None else "c"
+# With the C core, the fields the record moves read on every call are C
+# members of these bases, and their try_write/try_read replace the Python
+# ones (end of this module).
+_RingBase: Any = object if _core is None else _core.BroadcastCore
+_CursorBase: Any = object if _core is None else _core.CursorCore
 
 
 def record_size(payload_bytes: int) -> int:
@@ -216,7 +246,7 @@ def latest_statistics(seg: Any) -> LatestStatistics:
     )
 
 
-class BroadcastRing:
+class BroadcastRing(_RingBase):
     """One attachment's view of a topic's ring and tables."""
 
     def __init__(self, segment: Segment) -> None:
@@ -234,6 +264,9 @@ class BroadcastRing:
         # the publisher's cached lowest live cursor and the epoch it was read in
         self._gate = -1
         self._gate_epoch = -1
+        if _core is not None:  # the C moves' copies (C members of the base)
+            self._c_cap, self._c_base, self._c_max_payload = cap, L.TOPIC_DATA_OFFSET, self.max_payload
+            self._buf = segment.buf
 
     @staticmethod
     def initialise(segment: Segment, capacity_bytes: int, drop_oldest: bool, slot_config: int) -> None:
@@ -251,6 +284,9 @@ class BroadcastRing:
         off = t % self.capacity_bytes
         pad = self.capacity_bytes - off if off + size > self.capacity_bytes else 0
         return t, pad, size
+
+    def _corrupt(self, what: str) -> BrokenError:
+        return BrokenError(f"topic {self.name!r} is corrupt: {what}")
 
     def lowest_cursor(self) -> int:
         """The lowest cursor of a subscriber entry (-1 if none), rescanned."""
@@ -307,6 +343,8 @@ class BroadcastRing:
             buf, base, cap = self.buf, self._base, self.capacity_bytes
             n = len(data)
             t = w[L.W_T_TAIL]
+            if t < 0:
+                raise self._corrupt("TAIL out of range")
             size = _HDR + ((n + 7) & -8)
             off = t % cap
             pad = cap - off if off + size > cap else 0
@@ -388,9 +426,15 @@ class BroadcastRing:
         w[L.W_T_NEXT_SEQ] = seq
 
     def wake_subscribers(self, sem) -> None:
-        """Post ``sem`` once per subscriber that announced it sleeps."""
+        """Post ``sem`` once per subscriber that announced it sleeps, clearing
+        its flag (the post takes its count; see topic._SubscriberBell)."""
         w = self.words
         w[L.W_T_SUB_WAITING] = 0
+        # The clear before the scan: else a subscriber that announces in
+        # between (entry flag, then SUB_WAITING) is missed by the scan and
+        # its SUB_WAITING overwritten by this clear (x86-64 lets a store
+        # wait behind later loads): it slept until its slice ran out.
+        _sync.full_fence()
         count = 0
         for i in range(L.T_SUBSCRIBERS):
             word = L.topic_sub_word(i) + L.TS_WAITING
@@ -446,14 +490,29 @@ class BroadcastRing:
         return out
 
 
-class Cursor:
+class Cursor(_CursorBase):
     """A subscriber's position: reads records one by one, counting the ones
-    it lost to publishers that overwrote them.  One thread uses it."""
+    it lost to publishers that overwrote them.  One thread uses it.
 
-    __slots__ = ("ring", "entry", "pos", "next_seq", "lost", "received", "_w", "_base", "_not_full", "_pending")
-    _slot_records = False  # SlotCursor: records starting with byte 0 wait for commit()
+    ``pos`` is where it reads next; the shared CURSOR word (what publishers
+    gate on and return slots by) is stored lazily, with NEXT_SEQ and
+    RECEIVED: when it has read every record up to the TAIL it last looked
+    at, when it finds nothing to read, when it is ``flush_bytes`` ahead of
+    what it stored, and whenever a publisher waits for room.  So a
+    subscriber that keeps up holds nobody back, and one that reads a
+    backlog writes its words once per ``flush_bytes`` (capacity / 16)
+    instead of once per record.  TAIL, the publishers' cache line, is read
+    once per batch (when ``pos`` reaches the TAIL seen last), and so is
+    OLDEST in a ``block`` topic, where no live cursor is ever overwritten;
+    a ``drop-oldest`` reader re-checks OLDEST after every copy."""
 
-    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
+    __slots__: Tuple[str, ...] = ("ring", "entry", "_w", "_base")
+    if _core is None:  # (with the C core these are members of CursorCore)
+        __slots__ += ("pos", "next_seq", "lost", "received", "_tail_seen", "_stored", "_pending",
+                      "_flush", "_drop", "_slot_records", "_not_full")
+
+    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell,
+                 slot_records: bool = False) -> None:
         self.ring = ring
         self.entry = entry
         self.pos = pos
@@ -463,98 +522,214 @@ class Cursor:
         self._w = ring.words
         self._base = L.topic_sub_word(entry)
         self._not_full = not_full
-        self._pending = -1
+        self._tail_seen = pos  # nothing seen yet: the first read looks at TAIL
+        self._stored = pos  # what the CURSOR word says (join stored it)
+        self._pending = 0
+        self._flush = max(_W, ring.capacity_bytes // 16)
+        self._drop = bool(ring.drop_oldest)
+        # SlotCursor: records starting with byte 0 keep the stored cursor
+        # before them until commit()
+        self._slot_records = bool(slot_records)
+        if _core is not None:
+            self._c_cap, self._c_base, self._c_max_payload = ring.capacity_bytes, ring._base, ring.max_payload
+            self._c_sub = self._base
+            self._buf = ring.buf
 
     def can_read(self) -> bool:
         return self._w[L.W_T_TAIL] > self.pos
 
     def try_read(self) -> Optional[bytes]:
-        """The next record's payload, or None if there is none yet."""
+        """The next record's payload, or None if there is none yet.  Raises
+        BrokenError if a record's length word is impossible."""
         ring, w = self.ring, self._w
         buf, cap, base = ring.buf, ring.capacity_bytes, ring._base
+        drop = self._drop
         pos = self.pos
         while True:
-            t = w[L.W_T_TAIL]
-            if pos >= t:
-                if pos != self.pos:
-                    self._store(pos)
-                return None
-            if pos < w[L.W_T_OLDEST]:
-                pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+            if pos >= self._tail_seen:
+                t = w[L.W_T_TAIL]
+                if pos >= t:
+                    self.pos = pos
+                    if pos != self._stored:
+                        self._store(pos)
+                    return None
+                self._tail_seen = t
+                if pos < w[L.W_T_OLDEST]:
+                    pos = w[L.W_T_OLDEST]  # lapped: the records in between were overwritten
+                    continue
+            elif drop and pos < w[L.W_T_OLDEST]:
+                pos = w[L.W_T_OLDEST]
                 continue
             at = base + pos % cap
             h = w[at // _W]
             if h < 0:
-                if w[L.W_T_OLDEST] > pos:
-                    continue
+                if drop and w[L.W_T_OLDEST] > pos:
+                    continue  # overwritten under us: the loop's top jumps to the oldest
                 if -h > cap - pos % cap or -h % _W:
+                    o = w[L.W_T_OLDEST]
+                    if o > pos:  # overwritten under us: look again from the oldest
+                        pos = o
+                        continue
                     raise BrokenError(f"topic {ring.name!r} is corrupt: pad of {-h} bytes at {pos}")
                 pos -= h
                 continue
             if h > ring.max_payload or pos % cap + _HDR + h > cap:
-                if w[L.W_T_OLDEST] > pos:
+                o = w[L.W_T_OLDEST]
+                if o > pos:
+                    pos = o
                     continue
                 raise BrokenError(f"topic {ring.name!r} is corrupt: record of {h} bytes at {pos}")
             seq = w[at // _W + 1]
             data = bytes(buf[at + _HDR : at + _HDR + h])
-            if w[L.W_T_OLDEST] > pos:
+            if drop and w[L.W_T_OLDEST] > pos:
                 continue  # overwritten while we copied: lost, look again
             if seq > self.next_seq:
                 self.lost += seq - self.next_seq
                 w[self._base + L.TS_LOST] = self.lost
             self.next_seq = seq + 1
             self.received += 1
-            pos = pos + _HDR + ((h + 7) & -8)
+            pos += _HDR + ((h + 7) & -8)
+            self.pos = pos
             if self._slot_records and h and data[0] == 0:
                 # A record that starts with byte 0 carries slot references the
-                # reader takes before its cursor passes it: commit() moves it.
-                self._pending = pos
+                # reader takes before its stored cursor passes it: commit().
+                self._pending = 1
                 return data
-            self.pos = pos
-            b = self._base
-            w[b + L.TS_NEXT_SEQ] = seq + 1
-            w[b + L.TS_RECEIVED] = self.received
-            w[b + L.TS_CURSOR] = pos  # publishers gate on this word
-            if w[L.W_T_PUB_WAITING]:
-                self._not_full.ring()
+            if pos >= self._tail_seen or pos - self._stored >= self._flush:
+                self._store(pos)
             return data
 
     def _store(self, pos: int) -> None:
+        """Publish ``pos`` (with NEXT_SEQ and RECEIVED) in the shared entry."""
         w, base = self._w, self._base
-        self.pos = pos
+        self._stored = pos
         w[base + L.TS_NEXT_SEQ] = self.next_seq
         w[base + L.TS_RECEIVED] = self.received
         w[base + L.TS_CURSOR] = pos  # publishers gate on this word
+        # the CURSOR store before the PUB_WAITING load: else a publisher that
+        # announced and re-checked the cursors in between sleeps unrung
+        _sync.full_fence()
         if w[L.W_T_PUB_WAITING]:
             self._not_full.ring()
-
-    def announce(self) -> None:
-        """About to sleep on "not empty": publishers post for this entry."""
-        self._w[self._base + L.TS_WAITING] = 1
-        self._w[L.W_T_SUB_WAITING] = 1
-
-    def withdraw(self) -> None:
-        """Left the wait without a post for this entry."""
-        self._w[self._base + L.TS_WAITING] = 0
 
 
 class SlotCursor(Cursor):
     """A cursor of a topic with a slot pool.  A record whose payload starts
     with byte 0 (a slot message; a pickle starts with 0x80) carries slot
-    references the reader must hold before its cursor passes the record (the
-    publisher gives back its own hold once every live cursor passed it):
-    :meth:`try_read` returns it with the cursor still before it, and
-    :meth:`commit` moves the cursor on."""
+    references the reader must hold before its stored cursor passes the
+    record (the publisher gives back its own hold once every live cursor
+    passed it): :meth:`try_read` returns it without storing the cursor, and
+    :meth:`commit` stores it."""
 
     __slots__ = ()
-    _slot_records = True
+
+    def __init__(self, ring: BroadcastRing, entry: int, pos: int, next_seq: int, not_full: Doorbell) -> None:
+        super().__init__(ring, entry, pos, next_seq, not_full, slot_records=True)
 
     def commit(self) -> None:
-        """Move the cursor past the record :meth:`try_read` returned last,
+        """Store the cursor past the record :meth:`try_read` returned last,
         when it started with byte 0 (nothing to do otherwise)."""
-        pos, self._pending = self._pending, -1
-        if pos >= 0:
-            self._store(pos)
+        if self._pending:
+            self._pending = 0
+            self._store(self.pos)
+
+
+class Receiver:
+    """``receive(timeout=None)`` and iteration over a subscription of a topic
+    without a slot pool: :meth:`Cursor.try_read`, then ``unpack`` (a record
+    that starts with byte 1: a flat tuple) or ``loads`` (a pickle) in the
+    same call; ``slow(timeout)`` (which waits, raises, and returns the object)
+    when there is nothing to read, the timeout is not a number >= 0, or
+    :meth:`close` was called.  Iteration ends (StopIteration) where
+    ``slow`` raises ``end`` (EndOfChannel).  (The C core's TopicReceiver
+    mirrors it.)"""
+
+    __slots__ = ("cursor", "loads", "unpack", "slow", "end", "closed")
+
+    def __init__(self, cursor: Cursor, loads: Callable[[bytes], Any], unpack: Callable[[bytes], Any],
+                 slow: Callable[[Any], Any], end: type = EndOfChannel) -> None:
+        self.cursor = cursor
+        self.loads = loads
+        self.unpack = unpack
+        self.slow = slow
+        self.end = end
+        self.closed = False
+
+    def __call__(self, timeout: Optional[float] = None) -> Any:
+        if self.closed or not (timeout is None or (type(timeout) in (int, float) and timeout >= 0)):
+            return self.slow(timeout)
+        data = self.cursor.try_read()
+        if data is None:
+            return self.slow(timeout)
+        if data[0] == 1:
+            return self.unpack(data)
+        return self.loads(data)
+
+    def __iter__(self) -> "Receiver":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self(None)
+        except self.end:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """From now on every call goes to ``slow`` (which raises ClosedError)."""
+        self.closed = True
+
+
+class Iteration:
+    """``iter(subscription)``: :meth:`Receiver.__next__`, holding ``owner``
+    (the subscription) for as long as the loop runs -- ``for msg in
+    topic.subscribe()`` keeps no other reference to it, and the Receiver
+    must not (a subscription dropped without close() frees its entry when
+    it is collected).  (The C core's TopicIteration mirrors it.)"""
+
+    __slots__ = ("receiver", "owner")
+
+    def __init__(self, receiver: Any, owner: Any) -> None:
+        self.receiver = receiver
+        self.owner = owner
+
+    def __iter__(self) -> "Iteration":
+        return self
+
+    def __next__(self) -> Any:
+        return self.receiver.__next__()
+
+
+def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[..., Any], protocol: int,
+                      pack: Optional[Callable[[Any], Optional[bytes]]], wake: Callable[[], Any],
+                      slow: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
+    """The fast path of ``shmq.Topic.publish`` for a topic without a slot
+    pool: ``publish(obj, timeout=None)`` encodes ``obj`` once (``pack(obj)``,
+    a flat tuple, unless ``pack`` is None or gives None; else
+    ``dumps(obj, protocol)``) and appends it with :meth:`BroadcastRing.try_write`
+    (gated in a ``block`` topic), then ``wake()`` if a subscriber sleeps.
+    ``slow(obj, timeout, data)`` takes over (and returns the result) when
+    the calling process is not the one that made the closure (``data``
+    None: a forked child publishes as itself), the pickle can never fit, or
+    there is no room now.  (The C core's TopicPublisher mirrors it.)"""
+    w = ring.words
+    gate = not ring.drop_oldest
+    max_payload = ring.max_payload
+    try_write = ring.try_write
+    pid = _sync._PID
+
+    def publish(obj: Any, timeout: Optional[float] = None) -> None:
+        if _sync._PID != pid:
+            return slow(obj, timeout, None)
+        data = pack(obj) if pack is not None else None
+        if data is None:
+            data = dumps(obj, protocol)
+        if len(data) > max_payload or not try_write(data, lock, gate):
+            return slow(obj, timeout, data)
+        if w[L.W_T_SUB_WAITING]:
+            wake()
+        return None
+
+    return publish
 
 
 class ValueCell:
@@ -613,3 +788,25 @@ class ValueCell:
         if w[hdr] != v:
             return -1, b""
         return v, data
+
+
+# The Python moves above are the specification; with the C core its mirrors
+# take their place (docs/core.md).  The Python ones stay reachable for the
+# tests: BroadcastRing._py_try_write, _py_wake_subscribers, _py_lowest_cursor,
+# Cursor._py_try_read, PyReceiver and py_publishing_writer.
+BroadcastRing._py_try_write = BroadcastRing.try_write  # type: ignore[attr-defined]
+BroadcastRing._py_wake_subscribers = BroadcastRing.wake_subscribers  # type: ignore[attr-defined]
+BroadcastRing._py_lowest_cursor = BroadcastRing.lowest_cursor  # type: ignore[attr-defined]
+Cursor._py_try_read = Cursor.try_read  # type: ignore[attr-defined]
+PyReceiver = Receiver
+PyIteration = Iteration
+py_publishing_writer = publishing_writer
+
+if _core is not None:
+    BroadcastRing.try_write = _core.BroadcastCore.try_write  # type: ignore[assignment]
+    BroadcastRing.wake_subscribers = _core.BroadcastCore.wake_subscribers  # type: ignore[assignment]
+    BroadcastRing.lowest_cursor = _core.BroadcastCore.lowest_cursor  # type: ignore[assignment]
+    Cursor.try_read = _core.CursorCore.try_read  # type: ignore[assignment]
+    Receiver = _core.TopicReceiver  # type: ignore[misc]
+    Iteration = _core.TopicIteration  # type: ignore[misc]
+    publishing_writer = _core.TopicPublisher  # type: ignore[assignment]

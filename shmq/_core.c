@@ -25,7 +25,8 @@
  *
  * Test hook: SHMQ_CORE_STOP_AT=N (read at import) makes a record move stop
  * the process with SIGSTOP at step N (the STEP(N) lines: try_write 1-6,
- * try_read 11-15, _read_many 21-22, _write_many 31-33), so a test can
+ * try_read 11-15, _read_many 21-22, _write_many 31-33; a topic's publish
+ * move, broadcast_write, 41-44), so a test can
  * SIGKILL it there (tests/test_core.py).  Unset, it costs one predictable
  * branch per step.
  */
@@ -968,8 +969,977 @@ static PyTypeObject ReaderType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* ==== the broadcast ring under shmq.Topic (shmq/_broadcast.py) ===========
+ * BroadcastCore is the base class of _broadcast.BroadcastRing, CursorCore of
+ * _broadcast.Cursor, when this module is built and SHMQ_PURE is not set;
+ * TopicPublisher / TopicReceiver take the place of publishing_writer's
+ * closure and of the Receiver class.  As for the ring above: the per-call
+ * fields are C members the Python code reads as attributes, the Python
+ * functions are the specification, and everything off the common path (the
+ * lock's slow path, the doorbells, the corrupt-word errors, the waits) is a
+ * call back into Python. */
+
+/* Word indices of the topic header (shmq/_layout.py); _broadcast.py compares
+ * them with TOPIC_LAYOUT and uses its Python moves if they differ. */
+#define W_T_TAIL 272
+#define W_T_NEXT_SEQ 273
+#define W_T_OLDEST 274
+#define W_T_OLDEST_SEQ 275
+#define W_T_EPOCH 276
+#define W_T_PUB_WAITING 280
+#define W_T_SUB_WAITING 288
+#define W_T_SUB_TABLE 512
+#define T_SUBSCRIBERS 64
+#define T_SUB_WORDS 8
+#define TS_PID 0
+#define TS_CURSOR 2
+#define TS_NEXT_SEQ 3
+#define TS_LOST 4
+#define TS_WAITING 5
+#define TS_RECEIVED 6
+#define T_RECORD_HEADER 16
+
+static PyObject *s_sem, *s_w_owner, *s_w_gen, *s_py_try_read, *s_get_value;
+
+typedef struct {
+    PyObject_HEAD
+    long long cap, base, max_payload, gate, gate_epoch;
+    PyObject *buf;
+    /* the last lock try_write was given, and what it reads of it */
+    PyObject *lock, *lock_sem;
+    Py_ssize_t lock_owner, lock_gen;
+} BroadcastCore;
+
+static int BroadcastCore_traverse(BroadcastCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->buf);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->lock_sem);
+    return 0;
+}
+static int BroadcastCore_clear(BroadcastCore *self) {
+    Py_CLEAR(self->buf);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->lock_sem);
+    return 0;
+}
+static void BroadcastCore_dealloc(BroadcastCore *self) {
+    PyObject_GC_UnTrack(self);
+    BroadcastCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* mirrors BroadcastRing.lowest_cursor */
+static int64_t lowest_cursor(const char *mem) {
+    int64_t low = -1;
+    for (int i = 0; i < T_SUBSCRIBERS; i++) {
+        Py_ssize_t b = W_T_SUB_TABLE + (Py_ssize_t)i * T_SUB_WORDS;
+        if (load_word(mem, b + TS_PID)) {
+            int64_t c = load_word(mem, b + TS_CURSOR);
+            if (low < 0 || c < low) low = c;
+        }
+    }
+    return low;
+}
+
+/* Remember lock._sem, lock._w_owner, lock._w_gen of a new lock.  0 or -1. */
+static int cache_lock(BroadcastCore *self, PyObject *lock) {
+    if (lock == self->lock) return 0;
+    PyObject *sem = PyObject_GetAttr(lock, s_sem);
+    if (sem == NULL) return -1;
+    PyObject *o = PyObject_GetAttr(lock, s_w_owner), *g = o ? PyObject_GetAttr(lock, s_w_gen) : NULL;
+    Py_ssize_t ow = o ? PyLong_AsSsize_t(o) : -1, gw = g ? PyLong_AsSsize_t(g) : -1;
+    Py_XDECREF(o);
+    Py_XDECREF(g);
+    if (PyErr_Occurred()) {
+        Py_DECREF(sem);
+        return -1;
+    }
+    if (ow < 0 || gw < 0 || ow >= W_T_SUB_TABLE || gw >= W_T_SUB_TABLE) {
+        Py_DECREF(sem);
+        PyErr_SetString(PyExc_ValueError, "lock words outside the topic header");
+        return -1;
+    }
+    Py_XSETREF(self->lock, Py_NewRef(lock));
+    Py_XSETREF(self->lock_sem, sem);
+    self->lock_owner = ow;
+    self->lock_gen = gw;
+    return 0;
+}
+
+/* The body of BroadcastRing.try_write: 1 written (| 2 if a subscriber
+ * sleeps, read after the lock's release), 0 no room (gated), -1 error. */
+static int broadcast_write(BroadcastCore *self, const char *src, int64_t n, PyObject *lock, int gate) {
+    if (cache_lock(self, lock) < 0) return -1;
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return -1;
+    }
+    char *mem = (char *)view.buf;
+    int64_t cap = self->cap, base = self->base;
+    if (cap <= 0 || view.len < base + cap || n < 0 || n > self->max_payload) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "record does not fit the topic's data area");
+        return -1;
+    }
+    PyObject *sem = Py_NewRef(self->lock_sem);
+    Py_ssize_t w_owner = self->lock_owner, w_gen = self->lock_gen;
+    int result = -1;
+    /* RobustLock.acquire, inlined: the semaphore without blocking, else lock.acquire() */
+    PyObject *r = PyObject_CallMethodOneArg(sem, s_acquire, Py_False);
+    if (r == NULL) goto out_nolock;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (got < 0) goto out_nolock;
+    if (!got) {
+        r = PyObject_CallMethodNoArgs(lock, s_acquire);
+        if (r == NULL) goto out_nolock;
+        Py_DECREF(r);
+    } else {
+        store_word(mem, w_owner, my_pid);
+        store_word(mem, w_gen, load_word(mem, w_gen) + 1);
+    }
+    STEP(41);
+    int64_t t = load_word(mem, W_T_TAIL);
+    int64_t size = T_RECORD_HEADER + ((n + 7) & -8);
+    int64_t off = py_mod(t, cap);
+    int64_t pad = off + size > cap ? cap - off : 0;
+    int64_t bound; /* records starting before this are overwritten */
+    if (t < 0 || __builtin_add_overflow(t, pad + size - cap, &bound)) {
+        PyObject *exc = PyObject_CallMethod((PyObject *)self, "_corrupt", "s", "TAIL out of range");
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        goto out;
+    }
+    int64_t o = load_word(mem, W_T_OLDEST);
+    if (o < bound) {
+        if (gate) {
+            int64_t epoch = load_word(mem, W_T_EPOCH);
+            if (!(self->gate_epoch == epoch && (self->gate < 0 || self->gate >= bound))) {
+                self->gate_epoch = epoch;
+                int64_t low = self->gate = lowest_cursor(mem);
+                if (0 <= low && low < bound) {
+                    result = 0;
+                    goto out;
+                }
+            }
+        }
+        int64_t seq = load_word(mem, W_T_OLDEST_SEQ);
+        while (o < bound && o < t) {
+            int64_t h = load_word(mem, (base + py_mod(o, cap)) >> 3);
+            if (h < -cap || h > cap) { /* a corrupt length: Python's walk passes TAIL, so does this */
+                o = t;
+            } else if (h < 0) {
+                o -= h;
+            } else {
+                o += T_RECORD_HEADER + ((h + 7) & -8);
+                seq += 1;
+            }
+        }
+        if (o >= t) {
+            o = t;
+            seq = load_word(mem, W_T_NEXT_SEQ);
+        }
+        store_word(mem, W_T_OLDEST_SEQ, seq);
+        store_word(mem, W_T_OLDEST, o); /* before any byte of the old records changes */
+        __atomic_thread_fence(__ATOMIC_RELEASE); /* (a no-op on x86-64; the later stores stay after it elsewhere) */
+        STEP(42);
+    }
+    if (pad) {
+        store_word(mem, (base + off) >> 3, -pad);
+        t += pad;
+        off = 0;
+    }
+    int64_t at = base + off;
+    int64_t seq = load_word(mem, W_T_NEXT_SEQ);
+    store_word(mem, at >> 3, n);
+    store_word(mem, (at >> 3) + 1, seq);
+    memcpy(mem + at + T_RECORD_HEADER, src, (size_t)n);
+    store_word(mem, W_T_NEXT_SEQ, seq + 1);
+    STEP(43);
+    store_word(mem, W_T_TAIL, t + size); /* publishes the record to every subscriber */
+    STEP(44);
+    result = 1;
+out:
+    /* the `finally:` -- owner word back to 0, then sem.release() */
+    if (drop_lock(mem, w_owner, sem) < 0) result = -1;
+    /* (after the release, a full barrier: a subscriber that announced its
+     * sleep before our TAIL store is seen here) */
+    if (result == 1 && load_word(mem, W_T_SUB_WAITING)) result |= 2;
+out_nolock:
+    Py_DECREF(sem);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* mirrors BroadcastRing.try_write(data, lock, gate) */
+static PyObject *BroadcastCore_try_write(BroadcastCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "try_write(data, lock, gate)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (!PyBytes_CheckExact(data)) /* other buffers: the Python one */
+        return PyObject_CallMethodObjArgs((PyObject *)self, s_py_try_write, data, args[1], args[2], NULL);
+    int gate = PyObject_IsTrue(args[2]);
+    if (gate < 0) return NULL;
+    int r = broadcast_write(self, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), args[1], gate);
+    if (r < 0) return NULL;
+    return Py_NewRef(r ? Py_True : Py_False);
+}
+
+/* mirrors BroadcastRing.lowest_cursor() */
+static PyObject *BroadcastCore_lowest_cursor(BroadcastCore *self, PyObject *Py_UNUSED(ignored)) {
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return NULL;
+    }
+    if (view.len < (W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) * 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "topic header too short");
+        return NULL;
+    }
+    int64_t low = lowest_cursor((const char *)view.buf);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(low);
+}
+
+/* mirrors BroadcastRing.wake_subscribers(sem) */
+static PyObject *BroadcastCore_wake_subscribers(BroadcastCore *self, PyObject *sem) {
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    if (view.len < (W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) * 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "topic header too short");
+        return NULL;
+    }
+    store_word(mem, W_T_SUB_WAITING, 0);
+    /* the clear before the scan (see the Python) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    long count = 0;
+    for (int i = 0; i < T_SUBSCRIBERS; i++) {
+        Py_ssize_t word = W_T_SUB_TABLE + (Py_ssize_t)i * T_SUB_WORDS + TS_WAITING;
+        if (load_word(mem, word)) {
+            store_word(mem, word, 0);
+            count++;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (count == 0) Py_RETURN_NONE;
+    /* a sleeper that timed out leaves a post behind: never pile them up */
+    PyObject *v = PyObject_CallMethodNoArgs(sem, s_get_value);
+    if (v == NULL) return NULL;
+    long value = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    for (long k = 0; k < count - value; k++) {
+        PyObject *r = PyObject_CallMethodNoArgs(sem, s_release);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef BroadcastCore_methods[] = {
+    {"try_write", (PyCFunction)(void (*)(void))BroadcastCore_try_write, METH_FASTCALL,
+     "try_write(data, lock, gate): append data as the next record (C core: mirrors BroadcastRing.try_write)."},
+    {"lowest_cursor", (PyCFunction)BroadcastCore_lowest_cursor, METH_NOARGS,
+     "The lowest cursor of a subscriber entry (-1 if none) (C core: mirrors BroadcastRing.lowest_cursor)."},
+    {"wake_subscribers", (PyCFunction)BroadcastCore_wake_subscribers, METH_O,
+     "Post sem once per subscriber that announced it sleeps (C core: mirrors BroadcastRing.wake_subscribers)."},
+    {NULL, NULL, 0, NULL}};
+
+static PyMemberDef BroadcastCore_members[] = {
+    {"_c_cap", T_LONGLONG, offsetof(BroadcastCore, cap), 0, NULL},
+    {"_c_base", T_LONGLONG, offsetof(BroadcastCore, base), 0, NULL},
+    {"_c_max_payload", T_LONGLONG, offsetof(BroadcastCore, max_payload), 0, NULL},
+    {"_gate", T_LONGLONG, offsetof(BroadcastCore, gate), 0, NULL},
+    {"_gate_epoch", T_LONGLONG, offsetof(BroadcastCore, gate_epoch), 0, NULL},
+    {"_buf", T_OBJECT_EX, offsetof(BroadcastCore, buf), 0, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject BroadcastCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.BroadcastCore",
+    .tp_basicsize = sizeof(BroadcastCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C publish move under shmq's BroadcastRing (see docs/core.md).",
+    .tp_dealloc = (destructor)BroadcastCore_dealloc,
+    .tp_traverse = (traverseproc)BroadcastCore_traverse,
+    .tp_clear = (inquiry)BroadcastCore_clear,
+    .tp_methods = BroadcastCore_methods,
+    .tp_members = BroadcastCore_members,
+};
+
+/* ---- the subscriber's cursor ------------------------------------------ */
+typedef struct {
+    PyObject_HEAD
+    long long pos, next_seq, lost, received, tail_seen, stored, pending, flush;
+    long long cap, base, max_payload, sub;
+    char drop, slot_records;
+    PyObject *buf, *not_full;
+} CursorCore;
+
+static int CursorCore_traverse(CursorCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->buf);
+    Py_VISIT(self->not_full);
+    return 0;
+}
+static int CursorCore_clear(CursorCore *self) {
+    Py_CLEAR(self->buf);
+    Py_CLEAR(self->not_full);
+    return 0;
+}
+static void CursorCore_dealloc(CursorCore *self) {
+    PyObject_GC_UnTrack(self);
+    CursorCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* mirrors Cursor._store: 0 or -1 (the doorbell's ring failed) */
+static int cursor_store(CursorCore *self, char *mem, int64_t pos) {
+    self->stored = pos;
+    store_word(mem, self->sub + TS_NEXT_SEQ, self->next_seq);
+    store_word(mem, self->sub + TS_RECEIVED, self->received);
+    store_word(mem, self->sub + TS_CURSOR, pos); /* publishers gate on this word */
+    /* the CURSOR store before the PUB_WAITING load (x86-64 may let a load
+     * pass an earlier store): else a publisher that announced and re-checked
+     * the cursors in between sleeps unrung */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (load_word(mem, W_T_PUB_WAITING)) {
+        if (self->not_full == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "_not_full");
+            return -1;
+        }
+        PyObject *r = PyObject_CallMethodNoArgs(self->not_full, s_ring);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* mirrors Cursor.try_read: the next record's payload, None, NULL on error */
+static PyObject *cursor_read(CursorCore *self) {
+    Py_buffer view;
+    if (self->buf == NULL || PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0) {
+        if (self->buf == NULL) PyErr_SetString(PyExc_ValueError, "released");
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    int64_t cap = self->cap, base = self->base, sub = self->sub;
+    int drop = self->drop;
+    if (cap <= 0 || view.len < base + cap || sub < W_T_SUB_TABLE ||
+        sub + T_SUB_WORDS > W_T_SUB_TABLE + T_SUBSCRIBERS * T_SUB_WORDS) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "cursor geometry does not fit the topic");
+        return NULL;
+    }
+    int64_t pos = self->pos;
+    PyObject *data = NULL;
+    for (;;) {
+        if (pos >= self->tail_seen) {
+            int64_t t = load_word(mem, W_T_TAIL);
+            if (pos >= t) {
+                self->pos = pos;
+                if (pos != self->stored && cursor_store(self, mem, pos) < 0) goto fail;
+                PyBuffer_Release(&view);
+                Py_RETURN_NONE;
+            }
+            self->tail_seen = t;
+            int64_t o = load_word(mem, W_T_OLDEST);
+            if (pos < o) { /* lapped: the records in between were overwritten */
+                pos = o;
+                continue;
+            }
+        } else if (drop) {
+            int64_t o = load_word(mem, W_T_OLDEST);
+            if (pos < o) {
+                pos = o;
+                continue;
+            }
+        }
+        int64_t off = py_mod(pos, cap), at = base + off;
+        int64_t h = load_word(mem, at >> 3);
+        if (h < 0) {
+            if (drop && load_word(mem, W_T_OLDEST) > pos) continue; /* the top jumps to the oldest */
+            if (h < -cap || -h > cap - off || (-h) % 8) {
+                int64_t o = load_word(mem, W_T_OLDEST);
+                if (o > pos) {
+                    pos = o;
+                    continue;
+                }
+                goto corrupt;
+            }
+            pos -= h;
+            continue;
+        }
+        if (h > self->max_payload || off + T_RECORD_HEADER + h > cap) {
+            int64_t o = load_word(mem, W_T_OLDEST);
+            if (o > pos) {
+                pos = o;
+                continue;
+            }
+            goto corrupt;
+        }
+        int64_t seq = load_word(mem, (at >> 3) + 1);
+        data = PyBytes_FromStringAndSize(mem + at + T_RECORD_HEADER, (Py_ssize_t)h);
+        if (data == NULL) goto fail;
+        if (drop) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy's loads before OLDEST's */
+            if (load_word(mem, W_T_OLDEST) > pos) {
+                Py_CLEAR(data); /* overwritten while we copied: lost, look again */
+                continue;
+            }
+        }
+        if (seq > self->next_seq) {
+            self->lost += seq - self->next_seq;
+            store_word(mem, sub + TS_LOST, self->lost);
+        }
+        self->next_seq = seq + 1;
+        self->received += 1;
+        pos += T_RECORD_HEADER + ((h + 7) & -8);
+        self->pos = pos;
+        if (self->slot_records && h && PyBytes_AS_STRING(data)[0] == 0) {
+            /* slot references: the stored cursor waits for commit() */
+            self->pending = 1;
+            break;
+        }
+        if ((pos >= self->tail_seen || pos - self->stored >= self->flush) && cursor_store(self, mem, pos) < 0)
+            goto fail;
+        break;
+    }
+    PyBuffer_Release(&view);
+    return data;
+corrupt:
+    /* the Python move reads the same words and raises BrokenError naming them */
+    self->pos = pos;
+    PyBuffer_Release(&view);
+    return PyObject_CallMethodNoArgs((PyObject *)self, s_py_try_read);
+fail:
+    Py_XDECREF(data);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyObject *CursorCore_try_read(CursorCore *self, PyObject *Py_UNUSED(ignored)) {
+    return cursor_read(self);
+}
+
+static PyMethodDef CursorCore_methods[] = {
+    {"try_read", (PyCFunction)CursorCore_try_read, METH_NOARGS,
+     "The next record's payload, or None if there is none yet (C core: mirrors Cursor.try_read)."},
+    {NULL, NULL, 0, NULL}};
+
+static PyMemberDef CursorCore_members[] = {
+    {"pos", T_LONGLONG, offsetof(CursorCore, pos), 0, NULL},
+    {"next_seq", T_LONGLONG, offsetof(CursorCore, next_seq), 0, NULL},
+    {"lost", T_LONGLONG, offsetof(CursorCore, lost), 0, NULL},
+    {"received", T_LONGLONG, offsetof(CursorCore, received), 0, NULL},
+    {"_tail_seen", T_LONGLONG, offsetof(CursorCore, tail_seen), 0, NULL},
+    {"_stored", T_LONGLONG, offsetof(CursorCore, stored), 0, NULL},
+    {"_pending", T_LONGLONG, offsetof(CursorCore, pending), 0, NULL},
+    {"_flush", T_LONGLONG, offsetof(CursorCore, flush), 0, NULL},
+    {"_drop", T_BOOL, offsetof(CursorCore, drop), 0, NULL},
+    {"_slot_records", T_BOOL, offsetof(CursorCore, slot_records), 0, NULL},
+    {"_c_cap", T_LONGLONG, offsetof(CursorCore, cap), 0, NULL},
+    {"_c_base", T_LONGLONG, offsetof(CursorCore, base), 0, NULL},
+    {"_c_max_payload", T_LONGLONG, offsetof(CursorCore, max_payload), 0, NULL},
+    {"_c_sub", T_LONGLONG, offsetof(CursorCore, sub), 0, NULL},
+    {"_buf", T_OBJECT_EX, offsetof(CursorCore, buf), 0, NULL},
+    {"_not_full", T_OBJECT_EX, offsetof(CursorCore, not_full), 0, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject CursorCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.CursorCore",
+    .tp_basicsize = sizeof(CursorCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C read move under shmq's broadcast Cursor (see docs/core.md).",
+    .tp_dealloc = (destructor)CursorCore_dealloc,
+    .tp_traverse = (traverseproc)CursorCore_traverse,
+    .tp_clear = (inquiry)CursorCore_clear,
+    .tp_methods = CursorCore_methods,
+    .tp_members = CursorCore_members,
+};
+
+/* ---- flat tuples: mirror topic._pack_flat / topic._unpack_flat ----------
+ * 0x01, item count, then per item a kind byte and its value: N / T / F,
+ * i + int64, d + float64 (little-endian), s + uint32 length + UTF-8,
+ * b + uint32 length + bytes. */
+#define FLAT_TAG 1
+#define FLAT_MAX_ITEMS 255
+
+/* mirrors topic._pack_flat: new bytes, or a new reference to None if obj is
+ * not a flat tuple; NULL with an exception only if memory runs out */
+static PyObject *flat_pack(PyObject *obj) {
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) > FLAT_MAX_ITEMS) Py_RETURN_NONE;
+    Py_ssize_t n = PyTuple_GET_SIZE(obj), size = 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyTuple_GET_ITEM(obj, i);
+        if (x == Py_None || x == Py_True || x == Py_False) {
+            size += 1;
+        } else if (PyLong_CheckExact(x)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
+            if (overflow || (v == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            size += 9;
+        } else if (PyFloat_CheckExact(x)) {
+            size += 9;
+        } else if (PyUnicode_CheckExact(x)) {
+            Py_ssize_t len;
+            if (PyUnicode_AsUTF8AndSize(x, &len) == NULL) { /* lone surrogates: pickle keeps them */
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            if ((unsigned long long)len > 0xFFFFFFFFull) Py_RETURN_NONE;
+            size += 5 + len;
+        } else if (PyBytes_CheckExact(x)) {
+            if ((unsigned long long)PyBytes_GET_SIZE(x) > 0xFFFFFFFFull) Py_RETURN_NONE;
+            size += 5 + PyBytes_GET_SIZE(x);
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    *p++ = FLAT_TAG;
+    *p++ = (unsigned char)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyTuple_GET_ITEM(obj, i);
+        if (x == Py_None) {
+            *p++ = 'N';
+        } else if (x == Py_True) {
+            *p++ = 'T';
+        } else if (x == Py_False) {
+            *p++ = 'F';
+        } else if (PyLong_CheckExact(x)) {
+            int64_t v = (int64_t)PyLong_AsLongLong(x);
+            *p++ = 'i';
+            memcpy(p, &v, 8); /* x86-64: little-endian, as struct "<q" */
+            p += 8;
+        } else if (PyFloat_CheckExact(x)) {
+            double v = PyFloat_AS_DOUBLE(x);
+            *p++ = 'd';
+            memcpy(p, &v, 8);
+            p += 8;
+        } else {
+            const char *raw;
+            Py_ssize_t len;
+            if (PyUnicode_CheckExact(x)) {
+                raw = PyUnicode_AsUTF8AndSize(x, &len); /* (cached by the first pass) */
+                *p++ = 's';
+            } else {
+                raw = PyBytes_AS_STRING(x);
+                len = PyBytes_GET_SIZE(x);
+                *p++ = 'b';
+            }
+            uint32_t l32 = (uint32_t)len;
+            memcpy(p, &l32, 4);
+            p += 4;
+            memcpy(p, raw, (size_t)len);
+            p += len;
+        }
+    }
+    return out;
+}
+
+/* mirrors topic._unpack_flat: the tuple, NULL with ValueError if malformed */
+static PyObject *flat_unpack(const unsigned char *data, Py_ssize_t n) {
+    if (n < 2 || data[0] != FLAT_TAG) {
+        PyErr_SetString(PyExc_ValueError, "not a flat-tuple record");
+        return NULL;
+    }
+    Py_ssize_t count = data[1], at = 2;
+    PyObject *out = PyTuple_New(count);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (at >= n) goto truncated;
+        unsigned char kind = data[at++];
+        PyObject *x;
+        switch (kind) {
+        case 'N':
+            x = Py_NewRef(Py_None);
+            break;
+        case 'T':
+            x = Py_NewRef(Py_True);
+            break;
+        case 'F':
+            x = Py_NewRef(Py_False);
+            break;
+        case 'i':
+        case 'd': {
+            if (at + 8 > n) goto truncated;
+            if (kind == 'i') {
+                int64_t v;
+                memcpy(&v, data + at, 8);
+                x = PyLong_FromLongLong(v);
+            } else {
+                double v;
+                memcpy(&v, data + at, 8);
+                x = PyFloat_FromDouble(v);
+            }
+            at += 8;
+            break;
+        }
+        case 's':
+        case 'b': {
+            if (at + 4 > n) goto truncated;
+            uint32_t len;
+            memcpy(&len, data + at, 4);
+            at += 4;
+            if ((Py_ssize_t)len > n - at) goto truncated;
+            x = kind == 's' ? PyUnicode_DecodeUTF8((const char *)data + at, len, NULL)
+                            : PyBytes_FromStringAndSize((const char *)data + at, len);
+            at += len;
+            break;
+        }
+        default:
+            Py_DECREF(out);
+            PyErr_Format(PyExc_ValueError, "flat-tuple record has an unknown item kind %d", (int)kind);
+            return NULL;
+        }
+        if (x == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    if (at != n) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, "flat-tuple record has bytes after its last item");
+        return NULL;
+    }
+    return out;
+truncated:
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, "flat-tuple record is truncated");
+    return NULL;
+}
+
+/* module function pack_flat(obj): mirrors topic._pack_flat */
+static PyObject *core_pack_flat(PyObject *Py_UNUSED(module), PyObject *obj) { return flat_pack(obj); }
+
+/* module function unpack_flat(data): mirrors topic._unpack_flat */
+static PyObject *core_unpack_flat(PyObject *Py_UNUSED(module), PyObject *data) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *r = flat_unpack((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+static int is_core_function(PyObject *f, PyCFunction c) {
+    return f != NULL && PyCFunction_Check(f) && PyCFunction_GET_FUNCTION(f) == c;
+}
+
+/* ---- TopicReceiver: mirrors the class _broadcast.Receiver --------------- */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *cursor, *loads, *unpack, *slow, *end;
+    char closed, c_unpack;
+} TopicReceiver;
+
+static int timeout_is_plain(PyObject *timeout) {
+    if (timeout == Py_None) return 1;
+    if (PyFloat_CheckExact(timeout)) return PyFloat_AS_DOUBLE(timeout) >= 0.0;
+    if (PyLong_CheckExact(timeout)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(timeout, &overflow);
+        return overflow ? overflow > 0 : v >= 0;
+    }
+    return 0;
+}
+
+/* Receiver.__call__ */
+static PyObject *receiver_receive(TopicReceiver *self, PyObject *timeout) {
+    if (self->closed || !timeout_is_plain(timeout)) return PyObject_CallOneArg(self->slow, timeout);
+    PyObject *data = cursor_read((CursorCore *)self->cursor);
+    if (data == NULL) return NULL;
+    if (data == Py_None) {
+        Py_DECREF(data);
+        return PyObject_CallOneArg(self->slow, timeout);
+    }
+    PyObject *obj;
+    if (PyBytes_GET_SIZE(data) > 0 && PyBytes_AS_STRING(data)[0] == FLAT_TAG)
+        obj = self->c_unpack ? flat_unpack((const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                             : PyObject_CallOneArg(self->unpack, data);
+    else
+        obj = PyObject_CallOneArg(self->loads, data);
+    Py_DECREF(data);
+    return obj;
+}
+
+static PyObject *TopicReceiver_call(TopicReceiver *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    static const char *const names[] = {"timeout"};
+    PyObject *a[1] = {NULL};
+    if (parse_call(args, nargsf, kwnames, 0, a, 1, names) < 0) return NULL;
+    return receiver_receive(self, a[0] ? a[0] : Py_None);
+}
+
+/* Receiver.__next__ */
+static PyObject *TopicReceiver_next(TopicReceiver *self) {
+    PyObject *obj = receiver_receive(self, Py_None);
+    if (obj == NULL && PyErr_ExceptionMatches(self->end)) PyErr_Clear(); /* StopIteration */
+    return obj;
+}
+
+/* Receiver.close */
+static PyObject *TopicReceiver_close(TopicReceiver *self, PyObject *Py_UNUSED(ignored)) {
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *TopicReceiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *cursor, *loads, *unpack, *slow, *end;
+    if (!PyArg_ParseTuple(args, "O!OOOO:TopicReceiver", &CursorCoreType, &cursor, &loads, &unpack, &slow, &end))
+        return NULL;
+    TopicReceiver *self = (TopicReceiver *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = (vectorcallfunc)TopicReceiver_call;
+    self->cursor = Py_NewRef(cursor);
+    self->loads = Py_NewRef(loads);
+    self->unpack = Py_NewRef(unpack);
+    self->c_unpack = (char)is_core_function(unpack, (PyCFunction)core_unpack_flat);
+    self->slow = Py_NewRef(slow);
+    self->end = Py_NewRef(end);
+    return (PyObject *)self;
+}
+static int TopicReceiver_traverse(TopicReceiver *self, visitproc visit, void *arg) {
+    Py_VISIT(self->cursor);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->unpack);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->end);
+    return 0;
+}
+static int TopicReceiver_clear(TopicReceiver *self) {
+    Py_CLEAR(self->cursor);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->unpack);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->end);
+    return 0;
+}
+static void TopicReceiver_dealloc(TopicReceiver *self) {
+    PyObject_GC_UnTrack(self);
+    TopicReceiver_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef TopicReceiver_methods[] = {
+    {"close", (PyCFunction)TopicReceiver_close, METH_NOARGS, "From now on every call goes to slow."},
+    {NULL, NULL, 0, NULL}};
+static PyMemberDef TopicReceiver_members[] = {
+    {"cursor", T_OBJECT_EX, offsetof(TopicReceiver, cursor), READONLY, NULL},
+    {"closed", T_BOOL, offsetof(TopicReceiver, closed), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject TopicReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.TopicReceiver",
+    .tp_basicsize = sizeof(TopicReceiver),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "receive(timeout=None) and iteration (C core: mirrors _broadcast.Receiver).",
+    .tp_new = TopicReceiver_new,
+    .tp_dealloc = (destructor)TopicReceiver_dealloc,
+    .tp_traverse = (traverseproc)TopicReceiver_traverse,
+    .tp_clear = (inquiry)TopicReceiver_clear,
+    .tp_vectorcall_offset = offsetof(TopicReceiver, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)TopicReceiver_next,
+    .tp_methods = TopicReceiver_methods,
+    .tp_members = TopicReceiver_members,
+};
+
+/* ---- TopicIteration: mirrors the class _broadcast.Iteration ------------- */
+typedef struct {
+    PyObject_HEAD
+    PyObject *receiver, *owner;
+} TopicIteration;
+
+/* Iteration.__next__ */
+static PyObject *TopicIteration_next(TopicIteration *self) {
+    return TopicReceiver_next((TopicReceiver *)self->receiver);
+}
+static PyObject *TopicIteration_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *receiver, *owner;
+    if (!PyArg_ParseTuple(args, "O!O:TopicIteration", &TopicReceiverType, &receiver, &owner)) return NULL;
+    TopicIteration *self = (TopicIteration *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->receiver = Py_NewRef(receiver);
+    self->owner = Py_NewRef(owner);
+    return (PyObject *)self;
+}
+static int TopicIteration_traverse(TopicIteration *self, visitproc visit, void *arg) {
+    Py_VISIT(self->receiver);
+    Py_VISIT(self->owner);
+    return 0;
+}
+static int TopicIteration_clear(TopicIteration *self) {
+    Py_CLEAR(self->receiver);
+    Py_CLEAR(self->owner);
+    return 0;
+}
+static void TopicIteration_dealloc(TopicIteration *self) {
+    PyObject_GC_UnTrack(self);
+    TopicIteration_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+static PyMemberDef TopicIteration_members[] = {
+    {"receiver", T_OBJECT_EX, offsetof(TopicIteration, receiver), READONLY, NULL},
+    {"owner", T_OBJECT_EX, offsetof(TopicIteration, owner), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL}};
+static PyTypeObject TopicIterationType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.TopicIteration",
+    .tp_basicsize = sizeof(TopicIteration),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "iter(subscription) (C core: mirrors _broadcast.Iteration).",
+    .tp_new = TopicIteration_new,
+    .tp_dealloc = (destructor)TopicIteration_dealloc,
+    .tp_traverse = (traverseproc)TopicIteration_traverse,
+    .tp_clear = (inquiry)TopicIteration_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)TopicIteration_next,
+    .tp_members = TopicIteration_members,
+};
+
+/* ---- TopicPublisher: mirrors the closure of publishing_writer ----------- */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *ring, *lock, *dumps, *protocol, *pack, *wake, *slow;
+    long pid;
+    int gate, c_pack;
+    long long max_payload;
+} TopicPublisher;
+
+static PyObject *TopicPublisher_call(TopicPublisher *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    static const char *const names[] = {"obj", "timeout"};
+    PyObject *a[2] = {NULL, NULL};
+    if (parse_call(args, nargsf, kwnames, 0, a, 2, names) < 0) return NULL;
+    if (a[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "publish() missing required argument 'obj'");
+        return NULL;
+    }
+    PyObject *obj = a[0], *timeout = a[1] ? a[1] : Py_None;
+    if (my_pid != self->pid) return PyObject_CallFunctionObjArgs(self->slow, obj, timeout, Py_None, NULL);
+    PyObject *data = NULL;
+    if (self->c_pack)
+        data = flat_pack(obj);
+    else if (self->pack != Py_None)
+        data = PyObject_CallOneArg(self->pack, obj);
+    else
+        data = Py_NewRef(Py_None);
+    if (data == NULL) return NULL;
+    if (data == Py_None) {
+        Py_DECREF(data);
+        PyObject *dargs[2] = {obj, self->protocol};
+        data = PyObject_Vectorcall(self->dumps, dargs, 2, NULL);
+        if (data == NULL) return NULL;
+    }
+    int r = 0;
+    if (PyBytes_CheckExact(data) && PyBytes_GET_SIZE(data) <= self->max_payload) {
+        r = broadcast_write((BroadcastCore *)self->ring, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), self->lock,
+                            self->gate);
+        if (r < 0) {
+            Py_DECREF(data);
+            return NULL;
+        }
+    }
+    if (r == 0) { /* too large, no room now, or not bytes: the Python path */
+        PyObject *res = PyObject_CallFunctionObjArgs(self->slow, obj, timeout, data, NULL);
+        Py_DECREF(data);
+        return res;
+    }
+    Py_DECREF(data);
+    if (r & 2) return PyObject_CallNoArgs(self->wake);
+    Py_RETURN_NONE;
+}
+
+static PyObject *TopicPublisher_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *ring, *lock, *dumps, *protocol, *pack, *wake, *slow;
+    if (!PyArg_ParseTuple(args, "O!OOOOOO:TopicPublisher", &BroadcastCoreType, &ring, &lock, &dumps, &protocol, &pack,
+                          &wake, &slow))
+        return NULL;
+    PyObject *drop = PyObject_GetAttrString(ring, "drop_oldest");
+    if (drop == NULL) return NULL;
+    int d = PyObject_IsTrue(drop);
+    Py_DECREF(drop);
+    if (d < 0) return NULL;
+    TopicPublisher *self = (TopicPublisher *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = (vectorcallfunc)TopicPublisher_call;
+    self->ring = Py_NewRef(ring);
+    self->lock = Py_NewRef(lock);
+    self->dumps = Py_NewRef(dumps);
+    self->protocol = Py_NewRef(protocol);
+    self->pack = Py_NewRef(pack);
+    self->c_pack = is_core_function(pack, (PyCFunction)core_pack_flat);
+    self->wake = Py_NewRef(wake);
+    self->slow = Py_NewRef(slow);
+    self->pid = my_pid;
+    self->gate = !d;
+    self->max_payload = ((BroadcastCore *)ring)->max_payload;
+    return (PyObject *)self;
+}
+static int TopicPublisher_traverse(TopicPublisher *self, visitproc visit, void *arg) {
+    Py_VISIT(self->ring);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->dumps);
+    Py_VISIT(self->protocol);
+    Py_VISIT(self->pack);
+    Py_VISIT(self->wake);
+    Py_VISIT(self->slow);
+    return 0;
+}
+static int TopicPublisher_clear(TopicPublisher *self) {
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->dumps);
+    Py_CLEAR(self->protocol);
+    Py_CLEAR(self->pack);
+    Py_CLEAR(self->wake);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+static void TopicPublisher_dealloc(TopicPublisher *self) {
+    PyObject_GC_UnTrack(self);
+    TopicPublisher_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject TopicPublisherType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.TopicPublisher",
+    .tp_basicsize = sizeof(TopicPublisher),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "publish(obj, timeout=None) (C core: mirrors the closure of _broadcast.publishing_writer).",
+    .tp_new = TopicPublisher_new,
+    .tp_dealloc = (destructor)TopicPublisher_dealloc,
+    .tp_traverse = (traverseproc)TopicPublisher_traverse,
+    .tp_clear = (inquiry)TopicPublisher_clear,
+    .tp_vectorcall_offset = offsetof(TopicPublisher, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
+static PyMethodDef core_functions[] = {
+    {"pack_flat", (PyCFunction)core_pack_flat, METH_O,
+     "pack_flat(obj): obj as a flat-tuple record, or None (C core: mirrors topic._pack_flat)."},
+    {"unpack_flat", (PyCFunction)core_unpack_flat, METH_O,
+     "unpack_flat(data): the tuple of a flat-tuple record (C core: mirrors topic._unpack_flat)."},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "shmq._core",
-                                         "shmq's compiled core (see docs/core.md).", -1, NULL, NULL, NULL, NULL, NULL};
+                                         "shmq's compiled core (see docs/core.md).", -1, core_functions, NULL, NULL, NULL, NULL};
 
 #define INTERN(var, text)                                                      \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
@@ -993,6 +1963,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     INTERN(s_roles_marked, "roles_marked");
     INTERN(s_add_role, "add_role");
     INTERN(s_py_try_write, "_py_try_write");
+    INTERN(s_sem, "_sem");
+    INTERN(s_w_owner, "_w_owner");
+    INTERN(s_w_gen, "_w_gen");
+    INTERN(s_py_try_read, "_py_try_read");
+    INTERN(s_get_value, "_get_value");
     refresh_pid();
     pthread_atfork(NULL, NULL, refresh_pid);
     const char *stop = getenv("SHMQ_CORE_STOP_AT");
@@ -1002,7 +1977,12 @@ PyMODINIT_FUNC PyInit__core(void) {
      * the interpreter's fast attribute paths expect: PyType_GenericNew
      * measured 10-17 ns slower per attribute of RingBuffer (docs/core.md). */
     RingCoreType.tp_new = PyBaseObject_Type.tp_new;
-    if (PyType_Ready(&RingCoreType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0)
+    BroadcastCoreType.tp_new = PyBaseObject_Type.tp_new;
+    CursorCoreType.tp_new = PyBaseObject_Type.tp_new;
+    if (PyType_Ready(&RingCoreType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0 ||
+        PyType_Ready(&BroadcastCoreType) < 0 || PyType_Ready(&CursorCoreType) < 0 ||
+        PyType_Ready(&TopicReceiverType) < 0 || PyType_Ready(&TopicPublisherType) < 0 ||
+        PyType_Ready(&TopicIterationType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
@@ -1018,6 +1998,21 @@ PyMODINIT_FUNC PyInit__core(void) {
                                      "W_PRODUCER_LOCK", W_PRODUCER_LOCK, "W_CONSUMER_LOCK", W_CONSUMER_LOCK,
                                      "ROLE_CONSUMER", ROLE_CONSUMER);
     if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) return NULL;
+    PyTypeObject *topic_types[] = {&BroadcastCoreType, &CursorCoreType, &TopicReceiverType, &TopicPublisherType,
+                                   &TopicIterationType};
+    const char *topic_names[] = {"BroadcastCore", "CursorCore", "TopicReceiver", "TopicPublisher", "TopicIteration"};
+    for (int i = 0; i < 5; i++) {
+        Py_INCREF(topic_types[i]);
+        if (PyModule_AddObject(m, topic_names[i], (PyObject *)topic_types[i]) < 0) return NULL;
+    }
+    PyObject *tlayout = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "W_T_TAIL", W_T_TAIL, "W_T_NEXT_SEQ",
+        W_T_NEXT_SEQ, "W_T_OLDEST", W_T_OLDEST, "W_T_OLDEST_SEQ", W_T_OLDEST_SEQ, "W_T_EPOCH", W_T_EPOCH,
+        "W_T_PUB_WAITING", W_T_PUB_WAITING, "W_T_SUB_WAITING", W_T_SUB_WAITING, "W_T_SUB_TABLE", W_T_SUB_TABLE,
+        "T_SUBSCRIBERS", T_SUBSCRIBERS, "T_SUB_WORDS", T_SUB_WORDS, "TS_PID", TS_PID, "TS_CURSOR", TS_CURSOR,
+        "TS_NEXT_SEQ", TS_NEXT_SEQ, "TS_LOST", TS_LOST, "TS_RECEIVED", TS_RECEIVED, "T_RECORD_HEADER", T_RECORD_HEADER,
+        "TS_WAITING", TS_WAITING);
+    if (tlayout == NULL || PyModule_AddObject(m, "TOPIC_LAYOUT", tlayout) < 0) return NULL;
     if (PyModule_AddIntConstant(m, "STOP_AT", stop_at) < 0) return NULL;
     return m;
 }
