@@ -36,11 +36,12 @@ Crash recovery (at-least-once, deduplicated)
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import multiprocessing as mp
 import os
 import pickle
 import sys
-import itertools
 import threading
 import time
 from collections import deque
@@ -72,8 +73,30 @@ DEFAULT_MAX_IN_FLIGHT = 128
 #: Default size of the dead letters queue's ring (reserved in /dev/shm at
 #: once: about ten thousand records with their tracebacks).
 DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
-_FEED_RUN = 64  # source items taken and put at once, at most
+_FEED_RUN = 64  # source items taken and put at once, at most, unless in CHUNKs (then 4 CHUNKs)
 _TAKE_MAX = 64  # messages a worker takes at once, at most
+_SPARSE_SECONDS = 0.001  # the source made the feeder wait this long: it sends items one by one
+#: While every stage is a map of cheap items (< _CHEAP_NS each) and the
+#: source's items pickle to at most _SMALL_ITEM_BYTES, a stage whose
+#: max_in_flight was not given doubles it (every _CHECK_EVERY) up to this,
+#: and CHUNKs grow to _MAX_CHUNK items: the parent then keeps at most
+#: 4 MiB of source items per stage.  Measured (2 stages of trivial
+#: functions, 2 loaded cores): window 128 -> 0.8M items/s, 1024 -> 1.8M,
+#: 4096 -> 1.9M before the parent's per-run accounting.
+_AUTO_MAX_IN_FLIGHT = 4096
+_MAX_CHUNK = 512
+_SMALL_ITEM_BYTES = 1024
+
+
+def _pickles_small(items: list) -> bool:
+    """True if ``items`` pickle to at most _SMALL_ITEM_BYTES each on average."""
+    buffers: list = []  # (large buffers out of band: counted, not copied)
+    try:
+        nbytes = len(pickle.dumps(items, 5, buffer_callback=buffers.append))
+        nbytes += sum(b.raw().nbytes for b in buffers)
+    except Exception:
+        return False
+    return nbytes <= _SMALL_ITEM_BYTES * len(items)
 
 
 class _Stage:
@@ -81,7 +104,10 @@ class _Stage:
         self.spec = spec
         self.workers = workers
         self.ordered = ordered
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight  # now (grows while auto and cheap)
+        self.base_max_in_flight = max_in_flight
+        self.auto = False  # max_in_flight was not given: it may grow (see Pipeline._tune_chunks)
+        self.chunk = 1
         self.start_method = start_method
         self.procs: List[Any] = []
         self.status: Any = None
@@ -111,6 +137,86 @@ class _Item:
         self.parts: Optional[list] = None
         self.has_data = False
         self.reason = 0
+
+
+class _Ledger:
+    """The source items in flight (taken, not yet accounted for), by seq.
+
+    A run of items fed as one CHUNK stays one entry (``runs[first]``) until
+    something needs its items one by one -- a result that does not cover the
+    run exactly, a crash, a retry -- which *splits* it into ``items``.  So
+    the parent's work per item is a few C-level list operations while runs
+    come back whole: the pipeline's throughput for cheap items depends on it.
+    """
+
+    __slots__ = ("items", "runs", "starts", "count")
+
+    def __init__(self) -> None:
+        self.items: Dict[int, Any] = {}  # seq -> source item
+        self.runs: Dict[int, list] = {}  # first seq -> the run's source items
+        self.starts: List[int] = []  # firsts of runs, increasing (some may be gone from runs)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, seq: int, item: Any) -> None:
+        self.items[seq] = item
+        self.count += 1
+
+    def add_run(self, first: int, items: list) -> None:
+        self.runs[first] = items
+        self.starts.append(first)  # runs are made in source order: stays sorted
+        self.count += len(items)
+
+    def pop_run(self, first: int, n: int) -> bool:
+        """Account for the run ``first`` if it is exactly ``n`` items long."""
+        run = self.runs.get(first)
+        if run is None or len(run) != n:
+            return False
+        del self.runs[first]
+        self.count -= n
+        if len(self.starts) > 2 * len(self.runs) + 64:
+            self.starts = sorted(self.runs)
+        return True
+
+    def split(self, seq: int) -> bool:
+        """Split the run holding ``seq`` into single items; False if none does.
+        (The rightmost start <= seq is the only candidate: runs never overlap
+        and a later run starts after every seq of the earlier ones.)"""
+        i = bisect.bisect_right(self.starts, seq) - 1
+        if i < 0:
+            return False
+        first = self.starts[i]
+        run = self.runs.get(first)
+        if run is None or seq >= first + len(run):
+            return False
+        del self.runs[first]
+        self.items.update(zip(range(first, first + len(run)), run))
+        return True
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self.items or self.split(seq)
+
+    def get(self, seq: int, default: Any = None) -> Any:
+        if seq in self:
+            return self.items[seq]
+        return default
+
+    def pop(self, seq: int, default: Any) -> Any:
+        item = self.items.pop(seq, _MISSING)
+        if item is _MISSING:
+            if not self.split(seq):
+                return default
+            item = self.items.pop(seq)
+        self.count -= 1
+        return item
+
+    def seqs(self) -> List[int]:
+        """Every seq in flight (splitting every run)."""
+        for first in list(self.runs):
+            self.split(first)
+        return list(self.items)
 
 
 class _RemoteTraceback(Exception):
@@ -174,9 +280,9 @@ class Pipeline:
         self._gen: Optional[Iterator[Any]] = None
         # accounting (main thread, and the feeder under _cond)
         self._cond = threading.Condition()
-        self._inflight: Dict[int, Any] = {}  # seq -> source item, until accounted for
+        self._inflight = _Ledger()  # seq -> source item, until accounted for
         self._meta: Dict[int, _Item] = {}  # seq -> its accounting, for the few that need one
-        self._done: Dict[int, list] = {}  # ordered: finished seqs waiting for their turn
+        self._done: Dict[int, tuple] = {}  # ordered: first seq -> (seqs, values) finished, waiting for their turn
         self._retry: Deque[int] = deque()
         self._next_seq = 0
         self._next_emit = 0
@@ -187,7 +293,9 @@ class Pipeline:
         self._stop = False
         self._feeder: Optional[threading.Thread] = None
         self._fates = [0] * 6  # index: a hole reason; 0: with output
-        self._outputs = 0
+        self._outputs = 0  # values handed to the caller, the whole of the batch being handed included
+        self._handing: Optional[tuple] = None  # that batch: (its iterator, whose length hint is the values not yet taken; the list)
+        self._small_source = False  # the source's items pickle small (sampled): the window may grow
         self._dups = 0
         self._started = 0.0
         self._suspect = False
@@ -224,7 +332,8 @@ class Pipeline:
             raise ValueError(f"'retries' must be an int >= 0, got {retries!r}")
         if not isinstance(backoff, (int, float)) or backoff < 0:
             raise ValueError(f"'backoff' must be a number >= 0, got {backoff!r}")
-        if max_in_flight is None:
+        auto = max_in_flight is None
+        if auto:
             max_in_flight = max(DEFAULT_MAX_IN_FLIGHT, 4 * workers)
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < workers:
             raise ValueError(f"'max_in_flight' must be an int >= workers ({workers}), got {max_in_flight!r}")
@@ -233,7 +342,9 @@ class Pipeline:
         held = take * spm * (batch_size if kind == "batch" else 1)
         label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
         spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
-        self._stages.append(_Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method))
+        stage = _Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method)
+        stage.auto = auto and kind == "map"
+        self._stages.append(stage)
         if kind == "batch":
             self._seqs_per_msg = spm * batch_size
         return self
@@ -339,7 +450,10 @@ class Pipeline:
         if self._gen is not None or self._state != "new":
             raise ValueError("a pipeline runs once")
         self._gen = self._run()
-        return self._gen
+        # _run yields batches of outputs; chain hands their values out with
+        # no Python step per value (statistics() counts them exactly through
+        # the batch iterator's length hint)
+        return itertools.chain.from_iterable(self._gen)
 
     def run(self, sink: Optional[Callable[[Any], Any]] = None) -> int:
         """Run the pipeline to its end, calling ``sink(out)`` for every output
@@ -412,13 +526,21 @@ class Pipeline:
         s.procs[i] = p
 
     def _feed(self) -> None:
-        """The feeder thread: source items (and items to retry) into q[0],
-        up to _FEED_RUN at a time (one lock round and one put_many)."""
+        """The feeder thread: source items (and items to retry) into q[0].
+
+        It takes ``run`` source items at once (one lock round, one put_many),
+        as CHUNKs of ``self._chunk`` while stage 0 takes them (see
+        _tune_chunks).  ``run`` doubles while the source gives its items
+        at once and drops back to 1 when the source made it wait: a sparse
+        stream's items leave one by one, as soon as each is made."""
         q0 = self._queues[0]
         cond = self._cond
         it = iter(self._source)
-        inflight = self._inflight
-        DATA = W.DATA
+        ledger = self._inflight
+        DATA, CHUNK = W.DATA, W.CHUNK
+        perf = time.perf_counter
+        run = 1
+        fed = 0
         try:
             while not self._stop:
                 msgs: list = []
@@ -426,7 +548,7 @@ class Pipeline:
                     while not self._stop:
                         while self._retry and len(msgs) < _FEED_RUN:
                             seq = self._retry.popleft()
-                            item = inflight.get(seq, _MISSING)
+                            item = ledger.get(seq, _MISSING)
                             if item is not _MISSING:
                                 msgs.append((DATA, seq, item))
                         room = 0 if self._exhausted else self._room()
@@ -437,23 +559,38 @@ class Pipeline:
                         return
                     self._feeding = True
                 if not msgs:
-                    free = q0.maxsize - q0.qsize()
-                    items = list(itertools.islice(it, max(1, min(room, free, _FEED_RUN))))
+                    chunk = self._chunk
+                    free = max(1, q0.maxsize - q0.qsize())
+                    want = max(1, min(room, run, free * chunk))
+                    t0 = perf()
+                    items = list(itertools.islice(it, want))
+                    if perf() - t0 > _SPARSE_SECONDS:
+                        run = 1
+                    elif len(items) == want:
+                        run = min(2 * run, max(_FEED_RUN, 4 * chunk))
+                    if fed % 16 == 0 and items:
+                        self._small_source = _pickles_small(items)
+                    fed += 1
                     with cond:
                         if not items:
                             self._exhausted = True
-                        first = seq = self._next_seq
-                        for item in items:
-                            inflight[seq] = item
-                            seq += 1
-                        self._next_seq = seq
-                    if len(items) > 1 and self._chunk > 1:
-                        # runs of consecutive items in one message (a map
-                        # stage passes them on as one; others split them)
-                        for k in range(0, len(items), self._chunk):
-                            msgs.append((W.CHUNK, first + k, items[k : k + self._chunk]))
-                    else:
-                        msgs = [(DATA, first + k, item) for k, item in enumerate(items)]
+                        first = self._next_seq
+                        self._next_seq = first + len(items)
+                        if len(items) > 1 and chunk > 1:
+                            # runs of consecutive items in one message (a map
+                            # stage passes them on as one; others split them)
+                            for k in range(0, len(items), chunk):
+                                part = items[k : k + chunk] if len(items) > chunk else items
+                                if len(part) > 1:
+                                    ledger.add_run(first + k, part)
+                                    msgs.append((CHUNK, first + k, part))
+                                else:
+                                    ledger.add(first + k, part[0])
+                                    msgs.append((DATA, first + k, part[0]))
+                        else:
+                            for k, item in enumerate(items):
+                                ledger.add(first + k, item)
+                                msgs.append((DATA, first + k, item))
                 self._put_all(q0, msgs)
                 self._feeding = False
         except BaseException as exc:  # the source raised
@@ -477,11 +614,13 @@ class Pipeline:
         """How many more source items the window admits now."""
         if self._ordered:
             return max(0, self._window - (self._next_seq - self._next_emit))
-        return max(0, self._window - len(self._inflight))
+        return max(0, self._window - self._inflight.count)
 
-    def _run(self) -> Iterator[Any]:
+    def _run(self) -> Iterator[Iterator[Any]]:
+        """The run: yields iterators over batches of outputs (see __iter__)."""
         self._start()
         out = self._queues[-1]
+        ledger = self._inflight
         last_check = time.monotonic()
         finished = False
         try:
@@ -497,55 +636,71 @@ class Pipeline:
                             for m in msgs:
                                 self._receive(m, emit)
                         else:
-                            # the common case inline: a whole item's value
-                            inflight = self._inflight
+                            # the common case inline: whole items' values,
+                            # a run fed as one CHUNK and back whole at once
                             done = 0
                             for m in msgs:
                                 kind = m[0]
-                                if kind == _DATA and type(m[1]) is int:
-                                    if inflight.pop(m[1], _MISSING) is _MISSING:
-                                        self._dups += 1
-                                    else:
-                                        done += 1
-                                        emit.append(m[2])
-                                elif kind == _CHUNK:
+                                if kind == _CHUNK:
+                                    values = m[2]
+                                    if ledger.pop_run(m[1], len(values)):
+                                        done += len(values)
+                                        emit.extend(values)
+                                        continue
                                     seq = m[1]
-                                    for v in m[2]:
-                                        if inflight.pop(seq, _MISSING) is _MISSING:
+                                    for v in values:
+                                        if ledger.pop(seq, _MISSING) is _MISSING:
                                             self._dups += 1
                                         else:
                                             done += 1
                                             emit.append(v)
                                         seq += 1
+                                elif kind == _DATA and type(m[1]) is int:
+                                    if ledger.pop(m[1], _MISSING) is _MISSING:
+                                        self._dups += 1
+                                    else:
+                                        done += 1
+                                        emit.append(m[2])
                                 else:
                                     self._receive(m, emit)
                             self._fates[0] += done
                         self._cond.notify()
                     self._stall_since = None
-                    for v in emit:
-                        self._outputs += 1
-                        yield v
+                    if emit:
+                        yield self._hand(emit)
                 now = time.monotonic()
                 if now - last_check >= _CHECK_EVERY:
                     last_check = now
                     self._supervise(now)
-                    while self._late:
-                        self._outputs += 1
-                        yield self._late.pop(0)
+                    if self._late:
+                        late, self._late = self._late, []
+                        yield self._hand(late)
                 if self._error is not None:
                     raise self._error
                 if self._feed_error is not None:
                     raise self._feed_error
-                if self._exhausted and not self._inflight and not self._done and not self._feeding:
+                if self._exhausted and not ledger.count and not self._done and not self._feeding:
                     break
             finished = True
         finally:
+            if self._handing is not None:  # stopped with a batch not all taken: the rest is not handed
+                it, values = self._handing
+                self._outputs -= it.__length_hint__()
+                values.clear()
+                self._handing = None
             self._shutdown(graceful=finished)
             if getattr(self, "_last_progress", 0.0):
                 self._last_progress = time.monotonic()
                 sys.stderr.write("\n")  # keep the last progress line
             if self._state == "running":
                 self._state = "done"
+
+    def _hand(self, values: list) -> Iterator[Any]:
+        """An iterator over ``values`` for the caller, counted as outputs."""
+        self._outputs += len(values)
+        it = iter(values)
+        self._handing = (it, values)
+        return it
 
     # -- accounting -------------------------------------------------------------
     def _receive(self, msg: tuple, emit: list) -> None:
@@ -555,6 +710,15 @@ class Pipeline:
                 self._error = _rebuild(value)
             return
         if kind == W.CHUNK:
+            n = len(value)
+            if self._inflight.pop_run(tags, n):  # a whole run, none of it seen before
+                self._fates[0] += n
+                if self._ordered:
+                    self._done[tags] = (n, value)
+                    self._release(emit)
+                else:
+                    emit.extend(value)
+                return
             for k, v in enumerate(value):
                 self._receive((W.DATA, tags + k, v), emit)
             return
@@ -600,7 +764,7 @@ class Pipeline:
         return rec
 
     def _complete(self, seq: int, emit: list) -> None:
-        del self._inflight[seq]
+        self._inflight.pop(seq, None)
         rec = self._meta.pop(seq)
         self._fates[0 if rec.has_data else rec.reason] += 1
         if not self._ordered:
@@ -608,11 +772,18 @@ class Pipeline:
         parts = rec.parts or []
         if len(parts) > 1:
             parts.sort(key=lambda p: p[0])
-        self._done[seq] = parts
+        self._done[seq] = (1, [v for _, v in parts])
+        self._release(emit)
+
+    def _release(self, emit: list) -> None:
+        """Ordered: move the finished items next in source order to ``emit``."""
         done = self._done
-        while self._next_emit in done:
-            emit.extend(v for _, v in done.pop(self._next_emit))
-            self._next_emit += 1
+        nxt = self._next_emit
+        while nxt in done:
+            n, values = done.pop(nxt)
+            emit.extend(values)
+            nxt += n
+        self._next_emit = nxt
 
     def _give_up(self, seq: int, stage: _Stage, reason: str) -> None:
         """An item crashed its workers too often: treat it by the stage's on_error."""
@@ -629,7 +800,7 @@ class Pipeline:
             return
         if mode == "dead-letter":
             assert self._deadq is not None
-            letter = DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
+            letter = DeadLetter(self._inflight.get(seq), stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
             if not self._post(letter):
                 return
             why = W.DEAD
@@ -688,10 +859,15 @@ class Pipeline:
                     # A worker records which of the items it holds is in fn:
                     # only that one is charged an attempt; the others are fed
                     # again free.  (-1: it cannot tell; every one is charged.)
+                    # A run (a CHUNK) in fn does not record which of its
+                    # items is (see _Worker.map_chunk): none is charged, and
+                    # all are fed again one by one, so that a next crash
+                    # tells the culprit.
                     cur = row[W.S_CURRENT]
                     culprit = None
                     if 0 <= cur < len(pairs) // 2:
-                        culprit = pairs[2 * cur] + (row[W.S_SUB] if pairs[2 * cur + 1] > 1 else 0)
+                        count, sub = pairs[2 * cur + 1], row[W.S_SUB]
+                        culprit = pairs[2 * cur] + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
                     s.crashes += 1
@@ -710,19 +886,32 @@ class Pipeline:
     def _tune_chunks(self) -> None:
         """Runs of cheap items travel as one CHUNK message (one pickle, one
         record), but a slow stage must get items one by one so that all its
-        workers share them.  Per stage: the longest CHUNK it gets, from its
-        measured time per item -- none while unmeasured (8 items) or slow,
-        the stage's take while below _CHEAP_NS.  Stage k-1's workers
-        read stage k's value from their rows; the feeder uses stage 0's."""
-        limits = []
-        for s in self._stages:
+        workers share them.  Per stage, from its measured time per item: none
+        while unmeasured (8 items) or slow; while below _CHEAP_NS, CHUNKs of
+        up to ``max_in_flight // (2 * workers)`` items (at most _MAX_CHUNK).
+        While every stage is cheap and the source's items small, a stage
+        whose max_in_flight was not given doubles it (up to
+        _AUTO_MAX_IN_FLIGHT); back to its default once not.  A run keeps its
+        boundaries through a row of cheap stages (the smallest of their
+        CHUNKs), so that it reaches the parent whole.  Stage k-1's workers
+        read stage k's length from their rows; the feeder uses stage 0's."""
+        stages = self._stages
+        cheap = []
+        for s in stages:
             items = s.total(W.S_IN)
-            cheap = s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
-            s.chunk = s.spec.take if cheap else 1
-            limits.append(s.chunk)
-        limits.append(1 << 30)  # the parent takes anything
+            cheap.append(s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items)
+        grow = all(cheap) and self._small_source
+        for s, c in zip(stages, cheap):
+            if s.auto:
+                s.max_in_flight = min(_AUTO_MAX_IN_FLIGHT, 2 * s.max_in_flight) if grow else s.base_max_in_flight
+            s.chunk = max(1, min(_MAX_CHUNK, s.max_in_flight // (2 * s.workers))) if c else 1
+        self._window = sum(s.max_in_flight for s in stages)
+        limits = [1] * len(stages) + [1 << 30]  # the parent takes anything
+        for k in range(len(stages) - 1, -1, -1):
+            c = stages[k].chunk
+            limits[k] = min(c, limits[k + 1]) if c > 1 and limits[k + 1] > 1 else c
         self._chunk = limits[0]
-        for k, s in enumerate(self._stages):
+        for k, s in enumerate(stages):
             for i in range(s.workers):
                 s.words[i * s.width + W.S_CHUNK_OUT] = limits[k + 1]
 
@@ -730,7 +919,7 @@ class Pipeline:
         """After a crash: items in flight with every queue empty and every
         worker idle for a while were lost by a worker killed between taking
         and recording them.  Feed them again."""
-        if not self._inflight:
+        if not self._inflight.count:
             self._suspect = False
             return
         idle = (
@@ -748,7 +937,7 @@ class Pipeline:
         if now - self._stall_since < _STALL_SECONDS:
             return
         self._stall_since = None
-        for seq in list(self._inflight):
+        for seq in self._inflight.seqs():
             self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
 
     def _show_progress(self, now: float) -> None:
@@ -838,14 +1027,14 @@ class Pipeline:
         return PipelineStatistics(
             stages=tuple(stages),
             source_items=self._next_seq,
-            outputs=self._outputs,
+            outputs=self._outputs - (self._handing[0].__length_hint__() if self._handing is not None else 0),
             with_output=f[0],
             filtered=f[W.FILTERED],
             skipped=f[W.SKIPPED],
             dead_letters=f[W.DEAD],
             empty=f[W.EMPTY],
             merged=f[W.MERGED],
-            in_flight=len(self._inflight),
+            in_flight=self._inflight.count,
             crash_retries=sum(s.crash_retries for s in self._stages),
             duplicates_dropped=self._dups,
             elapsed_seconds=elapsed,
