@@ -219,7 +219,7 @@ def test_ordered_runs_killed_keep_the_order(tmp_path):
 
 def test_cheap_items_grow_the_window_and_runs():
     """max_in_flight not given, every stage cheap, small items: the window
-    grows (up to 4096 per stage) and runs get long; a given max_in_flight
+    grows (to 16384 per stage) and runs get long; a given max_in_flight
     stays as given."""
     from shmq.pipeline import _AUTO_MAX_IN_FLIGHT
 
