@@ -143,11 +143,11 @@ class _Item:
 class _Ledger:
     """The source items in flight (taken, not yet accounted for), by seq.
 
-    A run of items fed as one CHUNK stays one entry (``runs[first]``) until
-    something needs its items one by one -- a result that does not cover the
-    run exactly, a crash, a retry -- which *splits* it into ``items``.  So
-    the parent's work per item is a few C-level list operations while runs
-    come back whole: the pipeline's throughput for cheap items depends on it.
+    A run of items fed as one CHUNK stays one entry (``runs[first]``): a
+    result covering part of it cuts that part out (the rest stays runs), and
+    only a crash splits a run into single ``items``.  So the parent's work
+    per item is a few C-level list operations while results come back in
+    runs: the pipeline's throughput for cheap items depends on it.
     """
 
     __slots__ = ("items", "runs", "starts", "count")
@@ -155,7 +155,7 @@ class _Ledger:
     def __init__(self) -> None:
         self.items: Dict[int, Any] = {}  # seq -> source item
         self.runs: Dict[int, list] = {}  # first seq -> the run's source items
-        self.starts: List[int] = []  # firsts of runs, increasing (some may be gone from runs)
+        self.starts: List[int] = []  # firsts of runs, sorted (some may be gone from runs)
         self.count = 0
 
     def __len__(self) -> int:
@@ -167,51 +167,88 @@ class _Ledger:
 
     def add_run(self, first: int, items: list) -> None:
         self.runs[first] = items
-        self.starts.append(first)  # runs are made in source order: stays sorted
+        self.starts.append(first)  # new runs come in source order: stays sorted
         self.count += len(items)
 
-    def pop_run(self, first: int, n: int) -> bool:
-        """Account for the run ``first`` if it is exactly ``n`` items long."""
+    def _find(self, seq: int) -> Optional[tuple]:
+        """``(first, run)`` of the run holding ``seq``, or None.  (Only the
+        rightmost start <= seq can be it: live runs never overlap, and a
+        start left behind inside a live run would be that run's own.)"""
+        i = bisect.bisect_right(self.starts, seq) - 1
+        if i < 0:
+            return None
+        first = self.starts[i]
         run = self.runs.get(first)
-        if run is None or len(run) != n:
+        if run is None or seq >= first + len(run):
+            return None
+        return first, run
+
+    def pop_run(self, first: int, n: int) -> bool:
+        """Account for the ``n`` items from ``first`` if one run holds them
+        all (the common case: a whole run, back as it was fed)."""
+        run = self.runs.get(first)
+        if run is not None and len(run) == n:
+            del self.runs[first]
+            self.count -= n
+        elif self.cut(first, n) is None:
             return False
-        del self.runs[first]
-        self.count -= n
         if len(self.starts) > 2 * len(self.runs) + 64:
             self.starts = sorted(self.runs)
         return True
 
+    def cut(self, first: int, n: int) -> Optional[list]:
+        """Take the ``n`` items from ``first`` out of the run holding them
+        all (what is left of it stays runs); None if no run does."""
+        found = self._find(first)
+        if found is None:
+            return None
+        start, run = found
+        lo = first - start
+        hi = lo + n
+        if hi > len(run):
+            return None
+        if lo == 0 and hi == len(run):
+            del self.runs[start]
+            self.count -= n
+            return run
+        taken = run[lo:hi]
+        if lo:
+            self.runs[start] = run[:lo]
+        else:
+            del self.runs[start]
+        if hi < len(run):
+            self.runs[first + n] = run[hi:]
+            bisect.insort(self.starts, first + n)
+        self.count -= n
+        return taken
+
     def split(self, seq: int) -> bool:
-        """Split the run holding ``seq`` into single items; False if none does.
-        (The rightmost start <= seq is the only candidate: runs never overlap
-        and a later run starts after every seq of the earlier ones.)"""
-        i = bisect.bisect_right(self.starts, seq) - 1
-        if i < 0:
+        """Split the run holding ``seq`` into single items; False if none does."""
+        found = self._find(seq)
+        if found is None:
             return False
-        first = self.starts[i]
-        run = self.runs.get(first)
-        if run is None or seq >= first + len(run):
-            return False
+        first, run = found
         del self.runs[first]
         self.items.update(zip(range(first, first + len(run)), run))
         return True
 
     def __contains__(self, seq: int) -> bool:
-        return seq in self.items or self.split(seq)
+        return seq in self.items or self._find(seq) is not None
 
     def get(self, seq: int, default: Any = None) -> Any:
-        if seq in self:
-            return self.items[seq]
-        return default
+        item = self.items.get(seq, _MISSING)
+        if item is not _MISSING:
+            return item
+        found = self._find(seq)
+        return default if found is None else found[1][seq - found[0]]
 
     def pop(self, seq: int, default: Any) -> Any:
         item = self.items.pop(seq, _MISSING)
-        if item is _MISSING:
-            if not self.split(seq):
-                return default
-            item = self.items.pop(seq)
-        self.count -= 1
-        return item
+        if item is not _MISSING:
+            self.count -= 1
+            return item
+        taken = self.cut(seq, 1)
+        return default if taken is None else taken[0]
 
     def seqs(self) -> List[int]:
         """Every seq in flight (splitting every run)."""
@@ -284,7 +321,8 @@ class Pipeline:
         self._inflight = _Ledger()  # seq -> source item, until accounted for
         self._meta: Dict[int, _Item] = {}  # seq -> its accounting, for the few that need one
         self._done: Dict[int, tuple] = {}  # ordered: first seq -> (seqs, values) finished, waiting for their turn
-        self._retry: Deque[int] = deque()
+        self._retry: Deque[int] = deque()  # seqs to feed again, one by one
+        self._retry_runs: Deque[tuple] = deque()  # (first, count): runs to feed again whole
         self._next_seq = 0
         self._next_emit = 0
         self._exhausted = False
@@ -547,6 +585,16 @@ class Pipeline:
                 msgs: list = []
                 with cond:
                     while not self._stop:
+                        while self._retry_runs and len(msgs) < _FEED_RUN:
+                            first, n = self._retry_runs.popleft()
+                            whole = ledger.runs.get(first)
+                            if whole is not None and len(whole) == n:
+                                msgs.append((CHUNK, first, whole))
+                                continue
+                            for seq in range(first, first + n):  # (partly accounted for meanwhile)
+                                item = ledger.get(seq, _MISSING)
+                                if item is not _MISSING:
+                                    msgs.append((DATA, seq, item))
                         while self._retry and len(msgs) < _FEED_RUN:
                             seq = self._retry.popleft()
                             item = ledger.get(seq, _MISSING)
@@ -858,26 +906,41 @@ class Pipeline:
                         continue
                     row = s.row(i)
                     pairs = list(row[W.S_HELD : W.S_HELD + 2 * row[W.S_HELD_N]]) if row[W.S_STATE] else []
-                    held = [first + k for first, n in zip(pairs[::2], pairs[1::2]) for k in range(n)]
-                    # A worker records which of the items it holds is in fn:
-                    # only that one is charged an attempt; the others are fed
-                    # again free.  (-1: it cannot tell; every one is charged.)
-                    # A run (a CHUNK) in fn does not record which of its
-                    # items is (see _Worker.map_chunk): none is charged, and
-                    # all are fed again one by one, so that a next crash
-                    # tells the culprit.
+                    ranges = list(zip(pairs[::2], pairs[1::2]))
+                    # A worker records which of the (first seq, count) ranges
+                    # it holds is in fn (S_CURRENT; -1: it cannot tell, every
+                    # item is charged an attempt), and which item of that
+                    # range (S_SUB).  Only that item is charged; the others
+                    # are fed again free: a run not in fn as the run it was,
+                    # so the stage still gets it as one message.  A run in fn
+                    # whose item is unknown (S_SUB -1: see
+                    # _Worker.map_chunk) charges none, and its items are fed
+                    # again one by one, so that a next crash tells the culprit.
                     cur = row[W.S_CURRENT]
-                    culprit = None
-                    if 0 <= cur < len(pairs) // 2:
-                        count, sub = pairs[2 * cur + 1], row[W.S_SUB]
-                        culprit = pairs[2 * cur] + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
+                    culprit = in_fn = None
+                    if 0 <= cur < len(ranges):
+                        in_fn = cur
+                        first, count = ranges[cur]
+                        sub = row[W.S_SUB]
+                        culprit = first + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
                     s.crashes += 1
                     self._suspect = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
-                    for seq in dict.fromkeys(held):
-                        self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
+                    runs = self._inflight.runs
+                    seen: set = set()
+                    for j, (first, count) in enumerate(ranges):
+                        run = runs.get(first)
+                        if count > 1 and j != in_fn and culprit is not None and run is not None and len(run) == count:
+                            s.crash_retries += count
+                            self._retry_runs.append((first, count))
+                            continue
+                        for seq in range(first, first + count):
+                            if seq not in seen:
+                                seen.add(seq)
+                                self._inflight.split(seq)  # (its items go one by one from now on)
+                                self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
@@ -928,6 +991,7 @@ class Pipeline:
         idle = (
             not self._feeding
             and not self._retry
+            and not self._retry_runs
             and all(q.qsize() == 0 for q in self._queues)
             and all(s.total(W.S_STATE) == 0 for s in self._stages)
         )

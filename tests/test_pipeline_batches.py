@@ -265,3 +265,48 @@ def test_sparse_source_items_are_not_held_back():
     latencies.sort()
     assert len(latencies) == 15
     assert latencies[7] < 0.1, latencies  # median; a run of 15 would wait 0.3 s
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ledger_against_a_dict(seed):
+    """The parent's ledger of items in flight (runs cut and split at random)
+    agrees with a plain dict seq -> item at every step."""
+    import random
+
+    from shmq.pipeline import _MISSING, _Ledger
+
+    rng = random.Random(seed)
+    ledger, model = _Ledger(), {}
+    nxt = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.2:  # a new run, or a single item
+            n = rng.choice([1, 2, 5, 64])
+            items = [f"i{nxt + k}" for k in range(n)]
+            if n == 1:
+                ledger.add(nxt, items[0])
+            else:
+                ledger.add_run(nxt, items)
+            model.update(zip(range(nxt, nxt + n), items))
+            nxt += n
+        elif op < 0.5 and nxt:  # a result for a range: accounted only if one run holds it all
+            first = rng.randrange(nxt)
+            n = rng.randint(1, 8)
+            whole = all(first + k in model for k in range(n))
+            ok = ledger.pop_run(first, n)
+            if ok:
+                assert whole
+                for k in range(n):
+                    del model[first + k]
+        elif op < 0.8 and nxt:
+            seq = rng.randrange(nxt)
+            assert ledger.pop(seq, _MISSING) == model.pop(seq, _MISSING)
+        elif op < 0.9 and nxt:
+            seq = rng.randrange(nxt)
+            assert ledger.split(seq) in (True, False)
+        elif nxt:
+            seq = rng.randrange(nxt)
+            assert (seq in ledger) == (seq in model)
+            assert ledger.get(seq, _MISSING) == model.get(seq, _MISSING)
+        assert len(ledger) == len(model)
+    assert sorted(ledger.seqs()) == sorted(model)
