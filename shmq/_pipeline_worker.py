@@ -60,7 +60,8 @@ S_PID = 10
 S_CURRENT = 11  # index of the held range in fn now (-1: charge every held item)
 S_SUB = 12  # index in that range of the item in fn now (a CHUNK's element; -1: not recorded)
 S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (<= 1: none)
-S_HELD = 14  # the held items: (first seq, count) pairs
+S_PUT = 14  # items put on the next queue, as the next stage's S_IN counts them (a run: its length; else 1)
+S_HELD = 15  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
 
 INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
@@ -452,12 +453,14 @@ class _Worker:
                     take_now = min(take, 2 * take_now)
                 else:
                     take_now = min(take, 4) if per_item < 200_000 else 1
-                n_data = 0
+                n_data = n_put = 0
                 for o in out:
                     if o[0] == DATA:
                         n_data += 1
                     elif o[0] == CHUNK:
                         n_data += len(o[2])
+                        n_put += len(o[2]) - 1
+                n_put += len(out)
                 try:
                     if len(out) == 1:
                         self.send(outq, out[0])
@@ -466,6 +469,7 @@ class _Worker:
                 except Exception:
                     self.put_each(out)
                 row[S_OUT] += n_data
+                row[S_PUT] += n_put
                 row[S_STATE] = 0
             if ended:
                 return
@@ -486,6 +490,7 @@ class _Worker:
             if values:
                 self.send(outq, (DATA, list(tags), list(values)))
                 row[S_OUT] += 1
+                row[S_PUT] += 1
             tags.clear()
             values.clear()
             pending.clear()
@@ -508,6 +513,7 @@ class _Worker:
             elif msg[0] != DATA:
                 row[S_IN] += 1
                 self.send(outq, msg)
+                row[S_PUT] += 1
                 continue
             else:
                 parts = [msg]

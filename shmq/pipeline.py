@@ -37,6 +37,7 @@ Crash recovery (at-least-once, deduplicated)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import multiprocessing as mp
 import os
@@ -52,6 +53,7 @@ from ._errors import Empty, Full, RemoteError, WorkerDied
 from ._pipeline_stats import PipelineStatistics, StageStatistics
 from ._pipeline_worker import DeadLetter
 from .queue import Queue
+from .topic import Latest
 
 __all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
 
@@ -76,6 +78,8 @@ DEFAULT_MAX_IN_FLIGHT = 128
 DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
 _FEED_RUN = 64  # source items taken and put at once, at most, unless in CHUNKs (then 4 CHUNKs)
 _TAKE_MAX = 64  # messages a worker takes at once, at most
+_BOARD_EVERY = 0.25  # seconds between statistics published on the board (for shmq ls/stat/top)
+_BOARD_CAPACITY_BYTES = 256 << 10
 _SPARSE_SECONDS = 0.001  # the source made the feeder wait this long: it sends items one by one
 #: While every stage is a map of cheap items (< _CHEAP_NS each) and the
 #: source's items pickle to at most _SMALL_ITEM_BYTES, a stage whose
@@ -332,6 +336,7 @@ class Pipeline:
         self._stop = False
         self._feeder: Optional[threading.Thread] = None
         self._fates = [0] * 6  # index: a hole reason; 0: with output
+        self._fed_items = 0  # items put on stage 0's queue (as its workers' S_IN counts them)
         self._outputs = 0  # values handed to the caller, the whole of the batch being handed included
         self._handing: Optional[tuple] = None  # that batch: (its iterator, whose length hint is the values not yet taken; the list)
         self._small_source = False  # the source's items pickle small (sampled): the window may grow
@@ -340,6 +345,9 @@ class Pipeline:
         self._suspect = False
         self._stall_since: Optional[float] = None
         self._late: List[Any] = []
+        self._board: Optional[Latest] = None  # the statistics for shmq ls/stat/top (see name)
+        self._board_at = 0.0
+        self._board_name: Optional[str] = None
         self._dead_by_stage: Dict[str, int] = {}  # ordered outputs released by a give-up in _supervise
 
     # -- building --------------------------------------------------------------
@@ -470,6 +478,22 @@ class Pipeline:
         own source position; any other iterable is split like a flat_map."""
         return self._add("unbatch", None, 1, False, max_in_flight, None, "raise", 0, 0.0, None, name)
 
+    #: ``kind`` of the value on a pipeline's board (how ``shmq`` tells it from other Latests).
+    BOARD_KIND = "shmq.pipeline"
+
+    @property
+    def name(self) -> Optional[str]:
+        """The name of the pipeline's *board* (None before it starts): a
+        :class:`shmq.Latest` where the running pipeline puts its statistics
+        every 0.25 s as a dict (``"kind": "shmq.pipeline"``, ``"statistics"``:
+        :meth:`statistics` as a dict, each stage with ``max_in_flight``,
+        ``busy_seconds``, ``workers_alive`` and its input ``queue``).
+        ``shmq ls`` shows it as a pipeline with a row per stage,
+        ``shmq stat NAME`` its stages, ``shmq top`` a row per stage with
+        items in/out per second, fill and busy fraction.  Removed when the
+        pipeline stops."""
+        return self._board_name
+
     # -- the dead letters ---------------------------------------------------------
     @property
     def dead_letters(self) -> Queue:
@@ -535,6 +559,8 @@ class Pipeline:
         self._chunk = 1  # items per CHUNK message into stage 0 (see _tune_chunks)
         self.dead_letters  # made now: its name is known before the first item
         try:
+            self._board = Latest(_BOARD_CAPACITY_BYTES)
+            self._board_name = self._board.name
             for s in self._stages:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
                 self._queues.append(Queue(qsize))
@@ -552,6 +578,7 @@ class Pipeline:
             raise
         self._feeder = threading.Thread(target=self._feed, name="shmq-pipeline-feeder", daemon=True)
         self._feeder.start()
+        self._publish(time.monotonic())
 
     def _spawn(self, k: int, i: int) -> None:
         s = self._stages[k]
@@ -655,6 +682,7 @@ class Pipeline:
                     # Full part-way: the puts before it stay, and are put
                     # again below; the parent drops the second results.
                     q0.put_many(msgs, timeout=0.5)
+                self._fed_items += sum(len(m[2]) if m[0] == _CHUNK else 1 for m in msgs)
                 return
             except Full:
                 continue
@@ -946,8 +974,40 @@ class Pipeline:
                 self._look_for_lost(now)
             self._tune_chunks()
             self._cond.notify()
+        if now - self._board_at >= _BOARD_EVERY:
+            self._publish(now)
         if self._progress:
             self._show_progress(now)
+
+    def _publish(self, now: float) -> None:
+        """Put the statistics on the board (see :attr:`name`)."""
+        board = self._board
+        if board is None:
+            return
+        self._board_at = now
+        st = self.statistics()
+        stages = []
+        for k, (s, x) in enumerate(zip(self._stages, st.stages)):
+            d = dataclasses.asdict(x)
+            d["max_in_flight"] = s.max_in_flight
+            d["busy_seconds"] = s.total(W.S_BUSY_NS) / 1e9 if s.words is not None else 0.0
+            d["workers_alive"] = sum(1 for p in s.procs if p is not None and p.exitcode is None)
+            d["queue"] = self._queues[k].name if k < len(self._queues) else None
+            stages.append(d)
+        value = dataclasses.asdict(st)
+        value["stages"] = stages
+        try:
+            board.set(
+                {
+                    "kind": self.BOARD_KIND,
+                    "pid": os.getpid(),
+                    "taken_at": time.time(),
+                    "dead_letters_queue": self._deadq.name if self._deadq is not None else None,
+                    "statistics": value,
+                }
+            )
+        except Exception:  # (a pipeline of thousands of stages: no board rather than no pipeline)
+            pass
 
     def _tune_chunks(self) -> None:
         """Runs of cheap items travel as one CHUNK message (one pickle, one
@@ -1049,6 +1109,10 @@ class Pipeline:
         for q in self._queues:
             q.close()
         self._queues = []
+        board, self._board = self._board, None
+        if board is not None:
+            board.close()
+            board.unlink()
 
     # -- statistics ---------------------------------------------------------------
     @staticmethod
@@ -1065,6 +1129,7 @@ class Pipeline:
         """A snapshot of the pipeline and of every stage (see the dataclasses)."""
         elapsed = time.monotonic() - self._started if self._started else 0.0
         stages = []
+        put = self._fed_items  # items put on stage k's queue
         for k, s in enumerate(self._stages):
             if s.words is None:
                 stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
@@ -1072,7 +1137,8 @@ class Pipeline:
             t = s.total
             items_in = t(W.S_IN)
             busy = t(W.S_BUSY_NS) / 1e9
-            queued = self._queues[k].qsize() if k < len(self._queues) else 0
+            queued = max(0, put - items_in)  # (counters read one by one: never below 0)
+            put = t(W.S_PUT)
             stages.append(
                 StageStatistics(
                     name=s.spec.name,
