@@ -310,3 +310,39 @@ def test_ledger_against_a_dict(seed):
             assert ledger.get(seq, _MISSING) == model.get(seq, _MISSING)
         assert len(ledger) == len(model)
     assert sorted(ledger.seqs()) == sorted(model)
+
+
+def stuck_at_30000(x):
+    if x == 30_000:
+        time.sleep(1.5)  # the worker holds its runs meanwhile; runs pile up in its queue
+    return x
+
+
+def test_stage_in_flight_counts_items_not_messages():
+    """Cheap stages pass runs (one message, many items).  Each stage's
+    in_flight counts items: while stage 1 is stuck in fn (and the caller has
+    taken every output), the stages' sum is the pipeline's items in flight."""
+    n = 40_000
+    pipe = shmq.Pipeline(range(n), start_method="fork").map(identity, max_in_flight=256).map(stuck_at_30000, max_in_flight=256)
+    got = []
+    with pipe:
+        consumer = threading.Thread(target=lambda: got.extend(pipe), daemon=True)
+        consumer.start()
+        deadline = time.monotonic() + 10
+        settled = stalled = None
+        while time.monotonic() < deadline and consumer.is_alive():
+            st = pipe.statistics()
+            if st.outputs >= 25_000 and settled is not None and settled.outputs == st.outputs:
+                stalled = st  # stage 1 is in fn on item 30000
+                break
+            settled = st
+            time.sleep(0.1)
+        chunk = pipe._chunk
+        consumer.join(10)
+    assert stalled is not None, "the stall was not seen"
+    assert chunk > 1, "no runs"
+    staged = [x.in_flight for x in stalled.stages]
+    in_flight = stalled.in_flight
+    assert in_flight - 2 <= sum(staged) <= in_flight, (staged, in_flight)
+    assert staged[1] > 128, staged  # runs queued for stage 1 and held by it, counted by item
+    assert sorted(got) == list(range(n))
