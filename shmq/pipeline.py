@@ -79,7 +79,7 @@ DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
 _FEED_RUN = 64  # source items taken and put at once, at most, unless in CHUNKs (then 4 CHUNKs)
 _TAKE_MAX = 64  # messages a worker takes at once, at most
 _BOARD_EVERY = 0.25  # seconds between statistics published on the board (for shmq ls/stat/top)
-_BOARD_CAPACITY_BYTES = 256 << 10
+_BOARD_CAPACITY_BYTES = 64 << 10  # (10 stages: 1.7 KB pickled)
 _SPARSE_SECONDS = 0.001  # the source made the feeder wait this long: it sends items one by one
 #: While every stage is a map of cheap items (< _CHEAP_NS each) and the
 #: source's items pickle to at most _SMALL_ITEM_BYTES, a stage whose
