@@ -346,3 +346,41 @@ def test_stage_in_flight_counts_items_not_messages():
     assert in_flight - 2 <= sum(staged) <= in_flight, (staged, in_flight)
     assert staged[1] > 128, staged  # runs queued for stage 1 and held by it, counted by item
     assert sorted(got) == list(range(n))
+
+
+def is_even(x):
+    return x % 2 == 0
+
+
+def pair(x):
+    return [x, -x] if x % 3 else []
+
+
+def sum_list(xs):
+    return [x + 1 for x in xs]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_runs_through_filter_flat_map_and_batches(ordered):
+    """Cheap maps in runs around stages that take items one by one (filter,
+    flat_map, batch/unbatch): same outputs, in order when asked."""
+    n = 60_000
+    pipe = (
+        shmq.Pipeline(range(n), start_method="fork")
+        .map(identity, ordered=ordered)
+        .filter(is_even)
+        .map(identity)
+        .flat_map(pair)
+        .batch(16)
+        .map(sum_list)
+        .unbatch()
+        .map(identity)
+    )
+    with pipe:
+        got = list(pipe)
+        st = pipe.statistics()
+    want = [y + 1 for x in range(n) if x % 2 == 0 for y in pair(x)]
+    assert (got if ordered else sorted(got)) == (want if ordered else sorted(want))
+    assert st.filtered == n // 2 and st.empty == len([x for x in range(0, n, 2) if x % 3 == 0])
+    assert st.outputs == len(want) and st.in_flight == 0
+    assert st.with_output + st.filtered + st.empty + st.merged == n
