@@ -20,8 +20,9 @@ Workloads (one worker process per stage everywhere):
   ``Pool.imap`` and ``ProcessPoolExecutor.map`` (chunksize 1) and pypeln, on
   ``--slow-arrays`` arrays.
 
-Reported: the median rate of ``--repeats`` runs and its ratios to
-``Pool.imap`` with chunksize 1 and with its best chunksize.  The machine may be loaded by other work:
+Reported: the median rate of ``--repeats`` runs (interleaved: every case
+once, then again) and its ratios to ``Pool.imap`` with chunksize 1 and with
+its best chunksize, and the CPU time of all the processes per item (less sensitive to other load than the rate).  The machine may be loaded by other work:
 rates are noisy there; ratios in one run are what to read.
 """
 from __future__ import annotations
@@ -176,14 +177,24 @@ def drop(x):
     pass
 
 
-def median_rate(run: Callable[[], float], n: int, repeats: int) -> Dict[str, float]:
-    rates, peaks = [], []
-    for _ in range(repeats):
-        with PeakRSS() as m:
-            seconds = run()
-        rates.append(n / seconds)
-        peaks.append((m.peak - m.base) / 2**20)
-    return {"rate": statistics.median(rates), "peak_rss_mib": max(peaks)}
+def measure(run: Callable[[], float], n: int) -> Dict[str, float]:
+    """One run: its rate, the parent's peak RSS growth, and the CPU time
+    per item (µs) of every process (this one's threads and the children
+    it waited for: every runner here joins its workers)."""
+    t0 = os.times()
+    with PeakRSS() as m:
+        seconds = run()
+    t1 = os.times()
+    cpu = sum(t1[i] - t0[i] for i in range(4))  # user, system, children's user, children's system
+    return {"rate": n / seconds, "peak_rss_mib": (m.peak - m.base) / 2**20, "cpu_us_per_item": cpu / n * 1e6}
+
+
+def medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    return {
+        "rate": statistics.median(r["rate"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "cpu_us_per_item": statistics.median(r["cpu_us_per_item"] for r in runs),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -239,11 +250,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     }
     if args.json:
         print(json.dumps({"machine": machine}), flush=True)
+    # Repeats interleaved (every case once, then again...): the load of a
+    # shared machine drifts, and each case sees the same drift.
+    runs: List[List[Dict[str, float]]] = [[] for _ in cases]
+    for k in range(r):
+        for (workload, transport, count, run), got in zip(cases, runs):
+            print(f"measuring {workload}: {transport} ({count} items), run {k + 1} of {r}...", file=sys.stderr, flush=True)
+            got.append(measure(run, count))
     results = []
-    for workload, transport, count, run in cases:
-        print(f"measuring {workload}: {transport} ({count} items)...", file=sys.stderr, flush=True)
-        res = median_rate(run, count, r)
-        results.append({"bench": "pipeline", "workload": workload, "transport": transport, "items": count, **res})
+    for (workload, transport, count, _), got in zip(cases, runs):
+        results.append({"bench": "pipeline", "workload": workload, "transport": transport, "items": count, **medians(got)})
         if args.json:
             print(json.dumps(results[-1]), flush=True)
     rate = {(row["workload"], row["transport"]): row["rate"] for row in results}
@@ -258,13 +274,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     print(f"machine: {machine}")
     print(f"tuned baseline: {best['transport']} (best of {', '.join(map(str, chunksizes))})")
-    print("| workload | transport | items | items/s | vs Pool.imap(1) | vs Pool.imap(best) | parent peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | transport | items | items/s | vs Pool.imap(1) | vs Pool.imap(best) | CPU µs/item (all processes) | parent peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in results:
         w = row["workload"]
         print(
             f"| {w} | {row['transport']} | {row['items']:,} | {row['rate']:,.0f} | "
-            f"{row['rate'] / base1[w]:.2f}x | {row['rate'] / best_rate[w]:.2f}x | {row['peak_rss_mib']:.0f} MiB |"
+            f"{row['rate'] / base1[w]:.2f}x | {row['rate'] / best_rate[w]:.2f}x | {row['cpu_us_per_item']:,.2f} | "
+            f"{row['peak_rss_mib']:.0f} MiB |"
         )
     if pl is not None:
         ratio = rate[("arrays", "shmq Pipeline (defaults)")] / rate[("arrays", "pypeln process.map")]

@@ -13,7 +13,9 @@ How it works
     flat_map children included (their weights sum to 1).  Items never go
     through a pipe or through the parent between stages; numpy arrays travel
     through the queues' slot pools.  Runs of cheap items travel as one CHUNK
-    message (see ``_tune_chunks``).
+    message (see ``_tune_chunks``), are accounted for as one entry of the
+    parent's ledger (``_Ledger``) when they come back whole, and reach the
+    caller through ``itertools.chain`` (no Python step per item).
 
 Back-pressure
     Every queue has a ``maxsize``; the feeder also stops at a window of
@@ -28,11 +30,16 @@ Crash recovery (at-least-once, deduplicated)
     workers every 50 ms; a dead one is replaced, and every seq its row holds
     is fed again from the parent's copy of the source item (``attempts`` is
     counted; past ``retries`` it is given up under the stage's
-    ``on_error``).  A worker killed between taking an item and recording it
+    ``on_error``; a run in fn charges none, and its items are fed again one
+    by one).  A worker killed between taking an item and recording it
     loses it from every queue: after a crash the parent watches for a stall
     (every queue empty, every worker idle, items still in flight) and feeds
     those items again.  Results of the first attempt that still arrive are
     dropped by (seq, position), so every output is delivered exactly once.
+
+Seeing it
+    While iterated, the parent puts its statistics on a board (a Latest,
+    ``Pipeline.name``) every 0.25 s, which ``shmq ls/stat/top`` read.
 """
 from __future__ import annotations
 
