@@ -420,8 +420,11 @@ class Pipeline:
         """Add a stage of ``workers`` processes passing on ``fn(item)``.
 
         ``ordered=True``: the pipeline yields in source order.
-        ``max_in_flight``: items the stage holds at most (queued plus being
-        worked on; default ``max(128, 4 * workers)``).  ``init()`` runs once in
+        ``max_in_flight``: the stage's share of the pipeline's window (the
+        feeder keeps at most the sum of the shares in flight) and the size of
+        its queue in messages; default ``max(128, 4 * workers)``, raised to
+        16384 while every stage is a map of cheap items and the items are
+        small (see docs/pipelines.md, "Runs of cheap items").  ``init()`` runs once in
         every worker before its first item.  ``on_error``: ``"raise"`` stops
         the pipeline and re-raises the exception in the caller; ``"skip"``
         drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
