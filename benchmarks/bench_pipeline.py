@@ -6,19 +6,23 @@ Workloads (one worker process per stage everywhere):
 * "trivial": N small ints through ``inc`` then ``double`` (functions that do
   nearly nothing): items/s, i.e. the cost of the plumbing.  Baselines:
   ``multiprocessing.Pool.imap`` chained over two pools with chunksize 1 and
-  with a tuned chunksize, ``ProcessPoolExecutor.map`` chained over two
-  executors, and pypeln ``process.map`` (when installed).
+  with several chunksizes (the best is "tuned"), ``ProcessPoolExecutor.map``
+  chained over two executors (chunksize 1 and 512), and pypeln
+  ``process.map`` (when installed).  The baselines that move one item per
+  message run ``--slow-items`` items (their rate does not depend on N).
 * "faults": "trivial" with 1% of the items raising in stage 1 (under
   ``on_error="dead-letter"``) and one stage-1 worker SIGKILLing itself half
   way: the run must complete with the dead letters holding exactly the
-  failing items; reported with the throughput lost against "trivial".
+  failing items (checked); reported with the throughput lost against "trivial".
 * "arrays": M arrays of 6 MiB through ``decode`` (makes the array) ->
   ``process`` (a new array: ``a + 1``) -> the parent, which reads one
   element: arrays/s and the parent's peak RSS (sampled).  Baselines:
-  ``Pool.imap`` (chunksize 1) and pypeln.
+  ``Pool.imap`` and ``ProcessPoolExecutor.map`` (chunksize 1) and pypeln, on
+  ``--slow-arrays`` arrays.
 
-Reported: the median rate of ``--repeats`` runs and its ratio to
-``Pool.imap`` with chunksize 1.  The machine may be loaded by other work:
+Reported: the median rate of ``--repeats`` runs (interleaved: every case
+once, then again) and its ratios to ``Pool.imap`` with chunksize 1 and with
+its best chunksize, and the CPU time of all the processes per item (less sensitive to other load than the rate).  The machine may be loaded by other work:
 rates are noisy there; ratios in one run are what to read.
 """
 from __future__ import annotations
@@ -77,10 +81,11 @@ def run_faults(n: int, **kw) -> float:
     flag = os.path.join(tempfile.mkdtemp(), "killed")
     KILL_AT[:] = [n // 2, flag]
     t0 = time.perf_counter()
-    outs = set()
+    count = total = 0  # (not a set of the outputs: the parent's memory stays flat)
     with shmq.Pipeline(range(n), start_method="fork").map(inc_or_fail, on_error="dead-letter", **kw).map(double, **kw) as pipe:
         for out in pipe:
-            outs.add(out)
+            count += 1
+            total += out
         seconds = time.perf_counter() - t0
         dead = []
         while not pipe.dead_letters.empty():
@@ -89,7 +94,8 @@ def run_faults(n: int, **kw) -> float:
     failing = [x for x in range(n) if x % 100 == 37]
     assert os.path.exists(flag), "the kill did not happen"
     assert sorted(dead) == failing, "dead letters differ from the failing items"
-    assert outs == {2 * (x + 1) for x in range(n) if x % 100 != 37}, "outputs lost or wrong"
+    # every other item exactly once: their count and sum (outputs are distinct)
+    assert count == n - len(failing) and total == 2 * sum(x + 1 for x in range(n)) - 2 * sum(x + 1 for x in failing), "outputs lost or duplicated"
     assert st.stages[0].crashes == 1 and st.with_output + st.dead_letters == n
     os.unlink(flag)
     return seconds
@@ -171,44 +177,68 @@ def drop(x):
     pass
 
 
-def median_rate(run: Callable[[], float], n: int, repeats: int) -> Dict[str, float]:
-    rates, peaks = [], []
-    for _ in range(repeats):
-        with PeakRSS() as m:
-            seconds = run()
-        rates.append(n / seconds)
-        peaks.append((m.peak - m.base) / 2**20)
-    return {"rate": statistics.median(rates), "peak_rss_mib": max(peaks)}
+def measure(run: Callable[[], float], n: int) -> Dict[str, float]:
+    """One run: its rate, the parent's peak RSS growth, and the CPU time
+    per item (µs) of every process (this one's threads and the children
+    it waited for: every runner here joins its workers)."""
+    t0 = os.times()
+    with PeakRSS() as m:
+        seconds = run()
+    t1 = os.times()
+    cpu = sum(t1[i] - t0[i] for i in range(4))  # user, system, children's user, children's system
+    return {"rate": n / seconds, "peak_rss_mib": (m.peak - m.base) / 2**20, "cpu_us_per_item": cpu / n * 1e6}
+
+
+def medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    return {
+        "rate": statistics.median(r["rate"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "cpu_us_per_item": statistics.median(r["cpu_us_per_item"] for r in runs),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny counts, one repeat: checks the script runs")
     p.add_argument("--json", action="store_true", help="one JSON object per line (first: the machine)")
-    p.add_argument("--items", type=int, default=200_000, help="small items for 'trivial' (default 200000)")
-    p.add_argument("--slow-items", type=int, default=20_000, help="items for the chunksize-1 baselines (default 20000)")
-    p.add_argument("--arrays", type=int, default=400, help="6 MiB arrays for 'arrays' (default 400)")
+    p.add_argument("--items", type=int, default=1_000_000, help="small items for 'trivial' (default 1000000)")
+    p.add_argument(
+        "--slow-items", type=int, default=20_000,
+        help="items for the baselines that move one item per message (chunksize 1, pypeln; default 20000)",
+    )
+    p.add_argument("--arrays", type=int, default=2000, help="6 MiB arrays for 'arrays' (default 2000)")
+    p.add_argument("--slow-arrays", type=int, default=200, help="arrays for Pool.imap and pypeln (default 200)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--chunksize", type=int, default=512, help="the tuned Pool.imap chunksize (default 512)")
+    p.add_argument(
+        "--chunksizes", default="64,512,4096,32768",
+        help="Pool.imap chunksizes tried for 'trivial' (its best is the tuned baseline; default 64,512,4096,32768)",
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.items, args.slow_items, args.arrays, args.repeats = 4000, 2000, 20, 1
+        args.items, args.slow_items, args.arrays, args.slow_arrays, args.repeats = 20_000, 2000, 20, 10, 1
+    chunksizes = [int(c) for c in args.chunksizes.split(",")]
 
-    n, ns, m, r = args.items, args.slow_items, args.arrays, args.repeats
-    cases = [
-        ("trivial", "Pool.imap chunksize=1", ns, lambda: run_pool(inc, double, ns, ints, drop)),
-        ("trivial", f"Pool.imap chunksize={args.chunksize}", n, lambda: run_pool(inc, double, n, ints, drop, args.chunksize)),
-        ("trivial", "ProcessPoolExecutor.map", ns, lambda: run_executor(inc, double, ns, ints, drop)),
-        ("trivial", "shmq Pipeline (defaults)", n, lambda: run_shmq(inc, double, n, ints, drop)),
-        ("trivial", "shmq Pipeline max_in_flight=1024", n, lambda: run_shmq(inc, double, n, ints, drop, max_in_flight=1024)),
-        ("faults", "shmq Pipeline (defaults)", n, lambda: run_faults(n)),
-        ("faults", "shmq Pipeline max_in_flight=1024", n, lambda: run_faults(n, max_in_flight=1024)),
-        ("arrays", "Pool.imap chunksize=1", m, lambda: run_pool(decode, process, m, ints, first_element)),
-        ("arrays", "shmq Pipeline (defaults)", m, lambda: run_shmq(decode, process, m, ints, first_element)),
+    n, ns, m, ms, r = args.items, args.slow_items, args.arrays, args.slow_arrays, args.repeats
+    cases = [("trivial", "Pool.imap chunksize=1", ns, lambda: run_pool(inc, double, ns, ints, drop))]
+    for c in chunksizes:
+        cases.append(("trivial", f"Pool.imap chunksize={c}", n, lambda c=c: run_pool(inc, double, n, ints, drop, c)))
+    cases += [
+        ("trivial", "ProcessPoolExecutor.map chunksize=1", ns, lambda: run_executor(inc, double, ns, ints, drop)),
+        ("trivial", "ProcessPoolExecutor.map chunksize=512", n, lambda: run_executor(inc, double, n, ints, drop, 512)),
     ]
     if pl is not None:
-        cases.insert(3, ("trivial", "pypeln process.map", ns, lambda: run_pypeln(inc, double, ns, ints, drop)))
-        cases.insert(-1, ("arrays", "pypeln process.map", m, lambda: run_pypeln(decode, process, m, ints, first_element)))
+        cases.append(("trivial", "pypeln process.map", ns, lambda: run_pypeln(inc, double, ns, ints, drop)))
+    cases += [
+        ("trivial", "shmq Pipeline (defaults)", n, lambda: run_shmq(inc, double, n, ints, drop)),
+        ("trivial", "shmq Pipeline ordered=True", n, lambda: run_shmq(inc, double, n, ints, drop, ordered=True)),
+        ("trivial", "shmq Pipeline max_in_flight=128", n, lambda: run_shmq(inc, double, n, ints, drop, max_in_flight=128)),
+        ("faults", "shmq Pipeline (defaults)", n, lambda: run_faults(n)),
+        ("arrays", "Pool.imap chunksize=1", ms, lambda: run_pool(decode, process, ms, ints, first_element)),
+        ("arrays", "ProcessPoolExecutor.map chunksize=1", ms, lambda: run_executor(decode, process, ms, ints, first_element)),
+    ]
+    if pl is not None:
+        cases.append(("arrays", "pypeln process.map", ms, lambda: run_pypeln(decode, process, ms, ints, first_element)))
+    cases.append(("arrays", "shmq Pipeline (defaults)", m, lambda: run_shmq(decode, process, m, ints, first_element)))
 
     machine = {
         "python": platform.python_version(),
@@ -220,30 +250,47 @@ def main(argv: Optional[List[str]] = None) -> None:
     }
     if args.json:
         print(json.dumps({"machine": machine}), flush=True)
+    # Repeats interleaved (every case once, then again...): the load of a
+    # shared machine drifts, and each case sees the same drift.
+    runs: List[List[Dict[str, float]]] = [[] for _ in cases]
+    for k in range(r):
+        for (workload, transport, count, run), got in zip(cases, runs):
+            print(f"measuring {workload}: {transport} ({count} items), run {k + 1} of {r}...", file=sys.stderr, flush=True)
+            got.append(measure(run, count))
     results = []
-    for workload, transport, count, run in cases:
-        print(f"measuring {workload}: {transport} ({count} items)...", file=sys.stderr, flush=True)
-        res = median_rate(run, count, r)
-        results.append({"bench": "pipeline", "workload": workload, "transport": transport, "items": count, **res})
+    for (workload, transport, count, _), got in zip(cases, runs):
+        results.append({"bench": "pipeline", "workload": workload, "transport": transport, "items": count, **medians(got)})
         if args.json:
             print(json.dumps(results[-1]), flush=True)
-    base = {row["workload"]: row["rate"] for row in results if row["transport"] == "Pool.imap chunksize=1"}
-    base["faults"] = base["trivial"]
-    if not args.json:
-        print(f"machine: {machine}")
-        print("| workload | transport | items | items/s | vs Pool.imap(1) | parent peak RSS |")
-        print("|---|---|---|---|---|---|")
-        for row in results:
-            ratio = row["rate"] / base[row["workload"]]
-            print(
-                f"| {row['workload']} | {row['transport']} | {row['items']} | {row['rate']:,.0f} | "
-                f"{ratio:.2f}x | {row['peak_rss_mib']:.0f} MiB |"
-            )
-        clean = {r["transport"]: r["rate"] for r in results if r["workload"] == "trivial"}
-        for row in results:
-            if row["workload"] == "faults" and row["transport"] in clean:
-                loss = 1 - row["rate"] / clean[row["transport"]]
-                print(f"faults, {row['transport']}: throughput lost vs trivial: {loss:.0%}")
+    rate = {(row["workload"], row["transport"]): row["rate"] for row in results}
+    # the baselines: Pool.imap with chunksize 1, and with its best chunksize
+    base1 = {w: rate[(w, "Pool.imap chunksize=1")] for w in ("trivial", "arrays")}
+    base1["faults"] = base1["trivial"]
+    pools = [row for row in results if row["workload"] == "trivial" and row["transport"].startswith("Pool.imap chunksize=")]
+    best = max((row for row in pools if row["transport"] != "Pool.imap chunksize=1"), key=lambda row: row["rate"])
+    best_rate = {"trivial": best["rate"], "faults": best["rate"], "arrays": base1["arrays"]}
+    if args.json:
+        print(json.dumps({"bench": "pipeline", "best_pool_imap": best["transport"], "rate": best["rate"]}), flush=True)
+        return
+    print(f"machine: {machine}")
+    print(f"tuned baseline: {best['transport']} (best of {', '.join(map(str, chunksizes))})")
+    print("| workload | transport | items | items/s | vs Pool.imap(1) | vs Pool.imap(best) | CPU µs/item (all processes) | parent peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results:
+        w = row["workload"]
+        print(
+            f"| {w} | {row['transport']} | {row['items']:,} | {row['rate']:,.0f} | "
+            f"{row['rate'] / base1[w]:.2f}x | {row['rate'] / best_rate[w]:.2f}x | {row['cpu_us_per_item']:,.2f} | "
+            f"{row['peak_rss_mib']:.0f} MiB |"
+        )
+    if pl is not None:
+        ratio = rate[("arrays", "shmq Pipeline (defaults)")] / rate[("arrays", "pypeln process.map")]
+        print(f"arrays, shmq vs pypeln: {ratio:.1f}x")
+    loss = 1 - rate[("faults", "shmq Pipeline (defaults)")] / rate[("trivial", "shmq Pipeline (defaults)")]
+    print(
+        "faults (1% of items raising into the dead letters, one stage-1 worker SIGKILLed half way; "
+        f"checked: run complete, dead letters == the failing items): throughput lost vs trivial: {loss:.0%}"
+    )
 
 
 if __name__ == "__main__":

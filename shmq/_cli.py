@@ -11,6 +11,8 @@ Commands::
 
 Every command reads segments read-only by name (it never joins them).  A
 queue's parts (side ring, slot pool, large-item blobs) are shown with it.
+A running ``shmq.Pipeline`` shows as a pipeline (its board: a Latest holding
+its statistics) with a row per stage: items in and out, in flight, busy.
 An error is one line on stderr and exit status 1 (2 for bad usage); a
 segment that cannot be read is one line on stderr, and the command goes on.
 Set SHMQ_DEBUG=1 to see the traceback instead.
@@ -134,17 +136,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
     problems: List[Tuple[str, str]] = []
     infos = ll.list_segments(args.prefix, problems)
     if args.json:
-        _print_json([_as_json(i) for i in infos])
+        listing = []
+        for i in infos:
+            entry = _as_json(i)
+            board = _pipeline_board(i.name) if i.kind == "latest" else None
+            if board:
+                entry["kind"] = "pipeline"
+                entry["pipeline"] = board
+            listing.append(entry)
+        _print_json(listing)
     elif not infos:
         print("no shmq segments" + (f" named {args.prefix}*" if args.prefix else ""))
     else:
         rows = []
         for i in infos:
             alive = sum(p.alive for p in i.participants)
+            board = _pipeline_board(i.name) if i.kind == "latest" else None
             rows.append(
                 [
                     _shown_name(i),
-                    i.kind,
+                    "pipeline" if board else i.kind,
                     _size(i.size_bytes),
                     str(i.creator_pid),
                     "yes" if i.creator_alive else "NO",
@@ -152,9 +163,108 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     f"{alive}/{len(i.participants)}",
                 ]
             )
+            for x in board["statistics"]["stages"] if board else ():
+                procs = f"{x.get('workers_alive', 0)}/{x['workers']}"
+                rows.append([f"  {x['name']}", "stage", "-", "-", "-", "-", procs])
         print(_table(rows, ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS"], right=(2, 3, 5, 6)))
     _report_problems(problems)
     return 0
+
+
+# -- pipelines ----------------------------------------------------------------
+# A running shmq.Pipeline puts its statistics on a *board*: a Latest whose
+# value is a dict with "kind": shmq.Pipeline.BOARD_KIND (see Pipeline.name).
+
+
+def _pipeline_board(name: str) -> Optional[Dict[str, Any]]:
+    """The value on the board ``name`` if it is a pipeline's, else None.
+    (Read through Latest.attach: no participant entry, nothing written.)"""
+    try:
+        latest = shmq.Latest.attach(name)
+    except (OSError, shmq.ShmqError):
+        return None
+    try:
+        value = latest.get()
+    except Exception:
+        return None
+    finally:
+        latest.close()
+    if isinstance(value, dict) and value.get("kind") == shmq.Pipeline.BOARD_KIND:
+        return value
+    return None
+
+
+def _stage_rates(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> List[Optional[Dict[str, float]]]:
+    """Per stage of board value ``after``: items in/out per second and the
+    busy fraction since board value ``before`` (None where unknown)."""
+    out: List[Optional[Dict[str, float]]] = []
+    stages = after["statistics"]["stages"]
+    old = before["statistics"]["stages"] if before else []
+    dt = after["taken_at"] - before["taken_at"] if before else 0.0
+    for k, st in enumerate(stages):
+        if dt <= 0 or k >= len(old) or old[k]["name"] != st["name"] or st["items_in"] < old[k]["items_in"]:
+            out.append(None)
+            continue
+        o = old[k]
+        out.append(
+            {
+                "items_in_per_second": (st["items_in"] - o["items_in"]) / dt,
+                "items_out_per_second": (st["items_out"] - o["items_out"]) / dt,
+                "busy_fraction": min(1.0, max(0.0, (st["busy_seconds"] - o["busy_seconds"]) / (dt * st["workers"]))),
+            }
+        )
+    return out
+
+
+def _pipeline_lines(board: Dict[str, Any], rates: Optional[List[Optional[Dict[str, float]]]] = None) -> List[Tuple[str, str]]:
+    st = board["statistics"]
+    lines = [
+        ("pipeline", f"pid {board['pid']}, running {st['elapsed_seconds']:.1f} s, board updated "
+                     f"{_age(max(0.0, time.time() - board['taken_at']))} ago"),
+        ("items", f"{st['source_items']:,} taken from the source, {st['outputs']:,} outputs, "
+                  f"{st['in_flight']:,} in flight"),
+        ("accounted", f"{st['with_output']:,} with output, {st['filtered']:,} filtered, {st['skipped']:,} skipped, "
+                      f"{st['dead_letters']:,} dead letters, {st['empty']:,} empty, {st['merged']:,} merged"),
+        ("crashes", f"{st['crash_retries']:,} items fed again, {st['duplicates_dropped']:,} duplicates dropped"),
+        ("dead letters", str(board.get("dead_letters_queue"))),
+        ("bottleneck", str(st["bottleneck"])),
+    ]
+    for k, x in enumerate(st["stages"]):
+        r = rates[k] if rates else None
+        rate = (f", {_count(r['items_in_per_second'])} in/s, {_count(r['items_out_per_second'])} out/s, "
+                f"busy {r['busy_fraction']:.0%} now") if r else ""
+        lines.append(
+            ("stages" if k == 0 else "",
+             f"{x['name']} ({x['kind']}, {x.get('workers_alive', x['workers'])}/{x['workers']} workers): "
+             f"{x['items_in']:,} in, {x['items_out']:,} out, {x['in_flight']:,} in flight "
+             f"of {x.get('max_in_flight', 0):,}, busy {x['busy_fraction']:.0%}, "
+             f"{x['seconds_per_item'] * 1e6:,.1f} us/item, {x['retries']:,} retries, {x['crashes']} crashes, "
+             f"{x['dead_letters']:,} dead letters{rate}")
+        )
+    return lines
+
+
+def _stage_entries(info: Any, board: Dict[str, Any], before: Optional[Dict[str, Any]], dead: bool) -> List[Dict[str, Any]]:
+    """``shmq top`` rows for the stages of the pipeline on board ``info``."""
+    st = board["statistics"]
+    rates = _stage_rates(before, board) if not dead else [None] * len(st["stages"])
+    out = []
+    for x, r in zip(st["stages"], rates):
+        mif = x.get("max_in_flight") or 0
+        out.append(
+            {
+                "name": x["name"],
+                "kind": "stage",
+                "owner": info.name,
+                "dead": dead,
+                "procs_alive": x.get("workers_alive", 0),
+                "procs": x["workers"],
+                "fill_ratio": min(1.0, x["in_flight"] / mif) if mif else None,
+                "rates": None,
+                "stage": dict(x, bottleneck=x["name"] == st["bottleneck"], **(r or {})),
+            }
+        )
+    return out
 
 
 # -- stat -------------------------------------------------------------------
@@ -329,15 +439,31 @@ def cmd_stat(args: argparse.Namespace) -> int:
     """One statistics snapshot of NAME (two, and the rates between them, with
     --interval); a queue's parts follow it."""
     stats = ll.read_statistics(args.name)
-    rates = None
+    board = _pipeline_board(args.name) if isinstance(stats, shmq.LatestStatistics) else None
+    rates = stage_rates = None
     if args.interval is not None:
         if args.interval <= 0:
             raise CliError(f"--interval must be positive, got {args.interval}")
-        if _has_rates(stats):
+        if board is not None:
+            time.sleep(args.interval)
+            later_board = _pipeline_board(args.name)
+            if later_board is not None:
+                stage_rates = _stage_rates(board, later_board)
+                board = later_board
+        elif _has_rates(stats):
             time.sleep(args.interval)
             later = ll.read_statistics(args.name)
             rates = _rates_between(stats, later)
             stats = later
+    if board is not None:
+        if args.json:
+            out = {"type": "PipelineBoard", "name": args.name, **board}
+            if stage_rates is not None:
+                out["stage_rates"] = stage_rates
+            _print_json(out)
+        else:
+            print(_fields_text(_pipeline_lines(board, stage_rates)))
+        return 0
     parts = []
     order = {"queue-side": 0, "pool": 1}
     mine = [i for i in ll.list_segments(args.name) if i.owner == args.name]
@@ -418,6 +544,15 @@ def _top_sample(
                 entry["rates"] = _rates_between(before, stats)
         elif getattr(stats, "slot_count", 0):  # a pool: slots in use
             entry["fill_ratio"] = (stats.slot_count - stats.free) / stats.slot_count
+        board = _pipeline_board(info.name) if info.kind == "latest" else None
+        if board is not None:
+            entry["kind"] = "pipeline"
+            entry["rates"] = None
+            key = info.name + "#board"
+            out.append(entry)
+            out.extend(_stage_entries(info, board, previous.get(key), entry["dead"]))
+            current[key] = board
+            continue
         out.append(entry)
     previous.clear()
     previous.update(current)
@@ -429,6 +564,15 @@ def _top_row(e: Dict[str, Any]) -> List[str]:
     row = [name, e["kind"], "-", "-", "-", "-", "-", "-", "-", f"{e['procs_alive']}/{e['procs']}"]
     if e["fill_ratio"] is not None:
         row[5] = _bar(e["fill_ratio"])
+    stage = e.get("stage")
+    if stage is not None:  # a pipeline's stage: items per second, busy fraction
+        if e["dead"]:
+            row[8] = "DEAD"
+        elif "items_in_per_second" in stage:
+            row[2] = _count(stage["items_in_per_second"])
+            row[3] = _count(stage["items_out_per_second"])
+            row[8] = f"busy {stage['busy_fraction']:.0%}" + (" (bottleneck)" if stage["bottleneck"] else "")
+        return row
     r = e["rates"]
     if e["dead"]:
         row[8] = "DEAD (shmq gc removes it)"

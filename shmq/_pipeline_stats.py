@@ -18,11 +18,13 @@ class StageStatistics:
     kind: str
     #: Worker processes of the stage.
     workers: int
-    #: Messages the workers took from the stage's queue.
+    #: Items the workers took from the stage's queue (a run of cheap items
+    #: counts its items; a list made by a batch stage counts 1).
     items_in: int
     #: Values the workers passed on (a flat_map counts each child).
     items_out: int
-    #: Messages queued for the stage plus those its workers hold now.
+    #: Items queued for the stage (put by the stage before, or by the
+    #: feeder, and not yet taken) plus those its workers hold now.
     in_flight: int
     #: Items the stage's filter dropped.
     filtered: int

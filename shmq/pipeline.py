@@ -13,7 +13,9 @@ How it works
     flat_map children included (their weights sum to 1).  Items never go
     through a pipe or through the parent between stages; numpy arrays travel
     through the queues' slot pools.  Runs of cheap items travel as one CHUNK
-    message (see ``_tune_chunks``).
+    message (see ``_tune_chunks``), are accounted for as one entry of the
+    parent's ledger (``_Ledger``) when they come back whole, and reach the
+    caller through ``itertools.chain`` (no Python step per item).
 
 Back-pressure
     Every queue has a ``maxsize``; the feeder also stops at a window of
@@ -28,19 +30,26 @@ Crash recovery (at-least-once, deduplicated)
     workers every 50 ms; a dead one is replaced, and every seq its row holds
     is fed again from the parent's copy of the source item (``attempts`` is
     counted; past ``retries`` it is given up under the stage's
-    ``on_error``).  A worker killed between taking an item and recording it
+    ``on_error``; a run in fn charges none, and its items are fed again one
+    by one).  A worker killed between taking an item and recording it
     loses it from every queue: after a crash the parent watches for a stall
     (every queue empty, every worker idle, items still in flight) and feeds
     those items again.  Results of the first attempt that still arrive are
     dropped by (seq, position), so every output is delivered exactly once.
+
+Seeing it
+    While iterated, the parent puts its statistics on a board (a Latest,
+    ``Pipeline.name``) every 0.25 s, which ``shmq ls/stat/top`` read.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import itertools
 import multiprocessing as mp
 import os
 import pickle
 import sys
-import itertools
 import threading
 import time
 from collections import deque
@@ -51,6 +60,7 @@ from ._errors import Empty, Full, RemoteError, WorkerDied
 from ._pipeline_stats import PipelineStatistics, StageStatistics
 from ._pipeline_worker import DeadLetter
 from .queue import Queue
+from .topic import Latest
 
 __all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
 
@@ -60,6 +70,7 @@ _DATA = W.DATA
 _CHUNK = W.CHUNK
 _CHEAP_NS = 20_000  # a map whose items take less than this (mean) gets them in CHUNKs
 _CHECK_EVERY = 0.05  # seconds between looks at the workers
+_FIRST_CHECKS = 10  # ... but the first ones come every _CHECK_EVERY / 10: cheap items get runs at once
 _STALL_SECONDS = 0.3  # no progress for this long after a crash: look for lost items
 _JOIN_SECONDS = 1.5
 #: Items a stage holds at most, unless told (``max(128, 4 * workers)``): the
@@ -72,8 +83,32 @@ DEFAULT_MAX_IN_FLIGHT = 128
 #: Default size of the dead letters queue's ring (reserved in /dev/shm at
 #: once: about ten thousand records with their tracebacks).
 DEAD_LETTERS_CAPACITY_BYTES = 16 << 20
-_FEED_RUN = 64  # source items taken and put at once, at most
+_FEED_RUN = 64  # source items taken and put at once, at most, unless in CHUNKs (then 4 CHUNKs)
 _TAKE_MAX = 64  # messages a worker takes at once, at most
+_BOARD_EVERY = 0.25  # seconds between statistics published on the board (for shmq ls/stat/top)
+_BOARD_CAPACITY_BYTES = 64 << 10  # (10 stages: 1.7 KB pickled)
+_SPARSE_SECONDS = 0.001  # the source made the feeder wait this long: it sends items one by one
+#: While every stage is a map of cheap items (< _CHEAP_NS each) and the
+#: source's items pickle to at most _SMALL_ITEM_BYTES, a stage whose
+#: max_in_flight was not given gets _AUTO_MAX_IN_FLIGHT, and CHUNKs grow to
+#: _MAX_CHUNK items: the parent then keeps at most 4 MiB of source items per
+#: stage.  Measured (1M items, 2 stages of trivial functions, 2 cores):
+#: window 4096 / CHUNK 512 -> 3.8-4.4M items/s, 8192 / 1024 -> 4.3-4.7M,
+#: 16384 / 2048 -> 4.4-5.7M (Pool.imap, chunksize 512 -> 1.8-1.9M, 32768 -> 2.8-2.9M).
+_AUTO_MAX_IN_FLIGHT = 16384
+_MAX_CHUNK = 2048
+_SMALL_ITEM_BYTES = 256
+
+
+def _pickles_small(items: list) -> bool:
+    """True if ``items`` pickle to at most _SMALL_ITEM_BYTES each on average."""
+    buffers: list = []  # (large buffers out of band: counted, not copied)
+    try:
+        nbytes = len(pickle.dumps(items, 5, buffer_callback=buffers.append))
+        nbytes += sum(b.raw().nbytes for b in buffers)
+    except Exception:
+        return False
+    return nbytes <= _SMALL_ITEM_BYTES * len(items)
 
 
 class _Stage:
@@ -81,7 +116,10 @@ class _Stage:
         self.spec = spec
         self.workers = workers
         self.ordered = ordered
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight  # now (grows while auto and cheap)
+        self.base_max_in_flight = max_in_flight
+        self.auto = False  # max_in_flight was not given: it may grow (see Pipeline._tune_chunks)
+        self.chunk = 1
         self.start_method = start_method
         self.procs: List[Any] = []
         self.status: Any = None
@@ -111,6 +149,123 @@ class _Item:
         self.parts: Optional[list] = None
         self.has_data = False
         self.reason = 0
+
+
+class _Ledger:
+    """The source items in flight (taken, not yet accounted for), by seq.
+
+    A run of items fed as one CHUNK stays one entry (``runs[first]``): a
+    result covering part of it cuts that part out (the rest stays runs), and
+    only a crash splits a run into single ``items``.  So the parent's work
+    per item is a few C-level list operations while results come back in
+    runs: the pipeline's throughput for cheap items depends on it.
+    """
+
+    __slots__ = ("items", "runs", "starts", "count")
+
+    def __init__(self) -> None:
+        self.items: Dict[int, Any] = {}  # seq -> source item
+        self.runs: Dict[int, list] = {}  # first seq -> the run's source items
+        self.starts: List[int] = []  # firsts of runs, sorted (some may be gone from runs)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, seq: int, item: Any) -> None:
+        self.items[seq] = item
+        self.count += 1
+
+    def add_run(self, first: int, items: list) -> None:
+        self.runs[first] = items
+        self.starts.append(first)  # new runs come in source order: stays sorted
+        self.count += len(items)
+
+    def _find(self, seq: int) -> Optional[tuple]:
+        """``(first, run)`` of the run holding ``seq``, or None.  (Only the
+        rightmost start <= seq can be it: live runs never overlap, and a
+        start left behind inside a live run would be that run's own.)"""
+        i = bisect.bisect_right(self.starts, seq) - 1
+        if i < 0:
+            return None
+        first = self.starts[i]
+        run = self.runs.get(first)
+        if run is None or seq >= first + len(run):
+            return None
+        return first, run
+
+    def pop_run(self, first: int, n: int) -> bool:
+        """Account for the ``n`` items from ``first`` if one run holds them
+        all (the common case: a whole run, back as it was fed)."""
+        run = self.runs.get(first)
+        if run is not None and len(run) == n:
+            del self.runs[first]
+            self.count -= n
+        elif self.cut(first, n) is None:
+            return False
+        if len(self.starts) > 2 * len(self.runs) + 64:
+            self.starts = sorted(self.runs)
+        return True
+
+    def cut(self, first: int, n: int) -> Optional[list]:
+        """Take the ``n`` items from ``first`` out of the run holding them
+        all (what is left of it stays runs); None if no run does."""
+        found = self._find(first)
+        if found is None:
+            return None
+        start, run = found
+        lo = first - start
+        hi = lo + n
+        if hi > len(run):
+            return None
+        if lo == 0 and hi == len(run):
+            del self.runs[start]
+            self.count -= n
+            return run
+        taken = run[lo:hi]
+        if lo:
+            self.runs[start] = run[:lo]
+        else:
+            del self.runs[start]
+        if hi < len(run):
+            self.runs[first + n] = run[hi:]
+            bisect.insort(self.starts, first + n)
+        self.count -= n
+        return taken
+
+    def split(self, seq: int) -> bool:
+        """Split the run holding ``seq`` into single items; False if none does."""
+        found = self._find(seq)
+        if found is None:
+            return False
+        first, run = found
+        del self.runs[first]
+        self.items.update(zip(range(first, first + len(run)), run))
+        return True
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self.items or self._find(seq) is not None
+
+    def get(self, seq: int, default: Any = None) -> Any:
+        item = self.items.get(seq, _MISSING)
+        if item is not _MISSING:
+            return item
+        found = self._find(seq)
+        return default if found is None else found[1][seq - found[0]]
+
+    def pop(self, seq: int, default: Any) -> Any:
+        item = self.items.pop(seq, _MISSING)
+        if item is not _MISSING:
+            self.count -= 1
+            return item
+        taken = self.cut(seq, 1)
+        return default if taken is None else taken[0]
+
+    def seqs(self) -> List[int]:
+        """Every seq in flight (splitting every run)."""
+        for first in list(self.runs):
+            self.split(first)
+        return list(self.items)
 
 
 class _RemoteTraceback(Exception):
@@ -174,10 +329,11 @@ class Pipeline:
         self._gen: Optional[Iterator[Any]] = None
         # accounting (main thread, and the feeder under _cond)
         self._cond = threading.Condition()
-        self._inflight: Dict[int, Any] = {}  # seq -> source item, until accounted for
+        self._inflight = _Ledger()  # seq -> source item, until accounted for
         self._meta: Dict[int, _Item] = {}  # seq -> its accounting, for the few that need one
-        self._done: Dict[int, list] = {}  # ordered: finished seqs waiting for their turn
-        self._retry: Deque[int] = deque()
+        self._done: Dict[int, tuple] = {}  # ordered: first seq -> (seqs, values) finished, waiting for their turn
+        self._retry: Deque[int] = deque()  # seqs to feed again, one by one
+        self._retry_runs: Deque[tuple] = deque()  # (first, count): runs to feed again whole
         self._next_seq = 0
         self._next_emit = 0
         self._exhausted = False
@@ -187,12 +343,18 @@ class Pipeline:
         self._stop = False
         self._feeder: Optional[threading.Thread] = None
         self._fates = [0] * 6  # index: a hole reason; 0: with output
-        self._outputs = 0
+        self._fed_items = 0  # items put on stage 0's queue (as its workers' S_IN counts them)
+        self._outputs = 0  # values handed to the caller, the whole of the batch being handed included
+        self._handing: Optional[tuple] = None  # that batch: (its iterator, whose length hint is the values not yet taken; the list)
+        self._small_source = False  # the source's items pickle small (sampled): the window may grow
         self._dups = 0
         self._started = 0.0
         self._suspect = False
         self._stall_since: Optional[float] = None
         self._late: List[Any] = []
+        self._board: Optional[Latest] = None  # the statistics for shmq ls/stat/top (see name)
+        self._board_at = 0.0
+        self._board_name: Optional[str] = None
         self._dead_by_stage: Dict[str, int] = {}  # ordered outputs released by a give-up in _supervise
 
     # -- building --------------------------------------------------------------
@@ -224,7 +386,8 @@ class Pipeline:
             raise ValueError(f"'retries' must be an int >= 0, got {retries!r}")
         if not isinstance(backoff, (int, float)) or backoff < 0:
             raise ValueError(f"'backoff' must be a number >= 0, got {backoff!r}")
-        if max_in_flight is None:
+        auto = max_in_flight is None
+        if auto:
             max_in_flight = max(DEFAULT_MAX_IN_FLIGHT, 4 * workers)
         if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < workers:
             raise ValueError(f"'max_in_flight' must be an int >= workers ({workers}), got {max_in_flight!r}")
@@ -233,7 +396,9 @@ class Pipeline:
         held = take * spm * (batch_size if kind == "batch" else 1)
         label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
         spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
-        self._stages.append(_Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method))
+        stage = _Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method)
+        stage.auto = auto and kind == "map"
+        self._stages.append(stage)
         if kind == "batch":
             self._seqs_per_msg = spm * batch_size
         return self
@@ -255,8 +420,11 @@ class Pipeline:
         """Add a stage of ``workers`` processes passing on ``fn(item)``.
 
         ``ordered=True``: the pipeline yields in source order.
-        ``max_in_flight``: items the stage holds at most (queued plus being
-        worked on; default ``max(128, 4 * workers)``).  ``init()`` runs once in
+        ``max_in_flight``: the stage's share of the pipeline's window (the
+        feeder keeps at most the sum of the shares in flight) and the size of
+        its queue in messages; default ``max(128, 4 * workers)``, raised to
+        16384 while every stage is a map of cheap items and the items are
+        small (see docs/pipelines.md, "Runs of cheap items").  ``init()`` runs once in
         every worker before its first item.  ``on_error``: ``"raise"`` stops
         the pipeline and re-raises the exception in the caller; ``"skip"``
         drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
@@ -320,6 +488,22 @@ class Pipeline:
         own source position; any other iterable is split like a flat_map."""
         return self._add("unbatch", None, 1, False, max_in_flight, None, "raise", 0, 0.0, None, name)
 
+    #: ``kind`` of the value on a pipeline's board (how ``shmq`` tells it from other Latests).
+    BOARD_KIND = "shmq.pipeline"
+
+    @property
+    def name(self) -> Optional[str]:
+        """The name of the pipeline's *board* (None before it starts): a
+        :class:`shmq.Latest` where the running pipeline puts its statistics
+        every 0.25 s as a dict (``"kind": "shmq.pipeline"``, ``"statistics"``:
+        :meth:`statistics` as a dict, each stage with ``max_in_flight``,
+        ``busy_seconds``, ``workers_alive`` and its input ``queue``).
+        ``shmq ls`` shows it as a pipeline with a row per stage,
+        ``shmq stat NAME`` its stages, ``shmq top`` a row per stage with
+        items in/out per second, fill and busy fraction.  Removed when the
+        pipeline stops."""
+        return self._board_name
+
     # -- the dead letters ---------------------------------------------------------
     @property
     def dead_letters(self) -> Queue:
@@ -339,7 +523,10 @@ class Pipeline:
         if self._gen is not None or self._state != "new":
             raise ValueError("a pipeline runs once")
         self._gen = self._run()
-        return self._gen
+        # _run yields batches of outputs; chain hands their values out with
+        # no Python step per value (statistics() counts them exactly through
+        # the batch iterator's length hint)
+        return itertools.chain.from_iterable(self._gen)
 
     def run(self, sink: Optional[Callable[[Any], Any]] = None) -> int:
         """Run the pipeline to its end, calling ``sink(out)`` for every output
@@ -382,6 +569,8 @@ class Pipeline:
         self._chunk = 1  # items per CHUNK message into stage 0 (see _tune_chunks)
         self.dead_letters  # made now: its name is known before the first item
         try:
+            self._board = Latest(_BOARD_CAPACITY_BYTES)
+            self._board_name = self._board.name
             for s in self._stages:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
                 self._queues.append(Queue(qsize))
@@ -399,6 +588,7 @@ class Pipeline:
             raise
         self._feeder = threading.Thread(target=self._feed, name="shmq-pipeline-feeder", daemon=True)
         self._feeder.start()
+        self._publish(time.monotonic())
 
     def _spawn(self, k: int, i: int) -> None:
         s = self._stages[k]
@@ -412,21 +602,39 @@ class Pipeline:
         s.procs[i] = p
 
     def _feed(self) -> None:
-        """The feeder thread: source items (and items to retry) into q[0],
-        up to _FEED_RUN at a time (one lock round and one put_many)."""
+        """The feeder thread: source items (and items to retry) into q[0].
+
+        It takes ``run`` source items at once (one lock round, one put_many),
+        as CHUNKs of ``self._chunk`` while stage 0 takes them (see
+        _tune_chunks).  ``run`` doubles while the source gives its items
+        at once and drops back to 1 when the source made it wait: a sparse
+        stream's items leave one by one, as soon as each is made."""
         q0 = self._queues[0]
         cond = self._cond
         it = iter(self._source)
-        inflight = self._inflight
-        DATA = W.DATA
+        ledger = self._inflight
+        DATA, CHUNK = W.DATA, W.CHUNK
+        perf = time.perf_counter
+        run = 1
+        fed = 0
         try:
             while not self._stop:
                 msgs: list = []
                 with cond:
                     while not self._stop:
+                        while self._retry_runs and len(msgs) < _FEED_RUN:
+                            first, n = self._retry_runs.popleft()
+                            whole = ledger.runs.get(first)
+                            if whole is not None and len(whole) == n:
+                                msgs.append((CHUNK, first, whole))
+                                continue
+                            for seq in range(first, first + n):  # (partly accounted for meanwhile)
+                                item = ledger.get(seq, _MISSING)
+                                if item is not _MISSING:
+                                    msgs.append((DATA, seq, item))
                         while self._retry and len(msgs) < _FEED_RUN:
                             seq = self._retry.popleft()
-                            item = inflight.get(seq, _MISSING)
+                            item = ledger.get(seq, _MISSING)
                             if item is not _MISSING:
                                 msgs.append((DATA, seq, item))
                         room = 0 if self._exhausted else self._room()
@@ -437,23 +645,38 @@ class Pipeline:
                         return
                     self._feeding = True
                 if not msgs:
-                    free = q0.maxsize - q0.qsize()
-                    items = list(itertools.islice(it, max(1, min(room, free, _FEED_RUN))))
+                    chunk = self._chunk
+                    free = max(1, q0.maxsize - q0.qsize())
+                    want = max(1, min(room, run, free * chunk))
+                    t0 = perf()
+                    items = list(itertools.islice(it, want))
+                    if perf() - t0 > _SPARSE_SECONDS:
+                        run = 1
+                    elif len(items) == want:
+                        run = min(2 * run, max(_FEED_RUN, 4 * chunk))
+                    if fed % 16 == 0 and items:
+                        self._small_source = _pickles_small(items)
+                    fed += 1
                     with cond:
                         if not items:
                             self._exhausted = True
-                        first = seq = self._next_seq
-                        for item in items:
-                            inflight[seq] = item
-                            seq += 1
-                        self._next_seq = seq
-                    if len(items) > 1 and self._chunk > 1:
-                        # runs of consecutive items in one message (a map
-                        # stage passes them on as one; others split them)
-                        for k in range(0, len(items), self._chunk):
-                            msgs.append((W.CHUNK, first + k, items[k : k + self._chunk]))
-                    else:
-                        msgs = [(DATA, first + k, item) for k, item in enumerate(items)]
+                        first = self._next_seq
+                        self._next_seq = first + len(items)
+                        if len(items) > 1 and chunk > 1:
+                            # runs of consecutive items in one message (a map
+                            # stage passes them on as one; others split them)
+                            for k in range(0, len(items), chunk):
+                                part = items[k : k + chunk] if len(items) > chunk else items
+                                if len(part) > 1:
+                                    ledger.add_run(first + k, part)
+                                    msgs.append((CHUNK, first + k, part))
+                                else:
+                                    ledger.add(first + k, part[0])
+                                    msgs.append((DATA, first + k, part[0]))
+                        else:
+                            for k, item in enumerate(items):
+                                ledger.add(first + k, item)
+                                msgs.append((DATA, first + k, item))
                 self._put_all(q0, msgs)
                 self._feeding = False
         except BaseException as exc:  # the source raised
@@ -469,6 +692,7 @@ class Pipeline:
                     # Full part-way: the puts before it stay, and are put
                     # again below; the parent drops the second results.
                     q0.put_many(msgs, timeout=0.5)
+                self._fed_items += sum(len(m[2]) if m[0] == _CHUNK else 1 for m in msgs)
                 return
             except Full:
                 continue
@@ -477,12 +701,15 @@ class Pipeline:
         """How many more source items the window admits now."""
         if self._ordered:
             return max(0, self._window - (self._next_seq - self._next_emit))
-        return max(0, self._window - len(self._inflight))
+        return max(0, self._window - self._inflight.count)
 
-    def _run(self) -> Iterator[Any]:
+    def _run(self) -> Iterator[Iterator[Any]]:
+        """The run: yields iterators over batches of outputs (see __iter__)."""
         self._start()
         out = self._queues[-1]
+        ledger = self._inflight
         last_check = time.monotonic()
+        checks = 0
         finished = False
         try:
             while True:
@@ -497,55 +724,72 @@ class Pipeline:
                             for m in msgs:
                                 self._receive(m, emit)
                         else:
-                            # the common case inline: a whole item's value
-                            inflight = self._inflight
+                            # the common case inline: whole items' values,
+                            # a run fed as one CHUNK and back whole at once
                             done = 0
                             for m in msgs:
                                 kind = m[0]
-                                if kind == _DATA and type(m[1]) is int:
-                                    if inflight.pop(m[1], _MISSING) is _MISSING:
-                                        self._dups += 1
-                                    else:
-                                        done += 1
-                                        emit.append(m[2])
-                                elif kind == _CHUNK:
+                                if kind == _CHUNK:
+                                    values = m[2]
+                                    if ledger.pop_run(m[1], len(values)):
+                                        done += len(values)
+                                        emit.extend(values)
+                                        continue
                                     seq = m[1]
-                                    for v in m[2]:
-                                        if inflight.pop(seq, _MISSING) is _MISSING:
+                                    for v in values:
+                                        if ledger.pop(seq, _MISSING) is _MISSING:
                                             self._dups += 1
                                         else:
                                             done += 1
                                             emit.append(v)
                                         seq += 1
+                                elif kind == _DATA and type(m[1]) is int:
+                                    if ledger.pop(m[1], _MISSING) is _MISSING:
+                                        self._dups += 1
+                                    else:
+                                        done += 1
+                                        emit.append(m[2])
                                 else:
                                     self._receive(m, emit)
                             self._fates[0] += done
                         self._cond.notify()
                     self._stall_since = None
-                    for v in emit:
-                        self._outputs += 1
-                        yield v
+                    if emit:
+                        yield self._hand(emit)
                 now = time.monotonic()
-                if now - last_check >= _CHECK_EVERY:
+                if now - last_check >= (_CHECK_EVERY if checks > _FIRST_CHECKS else _CHECK_EVERY / 10):
                     last_check = now
+                    checks += 1
                     self._supervise(now)
-                    while self._late:
-                        self._outputs += 1
-                        yield self._late.pop(0)
+                    if self._late:
+                        late, self._late = self._late, []
+                        yield self._hand(late)
                 if self._error is not None:
                     raise self._error
                 if self._feed_error is not None:
                     raise self._feed_error
-                if self._exhausted and not self._inflight and not self._done and not self._feeding:
+                if self._exhausted and not ledger.count and not self._done and not self._feeding:
                     break
             finished = True
         finally:
+            if self._handing is not None:  # stopped with a batch not all taken: the rest is not handed
+                it, values = self._handing
+                self._outputs -= it.__length_hint__()
+                values.clear()
+                self._handing = None
             self._shutdown(graceful=finished)
             if getattr(self, "_last_progress", 0.0):
                 self._last_progress = time.monotonic()
                 sys.stderr.write("\n")  # keep the last progress line
             if self._state == "running":
                 self._state = "done"
+
+    def _hand(self, values: list) -> Iterator[Any]:
+        """An iterator over ``values`` for the caller, counted as outputs."""
+        self._outputs += len(values)
+        it = iter(values)
+        self._handing = (it, values)
+        return it
 
     # -- accounting -------------------------------------------------------------
     def _receive(self, msg: tuple, emit: list) -> None:
@@ -555,6 +799,15 @@ class Pipeline:
                 self._error = _rebuild(value)
             return
         if kind == W.CHUNK:
+            n = len(value)
+            if self._inflight.pop_run(tags, n):  # a whole run, none of it seen before
+                self._fates[0] += n
+                if self._ordered:
+                    self._done[tags] = (n, value)
+                    self._release(emit)
+                else:
+                    emit.extend(value)
+                return
             for k, v in enumerate(value):
                 self._receive((W.DATA, tags + k, v), emit)
             return
@@ -600,7 +853,7 @@ class Pipeline:
         return rec
 
     def _complete(self, seq: int, emit: list) -> None:
-        del self._inflight[seq]
+        self._inflight.pop(seq, None)
         rec = self._meta.pop(seq)
         self._fates[0 if rec.has_data else rec.reason] += 1
         if not self._ordered:
@@ -608,11 +861,18 @@ class Pipeline:
         parts = rec.parts or []
         if len(parts) > 1:
             parts.sort(key=lambda p: p[0])
-        self._done[seq] = parts
+        self._done[seq] = (1, [v for _, v in parts])
+        self._release(emit)
+
+    def _release(self, emit: list) -> None:
+        """Ordered: move the finished items next in source order to ``emit``."""
         done = self._done
-        while self._next_emit in done:
-            emit.extend(v for _, v in done.pop(self._next_emit))
-            self._next_emit += 1
+        nxt = self._next_emit
+        while nxt in done:
+            n, values = done.pop(nxt)
+            emit.extend(values)
+            nxt += n
+        self._next_emit = nxt
 
     def _give_up(self, seq: int, stage: _Stage, reason: str) -> None:
         """An item crashed its workers too often: treat it by the stage's on_error."""
@@ -629,7 +889,7 @@ class Pipeline:
             return
         if mode == "dead-letter":
             assert self._deadq is not None
-            letter = DeadLetter(self._inflight[seq], stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
+            letter = DeadLetter(self._inflight.get(seq), stage.spec.name, "WorkerDied", reason, "", rec.attempts, (seq,))
             if not self._post(letter):
                 return
             why = W.DEAD
@@ -684,45 +944,110 @@ class Pipeline:
                         continue
                     row = s.row(i)
                     pairs = list(row[W.S_HELD : W.S_HELD + 2 * row[W.S_HELD_N]]) if row[W.S_STATE] else []
-                    held = [first + k for first, n in zip(pairs[::2], pairs[1::2]) for k in range(n)]
-                    # A worker records which of the items it holds is in fn:
-                    # only that one is charged an attempt; the others are fed
-                    # again free.  (-1: it cannot tell; every one is charged.)
+                    ranges = list(zip(pairs[::2], pairs[1::2]))
+                    # A worker records which of the (first seq, count) ranges
+                    # it holds is in fn (S_CURRENT; -1: it cannot tell, every
+                    # item is charged an attempt), and which item of that
+                    # range (S_SUB).  Only that item is charged; the others
+                    # are fed again free: a run not in fn as the run it was,
+                    # so the stage still gets it as one message.  A run in fn
+                    # whose item is unknown (S_SUB -1: see
+                    # _Worker.map_chunk) charges none, and its items are fed
+                    # again one by one, so that a next crash tells the culprit.
                     cur = row[W.S_CURRENT]
-                    culprit = None
-                    if 0 <= cur < len(pairs) // 2:
-                        culprit = pairs[2 * cur] + (row[W.S_SUB] if pairs[2 * cur + 1] > 1 else 0)
+                    culprit = in_fn = None
+                    if 0 <= cur < len(ranges):
+                        in_fn = cur
+                        first, count = ranges[cur]
+                        sub = row[W.S_SUB]
+                        culprit = first + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
                     s.crashes += 1
                     self._suspect = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
-                    for seq in dict.fromkeys(held):
-                        self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
+                    runs = self._inflight.runs
+                    seen: set = set()
+                    for j, (first, count) in enumerate(ranges):
+                        run = runs.get(first)
+                        if count > 1 and j != in_fn and culprit is not None and run is not None and len(run) == count:
+                            s.crash_retries += count
+                            self._retry_runs.append((first, count))
+                            continue
+                        for seq in range(first, first + count):
+                            if seq not in seen:
+                                seen.add(seq)
+                                self._inflight.split(seq)  # (its items go one by one from now on)
+                                self._retry_or_give_up(seq, s, reason, charge=culprit is None or seq == culprit)
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
             self._tune_chunks()
             self._cond.notify()
+        if now - self._board_at >= _BOARD_EVERY:
+            self._publish(now)
         if self._progress:
             self._show_progress(now)
+
+    def _publish(self, now: float) -> None:
+        """Put the statistics on the board (see :attr:`name`)."""
+        board = self._board
+        if board is None:
+            return
+        self._board_at = now
+        st = self.statistics()
+        stages = []
+        for k, (s, x) in enumerate(zip(self._stages, st.stages)):
+            d = dataclasses.asdict(x)
+            d["max_in_flight"] = s.max_in_flight
+            d["busy_seconds"] = s.total(W.S_BUSY_NS) / 1e9 if s.words is not None else 0.0
+            d["workers_alive"] = sum(1 for p in s.procs if p is not None and p.exitcode is None)
+            d["queue"] = self._queues[k].name if k < len(self._queues) else None
+            stages.append(d)
+        value = dataclasses.asdict(st)
+        value["stages"] = stages
+        try:
+            board.set(
+                {
+                    "kind": self.BOARD_KIND,
+                    "pid": os.getpid(),
+                    "taken_at": time.time(),
+                    "dead_letters_queue": self._deadq.name if self._deadq is not None else None,
+                    "statistics": value,
+                }
+            )
+        except Exception:  # (a pipeline of thousands of stages: no board rather than no pipeline)
+            pass
 
     def _tune_chunks(self) -> None:
         """Runs of cheap items travel as one CHUNK message (one pickle, one
         record), but a slow stage must get items one by one so that all its
-        workers share them.  Per stage: the longest CHUNK it gets, from its
-        measured time per item -- none while unmeasured (8 items) or slow,
-        the stage's take while below _CHEAP_NS.  Stage k-1's workers
-        read stage k's value from their rows; the feeder uses stage 0's."""
-        limits = []
-        for s in self._stages:
+        workers share them.  Per stage, from its measured time per item: none
+        while unmeasured (8 items) or slow; while below _CHEAP_NS, CHUNKs of
+        up to ``max_in_flight // (2 * workers)`` items (at most _MAX_CHUNK).
+        While every stage is cheap and the source's items small, a stage
+        whose max_in_flight was not given gets _AUTO_MAX_IN_FLIGHT; back to
+        its default once not.  A run keeps its
+        boundaries through a row of cheap stages (the smallest of their
+        CHUNKs), so that it reaches the parent whole.  Stage k-1's workers
+        read stage k's length from their rows; the feeder uses stage 0's."""
+        stages = self._stages
+        cheap = []
+        for s in stages:
             items = s.total(W.S_IN)
-            cheap = s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
-            s.chunk = s.spec.take if cheap else 1
-            limits.append(s.chunk)
-        limits.append(1 << 30)  # the parent takes anything
+            cheap.append(s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items)
+        grow = all(cheap) and self._small_source
+        for s, c in zip(stages, cheap):
+            if s.auto:
+                s.max_in_flight = _AUTO_MAX_IN_FLIGHT if grow else s.base_max_in_flight
+            s.chunk = max(1, min(_MAX_CHUNK, s.max_in_flight // (2 * s.workers))) if c else 1
+        self._window = sum(s.max_in_flight for s in stages)
+        limits = [1] * len(stages) + [1 << 30]  # the parent takes anything
+        for k in range(len(stages) - 1, -1, -1):
+            c = stages[k].chunk
+            limits[k] = min(c, limits[k + 1]) if c > 1 and limits[k + 1] > 1 else c
         self._chunk = limits[0]
-        for k, s in enumerate(self._stages):
+        for k, s in enumerate(stages):
             for i in range(s.workers):
                 s.words[i * s.width + W.S_CHUNK_OUT] = limits[k + 1]
 
@@ -730,12 +1055,13 @@ class Pipeline:
         """After a crash: items in flight with every queue empty and every
         worker idle for a while were lost by a worker killed between taking
         and recording them.  Feed them again."""
-        if not self._inflight:
+        if not self._inflight.count:
             self._suspect = False
             return
         idle = (
             not self._feeding
             and not self._retry
+            and not self._retry_runs
             and all(q.qsize() == 0 for q in self._queues)
             and all(s.total(W.S_STATE) == 0 for s in self._stages)
         )
@@ -748,7 +1074,7 @@ class Pipeline:
         if now - self._stall_since < _STALL_SECONDS:
             return
         self._stall_since = None
-        for seq in list(self._inflight):
+        for seq in self._inflight.seqs():
             self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
 
     def _show_progress(self, now: float) -> None:
@@ -793,6 +1119,10 @@ class Pipeline:
         for q in self._queues:
             q.close()
         self._queues = []
+        board, self._board = self._board, None
+        if board is not None:
+            board.close()
+            board.unlink()
 
     # -- statistics ---------------------------------------------------------------
     @staticmethod
@@ -809,6 +1139,7 @@ class Pipeline:
         """A snapshot of the pipeline and of every stage (see the dataclasses)."""
         elapsed = time.monotonic() - self._started if self._started else 0.0
         stages = []
+        put = self._fed_items  # items put on stage k's queue
         for k, s in enumerate(self._stages):
             if s.words is None:
                 stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
@@ -816,7 +1147,8 @@ class Pipeline:
             t = s.total
             items_in = t(W.S_IN)
             busy = t(W.S_BUSY_NS) / 1e9
-            queued = self._queues[k].qsize() if k < len(self._queues) else 0
+            queued = max(0, put - items_in)  # (counters read one by one: never below 0)
+            put = t(W.S_PUT)
             stages.append(
                 StageStatistics(
                     name=s.spec.name,
@@ -838,14 +1170,14 @@ class Pipeline:
         return PipelineStatistics(
             stages=tuple(stages),
             source_items=self._next_seq,
-            outputs=self._outputs,
+            outputs=self._outputs - (self._handing[0].__length_hint__() if self._handing is not None else 0),
             with_output=f[0],
             filtered=f[W.FILTERED],
             skipped=f[W.SKIPPED],
             dead_letters=f[W.DEAD],
             empty=f[W.EMPTY],
             merged=f[W.MERGED],
-            in_flight=len(self._inflight),
+            in_flight=self._inflight.count,
             crash_retries=sum(s.crash_retries for s in self._stages),
             duplicates_dropped=self._dups,
             elapsed_seconds=elapsed,

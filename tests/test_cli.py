@@ -924,3 +924,74 @@ def test_stat_and_ls_read_a_latest():
     finally:
         latest.close()
         latest.unlink()
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+def _pipeline_slow(x):
+    time.sleep(0.002)
+    return x
+
+
+def _pipeline_inc(x):
+    return x + 1
+
+
+def test_ls_stat_top_show_a_running_pipeline_s_stages():
+    """A running shmq.Pipeline shows in ls as a pipeline with a row per
+    stage, in stat with every stage's counters (and rates with --interval),
+    and in top with a row per stage: items in/out per second, fill, busy."""
+    import itertools
+
+    pipe = (
+        shmq.Pipeline(itertools.count(), start_method="fork")
+        .map(_pipeline_inc)
+        .map(_pipeline_slow, workers=2, max_in_flight=64)
+    )
+    stop = threading.Event()
+
+    def consume():
+        for _ in pipe:
+            if stop.is_set():
+                break
+
+    with pipe:
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while pipe.name is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            name = pipe.name
+            assert name and name.startswith(PREFIX)
+            out = shmq_cli("ls", "--prefix", name).stdout
+            lines = out.splitlines()
+            assert lines[1].split()[:2] == [name, "pipeline"], out
+            assert lines[2].split()[:2] == ["0:_pipeline_inc", "stage"], out
+            assert lines[3].split()[0] == "1:_pipeline_slow" and lines[3].split()[-1] == "2/2", out
+            listing = json.loads(shmq_cli("ls", "--prefix", name, "--json").stdout)
+            assert listing[0]["kind"] == "pipeline"
+            assert [x["name"] for x in listing[0]["pipeline"]["statistics"]["stages"]] == ["0:_pipeline_inc", "1:_pipeline_slow"]
+
+            text = shmq_cli("stat", name).stdout
+            assert "bottleneck" in text and "1:_pipeline_slow (map, 2/2 workers):" in text, text
+            data = json.loads(shmq_cli("stat", name, "--json", "--interval", "0.6").stdout)
+            assert data["type"] == "PipelineBoard" and data["kind"] == shmq.Pipeline.BOARD_KIND
+            slow = data["statistics"]["stages"][1]
+            assert slow["max_in_flight"] == 64 and slow["workers_alive"] == 2 and slow["items_in"] > 0
+            assert data["stage_rates"][1]["items_in_per_second"] > 0
+            assert data["stage_rates"][1]["busy_fraction"] > 0.3  # two workers sleeping in fn
+
+            frame = json.loads(
+                shmq_cli("top", "--prefix", name, "--json", "--iterations", "1", "--interval", "0.6").stdout
+            )
+            kinds = [(e["name"], e["kind"]) for e in frame["segments"]]
+            assert kinds == [(name, "pipeline"), ("0:_pipeline_inc", "stage"), ("1:_pipeline_slow", "stage")]
+            stage = frame["segments"][2]["stage"]
+            assert stage["items_out_per_second"] > 0 and stage["bottleneck"] is True
+            text = shmq_cli("top", "--prefix", name, "--iterations", "1", "--interval", "0.6").stdout
+            row = [line for line in text.splitlines() if line.strip().startswith("1:_pipeline_slow")][0]
+            assert "(bottleneck)" in row and "busy" in row, text
+        finally:
+            stop.set()
+            t.join(10)
+    assert not [e for e in os.listdir(SHM) if name in e]  # the board went with the pipeline

@@ -57,13 +57,26 @@ class Killer(threading.Thread):
         return f"Killer(seed={self.seed})"
 
 
-def run_with_kills(method, seed, n=600, kills=4, workers=(3, 2), first=busy_identity, max_in_flight=12):
+def until_killed(holder, kills, after=20_000, limit=20_000_000):
+    """0, 1, 2, ... until the Killer in ``holder`` has made ``kills`` kills,
+    then ``after`` more: cheap items must not run out before the kills."""
+    i = 0
+    while i < limit:
+        if len(holder[0].killed) >= kills:
+            limit = min(limit, i + after)
+        yield i
+        i += 1
+
+
+def run_with_kills(method, seed, n=600, kills=4, workers=(3, 2), first=busy_identity, max_in_flight=12, endless=False):
+    holder = []
     pipe = (
-        shmq.Pipeline(range(n), start_method=method)
+        shmq.Pipeline(until_killed(holder, kills) if endless else range(n), start_method=method)
         .map(first, workers=workers[0], max_in_flight=max_in_flight)
         .map(square, workers=workers[1])
     )
     killer = Killer(pipe, seed, kills)
+    holder.append(killer)
     with pipe:
         it = iter(pipe)
         got = [next(it)]
@@ -100,7 +113,7 @@ def test_sigkill_with_cheap_items_in_chunks_exactly_once(seed):
     """Cheap items travel in CHUNK messages (runs of consecutive items): a
     worker killed holding chunks loses none and duplicates none."""
     got, st, killer = run_with_kills(
-        "fork", seed, n=150_000, kills=3, workers=(2, 2), first=cheap_identity, max_in_flight=256
+        "fork", seed, kills=3, workers=(2, 2), first=cheap_identity, max_in_flight=256, endless=True
     )
     n = st.source_items
     assert len(got) == len(set(got)), f"duplicated outputs (seed {seed})"
