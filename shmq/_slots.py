@@ -1094,6 +1094,14 @@ class SlotPool:
             self._deferred.append((index, generation, epoch))
         self._drain_deferred()
 
+    def abort_later(self, index: int, epoch: int) -> None:
+        """:meth:`abort` one loaned slot from a finalizer (a loaned array
+        dropped unsent): never blocks on this process's own calls, never
+        raises.  ``epoch`` is :attr:`epoch` at allocation (a forked child's
+        copies abort nothing); a slot no longer loaned here is left alone."""
+        self._deferred.append((index, None, epoch))
+        self._drain_deferred()
+
     @property
     def epoch(self) -> int:
         return self._epoch
@@ -1110,14 +1118,25 @@ class SlotPool:
     def _drain_deferred_locked(self) -> None:
         d = self._deferred
         epoch = self._epoch
+        aborted: List[int] = []
         while d:
             i, gen, e = d.popleft()
             if e != epoch or self._closed:
+                continue
+            if gen is None:  # from abort_later
+                if i in self._loaned and not self._closing:
+                    del self._loaned[i]
+                    aborted.append(i)
                 continue
             try:
                 self._release_locked(i, gen)
             except SlotError:
                 pass
+        if aborted:
+            try:
+                self._free_slots_locked(aborted, "frees")
+            except (BrokenError, ValueError, IndexError):
+                pass  # (a finalizer's work: the janitor frees them once this process is gone)
         self._push_notes_locked(block=False)
         self._maybe_finish_close_locked()
 
