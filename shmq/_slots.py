@@ -280,6 +280,7 @@ class SlotPool:
         self._last_sent = -1  # the slot this source marked sent last (warm reuse)
         self._warm_off = 0  # allocations left without the warm wait (after failed ones)
         self._warm_fails = 0  # warm waits in a row that failed
+        self._warm = self._stride >= WARM_MIN_BYTES  # slots large enough for the warm wait
         self._orphan_seen: Dict[int, float] = {}
         self._deferred: deque = deque()  # (slot, generation, epoch) from finalizers
         self._notes: List[Tuple[int, int]] = []  # (source member, notification) to push
@@ -501,7 +502,7 @@ class SlotPool:
         Raises Full if ``timeout`` (seconds) expires first, ValueError for a
         negative or NaN timeout."""
         deadline = deadline_for(timeout)
-        if count == 1 and self._last_sent >= 0 and self._stride >= WARM_MIN_BYTES and (timeout is None or timeout > 0):
+        if self._warm and count == 1 and self._last_sent >= 0 and (timeout is None or timeout > 0):
             self._wait_warm()
         got = self.try_allocate(count)
         if got is not None:
@@ -526,7 +527,7 @@ class SlotPool:
         i = self._last_sent
         m = self._member
         bell = self._bell
-        if self._stride < WARM_MIN_BYTES or i not in self._outstanding or m < 0 or bell is None or self._closing:
+        if i not in self._outstanding or m < 0 or bell is None or self._closing:
             return
         w = self._w
         mb = self._members + m * L.MEMBER_WORDS
