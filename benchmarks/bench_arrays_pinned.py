@@ -139,10 +139,11 @@ def _iceoryx2(size: int):
         np.copyto(np.frombuffer(state["kind"].from_address(sample.payload_ptr), src.dtype), src.reshape(-1))
         sample.assume_init().send()
 
+    def subscribe() -> None:
+        node, svc = service()
+        state.update(node=node, svc=svc, sub=svc.subscriber_builder().create())
+
     def receive(_: Any) -> None:
-        if "sub" not in state:
-            node, svc = service()
-            state.update(node=node, svc=svc, sub=svc.subscriber_builder().create())
         sub = state["sub"]
         while True:
             sample = sub.receive()
@@ -154,6 +155,7 @@ def _iceoryx2(size: int):
     def close() -> None:
         state.clear()
 
+    receive.setup = subscribe  # type: ignore[attr-defined]  # before "ready": a sample sent to nobody is lost
     return None, produce, receive, close, start
 
 
@@ -210,6 +212,9 @@ OPTIONAL = {"iceoryx2 loan+copyto": "iceoryx2"}
 
 def _consume(handle: Any, receive: Callable[[Any], None], count: int, placement: str, conn: Any) -> None:
     _place(placement, "consumer")
+    setup = getattr(receive, "setup", None)
+    if setup is not None:
+        setup()
     conn.send("ready")
     receive(handle)  # the untimed first array
     conn.send("warm")
