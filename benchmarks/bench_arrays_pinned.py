@@ -1,4 +1,4 @@
-"""Large float32 arrays between two processes, by placement: how many 16 MiB
+"""Large float32 arrays between two processes, by placement: how many 1, 16
 and 64 MiB arrays per second reach another process, when both run on one
 core, on two cores, or wherever the scheduler puts them?
 
@@ -11,7 +11,10 @@ drops each at once (reading one element).
 Transports: ``shmq.Queue.put(array)`` / ``get()`` (through the queue's slot
 pool: one copy in, a zero-copy view out), ``Queue.loan_array`` +
 ``numpy.copyto`` + ``Queue.put`` of the loaned array (written into the
-slot, only its index travels), a shmq channel's ``loan_array`` +
+slot, only its index travels), the same with the loan written in place
+(one element: what the queue costs per array, with the data made where it
+travels; mp.Queue's arrays are likewise made before the clock starts), a
+shmq channel's ``loan_array`` +
 ``numpy.copyto`` (likewise), iceoryx2 publish-subscribe of a ``uint8``
 slice (``loan_slice_uninit`` + ``numpy.copyto`` + ``send``; the subscriber
 polls, yielding the CPU between empty polls, and drops each sample), and
@@ -93,6 +96,26 @@ def _queue_loan() -> Tuple[Any, Callable[[np.ndarray], None], Callable[[Any], No
     def produce(src: np.ndarray) -> None:
         a = q.loan_array(src.shape, src.dtype, timeout=120)
         np.copyto(a, src)
+        q.put(a, timeout=120)
+
+    def receive(q: Any) -> None:
+        a = q.get(timeout=120)
+        a[0]
+        del a
+
+    return q, produce, receive, q.close
+
+
+def _queue_loan_in_place() -> Tuple[Any, Callable[[np.ndarray], None], Callable[[Any], None], Callable[[], None]]:
+    """A loan the producer writes in place -- here one element, standing for
+    data it computes straight into the array -- so the row shows what the
+    queue itself costs per array, as the mp.Queue row does (its arrays are
+    made before the clock starts)."""
+    q = shmq.Queue()
+
+    def produce(src: np.ndarray) -> None:
+        a = q.loan_array(src.shape, src.dtype, timeout=120)
+        a[0] = src[0]
         q.put(a, timeout=120)
 
     def receive(q: Any) -> None:
@@ -200,6 +223,7 @@ def _mp_queue():
 TRANSPORTS: Dict[str, Callable[[int], Any]] = {
     "shmq Queue.put": lambda size: _queue(),
     "shmq Queue.put of a loaned array": lambda size: _queue_loan(),
+    "shmq Queue.put of a loaned array, written in place": lambda size: _queue_loan_in_place(),
     "shmq channel loan_array": _channel_loan,
     "iceoryx2 loan+copyto": _iceoryx2,
     "mp.Queue": lambda size: _mp_queue(),
@@ -289,6 +313,8 @@ def main() -> None:
             for placement in placements:
                 for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotating start
                     n = max(2, count // 4) if name == "mp.Queue" else count  # mp.Queue is ~50x slower
+                    if "in place" in name:
+                        n = count * 10  # no copy: ~10-50x faster than the others
                     try:
                         v = arrays_per_second(name, size, n, placement)
                     except Exception as exc:  # noqa: BLE001 - reported, the run goes on
