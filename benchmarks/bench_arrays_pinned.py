@@ -335,7 +335,10 @@ def main() -> None:
         })
     for r in results:  # the ratios: loan paths against iceoryx2 and the one-process loop
         workload = r["workload"]
-        for key, ref in (("vs_iceoryx2", "iceoryx2 loan+copyto"), ("vs_one_process_loop", "one process: channel loan+copyto+receive")):
+        for key, ref in (
+            ("vs_iceoryx2", "iceoryx2 loan+copyto"),
+            ("vs_one_process_loop", "one process: channel loan+copyto+receive"),
+        ):
             base = runs.get((workload, ref, _placement_of(workload)))
             r[key] = r["median"] / statistics.median(base) if base else None
     H.report("arrays_pinned", results, args.json)

@@ -588,12 +588,15 @@ class _QueueBase:
         returned to another producer that has not put since, and may not
         come back while we wait -- the array is a private one after
         0.2 s (at once with a negative timeout), which ``put`` copies like
-        any other.  Raises Full (queue.Full) if no slot frees up in time, MessageTooLarge if the
-        array can never fit a slot of the pool, ValueError for an array of
-        fewer than ZERO_COPY_THRESHOLD bytes (put such an array directly:
-        it travels inside its record) or a bad shape, TypeError for a dtype
-        of Python objects, SlotError if the queue was made with
-        ``zero_copy=False``, ClosedError if this handle is closed."""
+        any other.
+
+        Raises Full (queue.Full) if no slot frees up in time,
+        MessageTooLarge if the array can never fit a slot of the pool,
+        ValueError for an array of fewer than ZERO_COPY_THRESHOLD bytes (put
+        such an array directly: it travels inside its record) or a bad
+        shape, TypeError for a dtype of Python objects, SlotError if the
+        queue was made with ``zero_copy=False``, ClosedError if this handle
+        is closed."""
         if self._closed:
             raise self._closed_error()
         try:

@@ -341,7 +341,9 @@ def test_a_loaned_array_outlives_its_closed_channel():
         print(float(a.sum()))
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(3.0 * 512 * 512)
 

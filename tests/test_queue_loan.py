@@ -227,7 +227,9 @@ def test_closing_with_a_loan_open_keeps_the_array_mapped():
         print(float(a.sum()))
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(2.0 * 512 * 512)
 
