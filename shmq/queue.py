@@ -23,6 +23,8 @@ through the closures' hooks (``_put_long``, ``_put_full``, ``_get_slow``):
 * an object with a buffer of 64 KiB or more (numpy arrays...) is encoded by
   the slot codec: its buffers go into slots of the pool, the record carries
   references (docs/zero_copy.md);
+* an array made by ``loan_array`` already lives in a slot: ``put`` sends
+  the slot's number, nothing is copied (``_put_loaned``);
 * a pickle longer than a quarter of the ring goes through the side path;
 * a full ring or an empty one makes the call wait, up to its timeout.
 
