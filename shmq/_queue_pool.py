@@ -70,28 +70,32 @@ def fitted_geometry(largest: int, slot_count: int, shm_free: Optional[int]) -> T
     return DEFAULT_SLOT_SIZE, slot_count
 
 
-def open_pool(main: RingBuffer, side: RingBuffer, first: Any, owner: bool) -> SlotPool:
+def open_pool(main: RingBuffer, side: RingBuffer, first: Any, owner: bool, largest: Optional[int] = None) -> SlotPool:
     """The slot pool of the queue of ``main`` and ``side``: attached, or
     created now if nobody did yet, sized for ``first`` (the object being put)
-    when its size is fitted.  ``owner``: this process created the queue (it
+    or ``largest`` (bytes: a loan) when its size is fitted.  ``owner``: this process created the queue (it
     keeps the pool's name; another maker hands it over).  Raises
     SharedMemoryFull, or BrokenError if the pool was removed."""
     name = P.part_name(main.name, "p")
     # Under the lock its creator publishes it under: never a pool half made.
     with main.segment.admin_lock():
         if not side.segment.words[L.W_POOL_MADE]:
-            return _create(main, side, name, first, owner)
+            return _create(main, side, name, first, owner, largest)
     try:
         return SlotPool.attach(name)
     except FileNotFoundError as exc:
         raise BrokenError(f"the slot pool of queue {main.name!r} is gone (was the queue unlinked?)") from exc
 
 
-def _create(main: RingBuffer, side: RingBuffer, name: str, first: Any, owner: bool) -> SlotPool:
+def _create(
+    main: RingBuffer, side: RingBuffer, name: str, first: Any, owner: bool, largest: Optional[int] = None
+) -> SlotPool:
     """Create the pool and publish its name (admin lock held)."""
     _, slot_size, slot_count = read_config(main)
     if not slot_size:
-        slot_size, slot_count = fitted_geometry(largest_buffer(first), slot_count, P.shm_free_bytes())
+        if largest is None:
+            largest = largest_buffer(first)
+        slot_size, slot_count = fitted_geometry(largest, slot_count, P.shm_free_bytes())
     for _ in range(_CREATE_TRIES):
         try:
             pool = SlotPool.create(slot_size, slot_count, name=name, max_members=POOL_MEMBERS, link=main.name)

@@ -789,7 +789,10 @@ class SendLoan:
         self.array: Optional[np.ndarray] = None
         if array is not None:
             shape, dtype, self._header = array
-            self.array = np.ndarray(shape, dtype, self.buf)
+            # Over a uint8 array, not the memoryview itself: numpy would keep
+            # only the mmap as its base, without an export, and closing the
+            # channel would unmap memory the array still points to.
+            self.array = np.ndarray(shape, dtype, np.frombuffer(self.buf, np.uint8))
         self._open = True
 
     def send(self, nbytes: Optional[int] = None, timeout: Optional[float] = None) -> None:

@@ -23,6 +23,8 @@ through the closures' hooks (``_put_long``, ``_put_full``, ``_get_slow``):
 * an object with a buffer of 64 KiB or more (numpy arrays...) is encoded by
   the slot codec: its buffers go into slots of the pool, the record carries
   references (docs/zero_copy.md);
+* an array made by ``loan_array`` already lives in a slot: ``put`` sends
+  the slot's number, nothing is copied (``_put_loaned``);
 * a pickle longer than a quarter of the ring goes through the side path;
 * a full ring or an empty one makes the call wait, up to its timeout.
 
@@ -33,6 +35,7 @@ A handle pickles as the queue's name.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import threading
@@ -40,7 +43,9 @@ import time
 import types
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from . import _codec as C
 from . import _layout as L
@@ -172,6 +177,58 @@ def _release_handle(main: Ring, side: Ring, owner_pid: int, zc: list) -> None:
     main.close()
 
 
+# -- loans (Queue.loan_array) ----------------------------------------------
+
+
+class _Loan:
+    """A slot lent to this process's caller as an array (``loan_array``),
+    until the array is put (``sent``) or dies.  ``index`` -1, ``pool``
+    None: a private array (no slot was free), copied when put."""
+
+    __slots__ = ("index", "nbytes", "header", "pool", "epoch", "pid", "sent", "ref")
+
+    def __init__(
+        self, index: int, nbytes: int, header: Tuple[int, bytes], pool: Optional[SlotPool], epoch: int
+    ) -> None:
+        self.index = index
+        self.nbytes = nbytes
+        self.header = header
+        self.pool = pool
+        self.epoch = epoch
+        self.pid = os.getpid()
+        self.sent = False
+        self.ref: Any = None  # weakref.ref to the array
+
+
+def _loan_dropped(loans: Dict[int, _Loan], key: int) -> None:
+    """The loaned array died (its weakref's callback, run while it is freed,
+    so no other object has its id yet): forget it, and give its slot back
+    unless it was put."""
+    loan = loans.pop(key, None)
+    if loan is not None and loan.pool is not None and not loan.sent and loan.pid == os.getpid():
+        loan.pool.abort_later(loan.index, loan.epoch)  # never raises, never blocks
+
+
+_LOAN_SPECS: dict = {}
+
+
+def _loan_spec(shape: Any, dtype: Any) -> tuple:
+    """(nbytes, shape, dtype, dtype header) for loan_array, cached by argument."""
+    key = (shape, dtype)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"'shape' must not have negative dimensions, got {shape}")
+    dtype = np.dtype(dtype)
+    spec = (math.prod(shape) * dtype.itemsize, shape, dtype, C.dtype_header(dtype, shape))
+    try:
+        if len(_LOAN_SPECS) > 1024:
+            _LOAN_SPECS.clear()
+        _LOAN_SPECS[key] = spec
+    except TypeError:
+        pass
+    return spec
+
+
 class _QueueBase:
     """Everything the three queue classes share (see the module docstring)."""
 
@@ -287,6 +344,7 @@ class _QueueBase:
         self._stuck_pool: Optional[tuple] = None  # the pool's state when a put last copied instead
         self._try_write = main.try_write
         self._stash: Deque[Any] = deque()  # records get_many took but could not return
+        self._loans: Dict[int, _Loan] = {}  # id(array) -> its loan, while the loaned array lives
         self._fast_put = main.encoding_writer(
             _dumps, _PROTOCOL, C.stop_at_large, C.first_pass_failed, self._inline_max,
             _QueueBase._put_long, _QueueBase._put_full,
@@ -418,6 +476,22 @@ class _QueueBase:
     def _put_big(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> None:
         """Put ``obj``, whose first pass gave ``data``: a record too long for
         the ring, or LARGE (it has a large buffer)."""
+        if self._loans:
+            loan = self._loans.get(id(obj))
+            if loan is not None and loan.ref() is obj:
+                if loan.index >= 0 or loan.sent or loan.pid != os.getpid():
+                    self._put_loaned(loan, block, deadline)
+                    return
+                # A loan no slot was free for (loan_array): put like any array.
+                self._put_copied(obj, data, block, deadline)
+                loan.sent = True
+                obj.flags.writeable = False
+                return
+        self._put_copied(obj, data, block, deadline)
+
+    def _put_copied(self, obj: Any, data: Any, block: bool, deadline: Optional[float]) -> None:
+        """``_put_big`` for anything but a loaned array: copied into slots, or
+        through the ring or the side path."""
         if self._pooled_puts and data is not _LARGE and C._torch.holds_tensor(obj):
             data = _LARGE  # torch tensors go to the codec, which moves them as arrays (shmq/_torch.py)
         if self._pooled_puts and (data is _LARGE or type(obj) in _RAW_TYPES):
@@ -491,6 +565,144 @@ class _QueueBase:
                 raise Full(f"queue {self.name!r} is full: no free slot for a large buffer") from None
         return (C.pickle_in_band(obj) if data is _LARGE else data), None
 
+    # -- loans ----------------------------------------------------------
+    def loan_array(
+        self, shape: Union[int, Sequence[int]], dtype: Any = float, timeout: Optional[float] = None
+    ) -> np.ndarray:
+        """A writable C-contiguous numpy array of ``shape`` and ``dtype``
+        living in a free slot of the queue's pool (made now if no put made
+        it yet, with slots fitted to this array), to fill in place and hand
+        to :meth:`put`, which then sends only the slot's number: no copy.
+        The consumer gets the same read-only view a put of an ordinary large
+        array gives.
+
+        After ``put(array)`` the array belongs to the consumers: it turns
+        read-only, must not be touched again (its slot is reused for later
+        items), and putting it again raises SlotError.  An array dropped
+        without being put gives its slot back.  Only the array itself, put
+        on its own, travels without a copy (a view of it, or a tuple holding
+        it, is copied like any other array).
+
+        Waits up to ``timeout`` seconds for a free slot (None: as long as it
+        takes; negative: not at all, as ``multiprocessing`` has it), with the
+        rule of an ordinary put (docs/queue.md): while no slot holds an item
+        still in the queue -- every slot is held by consumers' arrays, or was
+        returned to another producer that has not put since, and may not
+        come back while we wait -- the array is a private one after
+        0.2 s (at once with a negative timeout), which ``put`` copies like
+        any other.
+
+        Raises Full (queue.Full) if no slot frees up in time,
+        MessageTooLarge if the array can never fit a slot of the pool,
+        ValueError for an array of fewer than ZERO_COPY_THRESHOLD bytes (put
+        such an array directly: it travels inside its record) or a bad
+        shape, TypeError for a dtype of Python objects, SlotError if the
+        queue was made with ``zero_copy=False``, ClosedError if this handle
+        is closed."""
+        if self._closed:
+            raise self._closed_error()
+        try:
+            spec = _LOAN_SPECS.get((shape, dtype))
+        except TypeError:  # unhashable arguments (a list shape)
+            spec = None
+        if spec is None:
+            spec = _loan_spec(shape, dtype)
+        nbytes, shape, dtype, header = spec
+        if nbytes < ZERO_COPY_THRESHOLD:
+            raise ValueError(
+                f"a loaned array must have at least {ZERO_COPY_THRESHOLD} bytes, got {nbytes}: "
+                "put a smaller array directly (it travels inside its record)"
+            )
+        if not self._zero_copy:
+            raise SlotError(f"queue {self.name!r} was made with zero_copy=False: it has no slot pool to loan from")
+        codec = self._codec
+        if codec is None:
+            codec = self._open_codec(largest=nbytes)
+        pool = codec.pool
+        if pool is None or not self._pooled_puts:
+            raise SlotError(f"queue {self.name!r} has no slot pool to loan from (no room in /dev/shm for it)")
+        if nbytes > pool.slot_size:
+            raise MessageTooLarge(
+                f"an array of {nbytes} bytes can never fit a slot of queue {self.name!r} ({pool.slot_size} bytes)"
+            )
+        if self._consumer_pid != os.getpid():
+            self._note_consumer()
+        deadline = deadline_for_mp(timeout)
+        started = _monotonic()
+        try:
+            while True:
+                if not pool.return_queue_intact():
+                    raise BrokenError(f"the slot pool of queue {self.name!r} is corrupt (its return queue indices)")
+                wait = _POOL_SLICE if deadline is None else max(0.0, min(_POOL_SLICE, deadline - _monotonic()))
+                try:
+                    (index,) = pool.allocate(1, wait)
+                    break
+                except Full:
+                    pass
+                if self._closed:
+                    raise self._closed_error() from None
+                # The rule of _encode_pooled: slots all out of the queue may never come back.
+                in_transit, signature = pool.in_transit()
+                now = _monotonic()
+                once = deadline is not None and deadline <= started
+                if not in_transit and (once or signature == self._stuck_pool or now - started >= _POOL_GRACE):
+                    self._stuck_pool = signature
+                    return self._private_loan(shape, dtype, nbytes, header)
+                if deadline is not None and now >= deadline:
+                    raise Full(f"queue {self.name!r} is full: no free slot to loan") from None
+        except Exception:
+            if self._closed:
+                raise self._closed_error() from None
+            raise
+        try:
+            # Over a uint8 array that holds the view: the mapping stays while
+            # the array lives (np.ndarray over the view would keep only the
+            # mmap, without an export: a close would unmap it under the array).
+            array = np.ndarray(shape, dtype, np.frombuffer(pool.view(index, nbytes), np.uint8))
+            loan = _Loan(index, nbytes, header, pool, pool.epoch)
+            key = id(array)
+            loans = self._loans
+            loan.ref = weakref.ref(array, lambda ref, key=key, loans=loans: _loan_dropped(loans, key))
+            loans[key] = loan
+        except BaseException:
+            pool.abort([index])
+            raise
+        return array
+
+    def _private_loan(self, shape: tuple, dtype: np.dtype, nbytes: int, header: tuple) -> np.ndarray:
+        """A loan no slot is free for: a private array, copied when put."""
+        array = np.empty(shape, dtype)
+        loan = _Loan(-1, nbytes, header, None, 0)
+        key = id(array)
+        loans = self._loans
+        loan.ref = weakref.ref(array, lambda ref, key=key, loans=loans: _loan_dropped(loans, key))
+        loans[key] = loan
+        return array
+
+    def _put_loaned(self, loan: "_Loan", block: bool, deadline: Optional[float]) -> None:
+        """Send the slot of a loaned array (``put``'s way for one)."""
+        if loan.sent:
+            raise SlotError(f"this loaned array (slot {loan.index}) was already put: loan a new one for each item")
+        if loan.pid != os.getpid():
+            raise SlotError(f"this array was loaned in process {loan.pid}: a loan is put by the process that made it")
+        pool = loan.pool
+        codec = self._codec
+        if codec is None or pool is not codec.pool:
+            raise SlotError(f"this array was loaned by another handle of queue {self.name!r}: put it through that one")
+        fence = codec.fence
+        data = C.loan_message(pool, loan.index, loan.nbytes, array=loan.header, fenced=fence is not None)
+        try:
+            self._write_record(data, block, deadline)
+        except BaseException:
+            pool.unsend((loan.index,))  # the loan stays open: put again, or drop the array
+            raise
+        loan.sent = True
+        array = loan.ref()
+        if array is not None:
+            array.flags.writeable = False  # the slot belongs to the consumers now
+        if fence is not None:
+            pool.set_fence((loan.index,), fence.position())
+
     def _send_leased(self, data: Any, lease: C.Lease, block: bool, deadline: Optional[float]) -> None:
         """Write the slot message ``data``, then tell its lease."""
         try:
@@ -511,16 +723,17 @@ class _QueueBase:
             # no fence (the orphan rule never applies; see docs/zero_copy.md).
             lease.pool.set_fence(lease.indices, 0)
 
-    def _open_codec(self, first: Any = None) -> C.Codec:
+    def _open_codec(self, first: Any = None, largest: Optional[int] = None) -> C.Codec:
         """This handle's codec, with the queue's slot pool (attached, or
         created if nobody did yet, with slots sized for ``first``, the object
-        being put); for decoding, any handle may need it."""
+        being put, or for ``largest`` bytes); for decoding, any handle may need it."""
         with self._zc_lock:
             codec = self._codec
             if codec is None:
                 pool = None
                 if self._zero_copy:
-                    pool = open_pool(self._ring, self._side.ring, first, self._owner_pid == os.getpid())
+                    owner = self._owner_pid == os.getpid()
+                    pool = open_pool(self._ring, self._side.ring, first, owner, largest=largest)
                     self._slot_size = pool.slot_size
                 try:
                     codec = C.Codec(pool, ring=self._ring, threshold=ZERO_COPY_THRESHOLD, exact_types=True)

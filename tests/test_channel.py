@@ -322,6 +322,32 @@ def test_loan_stays_open_when_the_ring_is_full():
 
 
 # -- receive loans ----------------------------------------------------------------------
+def test_a_loaned_array_outlives_its_closed_channel():
+    # In a child: before the fix, once the SendLoan was gone the array kept
+    # only the mmap (np.ndarray over a memoryview) and closing unmapped it.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc, numpy as np, shmq
+        tx, rx = shmq.open_channel(1 << 16, slot_size=1 << 20, slot_count=2)
+        a = tx.loan_array((512, 512), np.float32).array
+        gc.collect()
+        tx.unlink(); tx.close(); rx.close()
+        a[:] = 3
+        print(float(a.sum()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(3.0 * 512 * 512)
+
+
 def test_receive_loan_release_and_context(channel):
     tx, rx = channel
     tx.send(np.arange(3000.0))
