@@ -49,6 +49,7 @@ receiver may keep read records undecoded as long as it likes.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -438,6 +439,36 @@ def dtype_header(dtype: np.dtype, shape: Tuple[int, ...]) -> Tuple[int, bytes]:
         if len(_DTYPE_HEADERS) > 4096:
             _DTYPE_HEADERS.clear()
         _DTYPE_HEADERS[key] = found
+    return found
+
+
+_ARRAY_SPECS: Dict[tuple, tuple] = {}
+
+
+def array_spec(shape: Any, dtype: Any) -> tuple:
+    """``(nbytes, shape, dtype, header)`` of a C-contiguous array of ``shape``
+    (an int or a sequence of ints) and ``dtype`` (anything numpy.dtype
+    takes), for the loans of queues and channels; cached by argument.
+    Raises ValueError for a negative dimension, TypeError for a dtype of
+    Python objects."""
+    try:
+        found = _ARRAY_SPECS.get((shape, dtype))
+    except TypeError:  # unhashable arguments (a list shape): not cached
+        found = None
+    if found is not None:
+        return found
+    key = (shape, dtype)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"'shape' must not have negative dimensions, got {shape}")
+    dtype = np.dtype(dtype)
+    found = (math.prod(shape) * dtype.itemsize, shape, dtype, dtype_header(dtype, shape))
+    try:
+        if len(_ARRAY_SPECS) > 1024:
+            _ARRAY_SPECS.clear()
+        _ARRAY_SPECS[key] = found
+    except TypeError:
+        pass
     return found
 
 

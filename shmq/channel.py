@@ -48,7 +48,6 @@ how many send and receive handles it holds (``_layout``: the member table).
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import sys
 import threading
@@ -711,13 +710,8 @@ class SendChannel(_Endpoint):
         """Like :meth:`loan`, for a writable C-contiguous numpy array of
         ``shape`` and ``dtype`` living in the slot; the receiver gets a
         read-only array of the same shape and dtype."""
-        try:
-            spec = _ARRAY_SPECS.get((shape, dtype))
-        except TypeError:  # unhashable arguments (a list shape)
-            spec = None
-        if spec is None:
-            spec = _array_spec(shape, dtype)
-        return self._loan(spec[0], spec[1], timeout)
+        nbytes, shape, dtype, header = _codec.array_spec(shape, dtype)
+        return self._loan(nbytes, (shape, dtype, header), timeout)
 
     def _loan(self, nbytes: int, array: Optional[tuple], timeout: Optional[float]) -> "SendLoan":
         shared = self._check()
@@ -746,26 +740,6 @@ class SendChannel(_Endpoint):
         """Scan for processes that died holding or lending slots and take
         those slots back now (sends do this at most every 0.1 s when short)."""
         return self._pool.reclaim()
-
-
-_ARRAY_SPECS: dict = {}
-
-
-def _array_spec(shape: Any, dtype: Any) -> tuple:
-    """(nbytes, (shape, dtype, header)) for loan_array, cached by argument."""
-    key = (shape, dtype)
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
-    if any(n < 0 for n in shape):
-        raise ValueError(f"'shape' must not have negative dimensions, got {shape}")
-    dtype = np.dtype(dtype)
-    spec = (math.prod(shape) * dtype.itemsize, (shape, dtype, _codec.dtype_header(dtype, shape)))
-    try:
-        if len(_ARRAY_SPECS) > 1024:
-            _ARRAY_SPECS.clear()
-        _ARRAY_SPECS[key] = spec
-    except TypeError:
-        pass
-    return spec
 
 
 class SendLoan:

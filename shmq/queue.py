@@ -35,7 +35,6 @@ A handle pickles as the queue's name.
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import threading
@@ -209,24 +208,6 @@ def _loan_dropped(loans: Dict[int, _Loan], key: int) -> None:
         loan.pool.abort_later(loan.index, loan.epoch)  # never raises, never blocks
 
 
-_LOAN_SPECS: dict = {}
-
-
-def _loan_spec(shape: Any, dtype: Any) -> tuple:
-    """(nbytes, shape, dtype, dtype header) for loan_array, cached by argument."""
-    key = (shape, dtype)
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
-    if any(n < 0 for n in shape):
-        raise ValueError(f"'shape' must not have negative dimensions, got {shape}")
-    dtype = np.dtype(dtype)
-    spec = (math.prod(shape) * dtype.itemsize, shape, dtype, C.dtype_header(dtype, shape))
-    try:
-        if len(_LOAN_SPECS) > 1024:
-            _LOAN_SPECS.clear()
-        _LOAN_SPECS[key] = spec
-    except TypeError:
-        pass
-    return spec
 
 
 class _QueueBase:
@@ -601,13 +582,7 @@ class _QueueBase:
         is closed."""
         if self._closed:
             raise self._closed_error()
-        try:
-            spec = _LOAN_SPECS.get((shape, dtype))
-        except TypeError:  # unhashable arguments (a list shape)
-            spec = None
-        if spec is None:
-            spec = _loan_spec(shape, dtype)
-        nbytes, shape, dtype, header = spec
+        nbytes, shape, dtype, header = C.array_spec(shape, dtype)
         if nbytes < ZERO_COPY_THRESHOLD:
             raise ValueError(
                 f"a loaned array must have at least {ZERO_COPY_THRESHOLD} bytes, got {nbytes}: "
