@@ -2489,11 +2489,11 @@ static PyObject *PoolCore_mark_sent(PoolCore *self, PyObject *const *args, size_
         if (deliveries < 1) goto python;
     }
     if (nargs == 4 && (fenced = PyObject_IsTrue(args[3])) < 0) return NULL;
-    if (!PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 1 || !PyTuple_CheckExact(args[1]) ||
-        PyTuple_GET_SIZE(args[1]) != 1)
-        goto python;
-    idx = PyTuple_GET_ITEM(args[0], 0);
-    nb = PyTuple_GET_ITEM(args[1], 0);
+    if (!(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0])) || PySequence_Fast_GET_SIZE(args[0]) != 1 ||
+        !(PyTuple_CheckExact(args[1]) || PyList_CheckExact(args[1])) || PySequence_Fast_GET_SIZE(args[1]) != 1)
+        goto python; /* (several slots: the Python) */
+    idx = PySequence_Fast_GET_ITEM(args[0], 0);
+    nb = PySequence_Fast_GET_ITEM(args[1], 0);
     if (!PyLong_CheckExact(idx) || !PyLong_CheckExact(nb)) goto python;
     i = PyLong_AsLongLong(idx);
     nbytes = PyLong_AsLongLong(nb);
@@ -2545,7 +2545,8 @@ python:
 
 /* mirrors SlotPool.set_fence(indices, position) */
 static PyObject *PoolCore_set_fence(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) || !pool_state_ok(self))
+    if (nargs != 2 || !(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0])) || !PyLong_CheckExact(args[1]) ||
+        !pool_state_ok(self))
         return pool_call(self, s_py_set_fence, args, nargs);
     int64_t position = PyLong_AsLongLong(args[1]);
     if (position == -1 && PyErr_Occurred()) {
@@ -2561,8 +2562,8 @@ static PyObject *PoolCore_set_fence(PoolCore *self, PyObject *const *args, Py_ss
     int ok = 0;
     if (pool_mem(self, &view) < 0) goto out;
     char *mem = (char *)view.buf;
-    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(indices); j++) {
-        PyObject *key = PyTuple_GET_ITEM(indices, j);
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(indices); j++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(indices, j); /* (a list may shrink in a callback: re-read) */
         int r = PySet_Discard(self->unfenced, key); /* 1: it was there */
         if (r < 0) goto out_view;
         if (!r) continue;
