@@ -193,6 +193,18 @@ class PoolCoresMachine(RuleBasedStateMachine):
                 assert [h for _, h in s.holders] == ([1] if i in self.views else [])
             else:
                 assert s.state == "free"
+        # the raw hold words: zero until acquired in this generation (a stale
+        # word would count as a hold taken and free a slot nobody received)
+        w, pool = self.pool.segment.words, self.pool
+        for i in range(3):
+            words = [w[pool._holdw + m * 3 + i] for m in range(pool.max_members)]
+            me = self.holder._member
+            expected = [0] * pool.max_members
+            if i in self.views:
+                expected[me] = 1 << 32
+            elif i in self.released and i in self.sent:
+                expected[me] = (1 << 32) + 1
+            assert words == expected, (i, words)
         assert self.pool._loaned == self.loaned
         assert self.pool._outstanding == {i: g for i, (g, _) in self.sent.items()}
         assert self.pool._unfenced == {i for i, (_, f) in self.sent.items() if not f}
