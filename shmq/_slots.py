@@ -42,6 +42,13 @@ once the holders are done.  If the pool is linked to a ring (``fence``), a
 slot whose message was consumed from that ring but never acquired is freed
 after ``orphan_seconds`` -- only once a consumer of the ring has been found
 dead (its receiver died between reading and decoding).
+
+This module is the specification.  With the compiled core (shmq._core,
+unless SHMQ_PURE is set) the hot moves -- ``try_allocate`` of one slot,
+``mark_sent``, ``set_fence``, ``acquire``, ``release_later`` -- run in C
+(``_core.PoolCore``, SlotPool's base class), mirroring the code below and
+calling it (``_py_<name>``) for every case off the common path
+(docs/core.md).
 """
 from __future__ import annotations
 
