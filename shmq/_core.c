@@ -2301,12 +2301,22 @@ static PyObject *pool_call(PoolCore *self, PyObject *name, PyObject *const *args
 
 static int deferred_empty(PoolCore *self) {
     Py_ssize_t k = PyObject_Size(self->deferred);
+    if (k < 0) PyErr_Clear(); /* (not a deque any more: the Python path says what is wrong) */
     return k == 0;
+}
+
+/* count is the int 1 (an overflowing int is not: the Python raises). */
+static int is_one(PyObject *count) {
+    if (!PyLong_CheckExact(count)) return 0;
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(count, &overflow);
+    if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+    return !overflow && v == 1;
 }
 
 /* mirrors SlotPool.try_allocate(count=1) */
 static PyObject *PoolCore_try_allocate(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs > 1 || (nargs == 1 && !(PyLong_CheckExact(args[0]) && PyLong_AsLongLong(args[0]) == 1)) ||
+    if (nargs > 1 || (nargs == 1 && !is_one(args[0])) ||
         self->closing || self->member < 0 || self->member >= self->max_members || !pool_state_ok(self) ||
         !deferred_empty(self))
         goto python;
