@@ -445,6 +445,11 @@ def test_c_moves_raise_what_the_python_raises():
     pool = SlotPool.create(4096, 2)
     holder = SlotPool.attach(pool.name)
     try:
+        for fn in (pool.try_allocate, pool._py_try_allocate):
+            with pytest.raises(shmq.MessageTooLarge):
+                fn(1 << 70)  # (an int64 overflow in C: no error left pending)
+            with pytest.raises(ValueError, match="'count'"):
+                fn(0)
         (i,) = pool.try_allocate(1)
         for fn in (pool.mark_sent, pool._py_mark_sent):
             with pytest.raises(shmq.SlotError, match="not loaned"):
