@@ -1931,6 +1931,916 @@ static PyTypeObject TopicPublisherType = {
     .tp_call = PyVectorcall_Call,
 };
 
+
+/* ======================================================================
+ * The slot pool's hot moves: mirror shmq/_slots.py's SlotPool (the
+ * readable specification; docs/core.md).  PoolCore is SlotPool's base class
+ * when this module is built and SHMQ_PURE is not set.  Its C members are the
+ * per-process fields those moves read or change (_member, _holds,
+ * _pending_frees, _last_sent, _epoch, _closing, the dicts and sets of
+ * loaned / outstanding / unfenced slots, ...), which the Python methods read
+ * and write as ordinary attributes, and C copies of the geometry (_c_*).
+ *
+ * Each move takes its fast path only when the case is the common one; in
+ * any other case (another thread inside the pool, deferred releases queued,
+ * a return queue that is not plausibly a queue, a lost notification, a
+ * corrupt notification, a reference that names no slot in flight, keyword
+ * arguments, ...) it calls the Python original (``_py_<name>``) BEFORE it
+ * has changed anything, so errors and recoveries have one implementation.
+ * Off the common path it calls the Python helpers: _high (corrupt
+ * MEMBERS_HIGH), _when_short_locked (no free slot), _wake_waiters, the lock's
+ * slow path (RobustLock.acquire), _free_own_locked, _after_collect,
+ * _warm_up, _drain_deferred(_locked), _push_notes_locked.
+ * ==================================================================== */
+#define W_POOL_LOCK 288
+#define W_POOL_LOCK_GEN 289 /* RobustLock: generation right after the owner */
+#define W_FREE_COUNT 296
+#define W_ALLOC_HINT 297
+#define W_MEMBERS_HIGH 298
+#define W_RETURN_WAITING 304
+#define W_POOL_COUNTERS 312 /* allocations, frees, returns, ..., lost_returns (+6) */
+#define SLOT_WORDS 8
+#define S_STATE 0
+#define S_GEN 1
+#define S_OWNER 2
+#define S_NBYTES 3
+#define S_DELIVERIES 4
+#define S_FENCE 5
+#define SLOT_FREE 0
+#define SLOT_LOANED 1
+#define SLOT_SENT 2
+#define MEMBER_WORDS 8
+#define M_STATE 2
+#define M_RQ_HEAD 3
+#define M_RQ_TAIL 4
+#define M_RQ_LOST 5
+#define M_REUSES 6
+#define MEMBER_LIVE 1
+#define MEMBER_DEAD 2
+#define HOLD_ACQUIRE ((int64_t)1 << 32)
+#define HOLD_RELEASED_MASK (HOLD_ACQUIRE - 1)
+#define MAX_GEN (((int64_t)1 << 31) - 1)
+
+static PyObject *s_py_try_allocate, *s_py_mark_sent, *s_py_set_fence, *s_py_acquire, *s_py_release_later,
+    *s_high, *s_when_short_locked, *s_wake_waiters, *s_free_own_locked, *s_after_collect, *s_warm_up,
+    *s_drain_deferred, *s_drain_deferred_locked, *s_push_notes_locked;
+
+typedef struct {
+    PyObject_HEAD
+    long long member, holds, pending_frees, last_sent, epoch;
+    char closing;
+    /* geometry, set by _c_setup from the checked header */
+    long long slot_size, count, max_members, q, slots, members, holdw, rqw, data, stride, size;
+    PyObject *buf, *rbuf, *lock, *lock_sem, *tlock, *loaned, *outstanding, *unfenced, *early, *orphan_seen,
+        *deferred, *notes, *cold, *on_return;
+} PoolCore;
+
+#define POOL_OBJECTS(X)                                                                                   \
+    X(buf) X(rbuf) X(lock) X(lock_sem) X(tlock) X(loaned) X(outstanding) X(unfenced) X(early) X(orphan_seen) \
+        X(deferred) X(notes) X(cold) X(on_return)
+
+static int PoolCore_traverse(PoolCore *self, visitproc visit, void *arg) {
+#define VISIT(f) Py_VISIT(self->f);
+    POOL_OBJECTS(VISIT)
+#undef VISIT
+    return 0;
+}
+static int PoolCore_clear(PoolCore *self) {
+#define CLEAR(f) Py_CLEAR(self->f);
+    POOL_OBJECTS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+static void PoolCore_dealloc(PoolCore *self) {
+    PyObject_GC_UnTrack(self);
+    PoolCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The per-process containers are what _init_local makes (else: Python). */
+static int pool_state_ok(PoolCore *self) {
+    return self->buf && self->rbuf && self->lock && self->lock_sem && self->tlock && self->loaned &&
+           PyDict_CheckExact(self->loaned) && self->outstanding && PyDict_CheckExact(self->outstanding) &&
+           self->unfenced && PySet_CheckExact(self->unfenced) && self->early && PySet_CheckExact(self->early) &&
+           self->orphan_seen && PyDict_CheckExact(self->orphan_seen) && self->deferred && self->notes &&
+           PyList_CheckExact(self->notes) && self->cold && PySet_CheckExact(self->cold) && self->count > 0 &&
+           self->q > 0 && (self->q & (self->q - 1)) == 0;
+}
+
+/* The mapping, checked against the geometry.  0 or -1. */
+static int pool_mem(PoolCore *self, Py_buffer *view) {
+    view->obj = NULL;
+    if (PyObject_GetBuffer(self->buf, view, PyBUF_WRITABLE) < 0) return -1;
+    if (view->len < self->size || self->size <= 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "slot pool mapping shorter than its geometry");
+        return -1;
+    }
+    return 0;
+}
+
+/* self._tlock.acquire(False): 1 taken, 0 busy, -1 error. */
+static int tlock_try(PoolCore *self) {
+    PyObject *r = PyObject_CallMethodOneArg(self->tlock, s_acquire, Py_False);
+    if (r == NULL) return -1;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return got;
+}
+
+/* self._tlock.release(), keeping a pending exception.  0 or -1. */
+static int tlock_drop(PoolCore *self) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodNoArgs(self->tlock, s_release);
+    Py_XDECREF(r);
+    if (type != NULL) {
+        if (r == NULL) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return r == NULL ? -1 : 0;
+}
+
+/* self._lock.acquire() (blocking): the semaphore without blocking, else the
+ * Python RobustLock.acquire (its slow path and recovery).  0 or -1. */
+static int pool_lock(PoolCore *self, char *mem) {
+    PyObject *r = PyObject_CallMethodOneArg(self->lock_sem, s_acquire, Py_False);
+    if (r == NULL) return -1;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (got < 0) return -1;
+    if (got) {
+        store_word(mem, W_POOL_LOCK, my_pid);
+        store_word(mem, W_POOL_LOCK_GEN, (int64_t)((uint64_t)load_word(mem, W_POOL_LOCK_GEN) + 1));
+        return 0;
+    }
+    r = PyObject_CallMethodNoArgs(self->lock, s_acquire);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* self._lock.acquire(0): the semaphore without blocking (RobustLock's slow
+ * path gives up at once with timeout 0).  1 taken, 0 busy, -1 error. */
+static int pool_lock_try(PoolCore *self, char *mem) {
+    PyObject *r = PyObject_CallMethodOneArg(self->lock_sem, s_acquire, Py_False);
+    if (r == NULL) return -1;
+    int got = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (got > 0) {
+        store_word(mem, W_POOL_LOCK, my_pid);
+        store_word(mem, W_POOL_LOCK_GEN, (int64_t)((uint64_t)load_word(mem, W_POOL_LOCK_GEN) + 1));
+    }
+    return got;
+}
+
+/* self._wake_waiters(False) when RETURN_WAITING says somebody may wait (the
+ * Python reads the same word first).  0 or -1. */
+static int pool_wake(PoolCore *self, const char *mem) {
+    if (!load_word(mem, W_RETURN_WAITING)) return 0;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_wake_waiters, Py_False);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* w[word] += d, failing as Python's store of an out-of-range int does. */
+static int add_word(char *mem, Py_ssize_t word, int64_t d) {
+    int64_t v;
+    if (checked_add(load_word(mem, word), d, &v) < 0) return -1;
+    store_word(mem, word, v);
+    return 0;
+}
+
+/* mirrors SlotPool._high: MEMBERS_HIGH, or BrokenError from the Python. */
+static int pool_high(PoolCore *self, const char *mem, int64_t *high) {
+    int64_t h = load_word(mem, W_MEMBERS_HIGH);
+    if (h < 0 || h > self->max_members) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_high);
+        if (r == NULL) return -1;
+        h = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (h == -1 && PyErr_Occurred()) return -1;
+        if (h < 0 || h > self->max_members) {
+            PyErr_SetString(PyExc_ValueError, "MEMBERS_HIGH out of range");
+            return -1;
+        }
+    }
+    *high = h;
+    return 0;
+}
+
+/* mirrors SlotPool._releasable(i): 1, 0 or -1. */
+static int pool_releasable(PoolCore *self, const char *mem, int64_t i) {
+    Py_ssize_t s = self->slots + i * SLOT_WORDS;
+    if (load_word(mem, s + S_STATE) != SLOT_SENT) return 0;
+    int64_t high, acquired = 0, n = self->count;
+    if (pool_high(self, mem, &high) < 0) return -1;
+    for (int64_t m = 0; m < high; m++) {
+        int64_t v = load_word(mem, self->holdw + i + m * n);
+        if (v) {
+            int64_t a = v >> 32;
+            if ((int64_t)((uint64_t)v & HOLD_RELEASED_MASK) < a &&
+                load_word(mem, self->members + m * MEMBER_WORDS + M_STATE) != MEMBER_DEAD)
+                return 0;
+            acquired += a;
+        }
+    }
+    return acquired >= load_word(mem, s + S_DELIVERIES);
+}
+
+/* mirrors SlotPool._clear_slot(i): its slot-table word, or -1. */
+static Py_ssize_t pool_clear_slot(PoolCore *self, char *mem, int64_t i) {
+    int64_t high, n = self->count;
+    if (pool_high(self, mem, &high) < 0) return -1;
+    for (int64_t m = 0; m < high; m++) {
+        Py_ssize_t hw = self->holdw + i + m * n;
+        if (load_word(mem, hw)) store_word(mem, hw, 0);
+    }
+    Py_ssize_t s = self->slots + i * SLOT_WORDS;
+    store_word(mem, s + S_FENCE, 0);
+    store_word(mem, s + S_DELIVERIES, 0);
+    store_word(mem, s + S_NBYTES, 0);
+    return s;
+}
+
+static int64_t next_gen(const char *mem, Py_ssize_t s) {
+    int64_t g = load_word(mem, s + S_GEN);
+    return (g < 0 || g >= MAX_GEN) ? 1 : g + 1; /* Python: g + 1, then 1 unless 0 < gen <= _MAX_GEN */
+}
+
+/* self._orphan_seen.pop(i, None) when it is not empty. */
+static int orphan_forget(PoolCore *self, PyObject *key) {
+    if (PyDict_GET_SIZE(self->orphan_seen) == 0) return 0;
+    if (PyDict_DelItem(self->orphan_seen, key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) return -1;
+        PyErr_Clear();
+    }
+    return 0;
+}
+
+/* mirrors SlotPool._reloan_locked(i).  0 or -1. */
+static int pool_reloan(PoolCore *self, char *mem, PyObject *key, int64_t i) {
+    Py_ssize_t s = pool_clear_slot(self, mem, i);
+    if (s < 0) return -1;
+    int64_t gen = next_gen(mem, s);
+    store_word(mem, s + S_GEN, gen);
+    STEP(55);
+    store_word(mem, s + S_STATE, SLOT_LOANED);
+    STEP(56);
+    if (PyDict_DelItem(self->outstanding, key) < 0 || orphan_forget(self, key) < 0) return -1;
+    PyObject *g = PyLong_FromLongLong(gen);
+    if (g == NULL) return -1;
+    int r = PyDict_SetItem(self->loaned, key, g);
+    Py_DECREF(g);
+    if (r < 0) return -1;
+    return add_word(mem, self->members + self->member * MEMBER_WORDS + M_REUSES, 1);
+}
+
+/* mirrors SlotPool._free_own_locked(freed[start:], defer_count=True):
+ * forget them, zero their hold words, mark FREE, count them later. */
+static int pool_free_own_deferred(PoolCore *self, char *mem, PyObject *freed, Py_ssize_t start) {
+    Py_ssize_t k = PyList_GET_SIZE(freed);
+    if (start >= k) return 0;
+    for (Py_ssize_t j = start; j < k; j++) {
+        PyObject *key = PyList_GET_ITEM(freed, j);
+        if (PyDict_DelItem(self->outstanding, key) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError)) return -1;
+            PyErr_Clear();
+        }
+        if (orphan_forget(self, key) < 0) return -1;
+    }
+    int64_t i = 0;
+    for (Py_ssize_t j = start; j < k; j++) {
+        i = PyLong_AsLongLong(PyList_GET_ITEM(freed, j));
+        Py_ssize_t s = pool_clear_slot(self, mem, i);
+        if (s < 0) return -1;
+        store_word(mem, s + S_STATE, SLOT_FREE);
+    }
+    store_word(mem, W_ALLOC_HINT, i); /* the slot freed last is reused first */
+    self->pending_frees += k - start;
+    return 0;
+}
+
+/* mirrors SlotPool._apply_frees(count) (pool lock held). */
+static int pool_apply_frees(char *mem, int64_t count) {
+    if (add_word(mem, W_FREE_COUNT, count) < 0) return -1;
+    return add_word(mem, W_POOL_COUNTERS + 1, count);
+}
+
+/* mirrors SlotPool._count_pending_frees. */
+static int pool_count_pending(PoolCore *self, char *mem) {
+    if (!self->pending_frees) return 0;
+    if (pool_lock(self, mem) < 0) return -1;
+    int bad = pool_apply_frees(mem, self->pending_frees);
+    if (!bad) self->pending_frees = 0;
+    if (drop_lock(mem, W_POOL_LOCK, self->lock_sem) < 0 || bad) return -1;
+    return pool_wake(self, mem);
+}
+
+/* mirrors SlotPool._take_locked(1, m): the slot, -1 if none free, -2 error. */
+static int64_t pool_take(PoolCore *self, char *mem, int64_t m) {
+    if (pool_lock(self, mem) < 0) return -2;
+    STEP(52);
+    int64_t result = -2, n = self->count, i = -1;
+    if (self->pending_frees) {
+        if (pool_apply_frees(mem, self->pending_frees) < 0) goto out;
+        self->pending_frees = 0;
+    }
+    if (load_word(mem, W_FREE_COUNT) < 1) {
+        result = -1;
+        goto out;
+    }
+    int64_t start = load_word(mem, W_ALLOC_HINT); /* LIFO: the slot freed last */
+    if (!(0 <= start && start < n)) start = 0; /* (a hint, written without the lock: never trusted) */
+    for (int64_t k = 0; k < n; k++) {
+        int64_t j = start + k;
+        if (j >= n) j -= n;
+        if (load_word(mem, self->slots + j * SLOT_WORDS + S_STATE) == SLOT_FREE) {
+            i = j;
+            break;
+        }
+    }
+    if (i < 0) {
+        store_word(mem, W_FREE_COUNT, 0); /* the hint had drifted: it is exact now */
+        result = -1;
+        goto out;
+    }
+    Py_ssize_t s = self->slots + i * SLOT_WORDS;
+    int64_t gen = next_gen(mem, s);
+    store_word(mem, s + S_GEN, gen);
+    store_word(mem, s + S_OWNER, m + 1);
+    store_word(mem, s + S_NBYTES, 0);
+    store_word(mem, s + S_DELIVERIES, 0);
+    store_word(mem, s + S_FENCE, 0);
+    STEP(53);
+    store_word(mem, s + S_STATE, SLOT_LOANED);
+    PyObject *key = PyLong_FromLongLong(i), *g = PyLong_FromLongLong(gen);
+    int bad = key == NULL || g == NULL || PyDict_SetItem(self->loaned, key, g) < 0;
+    Py_XDECREF(key);
+    Py_XDECREF(g);
+    if (bad) goto out;
+    store_word(mem, W_FREE_COUNT, load_word(mem, W_FREE_COUNT) - 1);
+    if (add_word(mem, W_POOL_COUNTERS, 1) < 0) goto out;
+    STEP(54);
+    result = i;
+out:
+    if (drop_lock(mem, W_POOL_LOCK, self->lock_sem) < 0) result = -2;
+    return result;
+}
+
+/* Call self.<name>(*args) (a new reference, or NULL). */
+static PyObject *pool_call(PoolCore *self, PyObject *name, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *f = PyObject_GetAttr((PyObject *)self, name);
+    if (f == NULL) return NULL;
+    PyObject *r = PyObject_Vectorcall(f, args, nargs, NULL);
+    Py_DECREF(f);
+    return r;
+}
+
+static int deferred_empty(PoolCore *self) {
+    Py_ssize_t k = PyObject_Size(self->deferred);
+    if (k < 0) PyErr_Clear(); /* (not a deque any more: the Python path says what is wrong) */
+    return k == 0;
+}
+
+/* count is the int 1 (an overflowing int is not: the Python raises). */
+static int is_one(PyObject *count) {
+    if (!PyLong_CheckExact(count)) return 0;
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(count, &overflow);
+    if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+    return !overflow && v == 1;
+}
+
+/* mirrors SlotPool.try_allocate(count=1) */
+static PyObject *PoolCore_try_allocate(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs > 1 || (nargs == 1 && !is_one(args[0])) ||
+        self->closing || self->member < 0 || self->member >= self->max_members || !pool_state_ok(self) ||
+        !deferred_empty(self))
+        goto python;
+    int got = tlock_try(self);
+    if (got < 0) return NULL;
+    if (!got) goto python;
+    Py_buffer view;
+    if (pool_mem(self, &view) < 0) {
+        tlock_drop(self);
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    int64_t m = self->member, n = self->count, q = self->q, slot = -1;
+    Py_ssize_t mb = self->members + m * MEMBER_WORDS;
+    int64_t head = load_word(mem, mb + M_RQ_HEAD), tail = load_word(mem, mb + M_RQ_TAIL);
+    PyObject *freed = NULL, *cands = NULL, *result = NULL;
+    int ok = 0;
+    if (head != tail || load_word(mem, mb + M_RQ_LOST)) {
+        int64_t d;
+        if (load_word(mem, mb + M_RQ_LOST) || __builtin_sub_overflow(tail, head, &d) || !(0 < d && d <= q))
+            goto python_unlock; /* a lost or implausible queue: the Python re-checks everything */
+        int reuse = !load_word(mem, W_RETURN_WAITING);
+        /* read the notifications first: a corrupt one sends the whole move to the Python */
+        if ((cands = PyDict_New()) == NULL) goto out;
+        Py_ssize_t qw = self->rqw + m * q;
+        for (int64_t pos = head; pos != tail; pos++) {
+            int64_t v = load_word(mem, qw + (int64_t)((uint64_t)pos & (uint64_t)(q - 1)));
+            int64_t i = (int64_t)((uint64_t)v & HOLD_RELEASED_MASK), gen = v >> 32;
+            if (i >= n || !(0 < gen && gen <= MAX_GEN)) goto python_unlock;
+            PyObject *key = PyLong_FromLongLong(i);
+            if (key == NULL) goto out;
+            PyObject *o = PyDict_GetItemWithError(self->outstanding, key);
+            int mine = o != NULL && PyLong_CheckExact(o) && PyLong_AsLongLong(o) == gen;
+            if (!mine && PyErr_Occurred()) {
+                Py_DECREF(key);
+                goto out;
+            }
+            if (mine) {
+                int r = PyDict_SetItem(cands, key, Py_None);
+                Py_DECREF(key);
+                if (r < 0) goto out;
+            } else {
+                Py_DECREF(key);
+                Py_ssize_t s = self->slots + i * SLOT_WORDS;
+                if (load_word(mem, s + S_GEN) == gen && load_word(mem, s + S_STATE) != SLOT_FREE)
+                    goto python_unlock; /* a live slot this member never sent */
+            }
+        }
+        store_word(mem, mb + M_RQ_HEAD, tail);
+        STEP(51);
+        if ((freed = PyList_New(0)) == NULL) goto out;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(cands, &pos, &key, &value)) {
+            int r = PySet_Contains(self->unfenced, key);
+            if (r < 0) goto out;
+            if (r) {
+                if (PySet_Add(self->early, key) < 0) goto out;
+                continue;
+            }
+            r = PyDict_Contains(self->outstanding, key);
+            if (r > 0) r = pool_releasable(self, mem, PyLong_AsLongLong(key));
+            if (r < 0) goto out;
+            if (r && PyList_Append(freed, key) < 0) goto out;
+        }
+        if (PyList_GET_SIZE(freed)) {
+            Py_ssize_t start = 0;
+            if (reuse) {
+                PyObject *first = PyList_GET_ITEM(freed, 0);
+                if (pool_reloan(self, mem, first, PyLong_AsLongLong(first)) < 0) goto out;
+                slot = PyLong_AsLongLong(first);
+                start = 1;
+            }
+            if (pool_free_own_deferred(self, mem, freed, start) < 0) goto out;
+        }
+    }
+    if (slot >= 0) {
+        if (pool_count_pending(self, mem) < 0) goto out;
+    } else {
+        int64_t free = load_word(mem, W_FREE_COUNT), sum;
+        if (__builtin_add_overflow(free, self->pending_frees, &sum) ? free < 0 : sum < 1) {
+            /* none free: re-checks and the janitor, in Python (mirrors the Python's branch) */
+            PyBuffer_Release(&view);
+            view.obj = NULL;
+            PyObject *a[2] = {PyLong_FromLong(1), freed ? freed : NULL};
+            if (a[0] == NULL) goto out;
+            if (a[1] == NULL && (a[1] = freed = PyList_New(0)) == NULL) {
+                Py_DECREF(a[0]);
+                goto out;
+            }
+            PyObject *more = pool_call(self, s_when_short_locked, a, 2);
+            Py_DECREF(a[0]);
+            if (more == NULL) goto out;
+            Py_SETREF(freed, more);
+            if (pool_mem(self, &view) < 0) goto out;
+            mem = (char *)view.buf;
+        }
+        slot = pool_take(self, mem, m);
+        if (slot == -2) goto out;
+    }
+    ok = 1;
+out:
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_XDECREF(cands);
+    if (ok && !deferred_empty(self)) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_drain_deferred_locked);
+        if (r == NULL) ok = 0;
+        Py_XDECREF(r);
+    }
+    if (tlock_drop(self) < 0) ok = 0;
+    if (!ok) {
+        Py_XDECREF(freed);
+        return NULL;
+    }
+    if (slot >= 0) {
+        PyObject *key = PyLong_FromLongLong(slot);
+        if (key == NULL || (result = PyList_New(1)) == NULL) {
+            Py_XDECREF(key);
+            Py_XDECREF(freed);
+            return NULL;
+        }
+        PyList_SET_ITEM(result, 0, key);
+        if (PySet_GET_SIZE(self->cold)) {
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_warm_up, result);
+            if (r == NULL) {
+                Py_DECREF(result);
+                Py_XDECREF(freed);
+                return NULL;
+            }
+            Py_DECREF(r);
+        }
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+    if (freed != NULL && PyList_GET_SIZE(freed) && self->on_return != NULL && self->on_return != Py_None) {
+        PyObject *empty = PyList_New(0);
+        PyObject *a[2] = {freed, empty};
+        PyObject *r = empty ? pool_call(self, s_after_collect, a, 2) : NULL;
+        Py_XDECREF(empty);
+        if (r == NULL) {
+            if (slot >= 0) { /* the caller never sees it */
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyObject *x = PyObject_CallMethod((PyObject *)self, "abort", "O", result);
+                Py_XDECREF(x);
+                if (x == NULL) PyErr_Clear();
+                PyErr_Restore(type, value, tb);
+            }
+            Py_DECREF(result);
+            Py_DECREF(freed);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_XDECREF(freed);
+    return result;
+python_unlock:
+    PyBuffer_Release(&view);
+    Py_XDECREF(cands);
+    if (tlock_drop(self) < 0) return NULL;
+python:
+    return pool_call(self, s_py_try_allocate, args, nargs);
+}
+
+/* mirrors SlotPool.mark_sent(indices, nbytes, deliveries=1, fenced=False)
+ * for one slot, given positionally; anything else goes to the Python. */
+static PyObject *PoolCore_mark_sent(PoolCore *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *idx = NULL, *nb = NULL;
+    int64_t deliveries = 1, i, nbytes;
+    int fenced = 0;
+    if (kwnames != NULL || nargs < 2 || nargs > 4 || !pool_state_ok(self)) goto python;
+    if (nargs >= 3) {
+        if (!PyLong_CheckExact(args[2])) goto python;
+        deliveries = PyLong_AsLongLong(args[2]);
+        if (deliveries == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            goto python;
+        }
+        if (deliveries < 1) goto python;
+    }
+    if (nargs == 4 && (fenced = PyObject_IsTrue(args[3])) < 0) return NULL;
+    if (!(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0])) || PySequence_Fast_GET_SIZE(args[0]) != 1 ||
+        !(PyTuple_CheckExact(args[1]) || PyList_CheckExact(args[1])) || PySequence_Fast_GET_SIZE(args[1]) != 1)
+        goto python; /* (several slots: the Python) */
+    idx = PySequence_Fast_GET_ITEM(args[0], 0);
+    nb = PySequence_Fast_GET_ITEM(args[1], 0);
+    if (!PyLong_CheckExact(idx) || !PyLong_CheckExact(nb)) goto python;
+    i = PyLong_AsLongLong(idx);
+    nbytes = PyLong_AsLongLong(nb);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        goto python;
+    }
+    if (!(0 <= i && i < self->count) || !(0 <= nbytes && nbytes <= self->slot_size)) goto python;
+    int got = tlock_try(self);
+    if (got < 0) return NULL;
+    if (!got) goto python;
+    PyObject *gen = PyDict_GetItemWithError(self->loaned, idx); /* borrowed */
+    if (gen == NULL) {
+        if (tlock_drop(self) < 0 || PyErr_Occurred()) return NULL;
+        goto python; /* not loaned here: the Python raises SlotError */
+    }
+    Py_INCREF(gen);
+    Py_buffer view;
+    PyObject *gens = NULL;
+    if (pool_mem(self, &view) < 0) goto out;
+    char *mem = (char *)view.buf;
+    Py_ssize_t s = self->slots + i * SLOT_WORDS;
+    store_word(mem, s + S_NBYTES, nbytes);
+    store_word(mem, s + S_DELIVERIES, deliveries);
+    store_word(mem, s + S_FENCE, 0);
+    STEP(61);
+    store_word(mem, s + S_STATE, SLOT_SENT);
+    STEP(62);
+    PyBuffer_Release(&view);
+    if (PyDict_DelItem(self->loaned, idx) < 0 || PyDict_SetItem(self->outstanding, idx, gen) < 0) goto out;
+    self->last_sent = i;
+    if ((gens = PyList_New(1)) == NULL) goto out;
+    PyList_SET_ITEM(gens, 0, Py_NewRef(gen));
+    if (fenced && PySet_Add(self->unfenced, idx) < 0) Py_CLEAR(gens);
+out:
+    Py_DECREF(gen);
+    if (tlock_drop(self) < 0) Py_CLEAR(gens);
+    return gens;
+python:
+    if (PyErr_Occurred()) return NULL;
+    {
+        PyObject *f = PyObject_GetAttr((PyObject *)self, s_py_mark_sent);
+        if (f == NULL) return NULL;
+        PyObject *r = PyObject_Vectorcall(f, args, nargsf, kwnames);
+        Py_DECREF(f);
+        return r;
+    }
+}
+
+/* mirrors SlotPool.set_fence(indices, position) */
+static PyObject *PoolCore_set_fence(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0])) || !PyLong_CheckExact(args[1]) ||
+        !pool_state_ok(self))
+        return pool_call(self, s_py_set_fence, args, nargs);
+    int64_t position = PyLong_AsLongLong(args[1]);
+    if (position == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return pool_call(self, s_py_set_fence, args, nargs);
+    }
+    PyObject *indices = args[0];
+    int got = tlock_try(self);
+    if (got < 0) return NULL;
+    if (!got) return pool_call(self, s_py_set_fence, args, nargs);
+    PyObject *freed = NULL;
+    Py_buffer view;
+    int ok = 0;
+    if (pool_mem(self, &view) < 0) goto out;
+    char *mem = (char *)view.buf;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(indices); j++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(indices, j); /* (a list may shrink in a callback: re-read) */
+        int r = PySet_Discard(self->unfenced, key); /* 1: it was there */
+        if (r < 0) goto out_view;
+        if (!r) continue;
+        int64_t i = PyLong_AsLongLong(key); /* (only our own slot indices are in _unfenced) */
+        if ((i == -1 && PyErr_Occurred()) || !(0 <= i && i < self->count)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "a slot index out of range in _unfenced");
+            goto out_view;
+        }
+        store_word(mem, self->slots + i * SLOT_WORDS + S_FENCE, position);
+        r = PySet_Discard(self->early, key); /* its holders were quicker than us */
+        if (r > 0) r = pool_releasable(self, mem, i);
+        if (r < 0) goto out_view;
+        if (r) {
+            if (freed == NULL && (freed = PyList_New(0)) == NULL) goto out_view;
+            if (PyList_Append(freed, key) < 0) goto out_view;
+        }
+    }
+    ok = 1;
+out_view:
+    PyBuffer_Release(&view);
+    if (ok && freed != NULL) {
+        PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_free_own_locked, freed);
+        if (r == NULL) ok = 0;
+        Py_XDECREF(r);
+    }
+out:
+    if (tlock_drop(self) < 0) ok = 0;
+    if (ok && freed != NULL) {
+        PyObject *empty = PyList_New(0);
+        PyObject *a[2] = {freed, empty};
+        PyObject *r = empty ? pool_call(self, s_after_collect, a, 2) : NULL;
+        Py_XDECREF(empty);
+        if (r == NULL) ok = 0;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(freed);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* mirrors SlotPool.acquire(index, generation): a read-only memoryview of
+ * the slot's nbytes, one hold recorded in this member's hold word. */
+static PyObject *PoolCore_acquire(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) || self->closing ||
+        self->member < 0 || self->member >= self->max_members || !pool_state_ok(self) || !deferred_empty(self))
+        goto python;
+    int64_t index = PyLong_AsLongLong(args[0]), generation = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        goto python;
+    }
+    if (!(0 <= index && index < self->count)) goto python;
+    int got = tlock_try(self);
+    if (got < 0) return NULL;
+    if (!got) goto python;
+    Py_buffer view;
+    if (pool_mem(self, &view) < 0) {
+        tlock_drop(self);
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    Py_ssize_t s = self->slots + index * SLOT_WORDS;
+    int64_t nbytes = load_word(mem, s + S_NBYTES);
+    if (load_word(mem, s + S_GEN) != generation || load_word(mem, s + S_STATE) != SLOT_SENT ||
+        !(0 <= nbytes && nbytes <= self->slot_size)) {
+        PyBuffer_Release(&view);
+        if (tlock_drop(self) < 0) return NULL;
+        goto python; /* the Python raises SlotError / BrokenError */
+    }
+    Py_ssize_t hw = self->holdw + self->member * self->count + index;
+    int bad = add_word(mem, hw, HOLD_ACQUIRE);
+    PyBuffer_Release(&view);
+    if (bad) {
+        tlock_drop(self);
+        return NULL;
+    }
+    STEP(71);
+    self->holds += 1;
+    if (!deferred_empty(self)) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_drain_deferred_locked);
+        Py_XDECREF(r);
+        if (r == NULL) {
+            tlock_drop(self);
+            return NULL;
+        }
+    }
+    if (tlock_drop(self) < 0) return NULL;
+    int64_t off = self->data + index * self->stride;
+    PyObject *lo = PyLong_FromLongLong(off), *hi = PyLong_FromLongLong(off + nbytes);
+    PyObject *sl = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    if (sl == NULL) return NULL;
+    PyObject *r = PyObject_GetItem(self->rbuf, sl);
+    Py_DECREF(sl);
+    return r;
+python:
+    return pool_call(self, s_py_acquire, args, nargs);
+}
+
+/* mirrors SlotPool.release_later(index, generation, epoch) in its usual
+ * case: nobody in this process is inside the pool, the hold is ours, and
+ * nothing is pending; the release and the push of its return notice. */
+static PyObject *PoolCore_release_later(PoolCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+        self->closing || self->member < 0 || self->member >= self->max_members || !pool_state_ok(self) ||
+        !deferred_empty(self) || PyList_GET_SIZE(self->notes))
+        goto python;
+    int64_t index = PyLong_AsLongLong(args[0]), generation = PyLong_AsLongLong(args[1]),
+            epoch = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        goto python;
+    }
+    if (!(0 <= index && index < self->count) || epoch != self->epoch || !(0 <= generation && generation <= MAX_GEN))
+        goto python;
+    int got = tlock_try(self);
+    if (got < 0) return NULL;
+    if (!got) goto python;
+    Py_buffer view;
+    if (pool_mem(self, &view) < 0) {
+        tlock_drop(self);
+        return NULL;
+    }
+    char *mem = (char *)view.buf;
+    int64_t m = self->member, n = self->count;
+    Py_ssize_t s = self->slots + index * SLOT_WORDS, hw = self->holdw + m * n + index;
+    int64_t v = load_word(mem, hw);
+    if (load_word(mem, s + S_GEN) != generation ||
+        (int64_t)((uint64_t)v & HOLD_RELEASED_MASK) >= (v >> 32)) { /* not held: the Python's SlotError, ignored */
+        PyBuffer_Release(&view);
+        if (tlock_drop(self) < 0) return NULL;
+        goto python;
+    }
+    store_word(mem, hw, v + 1); /* (released < acquired < 2**31: no overflow) */
+    STEP(81);
+    self->holds -= 1;
+    int64_t owner = load_word(mem, s + S_OWNER) - 1, note = generation << 32 | index;
+    /* _push_notes_locked(block=False) of this one note */
+    int ok = 0, kept = 0;
+    got = pool_lock_try(self, mem);
+    if (got < 0) goto out;
+    if (!got) {
+        kept = 1; /* the pool lock is busy: pushed by this process's next pool call */
+    } else {
+        int bad = 0;
+        if (0 <= owner && owner < self->max_members) {
+            Py_ssize_t mb = self->members + owner * MEMBER_WORDS;
+            if (load_word(mem, mb + M_STATE) == MEMBER_LIVE) { /* (else the janitor frees its slots) */
+                int64_t tail = load_word(mem, mb + M_RQ_TAIL);
+                if ((__int128)tail - load_word(mem, mb + M_RQ_HEAD) >= self->q) {
+                    store_word(mem, mb + M_RQ_LOST, 1);
+                    bad = add_word(mem, W_POOL_COUNTERS + 6, 1);
+                } else {
+                    store_word(mem, self->rqw + owner * self->q + (int64_t)((uint64_t)tail & (uint64_t)(self->q - 1)),
+                               note);
+                    STEP(82);
+                    int64_t t1;
+                    if ((bad = checked_add(tail, 1, &t1)) == 0) {
+                        store_word(mem, mb + M_RQ_TAIL, t1);
+                        STEP(83);
+                        bad = add_word(mem, W_POOL_COUNTERS + 2, 1);
+                    } else {
+                        kept = 1; /* as the Python: the notes are cleared only after the loop */
+                    }
+                }
+            }
+        }
+        if (drop_lock(mem, W_POOL_LOCK, self->lock_sem) < 0 || bad) goto out;
+        if (pool_wake(self, mem) < 0) goto out;
+    }
+    ok = 1;
+out:
+    PyBuffer_Release(&view);
+    if (kept) {
+        PyObject *t = Py_BuildValue("(LL)", (long long)owner, (long long)note);
+        if (t == NULL || PyList_Append(self->notes, t) < 0) ok = 0;
+        Py_XDECREF(t);
+    }
+    if (tlock_drop(self) < 0) ok = 0;
+    if (!ok) return NULL;
+    if (!deferred_empty(self)) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_drain_deferred);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+python:
+    return pool_call(self, s_py_release_later, args, nargs);
+}
+
+/* _c_setup(geometry): the C copies of the checked geometry, a tuple
+ * (slot_size, slot_count, max_members, rq_capacity, slot table word, member
+ * table word, hold table word, return queues word, data offset, stride,
+ * segment size), and the pool lock's semaphore. */
+static PyObject *PoolCore_c_setup(PoolCore *self, PyObject *args) {
+    long long g[11];
+    PyObject *sem;
+    if (!PyArg_ParseTuple(args, "(LLLLLLLLLLL)O", &g[0], &g[1], &g[2], &g[3], &g[4], &g[5], &g[6], &g[7], &g[8],
+                          &g[9], &g[10], &sem))
+        return NULL;
+    self->slot_size = g[0];
+    self->count = g[1];
+    self->max_members = g[2];
+    self->q = g[3];
+    self->slots = g[4];
+    self->members = g[5];
+    self->holdw = g[6];
+    self->rqw = g[7];
+    self->data = g[8];
+    self->stride = g[9];
+    self->size = g[10];
+    Py_XSETREF(self->lock_sem, Py_NewRef(sem));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef PoolCore_methods[] = {
+    {"try_allocate", (PyCFunction)(void (*)(void))PoolCore_try_allocate, METH_FASTCALL,
+     "try_allocate(count=1) (C core: mirrors SlotPool.try_allocate for one slot)."},
+    {"mark_sent", (PyCFunction)(void (*)(void))PoolCore_mark_sent, METH_FASTCALL | METH_KEYWORDS,
+     "mark_sent(indices, nbytes, deliveries=1, fenced=False) (C core: mirrors SlotPool.mark_sent for one slot)."},
+    {"set_fence", (PyCFunction)(void (*)(void))PoolCore_set_fence, METH_FASTCALL,
+     "set_fence(indices, position) (C core: mirrors SlotPool.set_fence)."},
+    {"acquire", (PyCFunction)(void (*)(void))PoolCore_acquire, METH_FASTCALL,
+     "acquire(index, generation) (C core: mirrors SlotPool.acquire)."},
+    {"release_later", (PyCFunction)(void (*)(void))PoolCore_release_later, METH_FASTCALL,
+     "release_later(index, generation, epoch) (C core: mirrors SlotPool.release_later)."},
+    {"_c_setup", (PyCFunction)PoolCore_c_setup, METH_VARARGS, "_c_setup(geometry, lock_semaphore)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyMemberDef PoolCore_members[] = {
+    {"_member", T_LONGLONG, offsetof(PoolCore, member), 0, NULL},
+    {"_holds", T_LONGLONG, offsetof(PoolCore, holds), 0, NULL},
+    {"_pending_frees", T_LONGLONG, offsetof(PoolCore, pending_frees), 0, NULL},
+    {"_last_sent", T_LONGLONG, offsetof(PoolCore, last_sent), 0, NULL},
+    {"_epoch", T_LONGLONG, offsetof(PoolCore, epoch), 0, NULL},
+    {"_closing", T_BOOL, offsetof(PoolCore, closing), 0, NULL},
+    {"_c_slot_size", T_LONGLONG, offsetof(PoolCore, slot_size), READONLY, NULL},
+    {"_c_count", T_LONGLONG, offsetof(PoolCore, count), READONLY, NULL},
+    {"_buf", T_OBJECT_EX, offsetof(PoolCore, buf), 0, NULL},
+    {"_rbuf", T_OBJECT_EX, offsetof(PoolCore, rbuf), 0, NULL},
+    {"_lock", T_OBJECT_EX, offsetof(PoolCore, lock), 0, NULL},
+    {"_tlock", T_OBJECT_EX, offsetof(PoolCore, tlock), 0, NULL},
+    {"_loaned", T_OBJECT_EX, offsetof(PoolCore, loaned), 0, NULL},
+    {"_outstanding", T_OBJECT_EX, offsetof(PoolCore, outstanding), 0, NULL},
+    {"_unfenced", T_OBJECT_EX, offsetof(PoolCore, unfenced), 0, NULL},
+    {"_early", T_OBJECT_EX, offsetof(PoolCore, early), 0, NULL},
+    {"_orphan_seen", T_OBJECT_EX, offsetof(PoolCore, orphan_seen), 0, NULL},
+    {"_deferred", T_OBJECT_EX, offsetof(PoolCore, deferred), 0, NULL},
+    {"_notes", T_OBJECT_EX, offsetof(PoolCore, notes), 0, NULL},
+    {"_cold", T_OBJECT_EX, offsetof(PoolCore, cold), 0, NULL},
+    {"on_return", T_OBJECT, offsetof(PoolCore, on_return), 0, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject PoolCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmq._core.PoolCore",
+    .tp_basicsize = sizeof(PoolCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C slot moves under shmq's SlotPool (see docs/core.md).",
+    .tp_dealloc = (destructor)PoolCore_dealloc,
+    .tp_traverse = (traverseproc)PoolCore_traverse,
+    .tp_clear = (inquiry)PoolCore_clear,
+    .tp_methods = PoolCore_methods,
+    .tp_members = PoolCore_members,
+};
+
 static PyMethodDef core_functions[] = {
     {"pack_flat", (PyCFunction)core_pack_flat, METH_O,
      "pack_flat(obj): obj as a flat-tuple record, or None (C core: mirrors topic._pack_flat)."},
@@ -1968,6 +2878,20 @@ PyMODINIT_FUNC PyInit__core(void) {
     INTERN(s_w_gen, "_w_gen");
     INTERN(s_py_try_read, "_py_try_read");
     INTERN(s_get_value, "_get_value");
+    INTERN(s_py_try_allocate, "_py_try_allocate");
+    INTERN(s_py_mark_sent, "_py_mark_sent");
+    INTERN(s_py_set_fence, "_py_set_fence");
+    INTERN(s_py_acquire, "_py_acquire");
+    INTERN(s_py_release_later, "_py_release_later");
+    INTERN(s_high, "_high");
+    INTERN(s_when_short_locked, "_when_short_locked");
+    INTERN(s_wake_waiters, "_wake_waiters");
+    INTERN(s_free_own_locked, "_free_own_locked");
+    INTERN(s_after_collect, "_after_collect");
+    INTERN(s_warm_up, "_warm_up");
+    INTERN(s_drain_deferred, "_drain_deferred");
+    INTERN(s_drain_deferred_locked, "_drain_deferred_locked");
+    INTERN(s_push_notes_locked, "_push_notes_locked");
     refresh_pid();
     pthread_atfork(NULL, NULL, refresh_pid);
     const char *stop = getenv("SHMQ_CORE_STOP_AT");
@@ -1979,10 +2903,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     RingCoreType.tp_new = PyBaseObject_Type.tp_new;
     BroadcastCoreType.tp_new = PyBaseObject_Type.tp_new;
     CursorCoreType.tp_new = PyBaseObject_Type.tp_new;
+    PoolCoreType.tp_new = PyBaseObject_Type.tp_new;
     if (PyType_Ready(&RingCoreType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ReaderType) < 0 ||
         PyType_Ready(&BroadcastCoreType) < 0 || PyType_Ready(&CursorCoreType) < 0 ||
         PyType_Ready(&TopicReceiverType) < 0 || PyType_Ready(&TopicPublisherType) < 0 ||
-        PyType_Ready(&TopicIterationType) < 0)
+        PyType_Ready(&TopicIterationType) < 0 || PyType_Ready(&PoolCoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL) return NULL;
@@ -2013,6 +2938,19 @@ PyMODINIT_FUNC PyInit__core(void) {
         "TS_NEXT_SEQ", TS_NEXT_SEQ, "TS_LOST", TS_LOST, "TS_RECEIVED", TS_RECEIVED, "T_RECORD_HEADER", T_RECORD_HEADER,
         "TS_WAITING", TS_WAITING);
     if (tlayout == NULL || PyModule_AddObject(m, "TOPIC_LAYOUT", tlayout) < 0) return NULL;
+    Py_INCREF(&PoolCoreType);
+    if (PyModule_AddObject(m, "PoolCore", (PyObject *)&PoolCoreType) < 0) return NULL;
+    PyObject *playout = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:L}",
+        "W_POOL_LOCK", W_POOL_LOCK, "W_FREE_COUNT", W_FREE_COUNT, "W_ALLOC_HINT", W_ALLOC_HINT, "W_MEMBERS_HIGH",
+        W_MEMBERS_HIGH, "W_RETURN_WAITING", W_RETURN_WAITING, "W_POOL_COUNTERS", W_POOL_COUNTERS, "SLOT_WORDS",
+        SLOT_WORDS, "S_STATE", S_STATE, "S_GEN", S_GEN, "S_OWNER", S_OWNER, "S_NBYTES", S_NBYTES, "S_DELIVERIES",
+        S_DELIVERIES, "S_FENCE", S_FENCE, "SLOT_FREE", SLOT_FREE, "SLOT_LOANED", SLOT_LOANED, "SLOT_SENT",
+        SLOT_SENT, "MEMBER_WORDS", MEMBER_WORDS, "M_STATE", M_STATE, "M_RQ_HEAD", M_RQ_HEAD, "M_RQ_TAIL",
+        M_RQ_TAIL, "M_RQ_LOST", M_RQ_LOST, "M_REUSES", M_REUSES, "MEMBER_LIVE", MEMBER_LIVE, "MEMBER_DEAD", MEMBER_DEAD, "HOLD_ACQUIRE",
+        (long long)HOLD_ACQUIRE);
+    if (playout == NULL || PyModule_AddObject(m, "POOL_LAYOUT", playout) < 0) return NULL;
+    if (PyModule_AddIntConstant(m, "POOL_LOCK_GENERATION", W_POOL_LOCK_GEN) < 0) return NULL;
     if (PyModule_AddIntConstant(m, "STOP_AT", stop_at) < 0) return NULL;
     return m;
 }

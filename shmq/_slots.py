@@ -42,6 +42,13 @@ once the holders are done.  If the pool is linked to a ring (``fence``), a
 slot whose message was consumed from that ring but never acquired is freed
 after ``orphan_seconds`` -- only once a consumer of the ring has been found
 dead (its receiver died between reading and decoding).
+
+This module is the specification.  With the compiled core (shmq._core,
+unless SHMQ_PURE is set) the hot moves -- ``try_allocate`` of one slot,
+``mark_sent``, ``set_fence``, ``acquire``, ``release_later`` -- run in C
+(``_core.PoolCore``, SlotPool's base class), mirroring the code below and
+calling it (``_py_<name>``) for every case off the common path
+(docs/core.md).
 """
 from __future__ import annotations
 
@@ -112,6 +119,32 @@ WARM_MIN_BYTES = 32 << 20
 WARM_SECONDS_PER_BYTE = 1 / 200e9
 WARM_BACKOFF = 8
 _POPULATE_OK = sys.platform.startswith("linux")
+
+
+def _load_core():
+    """shmq._core if it is built, has the slot moves for this layout and
+    SHMQ_PURE is not set; else None (the Python moves below run).  See
+    docs/core.md."""
+    if os.environ.get("SHMQ_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    layout = getattr(_core, "POOL_LAYOUT", None)
+    if not isinstance(layout, dict) or not hasattr(_core, "PoolCore"):
+        return None
+    from . import _sync
+
+    same = layout == {k: getattr(L, k, None) for k in layout}
+    lock_gen = L.W_POOL_LOCK + getattr(_sync, "_GENERATION_AFTER_OWNER", -1)
+    return _core if same and getattr(_core, "POOL_LOCK_GENERATION", None) == lock_gen else None
+
+
+_core = _load_core()
+#: which core runs the slot moves: "c" (shmq._core) or "python"
+CORE = "python" if _core is None else "c"
+_PoolBase = object if _core is None else _core.PoolCore
 
 
 def _populate(segment: Segment, offset: int, length: int) -> None:
@@ -187,7 +220,7 @@ class SlotPoolStatistics:
     members: Tuple[Tuple[int, bool], ...]
 
 
-class SlotPool:
+class SlotPool(_PoolBase):
     """A named pool of ``slot_count`` slots of ``slot_size`` bytes.
 
     ``SlotPool.create(slot_size, slot_count)`` makes one (the creating process
@@ -232,6 +265,12 @@ class SlotPool:
         self.fence = None
         self.orphan_seconds = ORPHAN_SECONDS
         self._init_local()
+        if _core is not None:  # the C moves' copies of the checked geometry (docs/core.md)
+            self._c_setup(
+                (self.slot_size, n, self.max_members, self._q, self._slots, self._members, self._holdw, self._rqw,
+                 self._data, self._stride, L.pool_geometry(self.slot_size, n, self.max_members)["size"]),
+                self._lock._sem,
+            )
         self._closing = False
         self._closed = False
         _open_pools.add(self)
@@ -478,11 +517,7 @@ class SlotPool:
                 self._count_pending_frees()
             else:
                 if w[L.W_FREE_COUNT] + self._pending_frees < count:
-                    now = _monotonic()
-                    self._count_pending_frees()
-                    freed = freed + self._check_outstanding_locked(now)
-                    if w[L.W_FREE_COUNT] < count and now >= self._next_reclaim:
-                        self._reclaim_locked(now, own=freed)
+                    freed = self._when_short_locked(count, freed)
                 got = self._take_locked(count, m)
             if self._deferred:
                 self._drain_deferred_locked()
@@ -496,6 +531,17 @@ class SlotPool:
                     self.abort(got)  # the caller never sees them
                 raise
         return got
+
+    def _when_short_locked(self, count: int, freed: List[int]) -> List[int]:
+        """No ``count`` slots free: count the frees, re-check every slot
+        sent from here, and run the janitor when due.  Returns ``freed`` and
+        what the re-checks freed.  (tlock held)"""
+        now = _monotonic()
+        self._count_pending_frees()
+        freed = freed + self._check_outstanding_locked(now)
+        if self._w[L.W_FREE_COUNT] < count and now >= self._next_reclaim:
+            self._reclaim_locked(now, own=freed)
+        return freed
 
     def allocate(self, count: int = 1, timeout: Optional[float] = None) -> List[int]:
         """Like :meth:`try_allocate`, but wait for returns (back-pressure).
@@ -1408,6 +1454,20 @@ class SlotPool:
 
 
 _TOKEN = object()
+
+# The Python moves stay reachable (the C ones fall back to them, the tests
+# drive both); with the C core the class's own are the C ones.
+SlotPool._py_try_allocate = SlotPool.try_allocate  # type: ignore[attr-defined]
+SlotPool._py_mark_sent = SlotPool.mark_sent  # type: ignore[attr-defined]
+SlotPool._py_set_fence = SlotPool.set_fence  # type: ignore[attr-defined]
+SlotPool._py_acquire = SlotPool.acquire  # type: ignore[attr-defined]
+SlotPool._py_release_later = SlotPool.release_later  # type: ignore[attr-defined]
+if _core is not None:
+    SlotPool.try_allocate = _core.PoolCore.try_allocate  # type: ignore[assignment]
+    SlotPool.mark_sent = _core.PoolCore.mark_sent  # type: ignore[assignment]
+    SlotPool.set_fence = _core.PoolCore.set_fence  # type: ignore[assignment]
+    SlotPool.acquire = _core.PoolCore.acquire  # type: ignore[assignment]
+    SlotPool.release_later = _core.PoolCore.release_later  # type: ignore[assignment]
 
 
 def _statistics(name: str, w: memoryview) -> SlotPoolStatistics:
