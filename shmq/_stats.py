@@ -245,14 +245,17 @@ def read_statistics(name: str) -> Any:
     """A statistics snapshot of segment ``name``, read-only, from any process:
     RingStatistics for a ring (queues included), SlotPoolStatistics for a
     slot pool, TopicStatistics / LatestStatistics for a topic / Latest,
-    ServiceStatistics for a service's request ring (the same as the
-    handle's ``statistics()``), SegmentInfo for any other kind.  Raises
+    ServiceStatistics for a service's request ring, ClientStatistics for a
+    service client's reply ring (the same as the handle's ``statistics()``),
+    SegmentInfo for any other kind.  Raises
     FileNotFoundError, PermissionError, or LayoutError (not an shmq segment of
     this layout version)."""
     with SegmentView.open(name) as view:
         if view.kind == L.KIND_RING:
             if is_service(view.words):
                 return service_statistics(view)
+            if linked_service(view.words) is not None:
+                return client_statistics(view.name, view, view.words)[0]
             return read_ring_statistics(view.name, view.words, view)
         if view.kind == L.KIND_POOL:
             return pool_view_statistics(view)
@@ -336,6 +339,10 @@ class ClientStatistics:
     def fill_ratio(self) -> float:
         """How full the reply ring is."""
         return self.replies.fill_ratio
+
+    @property
+    def taken_at(self) -> float:
+        return self.replies.taken_at
 
 
 @dataclass(frozen=True)
