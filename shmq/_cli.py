@@ -343,9 +343,8 @@ def _service_text(s: Any) -> str:
     servers = ",".join(map(str, s.servers)) or "none"
     clients_dead = sum(not c.alive for c in s.clients)
     return (
-        f"servers {servers}" + (f" ({dead} dead)" if dead else "")
+        f"{s.in_flight:,} in flight, {s.queued:,} queued; servers {servers}" + (f" ({dead} dead)" if dead else "")
         + f"; clients {len(s.clients) - clients_dead}/{len(s.clients)}"
-        + f"; {s.queued:,} queued, {s.in_flight:,} in flight"
     )
 
 
@@ -662,6 +661,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
 # -- top --------------------------------------------------------------------
 
 
+#: on a terminal, the INFO column is left out when less room than this is left for it
+MIN_INFO_WIDTH = 16
 _TOP_HEADER = ["NAME", "KIND", "IN/s", "OUT/s", "MB/s", "FILL", "P-WAIT", "C-WAIT", "VERDICT", "PROCS"]
 
 
@@ -823,6 +824,16 @@ def _top_text(
             r.pop()
     right = (2, 3, 4, 6, 7, 9)
     if width:
+        if header[-1] == "INFO":  # the free text gives way first: cut to what the others leave, or dropped
+            fixed = sum(max(len(str(r[i])) for r in [header] + rows) for i in range(len(header) - 1))
+            room = width - fixed - 2 * (len(header) - 1)
+            if room < MIN_INFO_WIDTH:
+                header.pop()
+                for r in rows:
+                    r.pop()
+            else:
+                for r in rows:
+                    r[-1] = r[-1] if len(r[-1]) <= room else r[-1][: room - 1] + "~"
         others = [max(len(str(r[i])) for r in [header] + rows) for i in range(1, len(header))]
         room = width - sum(others) - 2 * (len(header) - 1)
         room = max(room, len("NAME"))

@@ -148,7 +148,7 @@ def test_ls_stat_top_show_a_service_its_server_and_its_clients(method, tmp_path)
             assert lines[0].split() == ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS", "INFO"], out
             row = lines[1]
             assert row.split()[:2] == [svc.name, "service"], out
-            assert f"servers {server}; clients 2/2; 0 queued, 1 in flight" in row, out
+            assert f"1 in flight, 0 queued; servers {server}; clients 2/2" in row, out
             clients = {line.split()[0]: line for line in lines if line.startswith("  shmq_") and ".b0" not in line}
             assert set(clients) == {a_name, b_name}, out
             assert "client" in clients[b_name] and "1 outstanding" in clients[b_name], out
@@ -333,3 +333,27 @@ def test_attach_refuses_what_is_not_a_service():
         with pytest.raises(shmq.LayoutError, match="reply ring"):
             shmq.Service.attach(c.name)
         c.close()
+
+
+def test_top_on_a_terminal_cuts_the_info_column_before_the_names():
+    from shmq._cli import MIN_INFO_WIDTH, _top_text
+
+    def entry(name, kind, info, owner=None, summary=None):
+        return {"name": name, "kind": kind, "owner": owner, "dead": False, "procs_alive": 1, "procs": 1,
+                "fill_ratio": 0.0, "rates": None, "info": info, "summary": summary}
+
+    entries = [
+        entry("shmq_tag_12345_service_nm", "service", "1 in flight, 0 queued; servers 101,102,103; clients 2/2"),
+        entry("shmq_tag_12345_6789abcdef", "client", "1 outstanding, 0 replies unread",
+              summary={"service": "shmq_tag_12345_service_nm"}),
+    ]
+    wide = _top_text(entries, "", 1.0)  # not a terminal: nothing cut
+    assert "1 in flight, 0 queued; servers 101,102,103; clients 2/2" in wide and "  shmq_tag_12345_6789abcdef" in wide
+    fixed = len(wide.splitlines()[2].split("INFO")[0])  # every column before INFO, at full width
+    for width in (fixed + 60, fixed + MIN_INFO_WIDTH, fixed + MIN_INFO_WIDTH - 1, fixed - 5):
+        text = _top_text(entries, "", 1.0, width=width)
+        lines = text.splitlines()[2:]
+        assert all(len(line) <= width for line in lines), (width, text)
+        assert ("INFO" in lines[0]) == (width >= fixed + MIN_INFO_WIDTH), text
+        if width >= fixed:
+            assert "shmq_tag_12345_service_nm" in text and "  shmq_tag_12345_6789abcdef" in text, text  # names whole
