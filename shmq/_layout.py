@@ -44,7 +44,8 @@ producer side and the consumer side never write the same line::
           MSGS_IN shows this lock's progress, see _sync)
      312  CONSUMER_LOCK owner pid, 313 generation (recoveries; MSGS_OUT)
      320  (reserved)
-     321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
+     321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings,
+          a service's request ring and a client's reply ring)  creator
           A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):
      322  (3 words unused: the side ring's name follows from the queue's, "<queue>.s")
      325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
@@ -59,6 +60,9 @@ producer side and the consumer side never write the same line::
      325  POOL_MADE: 1 once the queue's slot pool "<queue>.p" exists (it is
           created on the first large buffer put, under the main ring's admin
           lock, and this word written last; 326-327 unused)  the pool's creator
+     328  a service's request ring (QUEUE_KIND_SERVICE): its server table, and
+          a client's reply ring (QUEUE_KIND_REPLIES): its service's name, up to
+          DATA_OFFSET (see "A service" below)
      384  a channel's ring: CH_* words and its member table, up to DATA_OFFSET
           (see "A channel's member table" below)
 
