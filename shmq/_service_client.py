@@ -799,7 +799,8 @@ class Client:
         seg = self._requests.segment
         try:
             with seg.admin_lock():
-                seg.words[L.W_SV_LOST] += n
+                w = seg.words  # (wrapping at the int64 limit, as the rings' counters do)
+                w[L.W_SV_LOST] = (w[L.W_SV_LOST] + n + (1 << 63)) % (1 << 64) - (1 << 63)
         except (ClosedError, OSError, ValueError):
             pass
 

@@ -492,10 +492,10 @@ def _server_table(w: memoryview) -> Tuple[List[int], List[Tuple[int, int, List[i
     SV_LOST), read consistently with the folds (SV_FOLDS)."""
     n = max(0, min(w[L.W_SV_SERVERS], L.SV_SERVERS))
     span = range(L.SV_REPLIED, L.SV_ENTRY_WORDS)
-    for _attempt in range(1000):
+    for attempt in range(1000):
         folds = w[L.W_SV_FOLDS]
-        if folds & 1:
-            time.sleep(0)  # a fold is under way (microseconds)
+        if folds & 1 and attempt < 999:  # a fold is under way (microseconds), or its folder died: read anyway
+            time.sleep(0)
             continue
         retired = [w[L.W_SV_RETIRED + k] for k in span]
         entries = []

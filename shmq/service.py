@@ -785,13 +785,20 @@ def _fold(w: memoryview, src: memoryview, base: int, free: bool) -> None:
     and zero them (``free``: also give the entry up).  Under the ring's
     admin lock; SV_FOLDS is odd meanwhile, so a reader that sees it change
     reads again (it would count the folded entry twice, or not at all)."""
-    w[L.W_SV_FOLDS] += 1
+    # (sums wrap at the int64 limit, as the rings' counters do: a peer could have written any value)
+    if w[L.W_SV_FOLDS] & 1:
+        w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)  # (a folder died mid-fold: the admin lock is ours now)
+    w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)
     for k in range(L.SV_REPLIED, L.SV_ENTRY_WORDS):
-        w[L.W_SV_RETIRED + k] += src[base + k]
+        w[L.W_SV_RETIRED + k] = _wrapped(w[L.W_SV_RETIRED + k] + src[base + k])
         src[base + k] = 0
     if free:
         src[base + L.SV_PID] = 0
-    w[L.W_SV_FOLDS] += 1
+    w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)
+
+
+def _wrapped(n: int) -> int:
+    return (n + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) -> None:

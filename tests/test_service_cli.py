@@ -357,3 +357,46 @@ def test_top_on_a_terminal_cuts_the_info_column_before_the_names():
         assert ("INFO" in lines[0]) == (width >= fixed + MIN_INFO_WIDTH), text
         if width >= fixed:
             assert "shmq_tag_12345_service_nm" in text and "  shmq_tag_12345_6789abcdef" in text, text  # names whole
+
+
+def test_garbage_in_the_service_words_never_crashes_the_commands():
+    """Every word the readers believe (the server table, a client's service
+    name and request table) overwritten with garbage: ls, stat, top and gc
+    still answer, without a traceback."""
+    import random
+
+    from shmq import _layout as L
+
+    rnd = random.Random(14)
+    with service() as svc, svc.serve(_serve_one_by_one, workers=1, ctx=mp.get_context("fork")):
+        c = svc.client()
+        assert c.call(1, timeout=30) == 2
+        svc_words = svc._requests.segment.words
+        reply_words = c._replies.segment.words
+        table_words = c._table.words
+        for _ in range(3):
+            for w, lo, hi in (
+                (svc_words, L.W_SV_SERVERS, L.DATA_OFFSET // L.WORD),
+                (reply_words, L.W_RP_SERVICE, L.W_RP_SERVICE + L.RP_SERVICE_BYTES // L.WORD),
+                (table_words, L.W_CL_RESENT, L.DATA_OFFSET // L.WORD + 64),
+            ):
+                for i in range(lo, hi):
+                    w[i] = rnd.choice((0, -1, 1, 1 << 62, -(1 << 63), rnd.getrandbits(63)))
+            for args in (("ls", "--prefix", svc.name), ("ls", "--prefix", svc.name, "--json"), ("stat", svc.name),
+                         ("stat", svc.name, "--json"), ("stat", c.name),
+                         ("top", "--prefix", svc.name, "--iterations", "1", "--interval", "0.1"),
+                         ("gc", "--prefix", svc.name, "--dry-run")):
+                shmq_cli(*args)  # (exit status 0, no traceback)
+            svc.statistics()
+        c.close()
+    # a server that claims an entry in, and folds into, a garbage table still serves
+    with service() as svc:
+        words = svc._requests.segment.words
+        for i in range(L.W_SV_FOLDS, L.DATA_OFFSET // L.WORD):
+            words[i] = rnd.choice((-1, 1 << 62, (1 << 63) - 1, rnd.getrandbits(63)))
+        with svc.serve(_serve_one_by_one, workers=2, ctx=mp.get_context("fork")):
+            c = svc.client()
+            assert [c.call(i, timeout=30) for i in range(10)] == [2 * i for i in range(10)]
+            shmq_cli("stat", svc.name)
+            c.close()
+        svc.statistics()
