@@ -400,3 +400,41 @@ def test_garbage_in_the_service_words_never_crashes_the_commands():
             shmq_cli("stat", svc.name)
             c.close()
         svc.statistics()
+
+
+def test_stat_interval_and_top_give_a_busy_service_s_call_rates():
+    """Calls flowing: stat --interval and top measure calls in and answered
+    per second (about equal: every call is answered), and each client's
+    replies per second."""
+    import threading
+
+    with service() as svc, svc.serve(_serve_one_by_one, workers=1, ctx=mp.get_context("fork")):
+        c = svc.client()
+        stop = threading.Event()
+        calls = [0]
+
+        def caller():
+            while not stop.is_set():
+                assert c.call(1, timeout=30) == 2
+                calls[0] += 1
+
+        t = threading.Thread(target=caller, daemon=True)
+        t.start()
+        try:
+            data = json.loads(shmq_cli("stat", svc.name, "--interval", "0.5", "--json"))
+            r = data["rates"]
+            assert r["messages_in_per_second"] > 100 and r["messages_out_per_second"] > 100, r
+            assert abs(r["messages_in_per_second"] - r["messages_out_per_second"]) < 0.2 * r["messages_in_per_second"], r
+            assert r["verdict"] in ll_verdicts()
+            text = shmq_cli("stat", svc.name, "--interval", "0.3")
+            assert "calls in " in text and "answered " in text and "verdict" in text, text
+            frame = json.loads(shmq_cli("top", "--prefix", svc.name, "--json", "--iterations", "1", "--interval", "0.5"))
+            seg = {e["name"]: e for e in frame["segments"]}
+            assert seg[svc.name]["rates"]["messages_out_per_second"] > 100, seg[svc.name]
+            assert seg[c.name]["rates"]["messages_in_per_second"] > 100, seg[c.name]  # replies written to it
+        finally:
+            stop.set()
+            t.join(30)
+        assert calls[0] > 0
+        assert svc.statistics().replied == calls[0]
+        c.close()
