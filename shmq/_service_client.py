@@ -481,8 +481,9 @@ class Client:
         self._decoder.close()
 
     def statistics(self) -> ClientStatistics:
-        """A snapshot of this client's reply ring and requests.  Raises
-        ClosedError once the client is closed."""
+        """A snapshot of this client's reply ring and requests, read from
+        shared memory as any process reads it (``read_statistics(name)``,
+        ``shmq stat NAME``).  Raises ClosedError once the client is closed."""
         self._check()
         self._reply_wait.flush()
         seg = self._replies.segment
