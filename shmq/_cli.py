@@ -356,6 +356,8 @@ def _service_part_summary(info: Any) -> Optional[Dict[str, Any]]:
 
 
 def _service_part_text(info: Any) -> str:
+    if info.kind == "pool" and getattr(info, "service", None):
+        return f"results of server {info.creator_pid}"
     if info.kind not in ("service", "client"):
         return ""
     s = _read_service_part(info.name)
@@ -697,6 +699,8 @@ def _top_sample(
             "fill_ratio": None,
             "rates": None,
         }
+        if info.service is not None:
+            entry["service"] = info.service  # (a service's client, or a server's result pool)
         if _has_rates(stats):
             current[info.name] = stats
             entry["fill_ratio"] = getattr(stats, "fill_ratio", None)
@@ -746,7 +750,7 @@ def _live_groups(infos: List[Any]) -> set:
     for i in infos:
         group = i.owner or i.name
         head = by_name.get(group)
-        if head is not None and head.service is not None:
+        if head is not None and head.kind == "client" and head.service is not None:
             if head.creator_alive:
                 out.add(group)
         elif i.in_use:
@@ -845,7 +849,7 @@ def _top_text(
 def _top_depths(entries: List[Dict[str, Any]]) -> Dict[int, int]:
     """Row index -> indentation, for a service's clients (1) and their parts (2)."""
     services = {e["name"] for e in entries if e["kind"] == "service"}
-    clients = {e["name"] for e in entries if e["kind"] == "client" and (e.get("summary") or {}).get("service") in services}
+    clients = {e["name"] for e in entries if e.get("service") in services}
     out = {}
     for k, e in enumerate(entries):
         if e["name"] in clients:

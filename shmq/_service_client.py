@@ -194,14 +194,17 @@ def _drop_message(data: bytes, resolver: Callable[[str], SlotPool]) -> None:
         pass  # the pool is gone with its process: nothing to return
 
 
-def _fitted_pool(obj: Any, name: Optional[str]) -> SlotPool:
+def _fitted_pool(obj: Any, name: Optional[str], link: str = "") -> SlotPool:
     """A pool whose slots fit ``obj``'s largest buffer (a power of two, at
-    least 1 MiB)."""
+    least 1 MiB).  ``link``: what the pool serves, in its header (a server's
+    result pool names its service, so ``shmq ls`` shows it there)."""
     largest = _codec.largest_buffer(obj)
     slot = _MIN_SLOT
     while slot < largest:
         slot <<= 1
-    return SlotPool.create(slot, _POOL_SLOTS, name=name)
+    if len(link.encode()) >= L.LINK_BYTES:
+        link = ""  # (a service name that long: the pool shows on its own)
+    return SlotPool.create(slot, _POOL_SLOTS, name=name, link=link)
 
 
 def _error_info(exc: BaseException) -> bytes:

@@ -80,7 +80,8 @@ class SegmentInfo:
     #: the queue this segment is a part of (its side ring, slot pool or a
     #: large-item blob), or None for a queue's main ring and anything else
     owner: Optional[str] = None
-    #: for a service client's reply ring (kind "client"): the service's name
+    #: for a service client's reply ring (kind "client"), or a server's
+    #: result pool: the service's name
     service: Optional[str] = None
 
     @property
@@ -142,11 +143,14 @@ class _Inventory:
         self.idents: Dict[str, Tuple[int, int]] = {}
         #: shmq-looking entries that could not be read: name -> reason
         self.problems: Dict[str, str] = {}
+        links: Dict[str, str] = {}  # pool -> the name in its LINK
         for name in self.names:
             try:
                 with SegmentView.open(name) as view:
                     info = _segment_info(view)
                     self.idents[name] = view._ident
+                    if view.kind == L.KIND_POOL:
+                        links[name] = _pool_link(view.words)
             except FileNotFoundError:
                 continue  # removed meanwhile
             except PermissionError as exc:
@@ -163,6 +167,9 @@ class _Inventory:
             owner = P.owner_of(name)
             if owner is not None and owner != name:
                 self.infos[name] = dataclasses.replace(info, owner=owner)
+            elif getattr(self.infos.get(links.get(name, "")), "kind", None) == "service":
+                # a server's result pool: shown with its service (gc judges it as any pool)
+                self.infos[name] = dataclasses.replace(info, service=links[name])
 
     def group(self, name: str) -> str:
         """The queue ``name`` belongs to (``name`` itself if it is no part)."""
@@ -201,13 +208,22 @@ class _Inventory:
         return info.service if info is not None else None
 
 
+def _pool_link(w: memoryview) -> str:
+    """The name in a pool's LINK words (what it serves), or ""."""
+    raw = b"".join((w[L.W_LINK + k] & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for k in range(L.LINK_BYTES // L.WORD))
+    try:
+        return raw.split(b"\0", 1)[0].decode("ascii")
+    except UnicodeError:
+        return ""
+
+
 def group_alive(infos: List[SegmentInfo]) -> bool:
     """Whether a group (a segment with its parts, as :class:`_Inventory`
     makes them) is in use: any process of any of its segments lives -- but a
     service client's reply ring and its parts live and die with the client
     alone (the servers attached to it do not keep it)."""
     head = next((i for i in infos if i.owner is None), None)
-    if head is not None and head.service is not None:
+    if head is not None and head.kind == "client" and head.service is not None:
         return head.creator_alive
     return any(i.in_use for i in infos)
 

@@ -735,7 +735,7 @@ class Service:
             data = first_pass(obj)
         if data is LARGE:
             if self._pool is None:
-                pool = _fitted_pool(obj, None)
+                pool = _fitted_pool(obj, None, link=self.name)
                 pool.fence = _ResultFence(self)
                 pool.orphan_seconds = 0.0  # (an orphan here is a slot sent to a client known gone)
                 self._pool = pool

@@ -54,7 +54,7 @@ CLIENTS = textwrap.dedent(
 
 def handler(x):
     """2x; "boom" fails; ("hold", path) waits for path."""
-    if x == "boom":
+    if isinstance(x, str) and x == "boom":
         raise ValueError("boom")
     if isinstance(x, tuple) and x[0] == "hold":
         deadline = time.monotonic() + 60
@@ -338,14 +338,14 @@ def test_attach_refuses_what_is_not_a_service():
 def test_top_on_a_terminal_cuts_the_info_column_before_the_names():
     from shmq._cli import MIN_INFO_WIDTH, _top_text
 
-    def entry(name, kind, info, owner=None, summary=None):
+    def entry(name, kind, info, owner=None, service=None):
         return {"name": name, "kind": kind, "owner": owner, "dead": False, "procs_alive": 1, "procs": 1,
-                "fill_ratio": 0.0, "rates": None, "info": info, "summary": summary}
+                "fill_ratio": 0.0, "rates": None, "info": info, "service": service}
 
     entries = [
         entry("shmq_tag_12345_service_nm", "service", "1 in flight, 0 queued; servers 101,102,103; clients 2/2"),
         entry("shmq_tag_12345_6789abcdef", "client", "1 outstanding, 0 replies unread",
-              summary={"service": "shmq_tag_12345_service_nm"}),
+              service="shmq_tag_12345_service_nm"),
     ]
     wide = _top_text(entries, "", 1.0)  # not a terminal: nothing cut
     assert "1 in flight, 0 queued; servers 101,102,103; clients 2/2" in wide and "  shmq_tag_12345_6789abcdef" in wide
@@ -437,4 +437,23 @@ def test_stat_interval_and_top_give_a_busy_service_s_call_rates():
             t.join(30)
         assert calls[0] > 0
         assert svc.statistics().replied == calls[0]
+        c.close()
+
+
+def test_a_server_s_result_pool_and_a_client_s_argument_pool_show_under_the_service():
+    import numpy as np
+
+    with service() as svc, svc.serve(_serve_one_by_one, workers=1, ctx=mp.get_context("spawn")) as serving:
+        server = serving.processes[0].pid
+        c = svc.client()
+        a = np.arange(1 << 18, dtype=np.float64)
+        assert np.array_equal(c.call(a, timeout=60), 2 * a)  # through both pools
+        out = shmq_cli("ls", "--prefix", svc.name)
+        lines = out.splitlines()
+        assert lines[1].split()[:2] == [svc.name, "service"], out
+        pool = next(line for line in lines if f"results of server {server}" in line)
+        assert pool.startswith(f"  shmq_{SESSION_TAG}_{server}_") and pool.split()[1] == "pool", out
+        assert any(line.startswith(f"    {c.name}.p ") and line.split()[1] == "pool" for line in lines), out
+        listing = {e["name"]: e for e in json.loads(shmq_cli("ls", "--prefix", svc.name, "--json"))}
+        assert listing[pool.split()[0]]["service"] == svc.name and listing[c.name]["service"] == svc.name
         c.close()
