@@ -25,7 +25,7 @@ from ._slots import SlotPool
 from ._stats import ClientStatistics, client_statistics
 from ._sync import full_fence as _fence  # cancelling and taking are each "store mine, load theirs" (Dekker)
 from ._wait import deadline_for, wait_until
-from .ring import Ring, RingStatistics
+from .ring import Ring
 
 __all__ = (
     "Client",

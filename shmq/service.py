@@ -34,7 +34,6 @@ the record: it was never served).
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import time
@@ -89,7 +88,7 @@ from ._service_client import (
 from ._slots import SlotPool
 from ._stats import ServerStatistics, ServiceStatistics, service_statistics
 from ._wait import deadline_for
-from .ring import DEFAULT_CAPACITY_BYTES, Ring, RingStatistics
+from .ring import DEFAULT_CAPACITY_BYTES, Ring
 
 __all__ = (
     "Service",
