@@ -14,7 +14,11 @@ the participants and never writes shared memory.
 * :class:`Rates` / :func:`rates`: messages/s, bytes/s and blocked time
   between two snapshots, with a :func:`verdict` a person can act on.
 * :class:`Garbage` / :func:`collect_garbage`: segments and semaphores whose
-  creator and participants are all dead (``shmq gc``).
+  creator and participants are all dead (``shmq gc``); a service client's
+  reply ring and its parts as soon as the client is dead.
+* :class:`ServiceStatistics`, :class:`ServerStatistics`,
+  :class:`ClientStatistics`: a ``shmq.Service`` read from its request ring's
+  server table and its clients' reply rings and request tables.
 
 shmq never drops a message (a full ring blocks the writer or raises Full), so
 there is no drop counter: back-pressure shows as ``full_waits``.
