@@ -457,3 +457,30 @@ def test_a_server_s_result_pool_and_a_client_s_argument_pool_show_under_the_serv
         listing = {e["name"]: e for e in json.loads(shmq_cli("ls", "--prefix", svc.name, "--json"))}
         assert listing[pool.split()[0]]["service"] == svc.name and listing[c.name]["service"] == svc.name
         c.close()
+
+
+def test_a_server_beyond_the_table_counts_into_the_totals():
+    """Every entry of the server table held by a live process: one more
+    server counts in its own memory and adds to the totals every 0.1 s
+    (and when it closes); nothing is lost."""
+    from shmq import _layout as L
+    from shmq import _platform as P
+
+    with service() as svc:
+        w = svc._requests.segment.words
+        for i in range(L.SV_SERVERS):  # (this process, alive: not reusable)
+            b = L.service_entry_word(i)
+            w[b + L.SV_START_US] = P.my_start_us()
+            w[b + L.SV_PID] = os.getpid()
+        with svc.serve(_serve_one_by_one, workers=1, ctx=mp.get_context("fork")) as serving:
+            c = svc.client()
+            assert [c.call(i, timeout=30) for i in range(25)] == [2 * i for i in range(25)]
+            assert _wait_until(lambda: svc.statistics().replied == 25), svc.statistics()
+            st = svc.statistics()
+            assert serving.processes[0].pid not in [x.pid for x in st.server_table]
+            assert st.servers == [serving.processes[0].pid]
+            assert c.call(0, timeout=30) == 0
+        assert svc.statistics().replied == 26  # (the last one added when the worker closed)
+        for i in range(L.SV_SERVERS):
+            w[L.service_entry_word(i) + L.SV_PID] = 0
+        c.close()
