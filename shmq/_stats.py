@@ -206,6 +206,14 @@ class _Inventory:
                 ordered[client] = out[client]
         return ordered
 
+    def matches(self, group: str, names: List[str], prefix: str) -> bool:
+        """Whether ``--prefix`` takes in ``group``: its name or a segment's
+        starts with ``prefix``, or it belongs to a service whose name does."""
+        if group.startswith(prefix) or any(n.startswith(prefix) for n in names):
+            return True
+        service = self.service_of(group)
+        return service is not None and service.startswith(prefix)
+
     def service_of(self, group: str) -> Optional[str]:
         """The service whose client ``group`` is (a reply ring), else None."""
         info = self.infos.get(group)
@@ -297,10 +305,8 @@ def list_segments(prefix: str = "", problems: Optional[List[Tuple[str, str]]] = 
     inv = _Inventory()
     out = []
     for group, names in inv.members().items():
-        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
-            service = inv.service_of(group)
-            if service is None or not service.startswith(prefix):
-                continue
+        if not inv.matches(group, names, prefix):
+            continue
         for name in names:
             if name in inv.infos:
                 out.append(inv.infos[name])
@@ -736,7 +742,7 @@ def collect_garbage(
       part whose queue is gone too.
 
     Only names starting with ``prefix`` are considered (a queue's parts go
-    with it).  A segment is removed only if its name still refers to the
+    with it; a service's clients and result pools with the service).  A segment is removed only if its name still refers to the
     file that was checked.  Entries that carry shmq's magic but cannot be
     read are never touched; they are appended to ``problems`` as ``(name,
     reason)`` when it is given.  Returns what was (or would be) removed.
@@ -745,7 +751,7 @@ def collect_garbage(
     found: List[Garbage] = []
     removed: Set[str] = set()
     for group, names in inv.members().items():
-        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
+        if not inv.matches(group, names, prefix):
             continue
         bad = [n for n in names if n in inv.problems]
         if problems is not None:

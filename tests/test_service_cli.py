@@ -258,11 +258,13 @@ def test_a_sigkilled_client_shows_dead_and_gc_collects_its_ring_while_its_server
         assert f"pid {child.pid}, DEAD" in shmq_cli("stat", svc.name)
 
         # gc: the client's ring and table go (this live process is attached to
-        # the ring: a client's ring lives and dies with its client alone)
-        dry = shmq_cli("gc", "--prefix", f"shmq_{SESSION_TAG}_{child.pid}_", "--dry-run")
+        # the ring: a client's ring lives and dies with its client alone);
+        # --prefix SERVICE takes in its clients, and keeps the live service
+        dry = shmq_cli("gc", "--prefix", svc.name, "--dry-run")
         assert f"would remove client {name}" in dry and f"{name}.b0" in dry, dry
+        assert svc.name + " " not in dry and "would remove 2 segment(s)" in dry, dry
         assert os.path.exists(f"/dev/shm/{name}")
-        report = json.loads(shmq_cli("gc", "--prefix", f"shmq_{SESSION_TAG}_{child.pid}_", "--json"))
+        report = json.loads(shmq_cli("gc", "--prefix", svc.name, "--json"))
         assert sorted(g["name"] for g in report["removed"]) == [name, f"{name}.b0"], report
         assert not session_entries_of(f"_{child.pid}_")
         assert svc.statistics().clients == ()
@@ -270,7 +272,6 @@ def test_a_sigkilled_client_shows_dead_and_gc_collects_its_ring_while_its_server
         with pytest.raises(TimeoutError):
             svc.receive(timeout=shmq.service.PEER_SWEEP_INTERVAL + 0.2)
         assert svc._peers == {}
-        # and gc keeps the live service
         assert shmq_cli("gc", "--prefix", svc.name, "--dry-run").strip().startswith("would remove 0 segment")
     assert not session_entries_of(svc.name)
 
