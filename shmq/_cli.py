@@ -13,6 +13,8 @@ Every command reads segments read-only by name (it never joins them).  A
 queue's parts (side ring, slot pool, large-item blobs) are shown with it.
 A running ``shmq.Pipeline`` shows as a pipeline (its board: a Latest holding
 its statistics) with a row per stage: items in and out, in flight, busy.
+A ``shmq.Service`` shows as a service (its request ring) with its clients'
+reply rings under it: calls in and out, in flight, servers and clients.
 An error is one line on stderr and exit status 1 (2 for bad usage); a
 segment that cannot be read is one line on stderr, and the command goes on.
 Set SHMQ_DEBUG=1 to see the traceback instead.
@@ -105,7 +107,7 @@ def _as_json(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"type": type(obj).__name__}
         out.update(dataclasses.asdict(obj))
-        for prop in ("fill_ratio", "age_seconds", "in_use"):
+        for prop in ("fill_ratio", "age_seconds", "in_use", "queued", "answered"):
             if hasattr(obj, prop):
                 out[prop] = getattr(obj, prop)
         if isinstance(getattr(obj, "taken_at", None), float):
@@ -121,9 +123,26 @@ def _print_json(obj: Any) -> None:
 # -- ls ---------------------------------------------------------------------
 
 
-def _shown_name(info: Any) -> str:
-    """A queue's part indented under its queue."""
-    return f"  {info.name}" if getattr(info, "owner", None) else info.name
+def _shown_name(info: Any, depth: int = -1) -> str:
+    """A queue's part indented under its queue (``depth``: levels, if the
+    caller knows them: a service's client, and a client's parts)."""
+    if depth < 0:
+        depth = 1 if getattr(info, "owner", None) else 0
+    return "  " * depth + info.name
+
+
+def _depths(infos: List[Any]) -> Dict[str, int]:
+    """How deep each segment sits: a queue's part 1; a service's client 1
+    (under its service, when listed), the client's parts 2."""
+    by_name = {i.name: i for i in infos}
+    out = {}
+    for i in infos:
+        head = by_name.get(i.owner) if i.owner else i
+        depth = 1 if i.owner else 0
+        if head is not None and getattr(head, "service", None) in by_name:
+            depth += 1
+        out[i.name] = depth
+    return out
 
 
 def _report_problems(problems: List[Tuple[str, str]]) -> None:
@@ -143,30 +162,40 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if board:
                 entry["kind"] = "pipeline"
                 entry["pipeline"] = board
+            summary = _service_part_summary(i)
+            if summary is not None:
+                entry["summary"] = summary
             listing.append(entry)
         _print_json(listing)
     elif not infos:
         print("no shmq segments" + (f" named {args.prefix}*" if args.prefix else ""))
     else:
         rows = []
+        depths = _depths(infos)
         for i in infos:
             alive = sum(p.alive for p in i.participants)
             board = _pipeline_board(i.name) if i.kind == "latest" else None
             rows.append(
                 [
-                    _shown_name(i),
+                    _shown_name(i, depths[i.name]),
                     "pipeline" if board else i.kind,
                     _size(i.size_bytes),
                     str(i.creator_pid),
                     "yes" if i.creator_alive else "NO",
                     _age(i.age_seconds),
                     f"{alive}/{len(i.participants)}",
+                    _service_part_text(i),
                 ]
             )
             for x in board["statistics"]["stages"] if board else ():
                 procs = f"{x.get('workers_alive', 0)}/{x['workers']}"
-                rows.append([f"  {x['name']}", "stage", "-", "-", "-", "-", procs])
-        print(_table(rows, ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS"], right=(2, 3, 5, 6)))
+                rows.append([f"  {x['name']}", "stage", "-", "-", "-", "-", procs, ""])
+        header = ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "AGE", "PROCS", "INFO"]
+        if not any(r[-1] for r in rows):  # (the column only where there is something to say)
+            header.pop()
+            for r in rows:
+                r.pop()
+        print(_table(rows, header, right=(2, 3, 5, 6)))
     _report_problems(problems)
     return 0
 
@@ -267,6 +296,128 @@ def _stage_entries(info: Any, board: Dict[str, Any], before: Optional[Dict[str, 
     return out
 
 
+# -- services -----------------------------------------------------------------
+# A shmq.Service is its request ring (kind "service", ServiceStatistics) and
+# one reply ring per client (kind "client", ClientStatistics, named after no
+# one: the ring's header names its service).  Every counter is read from
+# shared memory by name: the same in every process.
+
+
+def _read_service_part(name: str) -> Any:
+    """ServiceStatistics / ClientStatistics of ``name``, or None."""
+    try:
+        stats = ll.read_statistics(name)
+    except (OSError, shmq.ShmqError):
+        return None
+    return stats if isinstance(stats, (shmq.ServiceStatistics, shmq.ClientStatistics)) else None
+
+
+def _service_summary(s: Any) -> Dict[str, Any]:
+    """What ``ls --json`` and ``top --json`` say of a service or of a client."""
+    if isinstance(s, shmq.ClientStatistics):
+        return {"service": s.service, "pid": s.pid, "dead": not s.alive, "outstanding": s.outstanding,
+                "sent": s.sent, "resent": s.resent, "replies_unread": s.replies.messages_used}
+    return {
+        "servers": s.servers,
+        "servers_dead": [x.pid for x in s.server_table if not x.alive],
+        "clients": len(s.clients),
+        "clients_dead": sum(not c.alive for c in s.clients),
+        "queued": s.queued,
+        "in_flight": s.in_flight,
+        "received": s.received,
+        "replied": s.replied,
+        "failed": s.failed,
+        "cancelled": s.cancelled,
+        "lost": s.lost,
+        "partials": s.partials,
+    }
+
+
+def _service_text(s: Any) -> str:
+    """The INFO column of a service's or a client's row."""
+    if isinstance(s, shmq.ClientStatistics):
+        if not s.alive:
+            return f"DEAD: client {s.pid} died (shmq gc removes it)"
+        return f"{s.outstanding:,} outstanding, {s.replies.messages_used:,} replies unread"
+    dead = sum(not x.alive for x in s.server_table)
+    servers = ",".join(map(str, s.servers)) or "none"
+    clients_dead = sum(not c.alive for c in s.clients)
+    return (
+        f"{s.in_flight:,} in flight, {s.queued:,} queued; servers {servers}" + (f" ({dead} dead)" if dead else "")
+        + f"; clients {len(s.clients) - clients_dead}/{len(s.clients)}"
+    )
+
+
+def _service_part_summary(info: Any) -> Optional[Dict[str, Any]]:
+    if info.kind not in ("service", "client"):
+        return None
+    s = _read_service_part(info.name)
+    return _service_summary(s) if s is not None else None
+
+
+def _service_part_text(info: Any) -> str:
+    if info.kind == "pool" and getattr(info, "service", None):
+        return f"results of server {info.creator_pid}"
+    if info.kind not in ("service", "client"):
+        return ""
+    s = _read_service_part(info.name)
+    return _service_text(s) if s is not None else ""
+
+
+def _service_lines(s: "shmq.ServiceStatistics") -> List[Tuple[str, str]]:
+    r = s.requests
+    dead = [x.pid for x in s.server_table if not x.alive]
+    lines = [
+        ("service", f"{s.name}: request ring {_size(r.capacity_bytes)}"),
+        ("creator", f"{r.creator_pid} ({'alive' if r.creator_alive else 'dead'})"),
+        ("servers", (f"{len(s.servers)} live: {', '.join(map(str, s.servers))}" if s.servers else "none live")
+                    + (f"; dead: {', '.join(map(str, dead))}" if dead else "")),
+        ("calls", f"{s.received:,} received, {s.replied:,} replied, {s.failed:,} failed, {s.cancelled:,} cancelled, "
+                  f"{s.in_flight:,} in flight, {s.lost:,} lost; {s.partials:,} partial replies"),
+        ("queued", f"{s.queued:,} waiting to be taken, request ring {_bar(s.fill_ratio)}"),
+        ("waits", f"servers waited {r.empty_waits:,} times for a request ({r.empty_wait_seconds:.3f} s), "
+                  f"clients {r.full_waits:,} times for room ({r.full_wait_seconds:.3f} s)"),
+    ]
+    for k, x in enumerate(s.server_table):
+        lines.append(
+            ("per server" if k == 0 else "",
+             f"{x.pid} ({'alive' if x.alive else 'dead'}): {x.replied:,} replied, {x.failed:,} failed, "
+             f"{x.cancelled:,} cancelled, {x.in_flight:,} in flight, {x.partials:,} partial replies")
+        )
+    alive = sum(c.alive for c in s.clients)
+    lines.append(("clients", f"{alive} live" + (f", {len(s.clients) - alive} dead" if alive < len(s.clients) else "")))
+    for c in s.clients:
+        lines.append(("", _client_line(c)))
+    lines.append(("participants", _participants(r.participants)))
+    return lines
+
+
+def _client_line(c: "shmq.ClientStatistics") -> str:
+    return (
+        f"{c.name} (pid {c.pid}, {'alive' if c.alive else 'DEAD'}): {c.outstanding:,} outstanding, "
+        f"{c.sent:,} sent, {c.resent:,} resent; replies unread {c.replies.messages_used:,} {_bar(c.fill_ratio)}"
+    )
+
+
+def _client_lines(c: "shmq.ClientStatistics") -> List[Tuple[str, str]]:
+    return [
+        ("client", f"of service {c.service}: pid {c.pid} ({'alive' if c.alive else 'dead: shmq gc removes it'})"),
+        ("requests", f"{c.outstanding:,} outstanding, {c.sent:,} sent, {c.resent:,} resent"),
+    ] + [(("reply " + k) if k == "ring" else k, v) for k, v in _ring_lines(c.replies)]
+
+
+def _service_rates(before: Any, after: Any) -> ll.Rates:
+    """A service's rates: in, requests sent per second; out, calls answered
+    (replied or failed) per second; the waits and the verdict those of the
+    request ring ("consumer-bound": the servers do not keep up).  A client's:
+    its reply ring's."""
+    if isinstance(after, shmq.ClientStatistics):
+        return ll.rates(before.replies, after.replies)
+    r = ll.rates(before.requests, after.requests)
+    answered = max(0, after.answered - before.answered)
+    return dataclasses.replace(r, messages_out_per_second=answered / r.interval_seconds)
+
+
 # -- stat -------------------------------------------------------------------
 
 
@@ -327,6 +478,10 @@ def _stat_lines(stats: Any) -> List[Tuple[str, str]]:
         return _topic_lines(stats)
     if isinstance(stats, shmq.LatestStatistics):
         return _latest_lines(stats)
+    if isinstance(stats, shmq.ServiceStatistics):
+        return _service_lines(stats)
+    if isinstance(stats, shmq.ClientStatistics):
+        return _client_lines(stats)
     return _generic_lines(stats)
 
 
@@ -353,7 +508,15 @@ def _generic_lines(obj: Any) -> List[Tuple[str, str]]:
     return lines
 
 
-def _rates_lines(r: ll.Rates) -> List[Tuple[str, str]]:
+def _rates_lines(r: ll.Rates, service: bool = False) -> List[Tuple[str, str]]:
+    if service:  # (a service's request ring: the clients produce, the servers consume)
+        return [
+            (f"rates ({r.interval_seconds:.1f} s)",
+             f"calls in {_count(r.messages_in_per_second)}/s, answered {_count(r.messages_out_per_second)}/s"),
+            ("blocked", f"clients {r.producer_wait_ratio * 100:.0f}% of the time (a full request ring), "
+                        f"servers {r.consumer_wait_ratio * 100:.0f}% (waiting for requests)"),
+            ("verdict", r.verdict + (" (the servers do not keep up)" if r.verdict == "consumer-bound" else "")),
+        ]
     return [
         (
             f"rates ({r.interval_seconds:.1f} s)",
@@ -369,9 +532,13 @@ def _rates_lines(r: ll.Rates) -> List[Tuple[str, str]]:
 
 
 def _has_rates(stats: Any) -> bool:
-    return _is_stream(stats) or all(
+    return _is_stream(stats) or _is_service(stats) or all(
         hasattr(stats, a) for a in ("messages_in", "full_wait_seconds", "fill_ratio", "taken_at")
     )
+
+
+def _is_service(stats: Any) -> bool:
+    return isinstance(stats, (shmq.ServiceStatistics, shmq.ClientStatistics))
 
 
 def _is_stream(stats: Any) -> bool:
@@ -416,6 +583,8 @@ def _stream_rates(before: Any, after: Any) -> ll.Rates:
 
 
 def _rates_between(before: Any, after: Any) -> ll.Rates:
+    if _is_service(after):
+        return _service_rates(before, after)
     return _stream_rates(before, after) if _is_stream(after) else ll.rates(before, after)
 
 
@@ -485,7 +654,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return 0
     lines = _stat_lines(stats)
     if rates is not None:
-        lines += _rates_lines(rates)
+        lines += _rates_lines(rates, service=isinstance(stats, shmq.ServiceStatistics))
     lines += [("parts" if k == 0 else "", _part_text(*p)) for k, p in enumerate(parts)]
     print(_fields_text(lines))
     return 0
@@ -494,6 +663,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
 # -- top --------------------------------------------------------------------
 
 
+#: on a terminal, the INFO column is left out when less room than this is left for it
+MIN_INFO_WIDTH = 16
 _TOP_HEADER = ["NAME", "KIND", "IN/s", "OUT/s", "MB/s", "FILL", "P-WAIT", "C-WAIT", "VERDICT", "PROCS"]
 
 
@@ -509,7 +680,7 @@ def _top_sample(
     infos = ll.list_segments(prefix, unreadable)
     if problems is not None:
         problems.extend(unreadable)
-    live_groups = {i.owner or i.name for i in infos if i.in_use}
+    live_groups = _live_groups(infos)
     live_groups.update(n for n, _ in unreadable)  # gc keeps what it cannot judge
     out = []
     current: Dict[str, Any] = {}
@@ -528,11 +699,13 @@ def _top_sample(
             "fill_ratio": None,
             "rates": None,
         }
+        if info.service is not None:
+            entry["service"] = info.service  # (a service's client, or a server's result pool)
         if _has_rates(stats):
             current[info.name] = stats
             entry["fill_ratio"] = getattr(stats, "fill_ratio", None)
             before = previous.get(info.name)
-            count = _stream_count if _is_stream(stats) else (lambda x: x.messages_in)
+            count = _stream_count if _is_stream(stats) else _service_count if _is_service(stats) else (lambda x: x.messages_in)
             # A counter that went back (or a kind that changed) means the name now holds a new segment.
             if (
                 not entry["dead"]
@@ -544,6 +717,9 @@ def _top_sample(
                 entry["rates"] = _rates_between(before, stats)
         elif getattr(stats, "slot_count", 0):  # a pool: slots in use
             entry["fill_ratio"] = (stats.slot_count - stats.free) / stats.slot_count
+        if _is_service(stats):
+            entry["summary"] = _service_summary(stats)
+            entry["info"] = _service_text(stats)
         board = _pipeline_board(info.name) if info.kind == "latest" else None
         if board is not None:
             entry["kind"] = "pipeline"
@@ -559,9 +735,34 @@ def _top_sample(
     return out
 
 
-def _top_row(e: Dict[str, Any]) -> List[str]:
-    name = f"  {e['name']}" if e["owner"] else e["name"]
-    row = [name, e["kind"], "-", "-", "-", "-", "-", "-", "-", f"{e['procs_alive']}/{e['procs']}"]
+def _service_count(stats: Any) -> int:
+    """The counter a service's (a client's) rate is taken from: requests sent (replies written)."""
+    return stats.replies.messages_in if isinstance(stats, shmq.ClientStatistics) else stats.requests.messages_in
+
+
+def _live_groups(infos: List[Any]) -> set:
+    """The groups (a segment and its parts) in use, as ``gc`` judges them:
+    any of their processes lives; a service client's reply ring and its
+    parts live and die with the client alone (the servers attached to it do
+    not keep it)."""
+    by_name = {i.name: i for i in infos}
+    out = set()
+    for i in infos:
+        group = i.owner or i.name
+        head = by_name.get(group)
+        if head is not None and head.kind == "client" and head.service is not None:
+            if head.creator_alive:
+                out.add(group)
+        elif i.in_use:
+            out.add(group)
+    return out
+
+
+def _top_row(e: Dict[str, Any], depth: int = -1) -> List[str]:
+    if depth < 0:
+        depth = 1 if e["owner"] else 0
+    name = "  " * depth + e["name"]
+    row = [name, e["kind"], "-", "-", "-", "-", "-", "-", "-", f"{e['procs_alive']}/{e['procs']}", e.get("info", "")]
     if e["fill_ratio"] is not None:
         row[5] = _bar(e["fill_ratio"])
     stage = e.get("stage")
@@ -576,6 +777,8 @@ def _top_row(e: Dict[str, Any]) -> List[str]:
     r = e["rates"]
     if e["dead"]:
         row[8] = "DEAD (shmq gc removes it)"
+        if e["kind"] == "client":
+            row[10] = ""  # (the verdict says it)
     elif r is not None:
         row[2] = _count(r.messages_in_per_second)
         row[3] = _count(r.messages_out_per_second)
@@ -616,15 +819,44 @@ def _top_text(
         notes = "\n".join(_shorten(line, width) for line in notes.split("\n"))
     if not entries:
         return title + "\n\nno shmq segments" + notes
-    rows = [_top_row(e) for e in entries]
+    depths = _top_depths(entries)
+    rows = [_top_row(e, depths.get(k, -1)) for k, e in enumerate(entries)]
+    header = _TOP_HEADER + ["INFO"]
+    if not any(r[-1] for r in rows):  # (the column only where there is something to say)
+        header.pop()
+        for r in rows:
+            r.pop()
     right = (2, 3, 4, 6, 7, 9)
     if width:
-        others = [max(len(str(r[i])) for r in [_TOP_HEADER] + rows) for i in range(1, len(_TOP_HEADER))]
-        room = width - sum(others) - 2 * (len(_TOP_HEADER) - 1)
+        if header[-1] == "INFO":  # the free text gives way first: cut to what the others leave, or dropped
+            fixed = sum(max(len(str(r[i])) for r in [header] + rows) for i in range(len(header) - 1))
+            room = width - fixed - 2 * (len(header) - 1)
+            if room < MIN_INFO_WIDTH:
+                header.pop()
+                for r in rows:
+                    r.pop()
+            else:
+                for r in rows:
+                    r[-1] = r[-1] if len(r[-1]) <= room else r[-1][: room - 1] + "~"
+        others = [max(len(str(r[i])) for r in [header] + rows) for i in range(1, len(header))]
+        room = width - sum(others) - 2 * (len(header) - 1)
         room = max(room, len("NAME"))
         for r in rows:
             r[0] = _shorten(r[0], room)
-    return title + "\n\n" + _table(rows, _TOP_HEADER, right=right) + notes
+    return title + "\n\n" + _table(rows, header, right=right) + notes
+
+
+def _top_depths(entries: List[Dict[str, Any]]) -> Dict[int, int]:
+    """Row index -> indentation, for a service's clients (1) and their parts (2)."""
+    services = {e["name"] for e in entries if e["kind"] == "service"}
+    clients = {e["name"] for e in entries if e.get("service") in services}
+    out = {}
+    for k, e in enumerate(entries):
+        if e["name"] in clients:
+            out[k] = 1
+        elif e["owner"] in clients:
+            out[k] = 2
+    return out
 
 
 def _top_json(entries: List[Dict[str, Any]], interval: float, problems: List[Tuple[str, str]]) -> str:

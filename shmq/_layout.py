@@ -44,7 +44,8 @@ producer side and the consumer side never write the same line::
           MSGS_IN shows this lock's progress, see _sync)
      312  CONSUMER_LOCK owner pid, 313 generation (recoveries; MSGS_OUT)
      320  (reserved)
-     321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings)  creator
+     321  QUEUE_KIND (0: a plain ring; QUEUE_KIND_* for shmq.queue's rings,
+          a service's request ring and a client's reply ring)  creator
           A queue's main ring (QUEUE_KIND_QUEUE/JOINABLE/SIMPLE):
      322  (3 words unused: the side ring's name follows from the queue's, "<queue>.s")
      325  TASKS_DONE (JoinableQueue: unfinished = MSGS_IN - TASKS_DONE)
@@ -59,6 +60,9 @@ producer side and the consumer side never write the same line::
      325  POOL_MADE: 1 once the queue's slot pool "<queue>.p" exists (it is
           created on the first large buffer put, under the main ring's admin
           lock, and this word written last; 326-327 unused)  the pool's creator
+     328  a service's request ring (QUEUE_KIND_SERVICE): its server table, and
+          a client's reply ring (QUEUE_KIND_REPLIES): its service's name, up to
+          DATA_OFFSET (see "A service" below)
      384  a channel's ring: CH_* words and its member table, up to DATA_OFFSET
           (see "A channel's member table" below)
 
@@ -181,6 +185,69 @@ assert (W_CH_MEMBERS + CH_MEMBERS * CH_MEMBER_WORDS) * WORD <= DATA_OFFSET
 
 def channel_member_word(index: int) -> int:
     return W_CH_MEMBERS + index * CH_MEMBER_WORDS
+
+
+# A service (shmq.service): its request ring is a ring with QUEUE_KIND_SERVICE,
+# each client's reply ring one with QUEUE_KIND_REPLIES.  Both use words past
+# the ring's own (a service's ring is no channel: the channel table's words
+# are free), written as below; readers (shmq ls/stat/top) believe them only
+# with the kind and the tag in place, and show the ring as a plain ring
+# otherwise.  Every counter only grows.
+#
+#   request ring (QUEUE_KIND_SERVICE, written last by the creator)
+#   word  field                                         written by
+#    328  SV_TAG: SERVICE_TAG once the words are ready  creator
+#    329  SV_SERVERS: entries in the server table        creator
+#    330  SV_FOLDS: bumped before and after an entry is  under the admin lock
+#         folded into SV_RETIRED (odd while folding: readers retry)
+#    331  SV_LOST: calls whose server died while serving them (or after
+#         reading them off the ring), counted by their clients   admin lock
+#    336  SV_RETIRED: the sums of the server entries given up (a server
+#         that closed, or died and whose entry was reused), entry layout
+#    344  server table: SV_SERVERS entries of SV_ENTRY_WORDS words, one cache
+#         line each: PID (0 free), START_US, REPLIED, FAILED, PARTIALS,
+#         DROPPED (answers dropped: the client cancelled or left), SKIPPED
+#         (requests cancelled before a handler saw them).  Claimed and freed
+#         under the admin lock; counted by the server alone (plain stores).
+#
+#   reply ring (QUEUE_KIND_REPLIES, written by the client before its first request)
+#    328  RP_SERVICE: the service's name, RP_SERVICE_BYTES bytes, NUL padded
+#
+#   a client's request table (the blob "<reply ring>.b0"; the entries from
+#   DATA_OFFSET on: CL_ENTRIES of CL_ENTRY_WORDS words each)
+#    265  CL_TAG: CLIENT_TAG once the table is ready
+#    266  CL_RESENT: requests the client sent again      the client
+#         entry words: SEQ (the correlation id; the client, before sending),
+#         CANCEL (the client), PID and START (the server that took it), TAKEN
+#         (= SEQ once taken), DONE (= SEQ once a server sent the final answer)
+QUEUE_KIND_SERVICE = 5
+QUEUE_KIND_REPLIES = 6
+SERVICE_TAG = int.from_bytes(b"shmqsvc1", "little")
+W_SV_TAG = W_RING_HEADER_END  # 328
+W_SV_SERVERS = W_SV_TAG + 1
+W_SV_FOLDS = W_SV_TAG + 2
+W_SV_LOST = W_SV_TAG + 3
+W_SV_RETIRED = W_SV_TAG + 8  # 336
+W_SV_TABLE = W_SV_TAG + 16  # 344
+SV_ENTRY_WORDS = 8
+SV_PID, SV_START_US, SV_REPLIED, SV_FAILED, SV_PARTIALS, SV_DROPPED, SV_SKIPPED = range(7)
+SV_COUNTER_NAMES = ("replied", "failed", "partials", "dropped", "skipped")  # words SV_REPLIED..SV_SKIPPED
+SV_SERVERS = (DATA_OFFSET // WORD - W_SV_TABLE) // SV_ENTRY_WORDS  # 21
+W_RP_SERVICE = W_RING_HEADER_END  # 328
+RP_SERVICE_BYTES = 64
+CLIENT_TAG = int.from_bytes(b"shmqcli1", "little")
+W_CL_TAG = W_KIND_HEADER + 1
+W_CL_RESENT = W_KIND_HEADER + 2
+CL_ENTRIES = 1024
+CL_ENTRY_WORDS = 8
+CL_SEQ, CL_CANCEL, CL_PID, CL_START, CL_TAKEN, CL_DONE = range(6)
+assert (W_SV_TABLE * WORD) % CACHE_LINE == 0
+assert (W_SV_TABLE + SV_SERVERS * SV_ENTRY_WORDS) * WORD <= DATA_OFFSET
+assert W_RP_SERVICE * WORD + RP_SERVICE_BYTES <= DATA_OFFSET
+
+
+def service_entry_word(index: int) -> int:
+    return W_SV_TABLE + index * SV_ENTRY_WORDS
 
 
 FLAG_MULTI_PRODUCER = 1

@@ -22,9 +22,10 @@ from ._codec import LARGE, stop_at_large
 from ._errors import BrokenError, ClosedError, Full, RemoteError, ShmqError
 from ._segment import Segment
 from ._slots import SlotPool
+from ._stats import ClientStatistics, client_statistics
 from ._sync import full_fence as _fence  # cancelling and taking are each "store mine, load theirs" (Dekker)
 from ._wait import deadline_for, wait_until
-from .ring import Ring, RingStatistics
+from .ring import Ring
 
 __all__ = (
     "Client",
@@ -38,7 +39,7 @@ __all__ = (
 )
 
 #: requests one client may have outstanding at once
-MAX_OUTSTANDING = 1024
+MAX_OUTSTANDING = L.CL_ENTRIES
 #: a client with requests nobody took fails them after this long without any live server
 NO_SERVER_GRACE = 1.0
 #: how often a waiting client checks the liveness of the servers of its requests
@@ -81,9 +82,10 @@ K_PARTIAL, K_RESULT, K_ERROR = 1, 2, 3
 #: sends none to a request without it (``call``/``submit`` would drop them)
 F_PARTIALS = 1
 
-# words of a request entry in a client's table
-E_SEQ, E_CANCEL, E_PID, E_START, E_TAKEN = range(5)
-ENTRY_WORDS = 8
+# words of a request entry in a client's table (the map is in _layout: any
+# process may read the table, e.g. shmq stat)
+E_SEQ, E_CANCEL, E_PID, E_START, E_TAKEN, E_DONE = L.CL_SEQ, L.CL_CANCEL, L.CL_PID, L.CL_START, L.CL_TAKEN, L.CL_DONE
+ENTRY_WORDS = L.CL_ENTRY_WORDS
 _TABLE_BYTES = MAX_OUTSTANDING * ENTRY_WORDS * 8
 _TABLE_BASE = L.DATA_OFFSET // 8
 
@@ -106,6 +108,19 @@ def _forked() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
+
+
+def _link_to_service(replies: Ring, service: str) -> None:
+    """Mark ``replies`` as a client's reply ring of ``service`` (its name in
+    the header, then the kind), so that ``shmq ls``/``stat``/``top`` show it
+    under the service and ``shmq gc`` judges it by its client alone."""
+    raw = service.encode()
+    if len(raw) >= L.RP_SERVICE_BYTES:
+        return  # (names are at most 42 bytes: cannot happen; the ring would show as a plain ring)
+    off = L.W_RP_SERVICE * L.WORD
+    seg = replies.segment
+    seg.buf[off : off + len(raw)] = raw
+    seg.words[L.W_QUEUE_KIND] = L.QUEUE_KIND_REPLIES  # last: readers believe the name only with it
 
 
 def _request_trailer(name: bytes) -> Callable[..., bytes]:
@@ -179,14 +194,17 @@ def _drop_message(data: bytes, resolver: Callable[[str], SlotPool]) -> None:
         pass  # the pool is gone with its process: nothing to return
 
 
-def _fitted_pool(obj: Any, name: Optional[str]) -> SlotPool:
+def _fitted_pool(obj: Any, name: Optional[str], link: str = "") -> SlotPool:
     """A pool whose slots fit ``obj``'s largest buffer (a power of two, at
-    least 1 MiB)."""
+    least 1 MiB).  ``link``: what the pool serves, in its header (a server's
+    result pool names its service, so ``shmq ls`` shows it there)."""
     largest = _codec.largest_buffer(obj)
     slot = _MIN_SLOT
     while slot < largest:
         slot <<= 1
-    return SlotPool.create(slot, _POOL_SLOTS, name=name)
+    if len(link.encode()) >= L.LINK_BYTES:
+        link = ""  # (a service name that long: the pool shows on its own)
+    return SlotPool.create(slot, _POOL_SLOTS, name=name, link=link)
 
 
 def _error_info(exc: BaseException) -> bytes:
@@ -207,20 +225,6 @@ def _remote_error(info: bytes) -> RemoteError:
         except Exception:
             pass  # the class does not exist here: the name and text still say what it was
     return err
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientStatistics:
-    """A snapshot of one client's reply ring and requests."""
-
-    #: the client's reply ring (replies in all: ``messages_in``; waiting to be read: ``messages_used``)
-    replies: RingStatistics
-    #: requests sent and not yet answered, failed or cancelled
-    outstanding: int
-    #: requests sent so far (retries included)
-    sent: int
-    #: requests sent again: an idempotent call whose server died, or a request a dying server lost
-    resent: int
 
 
 # -- client ---------------------------------------------------------------------
@@ -344,8 +348,10 @@ class Client:
             try:
                 self._table = Segment.create(L.KIND_BLOB, L.blob_segment_size(_TABLE_BYTES), P.part_name(self.name, "b0"))
                 self._table.words[L.W_BLOB_BYTES] = _TABLE_BYTES
+                self._table.words[L.W_CL_TAG] = L.CLIENT_TAG
                 self._table.register(L.ROLE_CREATOR)
                 self._table.publish()
+                _link_to_service(self._replies, service)
             except BaseException:
                 self._replies.unlink()
                 self._replies.close()
@@ -478,11 +484,22 @@ class Client:
         self._decoder.close()
 
     def statistics(self) -> ClientStatistics:
-        """A snapshot of this client's reply ring and requests.  Raises
-        ClosedError once the client is closed."""
+        """A snapshot of this client's reply ring and requests, read from
+        shared memory as any process reads it (``read_statistics(name)``,
+        ``shmq stat NAME``).  Raises ClosedError once the client is closed."""
         self._check()
         self._reply_wait.flush()
-        return ClientStatistics(self._replies.statistics(), len(self._pending), self._sent, self._resent)
+        seg = self._replies.segment
+        stats, _ = client_statistics(self.name, seg, seg.words)
+        # What any process reads, but the outstanding requests counted from
+        # this process's own table of pending calls: a reply this client has
+        # already dispatched is not outstanding, even if its server has not
+        # stored DONE yet (it does so just after writing the reply).
+        w = self._w
+        outstanding = sum(
+            1 for f in list(self._pending.values()) if w[_TABLE_BASE + f.entry * ENTRY_WORDS + E_DONE] != f.seq
+        )
+        return dataclasses.replace(stats, outstanding=outstanding)
 
     @property
     def closed(self) -> bool:
@@ -760,6 +777,8 @@ class Client:
                         fut.set_exception(BrokenError(f"service {self.service!r} has no live server"))
         else:
             self._no_server_since = None
+        if lost or dead:
+            self._count_lost(len(lost) + len(dead))
         if lost:
             self._resend_lost(lost)
         if dead:
@@ -777,11 +796,24 @@ class Client:
                         BrokenError(f"server process {pid} of service {self.service!r} died while serving the request")
                     )
 
+    def _count_lost(self, n: int) -> None:
+        """Add ``n`` calls whose server died while it served them (or after
+        reading them) to the service's SV_LOST (the rare path: under the
+        request ring's admin lock)."""
+        seg = self._requests.segment
+        try:
+            with seg.admin_lock():
+                w = seg.words  # (wrapping at the int64 limit, as the rings' counters do)
+                w[L.W_SV_LOST] = (w[L.W_SV_LOST] + n + (1 << 63)) % (1 << 64) - (1 << 63)
+        except (ClosedError, OSError, ValueError):
+            pass
+
     def _retry(self, fut: Union[Future, _Call], obj: Any, data: Optional[bytes] = None) -> None:
         """Send ``fut``'s request again under a new correlation id (``obj``,
         or ``data``, its pickle as sent before)."""
         fut._retries += 1
         self._resent += 1
+        self._w[L.W_CL_RESENT] = self._resent  # (for shmq stat; retries run one at a time, in the pumping thread)
         fut.lost_at = 0.0
         fut.pos = 0  # (until the new attempt is written)
         self._w[_TABLE_BASE + fut.entry * ENTRY_WORDS + E_CANCEL] = fut.seq  # the old attempt, should it be served after all

@@ -14,7 +14,11 @@ the participants and never writes shared memory.
 * :class:`Rates` / :func:`rates`: messages/s, bytes/s and blocked time
   between two snapshots, with a :func:`verdict` a person can act on.
 * :class:`Garbage` / :func:`collect_garbage`: segments and semaphores whose
-  creator and participants are all dead (``shmq gc``).
+  creator and participants are all dead (``shmq gc``); a service client's
+  reply ring and its parts as soon as the client is dead.
+* :class:`ServiceStatistics`, :class:`ServerStatistics`,
+  :class:`ClientStatistics`: a ``shmq.Service`` read from its request ring's
+  server table and its clients' reply rings and request tables.
 
 shmq never drops a message (a full ring blocks the writer or raises Full), so
 there is no drop counter: back-pressure shows as ``full_waits``.
@@ -27,18 +31,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import numpy as np
+
 from . import _layout as L
 from . import _platform as P
 from ._broadcast import latest_statistics, topic_statistics
 from ._errors import LayoutError
-from ._ring import read_ring_statistics
+from ._ring import RingStatistics, read_ring_statistics
 from ._segment import ParticipantInfo, SegmentView, participant_infos
 from ._segment import set_sweeper as _set_sweeper
 from ._slots import view_statistics as pool_view_statistics
 
 __all__ = (
     "VERDICTS",
+    "ClientStatistics",
     "Garbage",
+    "ServerStatistics",
+    "ServiceStatistics",
     "Rates",
     "SegmentInfo",
     "collect_garbage",
@@ -75,6 +84,9 @@ class SegmentInfo:
     #: the queue this segment is a part of (its side ring, slot pool or a
     #: large-item blob), or None for a queue's main ring and anything else
     owner: Optional[str] = None
+    #: for a service client's reply ring (kind "client"), or a server's
+    #: result pool: the service's name
+    service: Optional[str] = None
 
     @property
     def age_seconds(self) -> float:
@@ -91,6 +103,8 @@ _QUEUE_ROLES = {
     L.QUEUE_KIND_JOINABLE: "joinable-queue",
     L.QUEUE_KIND_SIMPLE: "simple-queue",
     L.QUEUE_KIND_SIDE: "queue-side",
+    L.QUEUE_KIND_SERVICE: "service",
+    L.QUEUE_KIND_REPLIES: "client",
 }
 
 
@@ -114,6 +128,7 @@ def _segment_info(view: SegmentView, owner: Optional[str] = None) -> SegmentInfo
         participants=participant_infos(view),
         taken_at=time.monotonic(),
         owner=owner,
+        service=linked_service(w) if view.kind == L.KIND_RING else None,
     )
 
 
@@ -132,11 +147,14 @@ class _Inventory:
         self.idents: Dict[str, Tuple[int, int]] = {}
         #: shmq-looking entries that could not be read: name -> reason
         self.problems: Dict[str, str] = {}
+        links: Dict[str, str] = {}  # pool -> the name in its LINK
         for name in self.names:
             try:
                 with SegmentView.open(name) as view:
                     info = _segment_info(view)
                     self.idents[name] = view._ident
+                    if view.kind == L.KIND_POOL:
+                        links[name] = _pool_link(view.words)
             except FileNotFoundError:
                 continue  # removed meanwhile
             except PermissionError as exc:
@@ -153,6 +171,9 @@ class _Inventory:
             owner = P.owner_of(name)
             if owner is not None and owner != name:
                 self.infos[name] = dataclasses.replace(info, owner=owner)
+            elif getattr(self.infos.get(links.get(name, "")), "kind", None) == "service":
+                # a server's result pool: shown with its service (gc judges it as any pool)
+                self.infos[name] = dataclasses.replace(info, service=links[name])
 
     def group(self, name: str) -> str:
         """The queue ``name`` belongs to (``name`` itself if it is no part)."""
@@ -161,7 +182,9 @@ class _Inventory:
         return owner or name
 
     def members(self) -> Dict[str, List[str]]:
-        """group name -> its segments (the queue's main ring first, then its parts)."""
+        """group name -> its segments (the queue's main ring first, then its
+        parts); a service's clients (each a group: reply ring and parts)
+        right after the service."""
         out: Dict[str, List[str]] = {}
         for name in sorted(set(self.infos) | set(self.problems)):
             out.setdefault(self.group(name), []).append(name)
@@ -169,7 +192,60 @@ class _Inventory:
         for group, names in out.items():
             # the queue, then its side ring, its pool, its blobs
             names.sort(key=lambda n: (n != group, order.get(getattr(self.infos.get(n), "kind", ""), 2), n))
-        return out
+        clients: Dict[str, List[str]] = {}
+        for group in out:
+            service = self.service_of(group)
+            if service is not None and service in out:
+                clients.setdefault(service, []).append(group)
+        ordered: Dict[str, List[str]] = {}
+        for group, names in out.items():
+            if group in ordered or (self.service_of(group) in clients and group in clients[self.service_of(group)]):
+                continue
+            ordered[group] = names
+            for client in clients.get(group, ()):
+                ordered[client] = out[client]
+        return ordered
+
+    def matches(self, group: str, names: List[str], prefix: str) -> bool:
+        """Whether ``--prefix`` takes in ``group``: its name or a segment's
+        starts with ``prefix``, or it belongs to a service whose name does."""
+        if group.startswith(prefix) or any(n.startswith(prefix) for n in names):
+            return True
+        service = self.service_of(group)
+        return service is not None and service.startswith(prefix)
+
+    def service_of(self, group: str) -> Optional[str]:
+        """The service whose client ``group`` is (a reply ring), else None."""
+        info = self.infos.get(group)
+        return info.service if info is not None else None
+
+
+def _pool_link(w: memoryview) -> str:
+    """The name in a pool's LINK words (what it serves), or ""."""
+    raw = b"".join((w[L.W_LINK + k] & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for k in range(L.LINK_BYTES // L.WORD))
+    try:
+        return raw.split(b"\0", 1)[0].decode("ascii")
+    except UnicodeError:
+        return ""
+
+
+def group_alive(infos: List[SegmentInfo]) -> bool:
+    """Whether a group (a segment with its parts, as :class:`_Inventory`
+    makes them) is in use: any process of any of its segments lives -- but a
+    service client's reply ring and its parts live and die with the client
+    alone (the servers attached to it do not keep it)."""
+    head = next((i for i in infos if i.owner is None), None)
+    if head is not None and head.kind == "client" and head.service is not None:
+        return head.creator_alive
+    return any(i.in_use for i in infos)
+
+
+def live_groups(infos: List[SegmentInfo]) -> Set[str]:
+    """The names of the groups among ``infos`` that are in use (:func:`group_alive`)."""
+    groups: Dict[str, List[SegmentInfo]] = {}
+    for i in infos:
+        groups.setdefault(i.owner or i.name, []).append(i)
+    return {g for g, members in groups.items() if group_alive(members)}
 
 
 def _has_magic(name: str) -> bool:
@@ -196,12 +272,18 @@ def segment_info(name: str) -> SegmentInfo:
 def read_statistics(name: str) -> Any:
     """A statistics snapshot of segment ``name``, read-only, from any process:
     RingStatistics for a ring (queues included), SlotPoolStatistics for a
-    slot pool, TopicStatistics / LatestStatistics for a topic / Latest (the
-    same as the handle's ``statistics()``), SegmentInfo for any other kind.  Raises
+    slot pool, TopicStatistics / LatestStatistics for a topic / Latest,
+    ServiceStatistics for a service's request ring, ClientStatistics for a
+    service client's reply ring (the same as the handle's ``statistics()``),
+    SegmentInfo for any other kind.  Raises
     FileNotFoundError, PermissionError, or LayoutError (not an shmq segment of
     this layout version)."""
     with SegmentView.open(name) as view:
         if view.kind == L.KIND_RING:
+            if is_service(view.words):
+                return service_statistics(view)
+            if linked_service(view.words) is not None:
+                return client_statistics(view.name, view, view.words)[0]
             return read_ring_statistics(view.name, view.words, view)
         if view.kind == L.KIND_POOL:
             return pool_view_statistics(view)
@@ -223,7 +305,7 @@ def list_segments(prefix: str = "", problems: Optional[List[Tuple[str, str]]] = 
     inv = _Inventory()
     out = []
     for group, names in inv.members().items():
-        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
+        if not inv.matches(group, names, prefix):
             continue
         for name in names:
             if name in inv.infos:
@@ -231,6 +313,272 @@ def list_segments(prefix: str = "", problems: Optional[List[Tuple[str, str]]] = 
             elif problems is not None:
                 problems.append((name, inv.problems[name]))
     return out
+
+
+# -- services -------------------------------------------------------------------
+# A service's counters live in its request ring's header (the server table,
+# written by each server) and in its clients' request tables (written by the
+# client and the servers): see "A service" in _layout.  Read here from any
+# process, by name, without joining anything.
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    """One server process of a service, from the request ring's server table."""
+
+    pid: int
+    #: the process still runs
+    alive: bool
+    #: requests it answered with a reply / with an exception (``req.fail``)
+    replied: int
+    failed: int
+    #: partial replies it sent (``req.send_partial``, a generator's yields)
+    partials: int
+    #: requests it dropped because their client cancelled or left: before a
+    #: handler saw them, or the handler's answer
+    cancelled: int
+    #: requests it took and has not answered yet (0 once it died: see ``lost``)
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class ClientStatistics:
+    """A snapshot of one client of a service: its reply ring and requests."""
+
+    #: the client's reply ring (replies in all: ``messages_in``; waiting to be read: ``messages_used``)
+    replies: RingStatistics
+    #: requests sent that no server has answered yet, nor the client cancelled
+    outstanding: int
+    #: requests sent so far (retries included)
+    sent: int
+    #: requests sent again: an idempotent call whose server died, or a request a dying server lost
+    resent: int
+    #: the client's name (its reply ring's)
+    name: str = ""
+    #: the service it calls
+    service: str = ""
+    #: the client's process, and whether it still runs
+    pid: int = 0
+    alive: bool = True
+
+    @property
+    def fill_ratio(self) -> float:
+        """How full the reply ring is."""
+        return self.replies.fill_ratio
+
+    @property
+    def taken_at(self) -> float:
+        return self.replies.taken_at
+
+
+@dataclass(frozen=True)
+class ServiceStatistics:
+    """A snapshot of a service, the same in every process: its request
+    ring, its servers and its clients.  Counters only grow (rates: take two
+    snapshots)."""
+
+    #: the request ring (requests sent: ``messages_in``; waiting to be taken: ``messages_used``)
+    requests: RingStatistics
+    #: pids of the live processes listed as servers (the request ring's consumers)
+    servers: List[int]
+    name: str = ""
+    #: requests the servers took off the ring (cancelled ones included)
+    received: int = 0
+    #: requests answered with a reply / with an exception
+    replied: int = 0
+    failed: int = 0
+    #: requests dropped because their client cancelled (or timed out, or left)
+    cancelled: int = 0
+    #: partial replies sent
+    partials: int = 0
+    #: requests a live server took and has not answered yet
+    in_flight: int = 0
+    #: requests whose server died while serving them (or after reading them
+    #: off the ring); their clients failed them with BrokenError or sent them again
+    lost: int = 0
+    #: every server process with an entry in the server table (the dead ones
+    #: until their entry is reused; servers beyond the table's 21 entries
+    #: count into the totals only)
+    server_table: Tuple[ServerStatistics, ...] = ()
+    #: every client whose reply ring names this service (dead ones until collected)
+    clients: Tuple[ClientStatistics, ...] = ()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to be taken."""
+        return self.requests.messages_used
+
+    @property
+    def fill_ratio(self) -> float:
+        """How full the request ring is."""
+        return self.requests.fill_ratio
+
+    @property
+    def taken_at(self) -> float:
+        return self.requests.taken_at
+
+    @property
+    def answered(self) -> int:
+        """Requests that got their final answer (replied or failed)."""
+        return self.replied + self.failed
+
+
+def linked_service(w: memoryview) -> Optional[str]:
+    """The service named in the header words ``w`` of a client's reply ring, else None."""
+    if w[L.W_QUEUE_KIND] != L.QUEUE_KIND_REPLIES:
+        return None
+    raw = b"".join(
+        (w[L.W_RP_SERVICE + k] & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for k in range(L.RP_SERVICE_BYTES // L.WORD)
+    )
+    name = raw.split(b"\0", 1)[0]
+    try:
+        return P.check_name(name.decode("ascii")) if name else None
+    except (UnicodeError, ValueError):
+        return None  # (not a name shmq makes: show it as a plain ring)
+
+
+def is_service(w: memoryview) -> bool:
+    """Whether the ring words ``w`` are a service's request ring with its server table."""
+    return w[L.W_QUEUE_KIND] == L.QUEUE_KIND_SERVICE and w[L.W_SV_TAG] == L.SERVICE_TAG
+
+
+def _client_table(name: str) -> Optional[np.ndarray]:
+    """The request entries of client ``name`` (its table ``<name>.b0``), a
+    copy, one row per entry; None if it cannot be read."""
+    try:
+        with SegmentView.open(P.part_name(name, "b0")) as view:
+            w = view.words
+            start = L.DATA_OFFSET // L.WORD
+            count = L.CL_ENTRIES * L.CL_ENTRY_WORDS
+            if view.kind != L.KIND_BLOB or w[L.W_CL_TAG] != L.CLIENT_TAG or len(w) < start + count:
+                return None
+            part = w[start : start + count]
+            try:
+                return np.array(part, dtype=np.int64).reshape(L.CL_ENTRIES, L.CL_ENTRY_WORDS)
+            finally:
+                part.release()
+    except (OSError, LayoutError, ValueError):
+        return None
+
+
+def _entry_counts(table: Optional[np.ndarray]) -> Tuple[int, int, Dict[int, int]]:
+    """(outstanding, sent, {server pid: requests it took and has not answered})."""
+    if table is None:
+        return 0, 0, {}
+    seq = table[:, L.CL_SEQ]
+    open_ = (seq != 0) & (table[:, L.CL_CANCEL] != seq) & (table[:, L.CL_DONE] != seq)
+    taken = open_ & (table[:, L.CL_TAKEN] == seq)
+    pids, counts = np.unique(table[taken, L.CL_PID], return_counts=True)
+    return int(open_.sum()), int(seq.max()), {int(p): int(c) for p, c in zip(pids, counts)}
+
+
+def client_statistics(name: str, ring: Any, words: memoryview) -> Tuple[ClientStatistics, Dict[int, int]]:
+    """Client ``name``'s statistics (``ring``/``words``: its reply ring, a
+    Segment or SegmentView and its words), and what each server holds of it."""
+    table = _client_table(name)
+    outstanding, sent, held = _entry_counts(table)
+    resent = 0
+    if table is not None:
+        try:
+            with SegmentView.open(P.part_name(name, "b0")) as view:
+                resent = view.words[L.W_CL_RESENT]
+        except (OSError, LayoutError, ValueError):
+            pass
+    replies = read_ring_statistics(name, words, ring)
+    stats = ClientStatistics(
+        replies=replies,
+        outstanding=outstanding,
+        sent=sent,
+        resent=resent,
+        name=name,
+        service=linked_service(words) or "",
+        pid=replies.creator_pid,
+        alive=replies.creator_alive,
+    )
+    return stats, held
+
+
+def clients_of(service: str) -> List[str]:
+    """The names of the reply rings in /dev/shm that name ``service``."""
+    out = []
+    for name in P.list_shm_names():
+        if P.owner_of(name) is not None:
+            continue  # (a part: a reply ring's name is generated)
+        try:
+            with SegmentView.open(name) as view:
+                if view.kind == L.KIND_RING and linked_service(view.words) == service:
+                    out.append(name)
+        except (OSError, LayoutError, ValueError):
+            continue
+    return out
+
+
+def _server_table(w: memoryview) -> Tuple[List[int], List[Tuple[int, int, List[int]]], int]:
+    """(SV_RETIRED counters, [(pid, start_us, counters)] of the used entries,
+    SV_LOST), read consistently with the folds (SV_FOLDS)."""
+    n = max(0, min(w[L.W_SV_SERVERS], L.SV_SERVERS))
+    span = range(L.SV_REPLIED, L.SV_ENTRY_WORDS)
+    for attempt in range(1000):
+        folds = w[L.W_SV_FOLDS]
+        if folds & 1 and attempt < 999:  # a fold is under way (microseconds), or its folder died: read anyway
+            time.sleep(0)
+            continue
+        retired = [w[L.W_SV_RETIRED + k] for k in span]
+        entries = []
+        for i in range(n):
+            b = L.service_entry_word(i)
+            pid = w[b + L.SV_PID]
+            if pid:
+                entries.append((pid, w[b + L.SV_START_US], [w[b + k] for k in span]))
+        if w[L.W_SV_FOLDS] == folds:
+            break
+    return retired, entries, w[L.W_SV_LOST]
+
+
+def service_statistics(view: Any, clients: Optional[List[str]] = None) -> ServiceStatistics:
+    """A snapshot of the service whose request ring is ``view`` (a Segment
+    or SegmentView of it).  ``clients``: the names of its clients' reply
+    rings, if the caller has listed them (else /dev/shm is searched)."""
+    w = view.words
+    name = view.name
+    tagged = is_service(w)
+    client_stats = []
+    held: Dict[int, int] = {}
+    for c in clients_of(name) if clients is None else clients:
+        try:
+            with SegmentView.open(c) as ring:
+                if ring.kind != L.KIND_RING or linked_service(ring.words) != name:
+                    continue
+                stats, by_server = client_statistics(c, ring, ring.words)
+        except (OSError, LayoutError, ValueError):
+            continue  # (closed meanwhile)
+        client_stats.append(stats)
+        for pid, k in by_server.items():
+            held[pid] = held.get(pid, 0) + k
+    requests = read_ring_statistics(name, w, view)
+    retired, entries, lost = _server_table(w) if tagged else ([0] * 6, [], 0)
+    totals = list(retired)
+    table = []
+    for pid, start, counts in entries:
+        alive = P.is_alive(pid, start)
+        totals = [a + b for a, b in zip(totals, counts)]
+        r, f, pa, dr, sk = counts[:5]
+        table.append(ServerStatistics(pid, alive, r, f, pa, dr + sk, held.get(pid, 0) if alive else 0))
+    replied, failed, partials, dropped, skipped = totals[:5]
+    return ServiceStatistics(
+        requests=requests,
+        servers=sorted({p.pid for p in view.participants() if p.alive and p.role & L.ROLE_CONSUMER}),
+        name=name,
+        received=requests.messages_out,
+        replied=replied,
+        failed=failed,
+        cancelled=dropped + skipped,
+        partials=partials,
+        in_flight=sum(x.in_flight for x in table),
+        lost=lost,
+        server_table=tuple(table),
+        clients=tuple(client_stats),
+    )
 
 
 # -- rates and verdict -----------------------------------------------------
@@ -394,7 +742,7 @@ def collect_garbage(
       part whose queue is gone too.
 
     Only names starting with ``prefix`` are considered (a queue's parts go
-    with it).  A segment is removed only if its name still refers to the
+    with it; a service's clients and result pools with the service).  A segment is removed only if its name still refers to the
     file that was checked.  Entries that carry shmq's magic but cannot be
     read are never touched; they are appended to ``problems`` as ``(name,
     reason)`` when it is given.  Returns what was (or would be) removed.
@@ -403,17 +751,22 @@ def collect_garbage(
     found: List[Garbage] = []
     removed: Set[str] = set()
     for group, names in inv.members().items():
-        if not (group.startswith(prefix) or any(n.startswith(prefix) for n in names)):
+        if not inv.matches(group, names, prefix):
             continue
         bad = [n for n in names if n in inv.problems]
         if problems is not None:
             problems.extend((n, inv.problems[n]) for n in bad)
         infos = [inv.infos[n] for n in names if n in inv.infos]
-        if bad or any(i.in_use for i in infos):
+        if bad or group_alive(infos):
             continue  # something of the queue lives (or cannot be judged): keep all of it
+        service = inv.service_of(group)
         for info in infos:
             reason = _death_reason(info)
-            if info.owner is not None:
+            if service is not None:
+                reason = f"its client {info.creator_pid} is dead (a reply ring of service {service}" + (
+                    f", part of {info.owner})" if info.owner is not None else ")"
+                )
+            elif info.owner is not None:
                 reason += f" (part of queue {info.owner}, whose processes are all dead)"
             if not _still_names(info.name, inv.idents.get(info.name)):
                 continue

@@ -34,7 +34,6 @@ the record: it was never served).
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import time
@@ -45,7 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from . import _codec
 from . import _layout as L
 from . import _platform as P
-from ._errors import BrokenError, ClosedError, Full, RemoteError, ShmqError
+from ._errors import BrokenError, ClosedError, Full, LayoutError, RemoteError, ShmqError
 from ._segment import Segment
 from ._codec import LARGE, stop_at_large
 from ._service_client import (
@@ -57,6 +56,7 @@ from ._service_client import (
     _TABLE_BASE,
     _TOKEN,
     E_CANCEL,
+    E_DONE,
     E_PID,
     E_SEQ,
     E_START,
@@ -86,12 +86,14 @@ from ._service_client import (
     first_pass,
 )
 from ._slots import SlotPool
+from ._stats import ServerStatistics, ServiceStatistics, service_statistics
 from ._wait import deadline_for
-from .ring import DEFAULT_CAPACITY_BYTES, Ring, RingStatistics
+from .ring import DEFAULT_CAPACITY_BYTES, Ring
 
 __all__ = (
     "Service",
     "ServiceStatistics",
+    "ServerStatistics",
     "Client",
     "ClientStatistics",
     "Future",
@@ -117,16 +119,6 @@ _FLUSH_INTERVAL = 0.1
 _GONE_LOOK = 0.1
 _monotonic = time.monotonic
 _GeneratorType = types.GeneratorType
-
-
-@dataclasses.dataclass(frozen=True)
-class ServiceStatistics:
-    """A snapshot of a service's request ring and of who serves it."""
-
-    #: the request ring (requests in all: ``messages_in``; waiting to be taken: ``messages_used``)
-    requests: RingStatistics
-    #: pids of the live processes listed as servers
-    servers: List[int]
 
 
 # -- server ---------------------------------------------------------------------
@@ -269,17 +261,49 @@ class Request:
             live = w[base + E_SEQ] == seq and w[base + E_CANCEL] != seq
         except ValueError:  # the table was closed: the client is gone
             live = False
+        srv = peer.server
         if live:  # (a cancelled request's replies would be dropped by the client anyway)
             # The common case inline: a small pickle that fits the ring now.
             try:
                 data = _dumps(obj, 5, buffer_callback=stop_at_large)
             except Exception:
                 data = first_pass(obj)  # (the fallbacks: LARGE, or the pickling error)
-            if len(data) >= _THRESHOLD and (data is LARGE or type(obj) in _RAW_TYPES):
-                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
-            elif not peer.write(data + _REP.pack(seq, K_RESULT)):  # (the reply ring is full)
-                peer.server._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
+            # The statistics (docs/services.md "Seeing it"): the server's
+            # counter and the entry's DONE, before the client can see the
+            # reply (statistics read after a call returns include it), taken
+            # back if it is not sent.  Two stores, ~0.1 us.
+            counters = srv._counters
+            counters[srv._i_replied] += 1
+            try:
+                w[base + E_DONE] = seq
+            except ValueError:  # the table was closed: the client is gone
+                pass
+            try:
+                if len(data) >= _THRESHOLD and (data is LARGE or type(obj) in _RAW_TYPES):
+                    live = srv._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, LARGE)
+                elif not peer.write(data + _REP.pack(seq, K_RESULT)):  # (the reply ring is full)
+                    live = srv._send_reply(peer, seq, obj, K_RESULT, deadline_for(timeout), self, data)
+            except BaseException:
+                self._not_sent(L.SV_REPLIED)
+                raise
+            if not live:
+                self._not_sent(L.SV_REPLIED)
+        if not live:
+            srv._counters[srv._ci + L.SV_DROPPED] += 1
         self.done = True
+
+    def _not_sent(self, counter: int) -> None:
+        """Take back what reply/fail counted before sending: the server's
+        ``counter`` and the entry's DONE (the request stays open if sending
+        raised)."""
+        srv = self._peer.server
+        srv._counters[srv._ci + counter] -= 1
+        try:
+            w = self._peer.w
+            if w[self._base + E_DONE] == self.seq:
+                w[self._base + E_DONE] = 0
+        except ValueError:
+            pass
 
     def fail(self, exc: BaseException, timeout: Optional[float] = None) -> None:
         """End the request with ``exc``: the client raises RemoteError
@@ -294,11 +318,39 @@ class Request:
     def _send(self, kind: int, obj: Any, timeout: Optional[float]) -> None:
         if self.done:
             self._answered()
-        if not self.cancelled:  # a cancelled request's replies would be dropped by the client anyway
-            # raises (unpicklable object, Full) before anything was sent: the request stays open for fail()
-            self._peer.server._send_reply(self._peer, self.seq, obj, kind, deadline_for(timeout), self)
-        if kind != K_PARTIAL:
-            self.done = True
+        peer = self._peer
+        srv = peer.server
+        # A cancelled request's replies would be dropped by the client anyway.
+        # _send_reply raises (unpicklable object, Full) before anything was
+        # sent: the request stays open for fail().
+        if kind == K_PARTIAL:
+            if not self.cancelled:
+                counters = srv._counters
+                counters[srv._ci + L.SV_PARTIALS] += 1  # (before the client can see it, as in reply())
+                try:
+                    if not srv._send_reply(peer, self.seq, obj, kind, deadline_for(timeout), self):
+                        counters[srv._ci + L.SV_PARTIALS] -= 1
+                except BaseException:
+                    counters[srv._ci + L.SV_PARTIALS] -= 1
+                    raise
+            return
+        sent = not self.cancelled
+        if sent:  # counted before the client can see it, as in reply()
+            srv._counters[srv._ci + L.SV_FAILED] += 1
+            try:
+                peer.w[self._base + E_DONE] = self.seq
+            except ValueError:  # the table was closed: the client is gone
+                pass
+            try:
+                sent = srv._send_reply(peer, self.seq, obj, kind, deadline_for(timeout), self)
+            except BaseException:
+                self._not_sent(L.SV_FAILED)
+                raise
+            if not sent:
+                self._not_sent(L.SV_FAILED)
+        if not sent:
+            srv._counters[srv._ci + L.SV_DROPPED] += 1
+        self.done = True
 
     def __repr__(self) -> str:
         return f"<shmq.service.Request {self.seq} from {self._peer.name!r}{' answered' if self.done else ''}>"
@@ -345,14 +397,39 @@ class Service:
     _closed = True
 
     def __init__(self, *, name: Optional[str] = None, capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> None:
-        self._setup(Ring.create(capacity_bytes, name=name))
+        ring = Ring.create(capacity_bytes, name=name)
+        try:
+            w = ring.segment.words
+            w[L.W_SV_SERVERS] = L.SV_SERVERS
+            w[L.W_SV_TAG] = L.SERVICE_TAG
+            w[L.W_QUEUE_KIND] = L.QUEUE_KIND_SERVICE  # last: attach() waits for it
+        except BaseException:
+            ring.unlink()
+            ring.close()
+            raise
+        self._setup(ring)
 
     @classmethod
     def attach(cls, name: str) -> "Service":
         """Open the service ``name``.  Raises FileNotFoundError, or
-        LayoutError if ``name`` is not an shmq ring."""
+        LayoutError if ``name`` is not a service (a queue, a plain ring...)."""
+        ring = Ring.attach(name)
+        try:
+            w = ring.segment.words
+            kind = w[L.W_QUEUE_KIND]
+            # A service publishes its ring before it writes its kind; a young
+            # segment may not have it yet.
+            while kind == 0 and time.time_ns() - w[L.W_CREATED_NS] < 500_000_000:
+                time.sleep(0.001)
+                kind = w[L.W_QUEUE_KIND]
+            if kind != L.QUEUE_KIND_SERVICE or w[L.W_SV_TAG] != L.SERVICE_TAG:
+                what = "a client's reply ring" if kind == L.QUEUE_KIND_REPLIES else "not a service"
+                raise LayoutError(f"{ring.name!r} is {what}: expected a shmq.Service")
+        except BaseException:
+            ring.close()
+            raise
         self = cls.__new__(cls)
-        self._setup(Ring.attach(name))
+        self._setup(ring)
         return self
 
     def _setup(self, ring: Ring) -> None:
@@ -372,6 +449,14 @@ class Service:
         self._server_in = -1  # the fork generation (_forks) this handle was registered as a server in
         self._server_pid = 0
         self._next_sweep = 0.0
+        # This server's counters (L.SV_*): its entry in the request ring's
+        # server table once it serves, or a private copy (no free entry, or
+        # not a server yet) added to SV_RETIRED every _FLUSH_INTERVAL.
+        self._counters: memoryview = _private_counters()
+        self._ci = 0
+        self._i_replied = L.SV_REPLIED
+        self._entry = -1
+        self._entry_pid = 0
         self._closed = False
 
     def __reduce__(self):
@@ -443,11 +528,16 @@ class Service:
         return serving
 
     def statistics(self) -> ServiceStatistics:
-        """A snapshot of the request ring's counters (every process sees the
-        same) and of the live servers.  Raises ClosedError once closed."""
+        """A snapshot of the service, read from shared memory (any process
+        sees the same: ``shmq.lowlevel.read_statistics(name)``, ``shmq stat``):
+        the request ring, the calls received, replied, failed, cancelled, in
+        flight and lost, each server and each client.  Raises ClosedError
+        once closed."""
         self._check()
         self._request_wait.flush()
-        return ServiceStatistics(self._requests.statistics(), self.servers())
+        if self._entry < 0 and any(self._counters):
+            self._release_entry()  # (counted privately: add them now)
+        return service_statistics(self._requests.segment)
 
     def servers(self) -> List[int]:
         """Pids of the live processes listed as servers of the service."""
@@ -471,6 +561,8 @@ class Service:
         self._peers = {}
         self._by_ident = {}
         self._request_wait.flush()
+        if self._entry >= 0 or any(self._counters):
+            self._release_entry()
         self._encoder.close()
         self._decoder.close()
         if self._pool is not None:
@@ -505,6 +597,45 @@ class Service:
             self._server_start = P.my_start_us()
             self._server_pid = os.getpid()
             self._server_in = _forks[0]
+            self._claim_entry()
+
+    def _claim_entry(self) -> None:
+        """Take an entry of the request ring's server table for this
+        process's counters (a free one, or one whose server died: its counts
+        go to SV_RETIRED first); with none left, count privately."""
+        self._counters, self._ci, self._entry, self._entry_pid = _private_counters(), 0, -1, 0
+        self._i_replied = L.SV_REPLIED
+        seg = self._requests.segment
+        w = seg.words
+        pid, start = os.getpid(), self._server_start
+        with seg.admin_lock():
+            for i in range(min(w[L.W_SV_SERVERS], L.SV_SERVERS)):
+                b = L.service_entry_word(i)
+                holder = w[b + L.SV_PID]
+                if holder and P.is_alive(holder, w[b + L.SV_START_US]):
+                    continue  # (also another handle of this process that serves)
+                if holder:  # died: keep its counts
+                    _fold(w, w, b, free=True)
+                w[b + L.SV_START_US] = start
+                w[b + L.SV_PID] = pid
+                self._counters, self._ci, self._entry, self._entry_pid = w, b, i, pid
+                self._i_replied = b + L.SV_REPLIED
+                return
+
+    def _release_entry(self) -> None:
+        """Add this server's counts to SV_RETIRED (and free its entry)."""
+        seg = self._requests.segment
+        try:
+            with seg.admin_lock():
+                if self._entry >= 0:
+                    if self._entry_pid == os.getpid() and seg.words[self._ci + L.SV_PID] == self._entry_pid:
+                        _fold(seg.words, seg.words, self._ci, free=True)
+                elif any(self._counters):
+                    _fold(seg.words, self._counters, 0, free=False)
+        except (ClosedError, OSError, ValueError):
+            pass  # (closed meanwhile: the counts go with it)
+        self._counters, self._ci, self._entry, self._entry_pid = _private_counters(), 0, -1, 0
+        self._i_replied = L.SV_REPLIED
 
     def _peer(self, name: bytes) -> Optional[_Peer]:
         """The client whose reply ring is ``name`` (as a request carries it),
@@ -524,6 +655,8 @@ class Service:
         statistics; every PEER_SWEEP_INTERVAL: the clients that are gone."""
         self._next_flush = now + _FLUSH_INTERVAL
         self._request_wait.flush()
+        if self._entry < 0 and any(self._counters):  # (more servers than entries: counted privately)
+            self._release_entry()
         if now >= self._next_sweep:
             self._next_sweep = now + PEER_SWEEP_INTERVAL
             self._sweep_peers()
@@ -575,6 +708,7 @@ class Service:
             except ValueError:  # the table was closed (swept): the client is gone
                 peer = None
         if peer is None:
+            self._counters[self._ci + L.SV_SKIPPED] += 1  # (cancelled, or its client is gone)
             if rec[0] != 0x80:
                 _drop_message(rec[:end], self._decoder.resolve)
             return None
@@ -587,11 +721,12 @@ class Service:
 
     def _send_reply(
         self, peer: _Peer, seq: int, obj: Any, kind: int, deadline: Optional[float], req: Request, data: Any = None
-    ) -> None:
+    ) -> bool:
         """Send one reply record to ``peer``: through a slot of this server's
         result pool if ``obj`` has a large buffer; waiting (until
         ``deadline``: Full) for room while the client still wants it.
-        ``data``: ``first_pass(obj)``, if the caller has it."""
+        ``data``: ``first_pass(obj)``, if the caller has it.  True if sent,
+        False if dropped (the client cancelled, or is gone)."""
         lease = None
         if kind == K_ERROR:
             data = _error_info(obj)
@@ -599,7 +734,7 @@ class Service:
             data = first_pass(obj)
         if data is LARGE:
             if self._pool is None:
-                pool = _fitted_pool(obj, None)
+                pool = _fitted_pool(obj, None, link=self.name)
                 pool.fence = _ResultFence(self)
                 pool.orphan_seconds = 0.0  # (an orphan here is a slot sent to a client known gone)
                 self._pool = pool
@@ -611,7 +746,7 @@ class Service:
                     break
                 except Full:
                     if req.cancelled or peer.gone():
-                        return
+                        return False
                     if deadline is not None and _monotonic() >= deadline:
                         raise
         record = data + _REP.pack(seq, kind)
@@ -622,7 +757,7 @@ class Service:
                     if lease is not None:
                         lease.abort()
                         lease = None
-                    return
+                    return False
                 now = _monotonic()
                 if deadline is not None and now >= deadline:
                     raise Full(f"the reply ring of client {peer.name!r} stayed full")
@@ -636,6 +771,33 @@ class Service:
             raise
         if lease is not None:
             lease.sent()
+        return True
+
+
+def _private_counters() -> memoryview:
+    """Counters laid out as a server-table entry, in this process only."""
+    return memoryview(bytearray(L.SV_ENTRY_WORDS * L.WORD)).cast("q")
+
+
+def _fold(w: memoryview, src: memoryview, base: int, free: bool) -> None:
+    """Add the counters at ``src[base:]`` to the request ring's SV_RETIRED
+    and zero them (``free``: also give the entry up).  Under the ring's
+    admin lock; SV_FOLDS is odd meanwhile, so a reader that sees it change
+    reads again (it would count the folded entry twice, or not at all)."""
+    # (sums wrap at the int64 limit, as the rings' counters do: a peer could have written any value)
+    if w[L.W_SV_FOLDS] & 1:
+        w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)  # (a folder died mid-fold: the admin lock is ours now)
+    w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)
+    for k in range(L.SV_REPLIED, L.SV_ENTRY_WORDS):
+        w[L.W_SV_RETIRED + k] = _wrapped(w[L.W_SV_RETIRED + k] + src[base + k])
+        src[base + k] = 0
+    if free:
+        src[base + L.SV_PID] = 0
+    w[L.W_SV_FOLDS] = _wrapped(w[L.W_SV_FOLDS] + 1)
+
+
+def _wrapped(n: int) -> int:
+    return (n + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def _serve_worker(name: str, fn: Callable[[Any], Any], stop: Any, ready: Any) -> None:
