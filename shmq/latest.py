@@ -263,7 +263,13 @@ class Latest:
         if safe:
             try:
                 data, lease = codec.encode(obj, timeout=0)
-            except (Full, MessageTooLarge):  # every slot held, or more arrays than slots
+            except Full:  # every slot taken: any a dead setter left behind?
+                try:
+                    data, lease = codec.encode(obj, timeout=0) if self._free_orphans() else (None, None)
+                except (Full, MessageTooLarge):
+                    safe = False
+                safe = safe and data is not None
+            except MessageTooLarge:  # more arrays than slots
                 safe = False
         if not safe:
             data = pickle_in_band(obj)
@@ -330,6 +336,33 @@ class Latest:
                 continue  # its slots were freed: that pin was never valid
             self._held.append((v, functools.partial(_give_back_tokens, tokens, obj)))
         return safe
+
+    def _free_orphans(self) -> int:
+        """Free the slots of dead setters that no live process holds (writer
+        lock held, after _adopt: the newest and the pinned values are held,
+        so no reader can still reach these).  The janitor frees a dead
+        source's slot once its holds are given back, but one killed between
+        marking its slots sent and taking its own hold left a slot nobody
+        ever held: holding and releasing it makes it the janitor's.
+        Returns how many slots were freed."""
+        pool = self._pool
+        freed = pool.reclaim()  # (dead members marked, what they left freed)
+        orphans = []
+        for i in range(pool.slot_count):
+            info = pool.slot_info(i)
+            if info.state != "sent" or not info.source_pid or P.is_alive(info.source_pid):
+                continue
+            if any(P.is_alive(pid) for pid, _ in info.holders):
+                continue
+            try:
+                pool.acquire(i, info.generation).release()
+            except SlotError:
+                continue  # freed meanwhile
+            pool.release(i, info.generation)
+            orphans.append(i)
+        if orphans:
+            freed += pool.reclaim()
+        return freed
 
     def _give_back(self, cell: ValueCell, collect: bool = True) -> None:
         """Give back the holds of the values a newer one replaced that no
