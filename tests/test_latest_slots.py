@@ -284,15 +284,19 @@ def _sampler(name, done, counts, keep):
     latest = shmq.Latest.attach(name)
     kept = []
     n = 0
-    while not done.is_set():
-        v = latest.get()
-        _check_frame(v["k"], v["a"])
-        kept.append(v)
-        if len(kept) > keep:
-            kept.pop(0)
-        for old in kept:
-            _check_frame(old["k"], old["a"])
-        n += 1
+    try:
+        while not done.is_set():
+            v = latest.get()
+            _check_frame(v["k"], v["a"])
+            kept.append(v)
+            if len(kept) > keep:
+                kept.pop(0)
+            for old in kept:
+                _check_frame(old["k"], old["a"])
+            n += 1
+    except Exception as exc:
+        counts.put(repr(exc))
+        raise
     counts.put(n)
     latest.close()
 
@@ -320,6 +324,7 @@ def test_slots_return_while_a_reader_samples(ctx):
         done.set()
     reads = counts.get(timeout=60)
     join_all([p])
+    assert isinstance(reads, int), reads
     through_slots = pool.statistics().allocations - allocations0
     assert reads > 0
     assert slowest < 0.5, f"a set took {slowest:.3f} s"
@@ -390,6 +395,33 @@ def test_reader_sigkilled_while_pinning(ctx):
             break
         assert time.monotonic() - t0 < 1.0, "the dead reader's pin still holds its value after 1 s"
         time.sleep(0.01)
+    latest.close()
+
+
+def _set_and_die(name, k):
+    latest = shmq.Latest.attach(name)
+    latest.set(_frame(k))
+    os.kill(os.getpid(), signal.SIGKILL)  # its holds of value k die with it
+
+
+def test_a_dead_setters_newest_value_stays_readable(ctx):
+    """The newest value's setter died: no live process holds its slots, and
+    the pool's janitor (run inside this setter's pool calls) would free them
+    while it is still the value readers get.  This setter holds them first."""
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))
+    view = latest.get()  # value 1's slot stays out: this process's pool calls run the janitor
+    p = ctx.Process(target=_set_and_die, args=(latest.name, 2))
+    p.start()
+    join_all([p])
+    end = time.monotonic() + 0.5  # a few RECLAIM_INTERVALs
+    while time.monotonic() < end:
+        with pytest.raises(shmq.MessageTooLarge):  # runs the pool's janitor, then sets nothing
+            latest.set("x" * (128 << 10))
+        _check_frame(2, latest.get())
+    latest.set(_frame(3))
+    _check_frame(3, latest.get())
+    _check_frame(1, view)
     latest.close()
 
 
