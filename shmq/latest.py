@@ -190,9 +190,12 @@ class Latest:
         cell = self._cell
         if cell is None:
             raise ClosedError(f"Latest {getattr(self, 'name', '?')!r} is closed")
-        if self._pid != _sync._PID and self._pool is not None:
-            self._init_process()
         return cell
+
+    def _check_process(self) -> None:
+        """A forked child's first pool use: its own holds and reader entry."""
+        if self._pid != _sync._PID:
+            self._init_process()
 
     @property
     def closed(self) -> bool:
@@ -214,12 +217,22 @@ class Latest:
         message, with a slot pool) exceeds capacity_bytes; with a slot pool
         whose every slot is held, the value is pickled instead, and Full is
         raised (nothing set) if that pickle exceeds capacity_bytes."""
-        cell = self._check()
+        cell = self._cell
+        if cell is None:
+            raise ClosedError(f"Latest {getattr(self, 'name', '?')!r} is closed")
         if self._codec is not None:
             return self._set_slots(cell, obj)
         data = _dumps(obj, 5)
-        self._check_fits(cell, data)
-        return self._write(cell, data)
+        if len(data) > cell.capacity_bytes:
+            self._check_fits(cell, data)
+        self._lock.acquire()
+        try:
+            version = cell.write(data)
+        finally:
+            self._lock.release()
+        if self._w[L.W_L_WAITERS] > 0:
+            self._wake()
+        return version
 
     def _check_fits(self, cell: ValueCell, data: bytes) -> None:
         if len(data) > cell.capacity_bytes:
@@ -227,20 +240,12 @@ class Latest:
                 f"a value of {len(data)} bytes can never fit Latest {self.name!r} of {cell.capacity_bytes} bytes"
             )
 
-    def _write(self, cell: ValueCell, data: bytes) -> int:
-        self._lock.acquire()
-        try:
-            version = cell.write(data)
-        finally:
-            self._lock.release()
-        self._wake()
-        return version
-
     def _set_slots(self, cell: ValueCell, obj: Any) -> int:
         try:  # the first pass: a plain pickle, or LARGE (copying no buffer)
             data = _dumps(obj, 5, buffer_callback=stop_at_large)
         except Exception as exc:
             data = first_pass_failed(obj, exc)
+        self._check_process()
         with self._mutex:
             self._lock.acquire()
             try:
@@ -384,6 +389,7 @@ class Latest:
             self._pool.collect()
 
     def _wake(self) -> None:
+        """Post once per reader sleeping in wait() (up to 64)."""
         waiters = self._w[L.W_L_WAITERS]
         if waiters > 0:
             for _ in range(max(0, min(waiters, 64) - P.sem_value(self._sem))):
@@ -405,6 +411,7 @@ class Latest:
     def _read_pinned(self, cell: ValueCell) -> Tuple[int, Any]:
         """(version, value) of the newest value, taking its slots while it is
         pinned (see the module docstring)."""
+        self._check_process()
         with self._pin_lock:
             entry = self._reader_entry(cell)
             try:
@@ -442,6 +449,11 @@ class Latest:
         """The newest value.  Arrays that travelled through the slot pool
         are read-only views of it (zero-copy; ``np.array(x)`` copies one).
         Raises Empty if it was never set, ClosedError if this handle is closed."""
+        cell = self._cell
+        if cell is not None:
+            got = cell.try_read()
+            if got is not None and got[0] > 0 and (got[1][0] or self._codec is None):
+                return _loads(got[1])  # a pickle: no slots to take
         return self._read(self._check())[1]
 
     def get_versioned(self) -> Tuple[int, Any]:
