@@ -258,12 +258,15 @@ class Latest:
     def _set_slots_locked(self, cell: ValueCell, obj: Any, data: Any) -> int:
         """set() with the writer lock held (see the module docstring)."""
         pool, codec = self._pool, self._codec
+        if data is not LARGE:  # no pool call: nothing to adopt
+            self._check_fits(cell, data)
+            version = cell.write(data)
+            if self._held:
+                self._give_back(cell, collect=False)
+            return version
         safe = self._adopt(cell)
         if safe:
             self._give_back(cell)  # (and pool.collect(): frees, the janitor)
-        if data is not LARGE:
-            self._check_fits(cell, data)
-            return cell.write(data)
         lease = None
         if safe:
             try:

@@ -416,8 +416,8 @@ def test_a_dead_setters_newest_value_stays_readable(ctx):
     join_all([p])
     end = time.monotonic() + 0.5  # a few RECLAIM_INTERVALs
     while time.monotonic() < end:
-        with pytest.raises(shmq.MessageTooLarge):  # runs the pool's janitor, then sets nothing
-            latest.set("x" * (128 << 10))
+        with pytest.raises(shmq.MessageTooLarge):  # calls into the pool (its janitor), then sets nothing:
+            latest.set(np.zeros(2 * MIB, np.uint8))  # larger than a slot, and than the cell
         _check_frame(2, latest.get())
     latest.set(_frame(3))
     _check_frame(3, latest.get())
