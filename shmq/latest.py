@@ -16,9 +16,9 @@ With ``slot_size``, large buffers (numpy arrays of 64 KiB up to
 message (``shmq._codec``), and every ``get`` returns read-only views over
 the slots (zero-copy).  Who holds a slot:
 
-* the process that set a value holds its slots while it is the newest
-  (``_held``), and gives them back at its next ``set`` (or ``close``) once
-  a newer value replaced it and no reader has *pinned* it;
+* the handle that set a value holds its slots while it is the newest
+  (``_held``), and gives them back at its next ``set`` once a newer value
+  replaced it and no reader has *pinned* it (below), or at ``close``;
 * every reader holds the slots of the values it returned while any view of
   them lives (the codec's anchors: a finalizer releases them);
 * the pool's source (the setter) frees a slot when every live holder let go;
@@ -29,25 +29,28 @@ from the cell, then takes its own holds; in between, the setter may replace
 the value and give its holds back.  So a reader first stores the version in
 its *pin* (its entry of the cell's reader table), fences, and only then
 reads the cell.  If the cell's version is still the pinned one, the pin is
-*valid*: every setter that later looks at the pins sees it (it loads them
-after taking the writer lock, which comes after the store of the newer
-version, which comes after the reader's load).  If the version moved, the
-reader pins the new one and tries again.  Once its own holds are taken, the
-reader clears its pin.
+*valid*.  If the version moved, the reader pins the new one and tries
+again.  Once its own holds are taken, the reader clears its pin.
 
-Every call into the pool that may free a slot (allocation, ``collect``:
-the source's frees and the janitor's, which frees the slots of dead setters
-that no live process holds) is made by a setter under the writer lock, and
-before it the setter holds the slots of the newest value and of every
-pinned version itself (*adopts* them; under the lock nothing can free them
-meanwhile).  So the slots of a valid pin are never freed before the reader
-took its holds, even when the setter that wrote that version died.  A
-setter gives its holds back only for versions that are not the newest and
-not pinned.  If a pinned version's bytes are no longer in the cell (the
-reader was descheduled for three sets), the setter cannot adopt it and
-makes no pool call this time: it pickles the value into the cell.  A setter
-never waits for a pin, and pins of dead readers are freed (at most every
-SLICE_SECONDS).
+Every call into the pool that may free a slot (allocation, ``collect``,
+``reclaim``: the source's frees and the janitor's, which frees the slots of
+dead setters that no live process holds) is made by a setter under the
+writer lock, and before it the setter holds the slots of the newest value
+and of every pinned version itself (*adopts* them: it reads their slot
+references from the cell and takes holds; under the lock nothing can free
+them meanwhile).  So the slots of a valid pin are never freed before its
+reader took its holds, even when the setter that wrote that version died:
+a setter whose scan of the pins missed the pin scanned before the pin's
+store was visible, so before the reader loaded the version, so that
+version was then the newest (which the setter holds throughout) or the
+one it is writing (held too); a later scan sees the pin.  Giving a hold
+back frees nothing by itself, so a setter gives back the holds of values
+that are neither the newest nor pinned at its next ``set`` (pinned ones
+later: less churn), and all of them at ``close``.  If a pinned version's
+bytes are no longer in the cell (its reader was descheduled for three
+sets), the setter cannot adopt it and makes no pool call this time: it
+pickles the value into the cell.  A setter never waits for a pin, and pins
+of dead readers are freed (at most every SLICE_SECONDS).
 
 When every slot is held (readers keep views of older values), ``set``
 pickles the value into the cell instead (``Full`` if that pickle exceeds
@@ -56,13 +59,11 @@ pickles the value into the cell instead (``Full`` if that pickle exceeds
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import pickle
 import threading
 import time
-from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from . import _layout as L
 from . import _platform as P
@@ -81,8 +82,6 @@ DEFAULT_CAPACITY_BYTES = 1 << 20
 DEFAULT_SLOT_COUNT = 8
 #: blocked wait() calls re-check this often; dead readers' pins are looked for this often
 SLICE_SECONDS = 0.1
-#: close() gives a reader that pinned a replaced value this long to take its holds
-CLOSE_PIN_SECONDS = 0.05
 _dumps = pickle.dumps
 _loads = pickle.loads
 _monotonic = time.monotonic
@@ -180,8 +179,8 @@ class Latest:
         self._pid = os.getpid()
         self._start_us = P.my_start_us()
         self._reader = -1  # entry in the cell's reader table, taken at the first pinned read
-        #: (version, give back) of the values whose slots this handle holds, oldest first
-        self._held: Deque[Tuple[int, Callable[[], None]]] = deque()
+        #: the values whose slots this handle holds, oldest first
+        self._held: List[_Hold] = []
         self._mutex = threading.Lock()  # setting threads share _held
         self._pin_lock = threading.Lock()  # reading threads share the pin
         self._next_reap = 0.0
@@ -303,7 +302,7 @@ class Latest:
         except BaseException:
             _release_refs(pool, refs)
             raise
-        self._held.append((version, functools.partial(_release_refs, pool, refs)))
+        self._held.append(_Hold(version, pool, refs, None))
         # the value this one replaced, now unless a reader pins it (its
         # slots return at the next allocation: two slots suffice a writer
         # whose readers keep no views)
@@ -325,7 +324,7 @@ class Latest:
                         cell.leave_reader(i, pid, start)
                 pins = cell.pins()
         current = cell.version
-        held = {v for v, _ in self._held}
+        held = {h.version for h in self._held}
         safe = True
         for v in {current, *(pin for *_, pin in pins)}:
             if v == 0 or v in held or v > current:
@@ -342,7 +341,7 @@ class Latest:
                 obj, tokens = self._codec.decode_held(data)
             except SlotError:
                 continue  # its slots were freed: that pin was never valid
-            self._held.append((v, functools.partial(_give_back_tokens, tokens, obj)))
+            self._held.append(_Hold(v, None, tokens, obj))
         return safe
 
     def _free_orphans(self) -> int:
@@ -379,15 +378,12 @@ class Latest:
         held = self._held
         if held:
             current = cell.version
-            pinned = {pin for *_, pin in cell.pins()}
-            keep: Deque[Tuple[int, Callable[[], None]]] = deque()
-            while held:
-                version, give_back = held.popleft()
-                if version != current and version not in pinned:
-                    give_back()
-                else:
-                    keep.append((version, give_back))
-            self._held = keep
+            pinned = {pin for *_, pin in cell.pins()}  # (not needed for safety: less churn)
+            keep = [h for h in held if h.version == current or h.version in pinned]
+            for h in held:
+                if h.version != current and h.version not in pinned:
+                    h.give_back()
+            held[:] = keep
         if collect:
             self._pool.collect()
 
@@ -500,11 +496,9 @@ class Latest:
     def close(self) -> None:
         """Unmap this handle (idempotent).  Views returned by :meth:`get`
         stay valid (they keep the pool's mapping, and their slots, until
-        they die).  The slots of values this handle set are given back (the
-        newest value's too: the next setter holds them before it may free
-        anything), except those of a value a reader pinned at this moment
-        (for at most CLOSE_PIN_SECONDS): those stay held until the process
-        ends."""
+        they die).  The holds of this handle on values it set or held are
+        given back, the newest value's too: a setter holds the newest value
+        itself before it may free anything (see the module docstring)."""
         cell = self._cell
         if cell is None:
             return
@@ -512,8 +506,8 @@ class Latest:
         if pool is not None and self._pid == os.getpid():
             with self._mutex:
                 try:
-                    self._give_back_all(cell)
-                except Exception:  # a corrupt header: the janitors clean up after this process
+                    self._give_back_all()
+                except Exception:  # a slot already given back: the janitors clean up after this process
                     pass
                 if self._reader >= 0:
                     with self._segment.admin_lock():
@@ -525,27 +519,14 @@ class Latest:
             pool.close()  # (deferred while holds or views live: the mapping stays)
         self._segment.close()
 
-    def _give_back_all(self, cell: ValueCell) -> None:
-        end = _monotonic() + CLOSE_PIN_SECONDS
-        while self._held:
-            self._lock.acquire()
-            try:
-                if self._adopt(cell):
-                    self._give_back(cell)
-                held = self._held
-                current = cell.version
-                if held and current not in {pin for *_, pin in cell.pins()}:
-                    for k in range(len(held)):
-                        if held[k][0] == current:
-                            version, give_back = held[k]
-                            del held[k]
-                            give_back()  # no pool call frees it before a setter adopted it
-                            break
-            finally:
-                self._lock.release()
-            if not self._held or _monotonic() >= end:
-                return
-            time.sleep(0.001)  # a reader pinned a value: it takes its holds at once
+    def _give_back_all(self) -> None:
+        """Give back every hold of this handle, the newest value's and pinned
+        ones' too: no slot is freed but by a setter that holds the newest
+        and every pinned value itself first (see the module docstring)."""
+        held = self._held
+        for h in list(held):
+            held.remove(h)
+            h.give_back()
 
     def unlink(self) -> None:
         """Remove the name (and the slot pool's) for everybody; the creator
@@ -568,12 +549,29 @@ class Latest:
         return f"<Latest {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"
 
 
+class _Hold:
+    """The holds of one value on its slots: a value this handle set
+    (``refs``: (slot, generation), held through ``pool``), or one it
+    adopted (``refs``: the codec's tokens, ``value`` the decoded value,
+    kept alive: its anchors' finalizers would release the holds)."""
+
+    __slots__ = ("version", "pool", "refs", "value")
+
+    def __init__(self, version: int, pool: Optional[SlotPool], refs: List[Any], value: Any) -> None:
+        self.version = version
+        self.pool = pool
+        self.refs = refs
+        self.value = value
+
+    def give_back(self) -> None:
+        if self.pool is None:
+            release_tokens(self.refs)
+            self.value = None
+        else:
+            _release_refs(self.pool, self.refs)
+
+
+
 def _release_refs(pool: SlotPool, refs: List[Tuple[int, int]]) -> None:
     for i, gen in refs:
         pool.release(i, gen)
-
-
-def _give_back_tokens(tokens: List[int], obj: Any) -> None:
-    """Give back an adopted value's holds (``obj``, the decoded value, was
-    kept alive until now: its anchors' finalizers would release them)."""
-    release_tokens(tokens)
