@@ -506,7 +506,7 @@ class Latest:
         if pool is not None and self._pid == os.getpid():
             with self._mutex:
                 try:
-                    self._give_back_all()
+                    self._give_back_all(cell)
                 except Exception:  # a slot already given back: the janitors clean up after this process
                     pass
                 if self._reader >= 0:
@@ -519,14 +519,26 @@ class Latest:
             pool.close()  # (deferred while holds or views live: the mapping stays)
         self._segment.close()
 
-    def _give_back_all(self) -> None:
+    def _give_back_all(self, cell: ValueCell) -> None:
         """Give back every hold of this handle, the newest value's and pinned
         ones' too: no slot is freed but by a setter that holds the newest
-        and every pinned value itself first (see the module docstring)."""
+        and every pinned value itself first (see the module docstring).
+        Before that, as a setter would, free what this handle's pool member
+        sent and nobody holds any more (a closed member's slots are
+        otherwise left to the janitor of the next setter)."""
         held = self._held
-        for h in list(held):
-            held.remove(h)
-            h.give_back()
+        self._lock.acquire()
+        try:
+            for h in list(held):  # the values this handle set, and their holds...
+                held.remove(h)
+                h.give_back()
+            if self._adopt(cell):  # ...then as a setter: hold the newest and the pinned,
+                self._pool.collect()  # free,
+            for h in list(held):  # and let go
+                held.remove(h)
+                h.give_back()
+        finally:
+            self._lock.release()
 
     def unlink(self) -> None:
         """Remove the name (and the slot pool's) for everybody; the creator

@@ -150,6 +150,29 @@ def test_setter_falls_back_to_pickling_when_readers_hold_every_slot():
     latest.close()
 
 
+def test_a_closed_setters_value_stays_readable_and_its_slots_return():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    other = shmq.Latest.attach(latest.name)
+    for k in range(1, 4):
+        other.set(_frame(k))
+    other.close()  # gives its holds back, the newest value's too
+    view = latest.get()
+    _check_frame(3, view)
+    for k in range(4, 8):  # this setter holds value 3 first, then frees the closed one's slots
+        latest.set(_frame(k))
+        _check_frame(k, latest.get())
+    _check_frame(3, view)
+    del view
+    t0 = time.monotonic()
+    k = 8
+    while _in_use(latest) > 2:  # the closed member's last slot: the janitor, within 1 s
+        assert time.monotonic() - t0 < 1.0, f"{_in_use(latest)} slots in use"
+        latest.set(_frame(k))
+        k += 1
+        time.sleep(0.01)
+    latest.close()
+
+
 def test_views_outlive_their_closed_handle():
     # In a child: a crash would kill the interpreter, not the test session.
     code = textwrap.dedent(
