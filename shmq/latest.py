@@ -63,6 +63,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from typing import Any, List, Optional, Tuple
 
 from . import _layout as L
@@ -433,6 +434,11 @@ class Latest:
                 entry = cell.join_reader(self._pid, self._start_us)
             if entry >= 0:
                 self._reader = entry
+                # a handle dropped without close() frees its entry when collected
+                self._reader_finalizer = weakref.finalize(
+                    self, _leave_reader, self._segment, cell, entry, self._pid, self._start_us
+                )
+                self._reader_finalizer.atexit = False
                 return entry
             if attempt == 0:  # free the entries of dead readers, then try again
                 w = self._w
@@ -510,8 +516,8 @@ class Latest:
                 except Exception:  # a slot already given back: the janitors clean up after this process
                     pass
                 if self._reader >= 0:
-                    with self._segment.admin_lock():
-                        cell.leave_reader(self._reader, self._pid, self._start_us)
+                    self._reader_finalizer.detach()
+                    _leave_reader(self._segment, cell, self._reader, self._pid, self._start_us)
                     self._reader = -1
         self._cell = None
         if pool is not None:
@@ -559,6 +565,13 @@ class Latest:
 
     def __repr__(self) -> str:
         return f"<Latest {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"
+
+
+def _leave_reader(segment: Segment, cell: ValueCell, entry: int, pid: int, start_us: int) -> None:
+    if segment.closed or pid != os.getpid():
+        return
+    with segment.admin_lock():
+        cell.leave_reader(entry, pid, start_us)
 
 
 class _Hold:

@@ -173,6 +173,26 @@ def test_a_closed_setters_value_stays_readable_and_its_slots_return():
     latest.close()
 
 
+def test_reader_entries_are_freed_by_close_and_by_collection():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))
+    # more handles than entries, one at a time (each takes a pool member too,
+    # and a closed one is recycled only once the value it read is freed: 128)
+    for _ in range(L.L_READERS + 8):
+        other = shmq.Latest.attach(latest.name)
+        _check_frame(1, other.get())
+        other.close()
+    assert latest.statistics().readers == 0
+    other = shmq.Latest.attach(latest.name)
+    _check_frame(1, other.get())
+    assert latest.statistics().readers == 1
+    with pytest.warns(ResourceWarning):  # (unclosed: the segments say so)
+        del other
+        gc.collect()
+    assert latest.statistics().readers == 0
+    latest.close()
+
+
 def test_views_outlive_their_closed_handle():
     # In a child: a crash would kill the interpreter, not the test session.
     code = textwrap.dedent(
