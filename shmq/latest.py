@@ -165,14 +165,27 @@ class Latest:
         self._sem = P.semaphore(self.name + "-ne", create)
         cell = ValueCell(segment)
         self._w = segment.words
+        #: values may travel through a slot pool; this handle attaches it at
+        #: its first use (a reader of pickled values never maps it)
+        self._slots = bool(cell.slot_config[0])
         self._codec: Optional[Codec] = None
-        if cell.slot_config[0]:
-            if pool is None:
-                pool = SlotPool.attach(P.part_name(self.name, "p"))
+        self._attach_lock = threading.Lock()
+        if pool is not None:
             self._pool = pool
             self._codec = Codec(pool)
         self._init_process()
         self._cell = cell
+
+    def _ensure_pool(self) -> SlotPool:
+        pool = self._pool
+        if pool is None:
+            with self._attach_lock:
+                pool = self._pool
+                if pool is None:
+                    pool = SlotPool.attach(P.part_name(self.name, "p"))
+                    self._codec = Codec(pool)
+                    self._pool = pool
+        return pool
 
     def _init_process(self) -> None:
         """This process's state of the handle (a forked child starts afresh:
@@ -220,7 +233,7 @@ class Latest:
         cell = self._cell
         if cell is None:
             raise ClosedError(f"Latest {getattr(self, 'name', '?')!r} is closed")
-        if self._codec is not None:
+        if self._slots:
             return self._set_slots(cell, obj)
         data = _dumps(obj, 5)
         if len(data) > cell.capacity_bytes:
@@ -246,6 +259,7 @@ class Latest:
         except Exception as exc:
             data = first_pass_failed(obj, exc)
         self._check_process()
+        self._ensure_pool()
         with self._mutex:
             self._lock.acquire()
             try:
@@ -404,7 +418,7 @@ class Latest:
             if got[0] > 0:
                 break
         data = got[1]
-        if data[0] or self._codec is None:  # a pickle (0x80); byte 0: a slot message
+        if data[0] or not self._slots:  # a pickle (0x80); byte 0: a slot message
             return got[0], _loads(data)
         return self._read_pinned(cell)
 
@@ -412,6 +426,7 @@ class Latest:
         """(version, value) of the newest value, taking its slots while it is
         pinned (see the module docstring)."""
         self._check_process()
+        self._ensure_pool()
         with self._pin_lock:
             entry = self._reader_entry(cell)
             try:
@@ -457,7 +472,7 @@ class Latest:
         cell = self._cell
         if cell is not None:
             got = cell.try_read()
-            if got is not None and got[0] > 0 and (got[1][0] or self._codec is None):
+            if got is not None and got[0] > 0 and (got[1][0] or not self._slots):
                 return _loads(got[1])  # a pickle: no slots to take
         return self._read(self._check())[1]
 
@@ -494,8 +509,8 @@ class Latest:
         name, without the slots in use).  ClosedError if closed."""
         self._check()
         stats = latest_statistics(self._segment)
-        if self._pool is not None:
-            pool_stats = self._pool.statistics()
+        if self._slots:
+            pool_stats = self._ensure_pool().statistics()
             stats = dataclasses.replace(stats, slots_in_use=pool_stats.slot_count - pool_stats.free)
         return stats
 
@@ -549,7 +564,7 @@ class Latest:
     def unlink(self) -> None:
         """Remove the name (and the slot pool's) for everybody; the creator
         does this when it ends.  Also allowed after close()."""
-        if self._pool is not None:
+        if self._slots:
             P.shm_unlink(P.part_name(self.name, "p"))
         self._segment.unlink()
 

@@ -236,6 +236,19 @@ def test_statistics_pickling_and_shmq_stat():
     latest.close()
 
 
+def test_a_reader_maps_the_pool_only_when_a_value_travels_through_it():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=2)
+    latest.set({"small": 1})
+    other = shmq.Latest.attach(latest.name)
+    assert other.get() == {"small": 1}
+    assert other._pool is None and latest.statistics().readers == 0
+    latest.set(_frame(1))
+    _check_frame(1, other.get())
+    assert other._pool is not None and latest.statistics().readers == 1
+    other.close()
+    latest.close()
+
+
 def test_bad_slot_arguments():
     with pytest.raises(ValueError, match="'slot_size'"):
         shmq.Latest(slot_size=0)
