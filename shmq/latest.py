@@ -197,7 +197,8 @@ class Latest:
         self._held: List[_Hold] = []
         self._mutex = threading.Lock()  # setting threads share _held
         self._pin_lock = threading.Lock()  # reading threads share the pin
-        self._next_reap = 0.0
+        self._next_reap = 0.0  # dead readers' pins: looked for at most every SLICE_SECONDS
+        self._next_orphan_scan = 0.0  # slots dead setters left: likewise, when short of slots
 
     def _check(self) -> ValueCell:
         cell = self._cell
@@ -285,19 +286,23 @@ class Latest:
         if safe:
             try:
                 data, lease = codec.encode(obj, timeout=0)
-            except Full:  # every slot taken: any a dead setter left behind?
-                try:
-                    data, lease = codec.encode(obj, timeout=0) if self._free_orphans() else (None, None)
-                except (Full, MessageTooLarge):
-                    safe = False
-                safe = safe and data is not None
+            except Full:  # every slot taken: did a dead setter leave any behind?
+                safe = False
+                if _monotonic() >= self._next_orphan_scan:
+                    self._next_orphan_scan = _monotonic() + SLICE_SECONDS
+                    if self._free_orphans():
+                        try:
+                            data, lease = codec.encode(obj, timeout=0)
+                            safe = True
+                        except (Full, MessageTooLarge):
+                            pass
             except MessageTooLarge:  # more arrays than slots
                 safe = False
         if not safe:
             data = pickle_in_band(obj)
             if len(data) > cell.capacity_bytes:
                 raise Full(
-                    f"Latest {self.name!r} has no free slot (readers hold the {pool.slot_count} slots) and the "
+                    f"Latest {self.name!r} has no free slot now (readers hold its {pool.slot_count} slots) and the "
                     f"pickle of {len(data)} bytes exceeds its capacity_bytes {cell.capacity_bytes}: nothing set"
                 )
             return cell.write(data)
