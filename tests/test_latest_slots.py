@@ -481,6 +481,33 @@ def test_a_dead_setters_newest_value_stays_readable(ctx):
     latest.close()
 
 
+def _send_and_die(name):
+    latest = shmq.Latest.attach(name)
+    latest._ensure_pool()
+    latest._codec.encode(_frame(9), timeout=0)  # a slot filled and marked sent...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and killed before set() holds it
+
+
+def test_a_slot_a_setter_was_killed_between_sending_and_holding_comes_back(ctx):
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=3)
+    p = ctx.Process(target=_send_and_die, args=(latest.name,))
+    p.start()
+    join_all([p])
+    assert _in_use(latest) == 1  # sent, never held by anybody
+    views = []
+    for k in (1, 2):  # values 1 and 2 keep the two other slots
+        latest.set(_frame(k))
+        views.append(latest.get())
+    t0 = time.monotonic()
+    latest.set(_frame(3))  # needs the third slot: the orphan
+    assert _slot_message(latest), "the dead setter's slot did not come back"
+    assert time.monotonic() - t0 < 1.0
+    views.append(latest.get())
+    for k, view in enumerate(views, 1):
+        _check_frame(k, view)
+    latest.close()
+
+
 def _set_forever(name, first, size):
     latest = shmq.Latest.attach(name)
     rng = random.Random(first)
