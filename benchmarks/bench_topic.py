@@ -24,7 +24,15 @@ subscribers?).
 
 ``shmq.Latest`` (no baseline): set/get pairs per second in one process, and
 the latency of ``get()`` while a forked writer sets continuously (median and
-99th percentile of single calls).
+99th percentile of single calls).  And 6 MiB frames through a Latest: a
+forked writer sets 1920x1080x3 uint8 frames as fast as it can while this
+process calls ``get()`` for ``--latest-seconds`` and reads the frame number
+in each frame's first bytes; gets/s of the reader (and sets/s of the writer
+meanwhile), the value pickled into the cell (``Latest(capacity_bytes=7 MiB)``:
+every set and every get copies 6 MiB) against the slot pool
+(``slot_size=8 MiB, slot_count=4``: a set copies the frame into a slot once,
+a get returns a read-only view).  Repetitions interleave the two; the table
+gives the median and the range.  ``--latest-only`` runs just the Latest rows.
 """
 from __future__ import annotations
 
@@ -341,6 +349,54 @@ def run_latest(n: int) -> Dict[str, float]:
             "get_ns_p99_while_setting": samples[int(len(samples) * 0.99)]}
 
 
+def _set_frames_forever(name: str) -> None:
+    import numpy as np
+
+    latest = shmq.Latest.attach(name)
+    frame = np.zeros(FRAME_SHAPE, np.uint8)
+    flat = frame.reshape(-1).view(np.uint64)
+    k = 0
+    while True:
+        k += 1
+        flat[0] = k  # the frame number, in its first bytes
+        latest.set(frame)
+
+
+def run_latest_frames(seconds: float, slots: bool) -> Dict[str, float]:
+    """gets/s of a reader of 6 MiB frames while a forked writer sets them at
+    full speed, and the writer's sets/s meanwhile."""
+    import numpy as np
+
+    if slots:
+        latest = shmq.Latest(64 << 10, slot_size=8 << 20, slot_count=4)
+    else:
+        latest = shmq.Latest(7 << 20)
+    writer = mp.get_context("fork").Process(target=_set_frames_forever, args=(latest.name,), daemon=True)
+    writer.start()
+    try:
+        latest.wait(newer_than=10, timeout=60)
+        gets = 0
+        last = 0
+        v0 = latest.version
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        while time.perf_counter() < end:
+            for _ in range(10):
+                frame = latest.get()
+                number = int(frame.reshape(-1)[:8].view(np.uint64)[0])
+                assert number >= last, (number, last)  # versions never go back
+                last = number
+            gets += 10
+        elapsed = time.perf_counter() - t0
+        sets = latest.version - v0
+    finally:
+        writer.kill()
+        writer.join(30)
+        latest.unlink()
+        latest.close()
+    return {"gets_per_s": gets / elapsed, "sets_per_s": sets / elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=200_000, help="messages per run")
@@ -348,10 +404,16 @@ def main() -> None:
     parser.add_argument("--fan", type=int, nargs="+", default=[1, 2, 4], help="subscriber counts")
     parser.add_argument("--quick", action="store_true", help="20,000 messages, 1 repeat")
     parser.add_argument("--frames", type=int, default=300, help="6 MiB frames per run (0: skip the frame rows)")
+    parser.add_argument("--latest-seconds", type=float, default=2.0,
+                        help="seconds per run of the Latest 6 MiB frame rows (0: skip them)")
+    parser.add_argument("--latest-only", action="store_true", help="only the Latest rows")
     parser.add_argument("--json", action="store_true", help="one JSON line per result")
     args = parser.parse_args()
     if args.quick:
         args.messages, args.repeats, args.frames = 20_000, 1, min(args.frames, 60)
+        args.latest_seconds = min(args.latest_seconds, 1.0)
+    if args.latest_only:
+        return _main_latest(args)
     try:
         import zmq  # noqa: F401
 
@@ -408,8 +470,9 @@ def main() -> None:
                                "shm_bytes": max(held), "frames": args.frames, **meta})
     latest = run_latest(args.messages)
     rows.append({"bench": "latest", **{k: round(v) for k, v in latest.items()}, **meta})
+    latest_rows = _latest_frame_rows(args, meta)
     if args.json:
-        for row in rows + frame_rows:
+        for row in rows + frame_rows + latest_rows:
             print(json.dumps(row))
         return
     print(f"small tuples {MESSAGE!r}, {args.messages} messages, {args.repeats} repeat(s), Python {meta['python']}")
@@ -427,6 +490,56 @@ def main() -> None:
     print(f"shmq.Latest: {latest['set_get_pairs_per_s']:,.0f} set/get pairs/s in one process; get() while a "
           f"writer sets: median {latest['get_ns_median_while_setting']:,.0f} ns, "
           f"p99 {latest['get_ns_p99_while_setting']:,.0f} ns")
+    _print_latest_frames(args, latest_rows)
+
+
+_LATEST_MODES = {"pickled into the cell": False, "slot pool": True}
+
+
+def _latest_frame_rows(args: argparse.Namespace, meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    if not args.latest_seconds:
+        return []
+    runs: Dict[str, List[Dict[str, float]]] = {}
+    for _ in range(args.repeats):
+        for label, slots in _LATEST_MODES.items():  # interleaved
+            runs.setdefault(label, []).append(run_latest_frames(args.latest_seconds, slots))
+    rows = []
+    for label, got in runs.items():
+        gets = [r["gets_per_s"] for r in got]
+        sets = [r["sets_per_s"] for r in got]
+        rows.append({"bench": "latest_frames", "mode": label, "gets_per_s": round(statistics.median(gets), 1),
+                     "gets_per_s_min": round(min(gets), 1), "gets_per_s_max": round(max(gets), 1),
+                     "sets_per_s": round(statistics.median(sets), 1), "sets_per_s_min": round(min(sets), 1),
+                     "sets_per_s_max": round(max(sets), 1), "seconds": args.latest_seconds, **meta})
+    return rows
+
+
+def _print_latest_frames(args: argparse.Namespace, rows: List[Dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print(f"shmq.Latest, 1920x1080x3 uint8 frames (6 MiB): a reader's get() while a writer sets at full speed, "
+          f"{args.repeats} x {args.latest_seconds:g} s, median (min-max)")
+    print(f"{'value':<24}{'gets/s':>24}{'sets/s meanwhile':>24}")
+    for row in rows:
+        gets = f"{row['gets_per_s']:,.0f} ({row['gets_per_s_min']:,.0f}-{row['gets_per_s_max']:,.0f})"
+        sets = f"{row['sets_per_s']:,.0f} ({row['sets_per_s_min']:,.0f}-{row['sets_per_s_max']:,.0f})"
+        print(f"{row['mode']:<24}{gets:>24}{sets:>24}")
+
+
+def _main_latest(args: argparse.Namespace) -> None:
+    meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "shmq": shmq.__version__, "messages": args.messages, "repeats": args.repeats}
+    latest = run_latest(args.messages)
+    rows = [{"bench": "latest", **{k: round(v) for k, v in latest.items()}, **meta}]
+    latest_rows = _latest_frame_rows(args, meta)
+    if args.json:
+        for row in rows + latest_rows:
+            print(json.dumps(row))
+        return
+    print(f"shmq.Latest: {latest['set_get_pairs_per_s']:,.0f} set/get pairs/s in one process; get() while a "
+          f"writer sets: median {latest['get_ns_median_while_setting']:,.0f} ns, "
+          f"p99 {latest['get_ns_p99_while_setting']:,.0f} ns")
+    _print_latest_frames(args, latest_rows)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,15 @@ class LatestStatistics:
     participants: Tuple[ParticipantInfo, ...]
     #: time.monotonic() when the snapshot was taken
     taken_at: float
+    #: the slot pool ("<name>.p") large arrays travel through: bytes per
+    #: slot and slots (0, 0: none, values are always pickled)
+    slot_size: int = 0
+    slot_count: int = 0
+    #: slots in use now (the newest value's, older values' that readers
+    #: still hold, one being written); -1 if not read (``shmq stat``)
+    slots_in_use: int = -1
+    #: reader entries (processes that took a value's slots at least once)
+    readers: int = 0
 
 
 def _alive(pid: int, start_us: int) -> bool:
@@ -233,6 +242,7 @@ def latest_statistics(seg: Any) -> LatestStatistics:
     v = w[L.W_L_VERSION]
     hdr = L.W_L_BUFFERS + 2 * (v % L.LATEST_BUFFERS)
     n = w[hdr + 1] if v and w[hdr] == v else 0
+    config = w[L.W_L_SLOT_CONFIG]
     return LatestStatistics(
         name=seg.name,
         capacity_bytes=cap,
@@ -243,6 +253,9 @@ def latest_statistics(seg: Any) -> LatestStatistics:
         creator_alive=seg.creator_alive(),
         participants=participant_infos(seg),
         taken_at=time.monotonic(),
+        slot_size=max(0, config) & ((1 << L.POOL_COUNT_SHIFT) - 1),
+        slot_count=max(0, config) >> L.POOL_COUNT_SHIFT,
+        readers=sum(1 for i in range(L.L_READERS) if w[L.latest_reader_word(i) + L.LR_PID]),
     )
 
 
@@ -733,7 +746,15 @@ def publishing_writer(ring: BroadcastRing, lock: RobustLock, dumps: Callable[...
 
 
 class ValueCell:
-    """The buffers of a ``shmq.Latest`` (see ``_layout``)."""
+    """The buffers of a ``shmq.Latest`` and its reader table (see ``_layout``).
+
+    The reader table holds one *pin* per reader handle: the version whose
+    slots it is about to take.  A reader stores its pin, then (after a full
+    fence) reads the version: if the version is still the pinned one, no
+    process that gives back a replaced value's slots will give back that
+    version's before the pin is cleared (a process that gives them back
+    loads the version that replaced it first, then the pins: see ``pinned``).
+    """
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
@@ -745,8 +766,66 @@ class ValueCell:
             raise BrokenError(f"latest {self.name!r} has a corrupt header: capacity {cap}, size {segment.size}")
 
     @staticmethod
-    def initialise(segment: Segment, capacity_bytes: int) -> None:
+    def initialise(segment: Segment, capacity_bytes: int, slot_config: int = 0) -> None:
+        """Creator only, before the segment is published."""
         segment.words[L.W_L_CAPACITY] = capacity_bytes
+        segment.words[L.W_L_SLOT_CONFIG] = slot_config
+
+    @property
+    def slot_config(self) -> Tuple[int, int]:
+        """(slot_size, slot_count) of the value's slot pool; (0, 0) if none."""
+        config = self.words[L.W_L_SLOT_CONFIG]
+        if config < 0:
+            raise BrokenError(f"latest {self.name!r} has a corrupt header: slot config {config}")
+        return config & ((1 << L.POOL_COUNT_SHIFT) - 1), config >> L.POOL_COUNT_SHIFT
+
+    # -- the reader table (pins) ------------------------------------------
+    def join_reader(self, pid: int, start_us: int) -> int:
+        """Take a free reader entry for ``pid``; its index, or -1 if the
+        table is full.  (Caller holds the admin lock.)"""
+        w = self.words
+        for i in range(L.L_READERS):
+            base = L.latest_reader_word(i)
+            if w[base + L.LR_PID] == 0:
+                w[base + L.LR_PIN] = 0
+                w[base + L.LR_START_US] = start_us
+                w[base + L.LR_PID] = pid
+                return i
+        return -1
+
+    def leave_reader(self, entry: int, pid: int, start_us: int) -> bool:
+        """Free ``entry`` if it still belongs to ``pid``/``start_us``.
+        (Caller holds the admin lock.)"""
+        w = self.words
+        base = L.latest_reader_word(entry)
+        if w[base + L.LR_PID] != pid or w[base + L.LR_START_US] != start_us:
+            return False
+        w[base + L.LR_PIN] = 0
+        w[base + L.LR_PID] = 0
+        return True
+
+    def pin(self, entry: int, version: int) -> None:
+        """Store ``version`` as the pin of ``entry``, then a full fence: the
+        store is visible before this process's next load (of the version)."""
+        self.words[L.latest_reader_word(entry) + L.LR_PIN] = version
+        _sync.full_fence()
+
+    def unpin(self, entry: int) -> None:
+        self.words[L.latest_reader_word(entry) + L.LR_PIN] = 0
+
+    def pins(self) -> List[Tuple[int, int, int, int]]:
+        """(entry, pid, start_us, version) of every reader entry with a pin.
+        (A full fence first: the caller's earlier stores, such as the
+        version it published, are visible before these loads.)"""
+        _sync.full_fence()
+        w = self.words
+        out = []
+        for i in range(L.L_READERS):
+            base = L.latest_reader_word(i)
+            v = w[base + L.LR_PIN]
+            if v and w[base + L.LR_PID]:
+                out.append((i, w[base + L.LR_PID], w[base + L.LR_START_US], v))
+        return out
 
     @property
     def version(self) -> int:
@@ -766,6 +845,20 @@ class ValueCell:
         w[hdr] = v
         w[L.W_L_VERSION] = v  # publishes it
         return v
+
+    def read_version(self, v: int) -> Optional[bytes]:
+        """The bytes of version ``v`` if its buffer still holds it (a newer
+        version overwrote it, or is overwriting it: None)."""
+        w, cap = self.words, self.capacity_bytes
+        hdr = L.W_L_BUFFERS + 2 * (v % L.LATEST_BUFFERS)
+        if v <= 0 or w[hdr] != v:
+            return None
+        n = w[hdr + 1]
+        if not 0 <= n <= cap:
+            return None
+        at = L.LATEST_DATA_OFFSET + (v % L.LATEST_BUFFERS) * cap
+        data = bytes(self.buf[at : at + n])
+        return data if w[hdr] == v else None
 
     def try_read(self) -> Optional[Tuple[int, bytes]]:
         """(version, bytes) of the newest complete value, None if never set,

@@ -510,7 +510,13 @@ def topic_segment_size(capacity_bytes: int) -> int:
 #    272  L_VERSION newest complete version (0: never set)
 #    280  L_WAITERS readers sleeping in wait() (under the admin lock)
 #    296  L_WRITER_LOCK owner pid, 297 generation (RobustLock "-pl")
+#    265  L_SLOT_CONFIG SLOT_COUNT << POOL_COUNT_SHIFT | SLOT_SIZE of the
+#         slot pool "<name>.p" (0: none)                             creator
 #    304  buffer headers: LATEST_BUFFERS x (SEQ, LENGTH)
+#    312  reader table: L_READERS entries of L_READER_WORDS words: PID (0
+#         free), START_US, PIN (the version whose slots the reader is about
+#         to take; 0 none); only its reader writes an entry once live (a
+#         writer frees a dead one: PID 0)
 #    512  buffers (LATEST_DATA_OFFSET = 4096), each L_CAPACITY bytes
 # ---------------------------------------------------------------------------
 W_L_CAPACITY = W_KIND_HEADER + 0
@@ -518,9 +524,19 @@ W_L_VERSION = W_KIND_HEADER + 8
 W_L_WAITERS = W_KIND_HEADER + 16
 W_L_WRITER_LOCK = W_KIND_HEADER + 32
 W_L_BUFFERS = W_KIND_HEADER + 40
+W_L_SLOT_CONFIG = W_KIND_HEADER + 1
+W_L_READERS = W_KIND_HEADER + 48  # 312
+L_READERS = 64
+L_READER_WORDS = 3
+LR_PID, LR_START_US, LR_PIN = 0, 1, 2
 LATEST_BUFFERS = 3
 LATEST_DATA_OFFSET = DATA_OFFSET
-assert (W_L_BUFFERS + 2 * LATEST_BUFFERS) * WORD <= LATEST_DATA_OFFSET
+assert W_L_BUFFERS + 2 * LATEST_BUFFERS <= W_L_READERS
+assert (W_L_READERS + L_READERS * L_READER_WORDS) * WORD <= LATEST_DATA_OFFSET
+
+
+def latest_reader_word(index: int) -> int:
+    return W_L_READERS + index * L_READER_WORDS
 
 
 def latest_segment_size(capacity_bytes: int) -> int:

@@ -1,4 +1,7 @@
-"""Topics (one stream, every subscriber gets every message) and Latest (the newest value).
+"""Topics: one stream, every subscriber gets every message.
+
+(``Latest``, the newest value, lives in ``shmq.latest``; it is re-exported
+here.)
 
 A :class:`Topic` is a broadcast ring in one shared-memory segment: a message
 is pickled and written once, whatever the number of subscribers, and every
@@ -43,17 +46,15 @@ from ._broadcast import (  # the statistics classes live beside the bytes they r
     BroadcastRing,
     Cursor,
     Iteration,
-    LatestStatistics,
     Receiver,
     SlotCursor,
     SubscriberStatistics,
     TopicStatistics,
-    ValueCell,
-    latest_statistics,
     publishing_writer,
     topic_statistics,
 )
 from ._codec import LARGE, Codec, first_pass_failed, stop_at_large
+from .latest import Latest, LatestStatistics  # re-exported (their home is shmq.latest)
 from ._errors import (
     BrokenError,
     ClosedError,
@@ -1138,159 +1139,3 @@ def _free_subscriber(shared: _Shared, entry: int, pid: int, start: int, receiver
         shared.ring.free(entry, pid, start)
     if shared.words[L.W_T_PUB_WAITING]:
         shared.not_full.ring()
-
-
-# -- Latest ------------------------------------------------------------------------
-class Latest:
-    """The newest value, for readers that sample the current state.
-
-    ``Latest(capacity_bytes, *, name=None)`` creates one; :meth:`attach`
-    opens it by name; it pickles as its name.  :meth:`set` never waits for
-    readers; :meth:`get` never returns a torn value, even if a setter was
-    killed mid-write (it returns the previous value then).
-    ``capacity_bytes``: the largest value (pickled) it can hold.
-    """
-
-    _cell: Optional[ValueCell] = None
-
-    def __init__(self, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, *, name: Optional[str] = None) -> None:
-        capacity_bytes = _check_capacity(capacity_bytes)
-        segment = Segment.create(L.KIND_LATEST, L.latest_segment_size(capacity_bytes), name)
-        try:
-            ValueCell.initialise(segment, capacity_bytes)
-            self._setup(segment)
-            segment.publish()
-        except BaseException:
-            segment.unlink()
-            segment.close()
-            raise
-
-    @classmethod
-    def attach(cls, name: str) -> "Latest":
-        """Open the Latest ``name``.  Raises FileNotFoundError,
-        PermissionError, LayoutError if it is not an shmq Latest."""
-        segment = Segment.attach(name, L.KIND_LATEST)
-        self = cls.__new__(cls)
-        try:
-            self._setup(segment)
-        except BaseException:
-            segment.close()
-            raise
-        return self
-
-    def _setup(self, segment: Segment) -> None:
-        create = segment.is_creator
-        self.name = segment.name
-        self._segment = segment
-        self._lock = RobustLock(P.semaphore(self.name + "-pl", create, lock=True), segment, L.W_L_WRITER_LOCK)
-        self._sem = P.semaphore(self.name + "-ne", create)
-        self._cell = ValueCell(segment)
-        self._w = segment.words
-
-    def _check(self) -> ValueCell:
-        cell = self._cell
-        if cell is None:
-            raise ClosedError(f"Latest {getattr(self, 'name', '?')!r} is closed")
-        return cell
-
-    @property
-    def closed(self) -> bool:
-        return self._cell is None
-
-    @property
-    def version(self) -> int:
-        """The newest version: 0 if never set, then 1, 2, ... per set."""
-        return self._check().version
-
-    def set(self, obj: Any) -> int:
-        """Make ``obj`` the newest value; returns its version.  Raises
-        MessageTooLarge if its pickle exceeds capacity_bytes."""
-        cell = self._check()
-        data = pickle.dumps(obj, 5)
-        if len(data) > cell.capacity_bytes:
-            raise MessageTooLarge(
-                f"a value of {len(data)} bytes can never fit Latest {self.name!r} of {cell.capacity_bytes} bytes"
-            )
-        self._lock.acquire()
-        try:
-            version = cell.write(data)
-        finally:
-            self._lock.release()
-        waiters = self._w[L.W_L_WAITERS]
-        if waiters > 0:
-            for _ in range(max(0, min(waiters, 64) - P.sem_value(self._sem))):
-                self._sem.release()
-        return version
-
-    def _read(self) -> Optional[Tuple[int, bytes]]:
-        cell = self._check()
-        while True:
-            got = cell.try_read()
-            if got is None or got[0] > 0:
-                return got
-
-    def get(self) -> Any:
-        """The newest value.  Raises Empty if it was never set."""
-        got = self._read()
-        if got is None:
-            raise Empty(f"Latest {self.name!r} was never set")
-        return pickle.loads(got[1])
-
-    def get_versioned(self) -> Tuple[int, Any]:
-        """``(version, value)`` of the newest value; Empty if never set."""
-        got = self._read()
-        if got is None:
-            raise Empty(f"Latest {self.name!r} was never set")
-        return got[0], pickle.loads(got[1])
-
-    def wait(self, newer_than: int = 0, timeout: Optional[float] = None) -> Tuple[int, Any]:
-        """Wait up to ``timeout`` seconds for a version above ``newer_than``;
-        returns ``(version, value)`` of the newest.  Raises Empty on timeout."""
-        cell = self._check()
-        deadline = deadline_for(timeout)
-        if cell.version <= newer_than:
-            seg, w = self._segment, self._w
-            while cell.version <= newer_than:
-                left = SLICE_SECONDS if deadline is None else min(SLICE_SECONDS, deadline - _monotonic())
-                if left <= 0:
-                    raise Empty(f"Latest {self.name!r} has no version newer than {newer_than}")
-                with seg.admin_lock():
-                    w[L.W_L_WAITERS] += 1
-                try:
-                    if cell.version > newer_than:
-                        break
-                    self._sem.acquire(True, left)
-                finally:
-                    with seg.admin_lock():
-                        w[L.W_L_WAITERS] = max(0, w[L.W_L_WAITERS] - 1)
-        return self.get_versioned()
-
-    def statistics(self) -> LatestStatistics:
-        """The version, the newest value's size and the readers waiting
-        (``shmq stat`` reads the same by name).  ClosedError if closed."""
-        self._check()
-        return latest_statistics(self._segment)
-
-    def close(self) -> None:
-        """Unmap this handle (idempotent)."""
-        cell, self._cell = self._cell, None
-        if cell is not None:
-            self._segment.close()
-
-    def unlink(self) -> None:
-        """Remove the name for everybody; the creator does this when it ends.
-        Also allowed after close()."""
-        self._segment.unlink()
-
-    def __reduce__(self):
-        self._check()
-        return (Latest.attach, (self.name,))
-
-    def __enter__(self) -> "Latest":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Latest {getattr(self, 'name', '?')!r}{' closed' if self.closed else ''}>"

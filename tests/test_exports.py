@@ -24,6 +24,7 @@ SAME_LAYER_OK = {
     ("_platform", "_errors"),  # every module may use the exception classes
     ("queue", "ring"),  # design.md: queue/channel may import ring, not each other
     ("channel", "ring"),
+    ("topic", "latest"),  # shmq.topic re-exports Latest (it lived there before shmq.latest)
     ("_codec", "_copy"),  # the copy into a slot
     ("_codec", "_torch"),  # torch tensors pickled as arrays
     ("__main__", "_cli"),
