@@ -33,6 +33,7 @@ from .topic import TopicStatistics as TopicStatistics
 from ._errors import RemoteError as RemoteError
 from .service import ClientStatistics as ClientStatistics
 from .service import Service as Service
+from .service import ServerStatistics as ServerStatistics
 from .service import ServiceStatistics as ServiceStatistics
 from ._errors import WorkerDied as WorkerDied
 from .pipeline import DeadLetter as DeadLetter
@@ -78,6 +79,7 @@ __all__ = (
     "RemoteError",
     "Service",
     "ServiceStatistics",
+    "ServerStatistics",
     "ClientStatistics",
     "__version__",
     "CorruptError",
