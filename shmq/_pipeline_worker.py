@@ -29,7 +29,9 @@ import linecache
 import os
 import pickle
 import signal
+import random
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -61,8 +63,15 @@ S_CURRENT = 11  # index of the held range in fn now (-1: charge every held item)
 S_SUB = 12  # index in that range of the item in fn now (a CHUNK's element; -1: not recorded)
 S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (<= 1: none)
 S_PUT = 14  # items put on the next queue, as the next stage's S_IN counts them (a run: its length; else 1)
-S_HELD = 15  # the held items: (first seq, count) pairs
+S_DONE = 15  # items taken and finished (their results put): they left the stage
+S_RESERVED = 16  # items this worker is about to put on the next queue (see _Worker.put_bounded)
+S_LOANS = 17  # results that travelled in a slot they were built in (output_array), no copy
+S_HELD = 18  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
+# A stage's table has one more row, written by the parent only:
+P_BOUND = 0  # the stage's max_in_flight now (items; its producers wait for room under it)
+# and its S_DONE word, which the parent adds to after a crash (items that left the
+# stage with a killed worker, or were lost between a queue and a row): see stage_in_flight.
 
 INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
 
@@ -102,6 +111,31 @@ class StageSpec:
     linger: float
     take: int  # messages taken from the queue at once
     held_capacity: int  # (seq, count) ranges a row can record
+    workers: int = 1  # processes of the stage (rows of its status table, the parent's besides)
+
+
+def row_width(held_capacity: int) -> int:
+    """int64 words of one row of a status table."""
+    return ROW_FIXED + 2 * held_capacity
+
+
+def stage_in_flight(entered: Callable[[], int], words: Any, width: int, workers: int, tries: int = 4) -> int:
+    """Items in a stage now: those put on its queue (``entered()``: what the
+    stage before put, or the feeder) less those its workers finished
+    (``S_DONE`` of every row, the parent's included).  Both only grow; a
+    reading of the finished count before and after ``entered()`` that agree
+    means no item left in between, so the difference was exact at that
+    instant (else it is read again; the last reading may count items that
+    left meanwhile, never fewer than were there)."""
+    span = (workers + 1) * width
+    done = sum(words[S_DONE:span:width])
+    while True:
+        n = entered()
+        again = sum(words[S_DONE:span:width])
+        tries -= 1
+        if again == done or tries <= 0:
+            return n - done
+        done = again
 
 
 def keys_of(tags: Any) -> List[tuple]:
@@ -173,14 +207,27 @@ def _describe(stage: str, exc: BaseException) -> tuple:
 
 
 class _Worker:
-    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
+    def __init__(
+        self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int, next_stage: Optional[tuple] = None
+    ) -> None:
         self.spec = spec
         self.parent_pid = parent_pid
         self.inq = inq
         self.outq = outq
         words = memoryview(status).cast("B").cast("q")
-        width = ROW_FIXED + 2 * spec.held_capacity
+        width = row_width(spec.held_capacity)
         self.row = words[index * width : (index + 1) * width]
+        self.words = words  # the whole table: the other workers' S_PUT and S_RESERVED (see credit)
+        self.width = width
+        self.span = spec.workers * width
+        self.next_words: Any = None  # the next stage's table (None: the next hop is the parent)
+        if next_stage is not None:
+            nstatus, nwidth, nworkers = next_stage
+            self.next_words = memoryview(nstatus).cast("B").cast("q")
+            self.next_width = nwidth
+            self.next_span = (nworkers + 1) * nwidth
+            self.next_bound_at = nworkers * nwidth + P_BOUND
+        self.fence = threading.Lock()
 
     # -- status table --------------------------------------------------
     def hold(self, msgs: list) -> Tuple[List[int], int]:
@@ -384,6 +431,76 @@ class _Worker:
                 if os.getppid() != self.parent_pid:
                     os._exit(0)
 
+    # -- the next stage's bound ---------------------------------------------
+    def credit(self) -> int:
+        """Items the next stage may still take now: its bound (P_BOUND, set
+        by the parent) less the items in it -- what this stage's workers put
+        on its queue or are about to (S_PUT, S_RESERVED), less what its
+        workers finished (S_DONE).  Read reservations before puts (a worker
+        adds to S_PUT before it clears S_RESERVED) and the finished count
+        first: a reading may count too many, never too few."""
+        nw = self.next_words
+        done = sum(nw[S_DONE : self.next_span : self.next_width])
+        words, span, width = self.words, self.span, self.width
+        reserved = sum(words[S_RESERVED:span:width])
+        put = sum(words[S_PUT:span:width])
+        return nw[self.next_bound_at] - (put + reserved - done)
+
+    def put_bounded(self, out: list) -> None:
+        """Put ``out`` on the next queue, never taking the next stage past
+        its ``max_in_flight`` items: put what fits (a run is cut to fit),
+        wait for the rest.  Adds to S_PUT what was put.
+
+        Workers of one stage share the next stage's room: each writes what
+        it is about to put in its S_RESERVED, then (after a fence) reads the
+        room again with every reservation counted, and backs off if it went
+        past.  Two workers racing both see the other's reservation (or one
+        sees both), so together they never go past the bound."""
+        row = self.row
+        if self.next_words is None:  # the parent takes anything (its window bounds it)
+            self.put_out(out)
+            row[S_PUT] += sum(len(o[2]) if o[0] == CHUNK else 1 for o in out)
+            return
+        alone = self.spec.workers == 1
+        delay = 0.00005
+        i = 0
+        while i < len(out):
+            room = self.credit()
+            if room > 0:
+                part, n, i_next, rest = _fitting(out, i, room)
+                if not alone:
+                    row[S_RESERVED] = n
+                    with self.fence:  # (a locked instruction: our store is seen before our loads)
+                        pass
+                    if self.credit() < 0:  # another worker took the room first
+                        row[S_RESERVED] = 0
+                        part = None
+                if part is not None:
+                    self.put_out(part)
+                    row[S_PUT] += n
+                    row[S_RESERVED] = 0
+                    if rest is not None:
+                        out[i_next] = rest
+                    i = i_next
+                    delay = 0.00005
+                    continue
+            if os.getppid() != self.parent_pid:
+                os._exit(0)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(0.002, delay * 2)
+
+    def put_out(self, out: list) -> None:
+        """Put ``out`` on the next queue as it is (no bound)."""
+        if not out:
+            return
+        try:
+            if len(out) == 1:
+                self.send(self.outq, out[0])
+            else:
+                self.send_many(self.outq, out)  # pickles all first: an error puts none
+        except Exception:
+            self.put_each(out)
+
     def put_each(self, out: list) -> None:
         """Put ``out`` one by one; a message that cannot be put (its value
         does not pickle) becomes an ERROR for the parent to raise."""
@@ -454,23 +571,15 @@ class _Worker:
                     take_now = min(take, 2 * take_now)
                 else:
                     take_now = min(take, 4) if per_item < 200_000 else 1
-                n_data = n_put = 0
+                n_data = 0
                 for o in out:
                     if o[0] == DATA:
                         n_data += 1
                     elif o[0] == CHUNK:
                         n_data += len(o[2])
-                        n_put += len(o[2]) - 1
-                n_put += len(out)
-                try:
-                    if len(out) == 1:
-                        self.send(outq, out[0])
-                    elif out:
-                        self.send_many(outq, out)  # pickles all first: an error puts none
-                except Exception:
-                    self.put_each(out)
+                self.put_bounded(out)
                 row[S_OUT] += n_data
-                row[S_PUT] += n_put
+                row[S_DONE] += n_items
                 row[S_STATE] = 0
             if ended:
                 return
@@ -489,9 +598,9 @@ class _Worker:
 
         def flush() -> None:
             if values:
-                self.send(outq, (DATA, list(tags), list(values)))
+                self.put_bounded([(DATA, list(tags), list(values))])
                 row[S_OUT] += 1
-                row[S_PUT] += 1
+            row[S_DONE] += len(pending)
             tags.clear()
             values.clear()
             pending.clear()
@@ -513,8 +622,8 @@ class _Worker:
                 parts = [(DATA, msg[1] + k, v) for k, v in enumerate(msg[2])]
             elif msg[0] != DATA:
                 row[S_IN] += 1
-                self.send(outq, msg)
-                row[S_PUT] += 1
+                self.put_bounded([msg])
+                row[S_DONE] += 1
                 continue
             else:
                 parts = [msg]
@@ -532,18 +641,43 @@ class _Worker:
 _FAILED = object()
 
 
-def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
-    """Entry point of a worker process."""
+def _fitting(out: list, i: int, room: int) -> Tuple[list, int, int, Any]:
+    """The messages of ``out`` from ``i`` holding at most ``room`` items
+    (``room`` >= 1): ``(part, items, next i, rest)``; a run that does not
+    fit whole is cut, and ``rest`` (else None) is what is left of it, to put
+    in ``out[next i]``."""
+    part: list = []
+    n = 0
+    while i < len(out) and n < room:
+        o = out[i]
+        if o[0] == CHUNK and n + len(o[2]) > room:
+            cut = room - n
+            values = o[2]
+            part.append((CHUNK, o[1], values[:cut]) if cut > 1 else (DATA, o[1], values[0]))
+            rest = values[cut:]
+            return part, room, i, ((CHUNK, o[1] + cut, rest) if len(rest) > 1 else (DATA, o[1] + cut, rest[0]))
+        n += len(o[2]) if o[0] == CHUNK else 1
+        part.append(o)
+        i += 1
+    return part, n, i, None
+
+
+def worker_main(
+    spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int, next_stage: Optional[tuple] = None
+) -> None:
+    """Entry point of a worker process.  ``next_stage``: ``(status table,
+    row width, workers)`` of the stage after this one (None for the last)."""
     # Ctrl-C goes to the whole process group: the parent handles it and
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    w = _Worker(spec, index, inq, outq, status, parent_pid)
+    w = _Worker(spec, index, inq, outq, status, parent_pid, next_stage)
     w.row[S_PID] = os.getpid()
     if spec.init is not None:
         try:
             spec.init()
         except BaseException as exc:
             w.send(outq, (ERROR, (), _describe(spec.name, exc)))
+            w.row[S_PUT] += 1  # (an item for the next stage's count)
             sys.stdout.flush()
             os._exit(INIT_FAILED_EXIT)
     if spec.kind == "batch":

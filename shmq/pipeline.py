@@ -123,11 +123,12 @@ class _Stage:
         self.start_method = start_method
         self.procs: List[Any] = []
         self.status: Any = None
-        self.width = W.ROW_FIXED + 2 * spec.held_capacity
+        self.width = W.row_width(spec.held_capacity)
         self.words: Any = None
         self.crashes = 0
         self.crash_retries = 0
         self.crash_skipped = 0
+        self.quiet_since: Optional[tuple] = None  # (counters, since when) while empty and still (see Pipeline._resync)
 
     def row(self, i: int) -> Any:
         return self.words[i * self.width : (i + 1) * self.width]
@@ -395,7 +396,7 @@ class Pipeline:
         take = 1 if (spm > 1 or kind == "batch") else max(1, min(_TAKE_MAX, max_in_flight // (2 * workers)))
         held = take * spm * (batch_size if kind == "batch" else 1)
         label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
-        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
+        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held, workers)
         stage = _Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method)
         stage.auto = auto and kind == "map"
         self._stages.append(stage)
@@ -575,12 +576,14 @@ class Pipeline:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
                 self._queues.append(Queue(qsize))
             self._queues.append(Queue(max(64, self._stages[-1].max_in_flight)))
-            for k, s in enumerate(self._stages):
+            for s in self._stages:  # (every table first: a worker gets the next stage's)
                 ctx = mp.get_context(s.start_method)
                 s.ctx = ctx
-                s.status = ctx.RawArray("q", s.workers * s.width)
+                s.status = ctx.RawArray("q", (s.workers + 1) * s.width)  # (the last row: the parent's)
                 s.words = memoryview(s.status).cast("B").cast("q")
+                s.words[s.workers * s.width + W.P_BOUND] = s.max_in_flight
                 s.procs = [None] * s.workers
+            for k, s in enumerate(self._stages):
                 for i in range(s.workers):
                     self._spawn(k, i)
         except BaseException:
@@ -592,9 +595,18 @@ class Pipeline:
 
     def _spawn(self, k: int, i: int) -> None:
         s = self._stages[k]
+        nxt = self._stages[k + 1] if k + 1 < len(self._stages) else None
         p = s.ctx.Process(
             target=W.worker_main,
-            args=(s.spec, i, self._queues[k], self._queues[k + 1], s.status, os.getpid()),
+            args=(
+                s.spec,
+                i,
+                self._queues[k],
+                self._queues[k + 1],
+                s.status,
+                os.getpid(),
+                None if nxt is None else (nxt.status, nxt.width, nxt.workers),
+            ),
             name=f"shmq-pipeline-{s.spec.name}-{i}",
             daemon=True,
         )
@@ -647,7 +659,7 @@ class Pipeline:
                 if not msgs:
                     chunk = self._chunk
                     free = max(1, q0.maxsize - q0.qsize())
-                    want = max(1, min(room, run, free * chunk))
+                    want = max(1, min(room, run, free * chunk, self._stage0_room()))
                     t0 = perf()
                     items = list(itertools.islice(it, want))
                     if perf() - t0 > _SPARSE_SECONDS:
@@ -683,19 +695,43 @@ class Pipeline:
             self._feed_error = exc
             self._feeding = False
 
+    def _stage0_room(self) -> int:
+        """Items stage 0 may still take (its max_in_flight less what it
+        holds: the feeder is the only one to put on its queue)."""
+        s = self._stages[0]
+        span = (s.workers + 1) * s.width
+        return s.max_in_flight - (self._fed_items - sum(s.words[W.S_DONE : span : s.width]))
+
     def _put_all(self, q0: Queue, msgs: list) -> None:
-        while msgs and not self._stop:
-            try:
-                if len(msgs) == 1:
-                    q0.put(msgs[0], timeout=0.1)
-                else:
-                    # Full part-way: the puts before it stay, and are put
-                    # again below; the parent drops the second results.
-                    q0.put_many(msgs, timeout=0.5)
-                self._fed_items += sum(len(m[2]) if m[0] == _CHUNK else 1 for m in msgs)
-                return
-            except Full:
+        """Put ``msgs`` on stage 0's queue, as its room admits (a run is cut
+        to fit, see _pipeline_worker._fitting), until done or stopped."""
+        i = 0
+        delay = 0.00005
+        while i < len(msgs) and not self._stop:
+            room = self._stage0_room()
+            if room <= 0:
+                time.sleep(delay)
+                delay = min(0.002, 2 * delay)
                 continue
+            delay = 0.00005
+            part, n, i_next, rest = W._fitting(msgs, i, room)
+            while not self._stop:
+                try:
+                    if len(part) == 1:
+                        q0.put(part[0], timeout=0.1)
+                    else:
+                        # Full part-way: the puts before it stay, and are put
+                        # again below; the parent drops the second results.
+                        q0.put_many(part, timeout=0.5)
+                    break
+                except Full:
+                    continue
+            else:
+                return
+            self._fed_items += n
+            if rest is not None:
+                msgs[i_next] = rest
+            i = i_next
 
     def _room(self) -> int:
         """How many more source items the window admits now."""
@@ -963,6 +999,13 @@ class Pipeline:
                         culprit = first + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
+                    # What it took and had not finished left the stage (it
+                    # is fed again from the source); what it was about to
+                    # put is taken as not put (a put whose S_PUT it did not
+                    # count yet lets the next stage hold that many more until
+                    # _resync, after which the counts are exact again).
+                    row[W.S_DONE] = row[W.S_IN]
+                    row[W.S_RESERVED] = 0
                     s.crashes += 1
                     self._suspect = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
@@ -982,6 +1025,7 @@ class Pipeline:
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
+                self._resync(now)
             self._tune_chunks()
             self._cond.notify()
         if now - self._board_at >= _BOARD_EVERY:
@@ -1042,6 +1086,8 @@ class Pipeline:
                 s.max_in_flight = _AUTO_MAX_IN_FLIGHT if grow else s.base_max_in_flight
             s.chunk = max(1, min(_MAX_CHUNK, s.max_in_flight // (2 * s.workers))) if c else 1
         self._window = sum(s.max_in_flight for s in stages)
+        for s in stages:
+            s.words[s.workers * s.width + W.P_BOUND] = s.max_in_flight
         limits = [1] * len(stages) + [1 << 30]  # the parent takes anything
         for k in range(len(stages) - 1, -1, -1):
             c = stages[k].chunk
@@ -1076,6 +1122,45 @@ class Pipeline:
         self._stall_since = None
         for seq in self._inflight.seqs():
             self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
+
+    def _entered(self, k: int) -> int:
+        """Items put on stage ``k``'s queue so far (by the feeder, or by the
+        workers of stage ``k - 1``)."""
+        if k == 0:
+            return self._fed_items
+        p = self._stages[k - 1]
+        return sum(p.words[W.S_PUT : p.workers * p.width : p.width])
+
+    def _resync(self, now: float) -> None:
+        """After a crash: make a stage's count of items exact again when it
+        is empty.  A worker killed between taking items and counting them
+        leaves them counted in the stage forever (or one killed between a
+        put and counting it, too few); so when a stage's queue is empty, its
+        workers idle, nobody about to put on it and its counters still for
+        0.1 s, the parent sets its count to 0 (its row's S_DONE)."""
+        for k, s in enumerate(self._stages):
+            words, width, n = s.words, s.width, s.workers
+            span = (n + 1) * width
+            in_flight = self._entered(k) - sum(words[W.S_DONE:span:width])
+            if k == 0:
+                about_to_put = self._feeding
+            else:
+                p = self._stages[k - 1]
+                about_to_put = any(p.words[W.S_RESERVED : p.workers * p.width : p.width])
+            key = (self._entered(k), sum(words[W.S_IN : n * width : width]), sum(words[W.S_DONE:span:width]))
+            quiet = (
+                in_flight != 0
+                and not about_to_put
+                and not any(words[W.S_STATE : n * width : width])
+                and self._queues[k].qsize() == 0
+            )
+            if not quiet:
+                s.quiet_since = None
+            elif s.quiet_since is None or s.quiet_since[0] != key:
+                s.quiet_since = (key, now)
+            elif now - s.quiet_since[1] >= 0.1:
+                words[n * width + W.S_DONE] += key[0] - key[2]
+                s.quiet_since = None
 
     def _show_progress(self, now: float) -> None:
         if not sys.stderr.isatty() or now - getattr(self, "_last_progress", 0.0) < 0.5:
@@ -1125,21 +1210,10 @@ class Pipeline:
             board.unlink()
 
     # -- statistics ---------------------------------------------------------------
-    @staticmethod
-    def _held(s: _Stage) -> int:
-        """Items the workers of ``s`` hold now."""
-        n = 0
-        for i in range(s.workers):
-            row = s.row(i)
-            if row[W.S_STATE]:
-                n += sum(row[W.S_HELD + 1 : W.S_HELD + 2 * row[W.S_HELD_N] : 2])
-        return n
-
     def statistics(self) -> PipelineStatistics:
         """A snapshot of the pipeline and of every stage (see the dataclasses)."""
         elapsed = time.monotonic() - self._started if self._started else 0.0
         stages = []
-        put = self._fed_items  # items put on stage k's queue
         for k, s in enumerate(self._stages):
             if s.words is None:
                 stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
@@ -1147,8 +1221,7 @@ class Pipeline:
             t = s.total
             items_in = t(W.S_IN)
             busy = t(W.S_BUSY_NS) / 1e9
-            queued = max(0, put - items_in)  # (counters read one by one: never below 0)
-            put = t(W.S_PUT)
+            in_flight = W.stage_in_flight(lambda: self._entered(k), s.words, s.width, s.workers)
             stages.append(
                 StageStatistics(
                     name=s.spec.name,
@@ -1156,7 +1229,7 @@ class Pipeline:
                     workers=s.workers,
                     items_in=items_in,
                     items_out=t(W.S_OUT),
-                    in_flight=queued + self._held(s),
+                    in_flight=max(0, in_flight),  # (duplicates put after a timeout: below 0 for a while)
                     filtered=t(W.S_FILTERED),
                     skipped=t(W.S_SKIPPED) + s.crash_skipped,
                     dead_letters=self._dead_by_stage.get(s.spec.name, 0),
