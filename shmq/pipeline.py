@@ -339,6 +339,7 @@ class Pipeline:
         self._next_emit = 0
         self._exhausted = False
         self._feeding = False
+        self._putting = False  # the feeder is putting on stage 0's queue and has not counted it yet
         self._feed_error: Optional[BaseException] = None
         self._error: Optional[BaseException] = None
         self._stop = False
@@ -351,6 +352,7 @@ class Pipeline:
         self._dups = 0
         self._started = 0.0
         self._suspect = False
+        self._crashed = False  # a worker died: the stages' counts are checked when they go quiet (_resync)
         self._stall_since: Optional[float] = None
         self._late: List[Any] = []
         self._board: Optional[Latest] = None  # the statistics for shmq ls/stat/top (see name)
@@ -715,6 +717,7 @@ class Pipeline:
                 continue
             delay = 0.00005
             part, n, i_next, rest = W._fitting(msgs, i, room)
+            self._putting = True  # (until counted: see _resync)
             while not self._stop:
                 try:
                     if len(part) == 1:
@@ -727,8 +730,10 @@ class Pipeline:
                 except Full:
                     continue
             else:
+                self._putting = False
                 return
             self._fed_items += n
+            self._putting = False
             if rest is not None:
                 msgs[i_next] = rest
             i = i_next
@@ -1008,6 +1013,7 @@ class Pipeline:
                     row[W.S_RESERVED] = 0
                     s.crashes += 1
                     self._suspect = True
+                    self._crashed = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
                     runs = self._inflight.runs
                     seen: set = set()
@@ -1025,6 +1031,7 @@ class Pipeline:
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
+            if self._crashed:
                 self._resync(now)
             self._tune_chunks()
             self._cond.notify()
@@ -1143,7 +1150,7 @@ class Pipeline:
             span = (n + 1) * width
             in_flight = self._entered(k) - sum(words[W.S_DONE:span:width])
             if k == 0:
-                about_to_put = self._feeding
+                about_to_put = self._putting
             else:
                 p = self._stages[k - 1]
                 about_to_put = any(p.words[W.S_RESERVED : p.workers * p.width : p.width])
