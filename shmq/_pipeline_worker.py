@@ -34,15 +34,17 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, List, Optional, Tuple
 
-from ._errors import Full
+from ._errors import Full, ShmqError
 
-__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
+__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of", "current_worker", "unwrap")
 
 DATA, HOLE, ERROR, CHUNK = 0, 1, 2, 3
+LOANED = 4  # (worker side only) a result built in a slot of the next queue: put as the bare array (see put_loan)
 # why a message carries no value
 FILTERED, SKIPPED, DEAD, EMPTY, MERGED = 1, 2, 3, 4, 5
 END = None  # put on an input queue once per worker when the pipeline ends
@@ -65,7 +67,7 @@ S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (
 S_PUT = 14  # items put on the next queue, as the next stage's S_IN counts them (a run: its length; else 1)
 S_DONE = 15  # items taken and finished (their results put): they left the stage
 S_RESERVED = 16  # items this worker is about to put on the next queue (see _Worker.put_bounded)
-S_LOANS = 17  # results that travelled in a slot they were built in (output_array), no copy
+S_LOANS = 17  # results put as the slot they were built in (output_array): no copy
 S_HELD = 18  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
 # A stage's table has one more row, written by the parent only:
@@ -228,6 +230,60 @@ class _Worker:
             self.next_span = (nworkers + 1) * nwidth
             self.next_bound_at = nworkers * nwidth + P_BOUND
         self.fence = threading.Lock()
+        self.loans: dict = {}  # id(array) -> weakref of an array output_array made here, while it lives
+
+    # -- results built in the next queue's slots (output_array) ------------
+    def loan_output(self, shape: Any, dtype: Any, nbytes: int) -> Any:
+        """A writable array of ``shape`` and ``dtype`` living in a free slot
+        of the next queue's pool (see ``Queue.loan_array``), in a raw loan
+        ``TRAILER`` bytes longer: the item's tags are written there when
+        the array is put (put_loan), so that it travels as the bare loan, the
+        one thing a queue puts without a copy.  A plain array when the loan
+        cannot be had (no pool, a slot too small...): it is then copied, as
+        any result.  Waits for a free slot as long as the parent lives."""
+        import numpy as np
+
+        if self.spec.kind != "map":
+            return np.empty(shape, dtype)
+        while True:
+            try:
+                raw = self.outq.loan_array((nbytes + TRAILER,), np.uint8, timeout=0.5)
+                break
+            except Full:
+                if parent_gone(self.parent_pid):
+                    os._exit(0)
+            except (ShmqError, ValueError, TypeError):
+                return np.empty(shape, dtype)
+        # The array's base is a _LoanHolder, not the loan: numpy would make
+        # an array over the loan (or a view of one) hold the loan's own base,
+        # and the loan (whose death gives its slot back) could die while the
+        # array or a view of it lives.
+        array = np.asarray(_LoanHolder(raw, shape, dtype))
+        key = id(array)
+        loans = self.loans
+        loans[key] = weakref.ref(array, lambda ref, key=key: loans.pop(key, None))
+        return array
+
+    def is_loan(self, value: Any) -> bool:
+        ref = self.loans.get(id(value))
+        return ref is not None and ref() is value
+
+    def put_loan(self, tags: Any, array: Any) -> bool:
+        """Put ``array`` (made by loan_output) as the item ``tags``'s result,
+        without a copy; False (nothing put) if its tags do not fit the
+        trailer: the caller puts it as any result."""
+        raw = array.base.raw
+        dtype = array.dtype
+        meta = pickle.dumps((tags, dtype.str if dtype.fields is None and dtype.subdtype is None else dtype, array.shape), 5)
+        end = raw.nbytes - 4
+        if len(meta) > TRAILER - 4:
+            return False
+        raw[end - len(meta) : end] = memoryview(meta)
+        raw[end:] = memoryview(len(meta).to_bytes(4, "little"))
+        if raw.base is not None:  # (else no slot was free: a private array, which put copies)
+            self.row[S_LOANS] += 1
+        self.put_bounded([(LOANED, tags, raw)])
+        return True
 
     # -- status table --------------------------------------------------
     def hold(self, msgs: list) -> Tuple[List[int], int]:
@@ -337,6 +393,15 @@ class _Worker:
     def emit_run(self, first: int, res: list, out: list) -> None:
         """Results of consecutive items: CHUNKs as long as the next stage
         takes them (the parent sets the length in S_CHUNK_OUT)."""
+        if self.loans:  # results built in slots (output_array) leave one by one, uncopied
+            kept = []
+            for k, r in enumerate(res):
+                if self.is_loan(r) and self.put_loan(first + k, r):
+                    continue
+                kept.append((first + k, r))
+            for seq, r in kept:
+                out.append((DATA, seq, r))
+            return
         if len(res) <= 1:
             if res:
                 out.append((DATA, first, res[0]))
@@ -416,7 +481,7 @@ class _Worker:
                 q.put(obj, timeout=0.5)
                 return
             except Full:
-                if os.getppid() != self.parent_pid:
+                if parent_gone(self.parent_pid):
                     os._exit(0)
 
     def send_many(self, q: Any, objs: list) -> None:
@@ -428,7 +493,7 @@ class _Worker:
                 q.put_many(objs, timeout=0.5)
                 return
             except Full:
-                if os.getppid() != self.parent_pid:
+                if parent_gone(self.parent_pid):
                     os._exit(0)
 
     # -- the next stage's bound ---------------------------------------------
@@ -484,7 +549,7 @@ class _Worker:
                     i = i_next
                     delay = 0.00005
                     continue
-            if os.getppid() != self.parent_pid:
+            if parent_gone(self.parent_pid):
                 os._exit(0)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(0.002, delay * 2)
@@ -492,6 +557,9 @@ class _Worker:
     def put_out(self, out: list) -> None:
         """Put ``out`` on the next queue as it is (no bound)."""
         if not out:
+            return
+        if out[0][0] == LOANED:  # (always alone: see put_loan)
+            self.send(self.outq, out[0][2])
             return
         try:
             if len(out) == 1:
@@ -520,15 +588,19 @@ class _Worker:
         fn = spec.fn
         is_map = spec.kind == "map"
         perf_ns = time.perf_counter_ns
+        loans = self.loans
         from queue import Empty
 
         while True:
             try:
                 msgs = inq.get_many(take_now, timeout=0.5) if take_now > 1 else [inq.get(timeout=0.5)]
             except Empty:
-                if os.getppid() != parent_pid:
+                if parent_gone(parent_pid):
                     return  # orphaned: the parent is gone
                 continue
+            for i, m in enumerate(msgs):
+                if type(m) is not tuple and m is not None:
+                    msgs[i] = unwrap(m)  # a result built in a slot: (DATA, tags, the array)
             ended = False
             if END in msgs:
                 ended = True
@@ -547,12 +619,16 @@ class _Worker:
                         kind = m[0]
                         if kind == DATA:
                             try:
-                                out.append((DATA, m[1], fn(m[2])))
-                                continue
+                                r = fn(m[2])
                             except Exception as exc:
                                 r = self.failed(m[2], m[1], out, exc)
-                                if r is not _FAILED:
-                                    out.append((DATA, m[1], r))
+                                if r is _FAILED:
+                                    continue
+                            # A result built in a slot (output_array) leaves
+                            # at once: a worker holds one such slot at a time.
+                            if not (loans and self.is_loan(r) and self.put_loan(m[1], r)):
+                                out.append((DATA, m[1], r))
+                            r = None
                         elif kind == CHUNK:
                             self.map_chunk(m, out)
                         else:
@@ -581,6 +657,10 @@ class _Worker:
                 row[S_OUT] += n_data
                 row[S_DONE] += n_items
                 row[S_STATE] = 0
+            # Let go of this round's items before waiting for the next: an
+            # array in a slot (taken in, or made by output_array and not
+            # returned) goes back to its pool only once nothing refers to it.
+            msgs = out = m = o = None  # type: ignore[assignment]
             if ended:
                 return
 
@@ -612,12 +692,14 @@ class _Worker:
             except Empty:
                 if values:
                     flush()
-                elif os.getppid() != parent_pid:
+                elif parent_gone(parent_pid):
                     return
                 continue
             if msg is END:
                 flush()
                 return
+            if type(msg) is not tuple:
+                msg = unwrap(msg)
             if msg[0] == CHUNK:
                 parts = [(DATA, msg[1] + k, v) for k, v in enumerate(msg[2])]
             elif msg[0] != DATA:
@@ -641,14 +723,73 @@ class _Worker:
 _FAILED = object()
 
 
-def _fitting(out: list, i: int, room: int) -> Tuple[list, int, int, Any]:
+class _LoanHolder:
+    """What an array made by ``output_array`` is over: the raw loan (kept
+    alive while the array or any view of it lives), described through the
+    array interface.  (numpy stops a view's chain of bases at an object
+    that is not an array.)"""
+
+    __slots__ = ("raw", "__array_interface__")
+
+    def __init__(self, raw: Any, shape: tuple, dtype: Any) -> None:
+        self.raw = raw
+        self.__array_interface__ = {
+            "data": (raw.__array_interface__["data"][0], False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "descr": dtype.descr,
+            "version": 3,
+        }
+_CURRENT: List[Any] = [None]  # the _Worker of this process (set by worker_main)
+#: Bytes after a result built in a slot (output_array) for its tags and
+#: description: (pickled (tags, dtype, shape), its length as 4 bytes).
+TRAILER = 1024
+
+
+def parent_gone(parent_pid: int) -> bool:
+    """True once the pipeline's process ``parent_pid`` is gone.  (Not just
+    ``os.getppid() != parent_pid``: a worker started by the forkserver is
+    the forkserver's child, and would take itself for an orphan.)"""
+    if os.getppid() == parent_pid:
+        return False
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # (a pid reused by another user's process)
+        return True
+    return False
+
+
+def current_worker() -> Any:
+    """The worker of this process (None outside a pipeline's worker)."""
+    return _CURRENT[0]
+
+
+def unwrap(raw: Any) -> tuple:
+    """The message a bare array received from a queue stands for: a result
+    built in a slot (see _Worker.put_loan), ``(DATA, tags, array)`` where
+    the array is a read-only view of the slot (kept while it lives)."""
+    import numpy as np
+
+    end = raw.nbytes - 4
+    n = int.from_bytes(bytes(raw[end:]), "little")
+    tags, dtype, shape = pickle.loads(bytes(raw[end - n : end]))
+    dtype = np.dtype(dtype)
+    count = 1
+    for d in shape:
+        count *= d
+    return (DATA, tags, raw[: count * dtype.itemsize].view(dtype).reshape(shape))
+
+
+def _fitting(out: list, i: int, room: int, messages: int = 1 << 62) -> Tuple[list, int, int, Any]:
     """The messages of ``out`` from ``i`` holding at most ``room`` items
-    (``room`` >= 1): ``(part, items, next i, rest)``; a run that does not
-    fit whole is cut, and ``rest`` (else None) is what is left of it, to put
-    in ``out[next i]``."""
+    (``room`` >= 1), at most ``messages`` of them: ``(part, items, next i,
+    rest)``; a run that does not fit whole is cut, and ``rest`` (else None)
+    is what is left of it, to put in ``out[next i]``."""
     part: list = []
     n = 0
-    while i < len(out) and n < room:
+    while i < len(out) and n < room and len(part) < messages:
         o = out[i]
         if o[0] == CHUNK and n + len(o[2]) > room:
             cut = room - n
@@ -671,6 +812,7 @@ def worker_main(
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     w = _Worker(spec, index, inq, outq, status, parent_pid, next_stage)
+    _CURRENT[0] = w
     w.row[S_PID] = os.getpid()
     if spec.init is not None:
         try:

@@ -59,10 +59,10 @@ from . import _pipeline_worker as W
 from ._errors import Empty, Full, RemoteError, WorkerDied
 from ._pipeline_stats import PipelineStatistics, StageStatistics
 from ._pipeline_worker import DeadLetter
-from .queue import Queue
+from .queue import ZERO_COPY_THRESHOLD, Queue
 from .topic import Latest
 
-__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
+__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter", "output_array")
 
 ON_ERROR = ("raise", "skip", "retry", "dead-letter")
 _MISSING = object()
@@ -109,6 +109,40 @@ def _pickles_small(items: list) -> bool:
     except Exception:
         return False
     return nbytes <= _SMALL_ITEM_BYTES * len(items)
+
+
+def output_array(shape: Any, dtype: Any = float) -> Any:
+    """A new writable numpy array of ``shape`` and ``dtype`` for a map
+    stage's function to fill and return as its result.
+
+    Inside a worker of a map stage, the array lives in a free slot of the
+    queue to the next stage (or to the parent), and returning it -- the
+    array itself, not a view of it or a container holding it -- sends it
+    there without a copy: the next stage (or your loop) gets a read-only
+    view of that slot, which goes back to its pool once that view is
+    dropped.  It waits for a free slot when all are taken (back-pressure).
+    Everywhere else -- outside a worker, in a filter or flat_map stage, for
+    arrays under 64 KiB (``shmq.ZERO_COPY_THRESHOLD``), or when the queue's
+    slots are too small for it -- it is ``numpy.empty(shape, dtype)``, which
+    travels as any result (copied once into a slot).
+
+    An array that is not returned (the item raised, was retried, the
+    function returned something else) gives its slot back when it is
+    dropped; a worker killed while holding one gives it back too (the
+    queue reclaims it within about 0.1 s).  See docs/pipelines.md."""
+    import numpy as np
+
+    worker = W.current_worker()
+    if worker is None:
+        return np.empty(shape, dtype)
+    dt = np.dtype(dtype)
+    dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    nbytes = dt.itemsize
+    for d in dims:
+        nbytes *= d
+    if nbytes < ZERO_COPY_THRESHOLD or dt.hasobject:
+        return np.empty(dims, dt)
+    return worker.loan_output(dims, dt, nbytes)
 
 
 class _Stage:
@@ -711,12 +745,15 @@ class Pipeline:
         delay = 0.00005
         while i < len(msgs) and not self._stop:
             room = self._stage0_room()
-            if room <= 0:
+            # (and no more messages than the queue has room for: a put_many
+            # that times out part-way is put again whole, its first items twice)
+            free = q0.maxsize - q0.qsize()
+            if room <= 0 or free <= 0:
                 time.sleep(delay)
                 delay = min(0.002, 2 * delay)
                 continue
             delay = 0.00005
-            part, n, i_next, rest = W._fitting(msgs, i, room)
+            part, n, i_next, rest = W._fitting(msgs, i, room, free)
             self._putting = True  # (until counted: see _resync)
             while not self._stop:
                 try:
@@ -759,6 +796,9 @@ class Pipeline:
                 except Empty:
                     msgs = ()
                 if msgs:
+                    for i, m in enumerate(msgs):
+                        if type(m) is not tuple:  # a result built in a slot (output_array)
+                            msgs[i] = W.unwrap(m)
                     emit: list = []
                     with self._cond:
                         if self._ordered or self._meta:
@@ -1086,7 +1126,12 @@ class Pipeline:
         cheap = []
         for s in stages:
             items = s.total(W.S_IN)
-            cheap.append(s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items)
+            cheap.append(
+                s.spec.kind == "map"
+                and items >= 8
+                and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
+                and not s.total(W.S_LOANS)  # (results built in slots leave one by one: see output_array)
+            )
         grow = all(cheap) and self._small_source
         for s, c in zip(stages, cheap):
             if s.auto:

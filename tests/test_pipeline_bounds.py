@@ -228,3 +228,25 @@ def test_counts_lost_with_a_killed_worker_are_made_exact_again(tmp_path):
     assert sorted(got) == list(range(n))
     assert st.stages[0].in_flight == 0 and s.max_in_flight == 8
     assert_clean(pids)
+
+
+def test_forkserver_workers_that_wait_are_not_orphans():
+    """A worker started by the forkserver is the forkserver's child: waiting
+    (for an item, or for room in the next stage) it must not take itself for
+    an orphan and exit (it was then counted as a crash and replaced)."""
+
+    def pausing():
+        for i in range(10):
+            time.sleep(0.005)  # (a sparse source: the feeder sends each item as it comes)
+            yield i
+        time.sleep(0.8)  # every worker waits for an item longer than its 0.5 s look at its parent
+        yield from range(10, 20)
+
+    pipe = shmq.Pipeline(pausing(), start_method="forkserver").map(inc, workers=2).map(slow, max_in_flight=2)
+    with pipe:
+        got = sorted(pipe)
+        st = pipe.statistics()
+        pids = worker_pids(pipe)
+    assert got == [x + 1 for x in range(20)]
+    assert [s.crashes for s in st.stages] == [0, 0] and st.crash_retries == 0
+    assert_clean(pids)
