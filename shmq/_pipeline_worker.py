@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, List, Optional, Tuple
 
-from ._errors import Full, ShmqError
+from ._errors import Empty, Full, ShmqError
 
 __all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of", "current_worker", "unwrap")
 
@@ -72,6 +72,7 @@ S_HELD = 18  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
 # A stage's table has one more row, written by the parent only:
 P_BOUND = 0  # the stage's max_in_flight now (items; its producers wait for room under it)
+P_WAITING = 1  # set by a producer waiting for room in the stage; its workers then post to its room queue
 # and its S_DONE word, which the parent adds to after a crash (items that left the
 # stage with a killed worker, or were lost between a queue and a row): see stage_in_flight.
 
@@ -210,7 +211,15 @@ def _describe(stage: str, exc: BaseException) -> tuple:
 
 class _Worker:
     def __init__(
-        self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int, next_stage: Optional[tuple] = None
+        self,
+        spec: StageSpec,
+        index: int,
+        inq: Any,
+        outq: Any,
+        status: Any,
+        parent_pid: int,
+        next_stage: Optional[tuple] = None,
+        room: Any = None,
     ) -> None:
         self.spec = spec
         self.parent_pid = parent_pid
@@ -222,13 +231,17 @@ class _Worker:
         self.words = words  # the whole table: the other workers' S_PUT and S_RESERVED (see credit)
         self.width = width
         self.span = spec.workers * width
+        self.room = room  # the stage's room queue: a token when it frees room and a producer waits
+        self.waiting_at = self.span + P_WAITING
+        self.bound_at = self.span + P_BOUND
         self.next_words: Any = None  # the next stage's table (None: the next hop is the parent)
         if next_stage is not None:
-            nstatus, nwidth, nworkers = next_stage
+            nstatus, nwidth, nworkers, self.next_room = next_stage
             self.next_words = memoryview(nstatus).cast("B").cast("q")
             self.next_width = nwidth
             self.next_span = (nworkers + 1) * nwidth
             self.next_bound_at = nworkers * nwidth + P_BOUND
+            self.next_waiting_at = nworkers * nwidth + P_WAITING
         self.fence = threading.Lock()
         self.loans: dict = {}  # id(array) -> weakref of an array output_array made here, while it lives
 
@@ -531,9 +544,13 @@ class _Worker:
         i = 0
         while i < len(out):
             room = self.credit()
+            need = 1
             if room > 0:
-                part, n, i_next, rest = _fitting(out, i, room)
-                if not alone:
+                part, n, i_next, rest = _fitting(out, i, room, whole=self.next_words[self.next_bound_at] // 2)
+                if not part:
+                    part = None  # (a run waiting for room for all of it)
+                    need = len(out[i][2])
+                if part is not None and not alone:
                     row[S_RESERVED] = n
                     with self.fence:  # (a locked instruction: our store is seen before our loads)
                         pass
@@ -551,8 +568,33 @@ class _Worker:
                     continue
             if parent_gone(self.parent_pid):
                 os._exit(0)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(0.002, delay * 2)
+            self.wait_for_room(delay, need)
+            delay = min(0.005, delay * 2)
+
+    def wait_for_room(self, timeout: float, need: int = 1) -> None:
+        """Wait (up to ``timeout`` seconds) until the next stage may have
+        room: its workers post a token to its room queue when they finish
+        items while a producer has said it waits (P_WAITING).  A token may
+        be stale or missed (the flag is cleared by whoever posts): the
+        caller reads the room again after any wait, and the timeout bounds
+        a missed one."""
+        self.next_words[self.next_waiting_at] = 1
+        if self.credit() >= need:  # (freed between our reading and the flag)
+            return
+        try:
+            self.next_room.get(timeout=timeout * (0.5 + random.random()))
+        except Empty:
+            pass
+
+    def freed(self) -> None:
+        """Items of this stage finished: wake a producer waiting for room."""
+        words = self.words
+        if words[self.waiting_at] and self.room is not None:
+            words[self.waiting_at] = 0
+            try:
+                self.room.put_nowait(None)
+            except Full:
+                pass
 
     def put_out(self, out: list) -> None:
         """Put ``out`` on the next queue as it is (no bound)."""
@@ -647,6 +689,12 @@ class _Worker:
                     take_now = min(take, 2 * take_now)
                 else:
                     take_now = min(take, 4) if per_item < 200_000 else 1
+                # ... and at most half the stage's bound in items (runs count
+                # their items): the rest of it is room for the stage before
+                # to put into while this worker is busy.
+                half = self.words[self.bound_at] // 2
+                if n_items > half and take_now > 1:
+                    take_now = max(1, take_now * half // n_items)
                 n_data = 0
                 for o in out:
                     if o[0] == DATA:
@@ -657,6 +705,7 @@ class _Worker:
                 row[S_OUT] += n_data
                 row[S_DONE] += n_items
                 row[S_STATE] = 0
+                self.freed()
             # Let go of this round's items before waiting for the next: an
             # array in a slot (taken in, or made by output_array and not
             # returned) goes back to its pool only once nothing refers to it.
@@ -685,6 +734,7 @@ class _Worker:
             values.clear()
             pending.clear()
             row[S_STATE] = 0
+            self.freed()
 
         while True:
             try:
@@ -706,6 +756,7 @@ class _Worker:
                 row[S_IN] += 1
                 self.put_bounded([msg])
                 row[S_DONE] += 1
+                self.freed()
                 continue
             else:
                 parts = [msg]
@@ -782,16 +833,22 @@ def unwrap(raw: Any) -> tuple:
     return (DATA, tags, raw[: count * dtype.itemsize].view(dtype).reshape(shape))
 
 
-def _fitting(out: list, i: int, room: int, messages: int = 1 << 62) -> Tuple[list, int, int, Any]:
+def _fitting(out: list, i: int, room: int, messages: int = 1 << 62, whole: int = 0) -> Tuple[list, int, int, Any]:
     """The messages of ``out`` from ``i`` holding at most ``room`` items
     (``room`` >= 1), at most ``messages`` of them: ``(part, items, next i,
     rest)``; a run that does not fit whole is cut, and ``rest`` (else None)
-    is what is left of it, to put in ``out[next i]``."""
+    is what is left of it, to put in ``out[next i]`` -- unless it has at
+    most ``whole`` items: it then waits for room for all of them (``part``
+    may then be empty), so that runs are not cut in crumbs at the edge of
+    the room (each crumb is a message, and the parent's accounting of a
+    run that comes back in pieces costs more than a whole one's)."""
     part: list = []
     n = 0
     while i < len(out) and n < room and len(part) < messages:
         o = out[i]
         if o[0] == CHUNK and n + len(o[2]) > room:
+            if len(o[2]) <= whole:
+                break
             cut = room - n
             values = o[2]
             part.append((CHUNK, o[1], values[:cut]) if cut > 1 else (DATA, o[1], values[0]))
@@ -804,14 +861,22 @@ def _fitting(out: list, i: int, room: int, messages: int = 1 << 62) -> Tuple[lis
 
 
 def worker_main(
-    spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int, next_stage: Optional[tuple] = None
+    spec: StageSpec,
+    index: int,
+    inq: Any,
+    outq: Any,
+    status: Any,
+    parent_pid: int,
+    next_stage: Optional[tuple] = None,
+    room: Any = None,
 ) -> None:
     """Entry point of a worker process.  ``next_stage``: ``(status table,
-    row width, workers)`` of the stage after this one (None for the last)."""
+    row width, workers, room queue)`` of the stage after this one (None for
+    the last); ``room``: this stage's room queue."""
     # Ctrl-C goes to the whole process group: the parent handles it and
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    w = _Worker(spec, index, inq, outq, status, parent_pid, next_stage)
+    w = _Worker(spec, index, inq, outq, status, parent_pid, next_stage, room)
     _CURRENT[0] = w
     w.row[S_PID] = os.getpid()
     if spec.init is not None:

@@ -360,6 +360,7 @@ class Pipeline:
         self._seqs_per_msg = 1
         self._state = "new"  # new, running, done, closed
         self._queues: List[Queue] = []
+        self._rooms: List[Queue] = []  # per stage: tokens for a producer waiting for room in it
         self._deadq: Optional[Queue] = None
         self._gen: Optional[Iterator[Any]] = None
         # accounting (main thread, and the feeder under _cond)
@@ -612,6 +613,9 @@ class Pipeline:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
                 self._queues.append(Queue(qsize))
             self._queues.append(Queue(max(64, self._stages[-1].max_in_flight)))
+            # One per stage: its workers post a token when they free room
+            # while a producer waits for it (see _Worker.wait_for_room).
+            self._rooms = [Queue(4, capacity_bytes=4096, zero_copy=False) for _ in self._stages]
             for s in self._stages:  # (every table first: a worker gets the next stage's)
                 ctx = mp.get_context(s.start_method)
                 s.ctx = ctx
@@ -641,7 +645,8 @@ class Pipeline:
                 self._queues[k + 1],
                 s.status,
                 os.getpid(),
-                None if nxt is None else (nxt.status, nxt.width, nxt.workers),
+                None if nxt is None else (nxt.status, nxt.width, nxt.workers, self._rooms[k + 1]),
+                self._rooms[k],
             ),
             name=f"shmq-pipeline-{s.spec.name}-{i}",
             daemon=True,
@@ -743,17 +748,32 @@ class Pipeline:
         to fit, see _pipeline_worker._fitting), until done or stopped."""
         i = 0
         delay = 0.00005
+        need = 1  # items of room waited for
         while i < len(msgs) and not self._stop:
             room = self._stage0_room()
             # (and no more messages than the queue has room for: a put_many
             # that times out part-way is put again whole, its first items twice)
             free = q0.maxsize - q0.qsize()
-            if room <= 0 or free <= 0:
+            if room < need:
+                s = self._stages[0]
+                s.words[s.workers * s.width + W.P_WAITING] = 1
+                if self._stage0_room() < need:
+                    try:
+                        self._rooms[0].get(timeout=delay)
+                    except Empty:
+                        pass
+                delay = min(0.005, 2 * delay)
+                continue
+            if free <= 0:
                 time.sleep(delay)
                 delay = min(0.002, 2 * delay)
                 continue
+            part, n, i_next, rest = W._fitting(msgs, i, room, free, whole=self._stages[0].max_in_flight // 2)
+            if not part:  # a run waiting for room for all of it
+                need = len(msgs[i][2])
+                continue
+            need = 1
             delay = 0.00005
-            part, n, i_next, rest = W._fitting(msgs, i, room, free)
             self._putting = True  # (until counted: see _resync)
             while not self._stop:
                 try:
@@ -1253,9 +1273,10 @@ class Pipeline:
                 p.join(1.0)
         for s in self._stages:
             s.procs = []
-        for q in self._queues:
+        for q in self._queues + self._rooms:
             q.close()
         self._queues = []
+        self._rooms = []
         board, self._board = self._board, None
         if board is not None:
             board.close()
