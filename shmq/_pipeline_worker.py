@@ -540,7 +540,6 @@ class _Worker:
             row[S_PUT] += sum(len(o[2]) if o[0] == CHUNK else 1 for o in out)
             return
         alone = self.spec.workers == 1
-        delay = 0.00005
         i = 0
         while i < len(out):
             room = self.credit()
@@ -564,12 +563,10 @@ class _Worker:
                     if rest is not None:
                         out[i_next] = rest
                     i = i_next
-                    delay = 0.00005
                     continue
             if parent_gone(self.parent_pid):
                 os._exit(0)
-            self.wait_for_room(delay, need)
-            delay = min(0.005, delay * 2)
+            self.wait_for_room(_ROOM_WAIT, need)
 
     def wait_for_room(self, timeout: float, need: int = 1) -> None:
         """Wait (up to ``timeout`` seconds) until the next stage may have
@@ -772,6 +769,9 @@ class _Worker:
 
 
 _FAILED = object()
+#: Seconds a producer waits for a token of the next stage's room queue before
+#: it reads the room again (a token is missed when another producer took it).
+_ROOM_WAIT = 0.002
 
 
 class _LoanHolder:

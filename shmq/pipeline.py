@@ -700,7 +700,10 @@ class Pipeline:
                 if not msgs:
                     chunk = self._chunk
                     free = max(1, q0.maxsize - q0.qsize())
-                    want = max(1, min(room, run, free * chunk, self._stage0_room()))
+                    # (stage 0's own bound is waited for in _put_all, run by run)
+                    want = max(1, min(room, run, free * chunk))
+                    if want > chunk:  # whole runs only: a crumb would be a message of its own
+                        want -= want % chunk
                     t0 = perf()
                     items = list(itertools.islice(it, want))
                     if perf() - t0 > _SPARSE_SECONDS:
@@ -759,10 +762,9 @@ class Pipeline:
                 s.words[s.workers * s.width + W.P_WAITING] = 1
                 if self._stage0_room() < need:
                     try:
-                        self._rooms[0].get(timeout=delay)
+                        self._rooms[0].get(timeout=W._ROOM_WAIT)
                     except Empty:
                         pass
-                delay = min(0.005, 2 * delay)
                 continue
             if free <= 0:
                 time.sleep(delay)
