@@ -750,7 +750,6 @@ class Pipeline:
         """Put ``msgs`` on stage 0's queue, as its room admits (a run is cut
         to fit, see _pipeline_worker._fitting), until done or stopped."""
         i = 0
-        delay = 0.00005
         need = 1  # items of room waited for
         while i < len(msgs) and not self._stop:
             room = self._stage0_room()
@@ -766,16 +765,12 @@ class Pipeline:
                     except Empty:
                         pass
                 continue
-            if free <= 0:
-                time.sleep(delay)
-                delay = min(0.002, 2 * delay)
-                continue
-            part, n, i_next, rest = W._fitting(msgs, i, room, free, whole=self._stages[0].max_in_flight // 2)
+            # (no room for a message: put one, which waits in the queue's put)
+            part, n, i_next, rest = W._fitting(msgs, i, room, max(1, free), whole=self._stages[0].max_in_flight // 2)
             if not part:  # a run waiting for room for all of it
                 need = len(msgs[i][2])
                 continue
             need = 1
-            delay = 0.00005
             self._putting = True  # (until counted: see _resync)
             while not self._stop:
                 try:
