@@ -18,9 +18,21 @@ How it works
     caller through ``itertools.chain`` (no Python step per item).
 
 Back-pressure
-    Every queue has a ``maxsize``; the feeder also stops at a window of
+    Every stage holds at most its ``max_in_flight`` items (queued for it and
+    held by its workers): each worker counts in its row of the status table
+    the items it put on the next queue and the items it finished, and puts
+    only what the next stage has room for (``_Worker.put_bounded``; the
+    feeder likewise for stage 0), waiting on the next stage's *room queue*,
+    where that stage's workers post a token when they free room for a
+    waiting producer.  The feeder also stops at a window of
     ``sum(max_in_flight)`` seqs in flight (in source order when the pipeline
     is ordered), so an endless source runs in flat memory.
+
+Results built in slots
+    ``output_array`` (called by a map stage's function) loans a slot of the
+    next queue, with room at its end for the item's tags; a returned loan is
+    put as the bare array (the one thing a queue puts without a copy), which
+    the receiver recognises as a non-tuple message (``_pipeline_worker.unwrap``).
 
 Crash recovery (at-least-once, deduplicated)
     A worker writes the seqs it holds ((first, count) ranges) and which one
@@ -458,11 +470,14 @@ class Pipeline:
         """Add a stage of ``workers`` processes passing on ``fn(item)``.
 
         ``ordered=True``: the pipeline yields in source order.
-        ``max_in_flight``: the stage's share of the pipeline's window (the
-        feeder keeps at most the sum of the shares in flight) and the size of
-        its queue in messages; default ``max(128, 4 * workers)``, raised to
+        ``max_in_flight``: the most items the stage holds (queued for it and
+        held by its workers; the stage before waits for room), and its share
+        of the pipeline's window (the feeder keeps at most the sum of the
+        shares in flight); default ``max(128, 4 * workers)``, raised to
         16384 while every stage is a map of cheap items and the items are
-        small (see docs/pipelines.md, "Runs of cheap items").  ``init()`` runs once in
+        small (see docs/pipelines.md, "Runs of cheap items").  ``fn`` may
+        build its result with :func:`output_array` to pass it on without a
+        copy.  ``init()`` runs once in
         every worker before its first item.  ``on_error``: ``"raise"`` stops
         the pipeline and re-raises the exception in the caller; ``"skip"``
         drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
