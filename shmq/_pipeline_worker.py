@@ -28,8 +28,8 @@ from __future__ import annotations
 import linecache
 import os
 import pickle
-import signal
 import random
+import signal
 import sys
 import threading
 import time
@@ -296,6 +296,7 @@ class _Worker:
         if raw.base is not None:  # (else no slot was free: a private array, which put copies)
             self.row[S_LOANS] += 1
         self.put_bounded([(LOANED, tags, raw)])
+        self.row[S_OUT] += 1
         return True
 
     # -- status table --------------------------------------------------
@@ -598,7 +599,10 @@ class _Worker:
         if not out:
             return
         if out[0][0] == LOANED:  # (always alone: see put_loan)
-            self.send(self.outq, out[0][2])
+            try:
+                self.send(self.outq, out[0][2])
+            except Exception:  # (not expected: then as any result, copied)
+                self.put_each([unwrap(out[0][2])])
             return
         try:
             if len(out) == 1:

@@ -79,9 +79,11 @@ def test_results_built_in_slots_travel_without_a_copy(method):
             assert a.shape == (N,) and a.dtype == np.float64 and not a.flags.writeable
             got.append(float(a[0]) if np.all(a == a[0]) else None)
         made = loans(pipe)
+        st = pipe.statistics()
         pids = worker_pids(pipe)
     assert sorted(got) == [i + 1.0 for i in range(n)]
     assert made == [n, n], made  # every result went as the slot it was built in
+    assert [(s.items_in, s.items_out) for s in st.stages] == [(n, n), (n, n)]
     assert_clean(pids)
 
 
