@@ -352,6 +352,9 @@ class _Worker:
             self.row[S_ERRORS] += 1
             if spec.on_error == "retry" and attempts <= spec.retries:
                 self.row[S_RETRIES] += 1
+                # The failed call's frames (and what they hold: an array
+                # from output_array, with its slot) go before the next try.
+                exc.__traceback__ = None
                 if spec.backoff:
                     time.sleep(spec.backoff * (2 ** (attempts - 1)))
                 attempts += 1
