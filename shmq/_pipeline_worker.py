@@ -644,9 +644,11 @@ class _Worker:
                 if parent_gone(parent_pid):
                     return  # orphaned: the parent is gone
                 continue
+            slotted = False
             for i, m in enumerate(msgs):
                 if type(m) is not tuple and m is not None:
                     msgs[i] = unwrap(m)  # a result built in a slot: (DATA, tags, the array)
+                    slotted = True
             ended = False
             if END in msgs:
                 ended = True
@@ -699,6 +701,8 @@ class _Worker:
                 half = self.words[self.bound_at] // 2
                 if n_items > half and take_now > 1:
                     take_now = max(1, take_now * half // n_items)
+                if slotted:  # (each holds a slot of a pool of 8 until dropped: take few)
+                    take_now = min(take_now, 2)
                 n_data = 0
                 for o in out:
                     if o[0] == DATA:
