@@ -18,7 +18,10 @@ Workloads (one worker process per stage everywhere):
   ``process`` (a new array: ``a + 1``) -> the parent, which reads one
   element: arrays/s and the parent's peak RSS (sampled).  Baselines:
   ``Pool.imap`` and ``ProcessPoolExecutor.map`` (chunksize 1) and pypeln, on
-  ``--slow-arrays`` arrays.
+  ``--slow-arrays`` arrays.  Two shmq rows: the same functions (each result
+  is a new array, copied once into a slot), and ``decode_into`` /
+  ``process_into``, which build their results with
+  ``shmq.pipeline.output_array`` (in the slot they travel in: no copy).
 
 Reported: the median rate of ``--repeats`` runs (interleaved: every case
 once, then again) and its ratios to ``Pool.imap`` with chunksize 1 and with
@@ -107,6 +110,20 @@ def decode(i):
 
 def process(a):
     return a + 1.0
+
+
+def decode_into(i):
+    """``decode``, its result built where it travels (no copy)."""
+    out = shmq.pipeline.output_array(ARRAY_BYTES // 8, np.float64)
+    out.fill(float(i))
+    return out
+
+
+def process_into(a):
+    """``process``, likewise."""
+    out = shmq.pipeline.output_array(a.shape, a.dtype)
+    np.add(a, 1.0, out=out)
+    return out
 
 
 # -- runners: each returns (items, seconds) ---------------------------------------------
@@ -210,6 +227,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--slow-arrays", type=int, default=200, help="arrays for Pool.imap and pypeln (default 200)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
+        "--workloads", default="trivial,faults,arrays",
+        help="which workloads to run (comma-separated; default trivial,faults,arrays)",
+    )
+    p.add_argument(
         "--chunksizes", default="64,512,4096,32768",
         help="Pool.imap chunksizes tried for 'trivial' (its best is the tuned baseline; default 64,512,4096,32768)",
     )
@@ -239,6 +260,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if pl is not None:
         cases.append(("arrays", "pypeln process.map", ms, lambda: run_pypeln(decode, process, ms, ints, first_element)))
     cases.append(("arrays", "shmq Pipeline (defaults)", m, lambda: run_shmq(decode, process, m, ints, first_element)))
+    cases.append(("arrays", "shmq Pipeline, output_array", m, lambda: run_shmq(decode_into, process_into, m, ints, first_element)))
+    wanted = set(args.workloads.split(","))
+    cases = [c for c in cases if c[0] in wanted]
 
     machine = {
         "python": platform.python_version(),
@@ -264,16 +288,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(json.dumps(results[-1]), flush=True)
     rate = {(row["workload"], row["transport"]): row["rate"] for row in results}
     # the baselines: Pool.imap with chunksize 1, and with its best chunksize
-    base1 = {w: rate[(w, "Pool.imap chunksize=1")] for w in ("trivial", "arrays")}
+    nan = float("nan")
+    base1 = {w: rate.get((w, "Pool.imap chunksize=1"), nan) for w in ("trivial", "arrays")}
     base1["faults"] = base1["trivial"]
     pools = [row for row in results if row["workload"] == "trivial" and row["transport"].startswith("Pool.imap chunksize=")]
-    best = max((row for row in pools if row["transport"] != "Pool.imap chunksize=1"), key=lambda row: row["rate"])
+    tuned = [row for row in pools if row["transport"] != "Pool.imap chunksize=1"]
+    best = max(tuned, key=lambda row: row["rate"]) if tuned else {"transport": "-", "rate": nan}
     best_rate = {"trivial": best["rate"], "faults": best["rate"], "arrays": base1["arrays"]}
     if args.json:
         print(json.dumps({"bench": "pipeline", "best_pool_imap": best["transport"], "rate": best["rate"]}), flush=True)
         return
     print(f"machine: {machine}")
-    print(f"tuned baseline: {best['transport']} (best of {', '.join(map(str, chunksizes))})")
+    if tuned:
+        print(f"tuned baseline: {best['transport']} (best of {', '.join(map(str, chunksizes))})")
     print("| workload | transport | items | items/s | vs Pool.imap(1) | vs Pool.imap(best) | CPU µs/item (all processes) | parent peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     for row in results:
@@ -283,14 +310,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"{row['rate'] / base1[w]:.2f}x | {row['rate'] / best_rate[w]:.2f}x | {row['cpu_us_per_item']:,.2f} | "
             f"{row['peak_rss_mib']:.0f} MiB |"
         )
-    if pl is not None:
-        ratio = rate[("arrays", "shmq Pipeline (defaults)")] / rate[("arrays", "pypeln process.map")]
-        print(f"arrays, shmq vs pypeln: {ratio:.1f}x")
-    loss = 1 - rate[("faults", "shmq Pipeline (defaults)")] / rate[("trivial", "shmq Pipeline (defaults)")]
-    print(
-        "faults (1% of items raising into the dead letters, one stage-1 worker SIGKILLed half way; "
-        f"checked: run complete, dead letters == the failing items): throughput lost vs trivial: {loss:.0%}"
-    )
+    if pl is not None and "arrays" in wanted:
+        for t in ("shmq Pipeline (defaults)", "shmq Pipeline, output_array"):
+            ratio = rate[("arrays", t)] / rate[("arrays", "pypeln process.map")]
+            print(f"arrays, {t} vs pypeln: {ratio:.1f}x; vs Pool.imap: {rate[('arrays', t)] / base1['arrays']:.1f}x")
+    if {"faults", "trivial"} <= wanted:
+        loss = 1 - rate[("faults", "shmq Pipeline (defaults)")] / rate[("trivial", "shmq Pipeline (defaults)")]
+        print(
+            "faults (1% of items raising into the dead letters, one stage-1 worker SIGKILLed half way; "
+            f"checked: run complete, dead letters == the failing items): throughput lost vs trivial: {loss:.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ class StageStatistics:
     #: Values the workers passed on (a flat_map counts each child).
     items_out: int
     #: Items queued for the stage (put by the stage before, or by the
-    #: feeder, and not yet taken) plus those its workers hold now.
+    #: feeder, and not yet taken) plus those its workers hold now (results
+    #: waiting for room in the next stage included): at most the stage's
+    #: ``max_in_flight``.
     in_flight: int
     #: Items the stage's filter dropped.
     filtered: int

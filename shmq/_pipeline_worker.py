@@ -28,19 +28,23 @@ from __future__ import annotations
 import linecache
 import os
 import pickle
+import random
 import signal
 import sys
+import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, List, Optional, Tuple
 
-from ._errors import Full
+from ._errors import Empty, Full, ShmqError
 
-__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of")
+__all__ = ("StageSpec", "DeadLetter", "worker_main", "seqs_of", "keys_of", "current_worker", "unwrap")
 
 DATA, HOLE, ERROR, CHUNK = 0, 1, 2, 3
+LOANED = 4  # (worker side only) a result built in a slot of the next queue: put as the bare array (see put_loan)
 # why a message carries no value
 FILTERED, SKIPPED, DEAD, EMPTY, MERGED = 1, 2, 3, 4, 5
 END = None  # put on an input queue once per worker when the pipeline ends
@@ -61,8 +65,16 @@ S_CURRENT = 11  # index of the held range in fn now (-1: charge every held item)
 S_SUB = 12  # index in that range of the item in fn now (a CHUNK's element; -1: not recorded)
 S_CHUNK_OUT = 13  # set by the parent: longest CHUNK the next stage takes well (<= 1: none)
 S_PUT = 14  # items put on the next queue, as the next stage's S_IN counts them (a run: its length; else 1)
-S_HELD = 15  # the held items: (first seq, count) pairs
+S_DONE = 15  # items taken and finished (their results put): they left the stage
+S_RESERVED = 16  # items this worker is about to put on the next queue (see _Worker.put_bounded)
+S_LOANS = 17  # results put as the slot they were built in (output_array): no copy
+S_HELD = 18  # the held items: (first seq, count) pairs
 ROW_FIXED = S_HELD
+# A stage's table has one more row, written by the parent only:
+P_BOUND = 0  # the stage's max_in_flight now (items; its producers wait for room under it)
+P_WAITING = 1  # set by a producer waiting for room in the stage; its workers then post to its room queue
+# and its S_DONE word, which the parent adds to after a crash (items that left the
+# stage with a killed worker, or were lost between a queue and a row): see stage_in_flight.
 
 INIT_FAILED_EXIT = 71  # exit code of a worker whose init= raised: not restarted
 
@@ -102,6 +114,31 @@ class StageSpec:
     linger: float
     take: int  # messages taken from the queue at once
     held_capacity: int  # (seq, count) ranges a row can record
+    workers: int = 1  # processes of the stage (rows of its status table, the parent's besides)
+
+
+def row_width(held_capacity: int) -> int:
+    """int64 words of one row of a status table."""
+    return ROW_FIXED + 2 * held_capacity
+
+
+def stage_in_flight(entered: Callable[[], int], words: Any, width: int, workers: int, tries: int = 4) -> int:
+    """Items in a stage now: those put on its queue (``entered()``: what the
+    stage before put, or the feeder) less those its workers finished
+    (``S_DONE`` of every row, the parent's included).  Both only grow; a
+    reading of the finished count before and after ``entered()`` that agree
+    means no item left in between, so the difference was exact at that
+    instant (else it is read again; the last reading may count items that
+    left meanwhile, never fewer than were there)."""
+    span = (workers + 1) * width
+    done = sum(words[S_DONE:span:width])
+    while True:
+        n = entered()
+        again = sum(words[S_DONE:span:width])
+        tries -= 1
+        if again == done or tries <= 0:
+            return n - done
+        done = again
 
 
 def keys_of(tags: Any) -> List[tuple]:
@@ -173,14 +210,94 @@ def _describe(stage: str, exc: BaseException) -> tuple:
 
 
 class _Worker:
-    def __init__(self, spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
+    def __init__(
+        self,
+        spec: StageSpec,
+        index: int,
+        inq: Any,
+        outq: Any,
+        status: Any,
+        parent_pid: int,
+        next_stage: Optional[tuple] = None,
+        room: Any = None,
+    ) -> None:
         self.spec = spec
         self.parent_pid = parent_pid
         self.inq = inq
         self.outq = outq
         words = memoryview(status).cast("B").cast("q")
-        width = ROW_FIXED + 2 * spec.held_capacity
+        width = row_width(spec.held_capacity)
         self.row = words[index * width : (index + 1) * width]
+        self.words = words  # the whole table: the other workers' S_PUT and S_RESERVED (see credit)
+        self.width = width
+        self.span = spec.workers * width
+        self.room = room  # the stage's room queue: a token when it frees room and a producer waits
+        self.waiting_at = self.span + P_WAITING
+        self.bound_at = self.span + P_BOUND
+        self.next_words: Any = None  # the next stage's table (None: the next hop is the parent)
+        if next_stage is not None:
+            nstatus, nwidth, nworkers, self.next_room = next_stage
+            self.next_words = memoryview(nstatus).cast("B").cast("q")
+            self.next_width = nwidth
+            self.next_span = (nworkers + 1) * nwidth
+            self.next_bound_at = nworkers * nwidth + P_BOUND
+            self.next_waiting_at = nworkers * nwidth + P_WAITING
+        self.fence = threading.Lock()
+        self.loans: dict = {}  # id(array) -> weakref of an array output_array made here, while it lives
+
+    # -- results built in the next queue's slots (output_array) ------------
+    def loan_output(self, shape: Any, dtype: Any, nbytes: int) -> Any:
+        """A writable array of ``shape`` and ``dtype`` living in a free slot
+        of the next queue's pool (see ``Queue.loan_array``), in a raw loan
+        ``TRAILER`` bytes longer: the item's tags are written there when
+        the array is put (put_loan), so that it travels as the bare loan, the
+        one thing a queue puts without a copy.  A plain array when the loan
+        cannot be had (no pool, a slot too small...): it is then copied, as
+        any result.  Waits for a free slot as long as the parent lives."""
+        import numpy as np
+
+        if self.spec.kind != "map":
+            return np.empty(shape, dtype)
+        while True:
+            try:
+                raw = self.outq.loan_array((nbytes + TRAILER,), np.uint8, timeout=0.5)
+                break
+            except Full:
+                if parent_gone(self.parent_pid):
+                    os._exit(0)
+            except (ShmqError, ValueError, TypeError):
+                return np.empty(shape, dtype)
+        # The array's base is a _LoanHolder, not the loan: numpy would make
+        # an array over the loan (or a view of one) hold the loan's own base,
+        # and the loan (whose death gives its slot back) could die while the
+        # array or a view of it lives.
+        array = np.asarray(_LoanHolder(raw, shape, dtype))
+        key = id(array)
+        loans = self.loans
+        loans[key] = weakref.ref(array, lambda ref, key=key: loans.pop(key, None))
+        return array
+
+    def is_loan(self, value: Any) -> bool:
+        ref = self.loans.get(id(value))
+        return ref is not None and ref() is value
+
+    def put_loan(self, tags: Any, array: Any) -> bool:
+        """Put ``array`` (made by loan_output) as the item ``tags``'s result,
+        without a copy; False (nothing put) if its tags do not fit the
+        trailer: the caller puts it as any result."""
+        raw = array.base.raw
+        dtype = array.dtype
+        meta = pickle.dumps((tags, dtype.str if dtype.fields is None and dtype.subdtype is None else dtype, array.shape), 5)
+        end = raw.nbytes - 4
+        if len(meta) > TRAILER - 4:
+            return False
+        raw[end - len(meta) : end] = memoryview(meta)
+        raw[end:] = memoryview(len(meta).to_bytes(4, "little"))
+        if raw.base is not None:  # (else no slot was free: a private array, which put copies)
+            self.row[S_LOANS] += 1
+        self.put_bounded([(LOANED, tags, raw)])
+        self.row[S_OUT] += 1
+        return True
 
     # -- status table --------------------------------------------------
     def hold(self, msgs: list) -> Tuple[List[int], int]:
@@ -235,6 +352,9 @@ class _Worker:
             self.row[S_ERRORS] += 1
             if spec.on_error == "retry" and attempts <= spec.retries:
                 self.row[S_RETRIES] += 1
+                # The failed call's frames (and what they hold: an array
+                # from output_array, with its slot) go before the next try.
+                exc.__traceback__ = None
                 if spec.backoff:
                     time.sleep(spec.backoff * (2 ** (attempts - 1)))
                 attempts += 1
@@ -290,6 +410,15 @@ class _Worker:
     def emit_run(self, first: int, res: list, out: list) -> None:
         """Results of consecutive items: CHUNKs as long as the next stage
         takes them (the parent sets the length in S_CHUNK_OUT)."""
+        if self.loans:  # results built in slots (output_array) leave one by one, uncopied
+            kept = []
+            for k, r in enumerate(res):
+                if self.is_loan(r) and self.put_loan(first + k, r):
+                    continue
+                kept.append((first + k, r))
+            for seq, r in kept:
+                out.append((DATA, seq, r))
+            return
         if len(res) <= 1:
             if res:
                 out.append((DATA, first, res[0]))
@@ -369,7 +498,7 @@ class _Worker:
                 q.put(obj, timeout=0.5)
                 return
             except Full:
-                if os.getppid() != self.parent_pid:
+                if parent_gone(self.parent_pid):
                     os._exit(0)
 
     def send_many(self, q: Any, objs: list) -> None:
@@ -381,8 +510,110 @@ class _Worker:
                 q.put_many(objs, timeout=0.5)
                 return
             except Full:
-                if os.getppid() != self.parent_pid:
+                if parent_gone(self.parent_pid):
                     os._exit(0)
+
+    # -- the next stage's bound ---------------------------------------------
+    def credit(self) -> int:
+        """Items the next stage may still take now: its bound (P_BOUND, set
+        by the parent) less the items in it -- what this stage's workers put
+        on its queue or are about to (S_PUT, S_RESERVED), less what its
+        workers finished (S_DONE).  Read reservations before puts (a worker
+        adds to S_PUT before it clears S_RESERVED) and the finished count
+        first: a reading may count too many, never too few."""
+        nw = self.next_words
+        done = sum(nw[S_DONE : self.next_span : self.next_width])
+        words, span, width = self.words, self.span, self.width
+        reserved = sum(words[S_RESERVED:span:width])
+        put = sum(words[S_PUT:span:width])
+        return nw[self.next_bound_at] - (put + reserved - done)
+
+    def put_bounded(self, out: list) -> None:
+        """Put ``out`` on the next queue, never taking the next stage past
+        its ``max_in_flight`` items: put what fits (a run is cut to fit),
+        wait for the rest.  Adds to S_PUT what was put.
+
+        Workers of one stage share the next stage's room: each writes what
+        it is about to put in its S_RESERVED, then (after a fence) reads the
+        room again with every reservation counted, and backs off if it went
+        past.  Two workers racing both see the other's reservation (or one
+        sees both), so together they never go past the bound."""
+        row = self.row
+        if self.next_words is None:  # the parent takes anything (its window bounds it)
+            self.put_out(out)
+            row[S_PUT] += sum(len(o[2]) if o[0] == CHUNK else 1 for o in out)
+            return
+        alone = self.spec.workers == 1
+        i = 0
+        while i < len(out):
+            room = self.credit()
+            need = 1
+            if room > 0:
+                part, n, i_next, rest = _fitting(out, i, room, whole=self.next_words[self.next_bound_at] // 2)
+                if not part:
+                    part = None  # (a run waiting for room for all of it)
+                    need = len(out[i][2])
+                if part is not None and not alone:
+                    row[S_RESERVED] = n
+                    with self.fence:  # (a locked instruction: our store is seen before our loads)
+                        pass
+                    if self.credit() < 0:  # another worker took the room first
+                        row[S_RESERVED] = 0
+                        part = None
+                if part is not None:
+                    self.put_out(part)
+                    row[S_PUT] += n
+                    row[S_RESERVED] = 0
+                    if rest is not None:
+                        out[i_next] = rest
+                    i = i_next
+                    continue
+            if parent_gone(self.parent_pid):
+                os._exit(0)
+            self.wait_for_room(_ROOM_WAIT, need)
+
+    def wait_for_room(self, timeout: float, need: int = 1) -> None:
+        """Wait (up to ``timeout`` seconds) until the next stage may have
+        room: its workers post a token to its room queue when they finish
+        items while a producer has said it waits (P_WAITING).  A token may
+        be stale or missed (the flag is cleared by whoever posts): the
+        caller reads the room again after any wait, and the timeout bounds
+        a missed one."""
+        self.next_words[self.next_waiting_at] = 1
+        if self.credit() >= need:  # (freed between our reading and the flag)
+            return
+        try:
+            self.next_room.get(timeout=timeout * (0.5 + random.random()))
+        except Empty:
+            pass
+
+    def freed(self) -> None:
+        """Items of this stage finished: wake a producer waiting for room."""
+        words = self.words
+        if words[self.waiting_at] and self.room is not None:
+            words[self.waiting_at] = 0
+            try:
+                self.room.put_nowait(None)
+            except Full:
+                pass
+
+    def put_out(self, out: list) -> None:
+        """Put ``out`` on the next queue as it is (no bound)."""
+        if not out:
+            return
+        if out[0][0] == LOANED:  # (always alone: see put_loan)
+            try:
+                self.send(self.outq, out[0][2])
+            except Exception:  # (not expected: then as any result, copied)
+                self.put_each([unwrap(out[0][2])])
+            return
+        try:
+            if len(out) == 1:
+                self.send(self.outq, out[0])
+            else:
+                self.send_many(self.outq, out)  # pickles all first: an error puts none
+        except Exception:
+            self.put_each(out)
 
     def put_each(self, out: list) -> None:
         """Put ``out`` one by one; a message that cannot be put (its value
@@ -403,15 +634,21 @@ class _Worker:
         fn = spec.fn
         is_map = spec.kind == "map"
         perf_ns = time.perf_counter_ns
+        loans = self.loans
         from queue import Empty
 
         while True:
             try:
                 msgs = inq.get_many(take_now, timeout=0.5) if take_now > 1 else [inq.get(timeout=0.5)]
             except Empty:
-                if os.getppid() != parent_pid:
+                if parent_gone(parent_pid):
                     return  # orphaned: the parent is gone
                 continue
+            slotted = False
+            for i, m in enumerate(msgs):
+                if type(m) is not tuple and m is not None:
+                    msgs[i] = unwrap(m)  # a result built in a slot: (DATA, tags, the array)
+                    slotted = True
             ended = False
             if END in msgs:
                 ended = True
@@ -430,12 +667,16 @@ class _Worker:
                         kind = m[0]
                         if kind == DATA:
                             try:
-                                out.append((DATA, m[1], fn(m[2])))
-                                continue
+                                r = fn(m[2])
                             except Exception as exc:
                                 r = self.failed(m[2], m[1], out, exc)
-                                if r is not _FAILED:
-                                    out.append((DATA, m[1], r))
+                                if r is _FAILED:
+                                    continue
+                            # A result built in a slot (output_array) leaves
+                            # at once: a worker holds one such slot at a time.
+                            if not (loans and self.is_loan(r) and self.put_loan(m[1], r)):
+                                out.append((DATA, m[1], r))
+                            r = None
                         elif kind == CHUNK:
                             self.map_chunk(m, out)
                         else:
@@ -454,24 +695,29 @@ class _Worker:
                     take_now = min(take, 2 * take_now)
                 else:
                     take_now = min(take, 4) if per_item < 200_000 else 1
-                n_data = n_put = 0
+                # ... and at most half the stage's bound in items (runs count
+                # their items): the rest of it is room for the stage before
+                # to put into while this worker is busy.
+                half = self.words[self.bound_at] // 2
+                if n_items > half and take_now > 1:
+                    take_now = max(1, take_now * half // n_items)
+                if slotted:  # (each holds a slot of a pool of 8 until dropped: take few)
+                    take_now = min(take_now, 2)
+                n_data = 0
                 for o in out:
                     if o[0] == DATA:
                         n_data += 1
                     elif o[0] == CHUNK:
                         n_data += len(o[2])
-                        n_put += len(o[2]) - 1
-                n_put += len(out)
-                try:
-                    if len(out) == 1:
-                        self.send(outq, out[0])
-                    elif out:
-                        self.send_many(outq, out)  # pickles all first: an error puts none
-                except Exception:
-                    self.put_each(out)
+                self.put_bounded(out)
                 row[S_OUT] += n_data
-                row[S_PUT] += n_put
+                row[S_DONE] += n_items
                 row[S_STATE] = 0
+                self.freed()
+            # Let go of this round's items before waiting for the next: an
+            # array in a slot (taken in, or made by output_array and not
+            # returned) goes back to its pool only once nothing refers to it.
+            msgs = out = m = o = None  # type: ignore[assignment]
             if ended:
                 return
 
@@ -489,13 +735,14 @@ class _Worker:
 
         def flush() -> None:
             if values:
-                self.send(outq, (DATA, list(tags), list(values)))
+                self.put_bounded([(DATA, list(tags), list(values))])
                 row[S_OUT] += 1
-                row[S_PUT] += 1
+            row[S_DONE] += len(pending)
             tags.clear()
             values.clear()
             pending.clear()
             row[S_STATE] = 0
+            self.freed()
 
         while True:
             try:
@@ -503,18 +750,21 @@ class _Worker:
             except Empty:
                 if values:
                     flush()
-                elif os.getppid() != parent_pid:
+                elif parent_gone(parent_pid):
                     return
                 continue
             if msg is END:
                 flush()
                 return
+            if type(msg) is not tuple:
+                msg = unwrap(msg)
             if msg[0] == CHUNK:
                 parts = [(DATA, msg[1] + k, v) for k, v in enumerate(msg[2])]
             elif msg[0] != DATA:
                 row[S_IN] += 1
-                self.send(outq, msg)
-                row[S_PUT] += 1
+                self.put_bounded([msg])
+                row[S_DONE] += 1
+                self.freed()
                 continue
             else:
                 parts = [msg]
@@ -530,20 +780,122 @@ class _Worker:
 
 
 _FAILED = object()
+#: Seconds a producer waits for a token of the next stage's room queue before
+#: it reads the room again (a token is missed when another producer took it).
+_ROOM_WAIT = 0.002
 
 
-def worker_main(spec: StageSpec, index: int, inq: Any, outq: Any, status: Any, parent_pid: int) -> None:
-    """Entry point of a worker process."""
+class _LoanHolder:
+    """What an array made by ``output_array`` is over: the raw loan (kept
+    alive while the array or any view of it lives), described through the
+    array interface.  (numpy stops a view's chain of bases at an object
+    that is not an array.)"""
+
+    __slots__ = ("raw", "__array_interface__")
+
+    def __init__(self, raw: Any, shape: tuple, dtype: Any) -> None:
+        self.raw = raw
+        self.__array_interface__ = {
+            "data": (raw.__array_interface__["data"][0], False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "descr": dtype.descr,
+            "version": 3,
+        }
+_CURRENT: List[Any] = [None]  # the _Worker of this process (set by worker_main)
+#: Bytes after a result built in a slot (output_array) for its tags and
+#: description: (pickled (tags, dtype, shape), its length as 4 bytes).
+TRAILER = 1024
+
+
+def parent_gone(parent_pid: int) -> bool:
+    """True once the pipeline's process ``parent_pid`` is gone.  (Not just
+    ``os.getppid() != parent_pid``: a worker started by the forkserver is
+    the forkserver's child, and would take itself for an orphan.)"""
+    if os.getppid() == parent_pid:
+        return False
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # (a pid reused by another user's process)
+        return True
+    return False
+
+
+def current_worker() -> Any:
+    """The worker of this process (None outside a pipeline's worker)."""
+    return _CURRENT[0]
+
+
+def unwrap(raw: Any) -> tuple:
+    """The message a bare array received from a queue stands for: a result
+    built in a slot (see _Worker.put_loan), ``(DATA, tags, array)`` where
+    the array is a read-only view of the slot (kept while it lives)."""
+    import numpy as np
+
+    end = raw.nbytes - 4
+    n = int.from_bytes(bytes(raw[end:]), "little")
+    tags, dtype, shape = pickle.loads(bytes(raw[end - n : end]))
+    dtype = np.dtype(dtype)
+    count = 1
+    for d in shape:
+        count *= d
+    return (DATA, tags, raw[: count * dtype.itemsize].view(dtype).reshape(shape))
+
+
+def _fitting(out: list, i: int, room: int, messages: int = 1 << 62, whole: int = 0) -> Tuple[list, int, int, Any]:
+    """The messages of ``out`` from ``i`` holding at most ``room`` items
+    (``room`` >= 1), at most ``messages`` of them: ``(part, items, next i,
+    rest)``; a run that does not fit whole is cut, and ``rest`` (else None)
+    is what is left of it, to put in ``out[next i]`` -- unless it has at
+    most ``whole`` items: it then waits for room for all of them (``part``
+    may then be empty), so that runs are not cut in crumbs at the edge of
+    the room (each crumb is a message, and the parent's accounting of a
+    run that comes back in pieces costs more than a whole one's)."""
+    part: list = []
+    n = 0
+    while i < len(out) and n < room and len(part) < messages:
+        o = out[i]
+        if o[0] == CHUNK and n + len(o[2]) > room:
+            if len(o[2]) <= whole:
+                break
+            cut = room - n
+            values = o[2]
+            part.append((CHUNK, o[1], values[:cut]) if cut > 1 else (DATA, o[1], values[0]))
+            rest = values[cut:]
+            return part, room, i, ((CHUNK, o[1] + cut, rest) if len(rest) > 1 else (DATA, o[1] + cut, rest[0]))
+        n += len(o[2]) if o[0] == CHUNK else 1
+        part.append(o)
+        i += 1
+    return part, n, i, None
+
+
+def worker_main(
+    spec: StageSpec,
+    index: int,
+    inq: Any,
+    outq: Any,
+    status: Any,
+    parent_pid: int,
+    next_stage: Optional[tuple] = None,
+    room: Any = None,
+) -> None:
+    """Entry point of a worker process.  ``next_stage``: ``(status table,
+    row width, workers, room queue)`` of the stage after this one (None for
+    the last); ``room``: this stage's room queue."""
     # Ctrl-C goes to the whole process group: the parent handles it and
     # stops the workers; a worker must not die half-way through a put.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    w = _Worker(spec, index, inq, outq, status, parent_pid)
+    w = _Worker(spec, index, inq, outq, status, parent_pid, next_stage, room)
+    _CURRENT[0] = w
     w.row[S_PID] = os.getpid()
     if spec.init is not None:
         try:
             spec.init()
         except BaseException as exc:
             w.send(outq, (ERROR, (), _describe(spec.name, exc)))
+            w.row[S_PUT] += 1  # (an item for the next stage's count)
             sys.stdout.flush()
             os._exit(INIT_FAILED_EXIT)
     if spec.kind == "batch":

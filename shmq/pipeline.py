@@ -18,9 +18,21 @@ How it works
     caller through ``itertools.chain`` (no Python step per item).
 
 Back-pressure
-    Every queue has a ``maxsize``; the feeder also stops at a window of
+    Every stage holds at most its ``max_in_flight`` items (queued for it and
+    held by its workers): each worker counts in its row of the status table
+    the items it put on the next queue and the items it finished, and puts
+    only what the next stage has room for (``_Worker.put_bounded``; the
+    feeder likewise for stage 0), waiting on the next stage's *room queue*,
+    where that stage's workers post a token when they free room for a
+    waiting producer.  The feeder also stops at a window of
     ``sum(max_in_flight)`` seqs in flight (in source order when the pipeline
     is ordered), so an endless source runs in flat memory.
+
+Results built in slots
+    ``output_array`` (called by a map stage's function) loans a slot of the
+    next queue, with room at its end for the item's tags; a returned loan is
+    put as the bare array (the one thing a queue puts without a copy), which
+    the receiver recognises as a non-tuple message (``_pipeline_worker.unwrap``).
 
 Crash recovery (at-least-once, deduplicated)
     A worker writes the seqs it holds ((first, count) ranges) and which one
@@ -59,10 +71,10 @@ from . import _pipeline_worker as W
 from ._errors import Empty, Full, RemoteError, WorkerDied
 from ._pipeline_stats import PipelineStatistics, StageStatistics
 from ._pipeline_worker import DeadLetter
-from .queue import Queue
+from .queue import ZERO_COPY_THRESHOLD, Queue
 from .topic import Latest
 
-__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter")
+__all__ = ("Pipeline", "StageStatistics", "PipelineStatistics", "DeadLetter", "output_array")
 
 ON_ERROR = ("raise", "skip", "retry", "dead-letter")
 _MISSING = object()
@@ -111,6 +123,40 @@ def _pickles_small(items: list) -> bool:
     return nbytes <= _SMALL_ITEM_BYTES * len(items)
 
 
+def output_array(shape: Any, dtype: Any = float) -> Any:
+    """A new writable numpy array of ``shape`` and ``dtype`` for a map
+    stage's function to fill and return as its result.
+
+    Inside a worker of a map stage, the array lives in a free slot of the
+    queue to the next stage (or to the parent), and returning it -- the
+    array itself, not a view of it or a container holding it -- sends it
+    there without a copy: the next stage (or your loop) gets a read-only
+    view of that slot, which goes back to its pool once that view is
+    dropped.  It waits for a free slot when all are taken (back-pressure).
+    Everywhere else -- outside a worker, in a filter or flat_map stage, for
+    arrays under 64 KiB (``shmq.ZERO_COPY_THRESHOLD``), or when the queue's
+    slots are too small for it -- it is ``numpy.empty(shape, dtype)``, which
+    travels as any result (copied once into a slot).
+
+    An array that is not returned (the item raised, was retried, the
+    function returned something else) gives its slot back when it is
+    dropped; a worker killed while holding one gives it back too (the
+    queue reclaims it within about 0.1 s).  See docs/pipelines.md."""
+    import numpy as np
+
+    worker = W.current_worker()
+    if worker is None:
+        return np.empty(shape, dtype)
+    dt = np.dtype(dtype)
+    dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    nbytes = dt.itemsize
+    for d in dims:
+        nbytes *= d
+    if nbytes < ZERO_COPY_THRESHOLD or dt.hasobject:
+        return np.empty(dims, dt)
+    return worker.loan_output(dims, dt, nbytes)
+
+
 class _Stage:
     def __init__(self, spec: W.StageSpec, workers: int, ordered: bool, max_in_flight: int, start_method: Optional[str]):
         self.spec = spec
@@ -123,11 +169,12 @@ class _Stage:
         self.start_method = start_method
         self.procs: List[Any] = []
         self.status: Any = None
-        self.width = W.ROW_FIXED + 2 * spec.held_capacity
+        self.width = W.row_width(spec.held_capacity)
         self.words: Any = None
         self.crashes = 0
         self.crash_retries = 0
         self.crash_skipped = 0
+        self.quiet_since: Optional[tuple] = None  # (counters, since when) while empty and still (see Pipeline._resync)
 
     def row(self, i: int) -> Any:
         return self.words[i * self.width : (i + 1) * self.width]
@@ -325,6 +372,7 @@ class Pipeline:
         self._seqs_per_msg = 1
         self._state = "new"  # new, running, done, closed
         self._queues: List[Queue] = []
+        self._rooms: List[Queue] = []  # per stage: tokens for a producer waiting for room in it
         self._deadq: Optional[Queue] = None
         self._gen: Optional[Iterator[Any]] = None
         # accounting (main thread, and the feeder under _cond)
@@ -338,6 +386,7 @@ class Pipeline:
         self._next_emit = 0
         self._exhausted = False
         self._feeding = False
+        self._putting = False  # the feeder is putting on stage 0's queue and has not counted it yet
         self._feed_error: Optional[BaseException] = None
         self._error: Optional[BaseException] = None
         self._stop = False
@@ -350,6 +399,7 @@ class Pipeline:
         self._dups = 0
         self._started = 0.0
         self._suspect = False
+        self._crashed = False  # a worker died: the stages' counts are checked when they go quiet (_resync)
         self._stall_since: Optional[float] = None
         self._late: List[Any] = []
         self._board: Optional[Latest] = None  # the statistics for shmq ls/stat/top (see name)
@@ -395,7 +445,7 @@ class Pipeline:
         take = 1 if (spm > 1 or kind == "batch") else max(1, min(_TAKE_MAX, max_in_flight // (2 * workers)))
         held = take * spm * (batch_size if kind == "batch" else 1)
         label = name or f"{len(self._stages)}:{kind if fn is None else getattr(fn, '__name__', kind)}"
-        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held)
+        spec = W.StageSpec(label, kind, fn, init, on_error, retries, float(backoff), batch_size, linger, take, held, workers)
         stage = _Stage(spec, workers, ordered, max_in_flight, start_method or self._start_method)
         stage.auto = auto and kind == "map"
         self._stages.append(stage)
@@ -420,11 +470,14 @@ class Pipeline:
         """Add a stage of ``workers`` processes passing on ``fn(item)``.
 
         ``ordered=True``: the pipeline yields in source order.
-        ``max_in_flight``: the stage's share of the pipeline's window (the
-        feeder keeps at most the sum of the shares in flight) and the size of
-        its queue in messages; default ``max(128, 4 * workers)``, raised to
+        ``max_in_flight``: the most items the stage holds (queued for it and
+        held by its workers; the stage before waits for room), and its share
+        of the pipeline's window (the feeder keeps at most the sum of the
+        shares in flight); default ``max(128, 4 * workers)``, raised to
         16384 while every stage is a map of cheap items and the items are
-        small (see docs/pipelines.md, "Runs of cheap items").  ``init()`` runs once in
+        small (see docs/pipelines.md, "Runs of cheap items").  ``fn`` may
+        build its result with :func:`output_array` to pass it on without a
+        copy.  ``init()`` runs once in
         every worker before its first item.  ``on_error``: ``"raise"`` stops
         the pipeline and re-raises the exception in the caller; ``"skip"``
         drops the item; ``"retry"`` calls ``fn`` again up to ``retries`` times
@@ -575,12 +628,17 @@ class Pipeline:
                 qsize = max(1, s.max_in_flight - s.workers * s.spec.take)
                 self._queues.append(Queue(qsize))
             self._queues.append(Queue(max(64, self._stages[-1].max_in_flight)))
-            for k, s in enumerate(self._stages):
+            # One per stage: its workers post a token when they free room
+            # while a producer waits for it (see _Worker.wait_for_room).
+            self._rooms = [Queue(4, capacity_bytes=4096, zero_copy=False) for _ in self._stages]
+            for s in self._stages:  # (every table first: a worker gets the next stage's)
                 ctx = mp.get_context(s.start_method)
                 s.ctx = ctx
-                s.status = ctx.RawArray("q", s.workers * s.width)
+                s.status = ctx.RawArray("q", (s.workers + 1) * s.width)  # (the last row: the parent's)
                 s.words = memoryview(s.status).cast("B").cast("q")
+                s.words[s.workers * s.width + W.P_BOUND] = s.max_in_flight
                 s.procs = [None] * s.workers
+            for k, s in enumerate(self._stages):
                 for i in range(s.workers):
                     self._spawn(k, i)
         except BaseException:
@@ -592,9 +650,19 @@ class Pipeline:
 
     def _spawn(self, k: int, i: int) -> None:
         s = self._stages[k]
+        nxt = self._stages[k + 1] if k + 1 < len(self._stages) else None
         p = s.ctx.Process(
             target=W.worker_main,
-            args=(s.spec, i, self._queues[k], self._queues[k + 1], s.status, os.getpid()),
+            args=(
+                s.spec,
+                i,
+                self._queues[k],
+                self._queues[k + 1],
+                s.status,
+                os.getpid(),
+                None if nxt is None else (nxt.status, nxt.width, nxt.workers, self._rooms[k + 1]),
+                self._rooms[k],
+            ),
             name=f"shmq-pipeline-{s.spec.name}-{i}",
             daemon=True,
         )
@@ -647,7 +715,10 @@ class Pipeline:
                 if not msgs:
                     chunk = self._chunk
                     free = max(1, q0.maxsize - q0.qsize())
+                    # (stage 0's own bound is waited for in _put_all, run by run)
                     want = max(1, min(room, run, free * chunk))
+                    if want > chunk:  # whole runs only: a crumb would be a message of its own
+                        want -= want % chunk
                     t0 = perf()
                     items = list(itertools.islice(it, want))
                     if perf() - t0 > _SPARSE_SECONDS:
@@ -683,19 +754,58 @@ class Pipeline:
             self._feed_error = exc
             self._feeding = False
 
+    def _stage0_room(self) -> int:
+        """Items stage 0 may still take (its max_in_flight less what it
+        holds: the feeder is the only one to put on its queue)."""
+        s = self._stages[0]
+        span = (s.workers + 1) * s.width
+        return s.max_in_flight - (self._fed_items - sum(s.words[W.S_DONE : span : s.width]))
+
     def _put_all(self, q0: Queue, msgs: list) -> None:
-        while msgs and not self._stop:
-            try:
-                if len(msgs) == 1:
-                    q0.put(msgs[0], timeout=0.1)
-                else:
-                    # Full part-way: the puts before it stay, and are put
-                    # again below; the parent drops the second results.
-                    q0.put_many(msgs, timeout=0.5)
-                self._fed_items += sum(len(m[2]) if m[0] == _CHUNK else 1 for m in msgs)
-                return
-            except Full:
+        """Put ``msgs`` on stage 0's queue, as its room admits (a run is cut
+        to fit, see _pipeline_worker._fitting), until done or stopped."""
+        i = 0
+        need = 1  # items of room waited for
+        while i < len(msgs) and not self._stop:
+            room = self._stage0_room()
+            # (and no more messages than the queue has room for: a put_many
+            # that times out part-way is put again whole, its first items twice)
+            free = q0.maxsize - q0.qsize()
+            if room < need:
+                s = self._stages[0]
+                s.words[s.workers * s.width + W.P_WAITING] = 1
+                if self._stage0_room() < need:
+                    try:
+                        self._rooms[0].get(timeout=W._ROOM_WAIT)
+                    except Empty:
+                        pass
                 continue
+            # (no room for a message: put one, which waits in the queue's put)
+            part, n, i_next, rest = W._fitting(msgs, i, room, max(1, free), whole=self._stages[0].max_in_flight // 2)
+            if not part:  # a run waiting for room for all of it
+                need = len(msgs[i][2])
+                continue
+            need = 1
+            self._putting = True  # (until counted: see _resync)
+            while not self._stop:
+                try:
+                    if len(part) == 1:
+                        q0.put(part[0], timeout=0.1)
+                    else:
+                        # Full part-way: the puts before it stay, and are put
+                        # again below; the parent drops the second results.
+                        q0.put_many(part, timeout=0.5)
+                    break
+                except Full:
+                    continue
+            else:
+                self._putting = False
+                return
+            self._fed_items += n
+            self._putting = False
+            if rest is not None:
+                msgs[i_next] = rest
+            i = i_next
 
     def _room(self) -> int:
         """How many more source items the window admits now."""
@@ -718,6 +828,9 @@ class Pipeline:
                 except Empty:
                     msgs = ()
                 if msgs:
+                    for i, m in enumerate(msgs):
+                        if type(m) is not tuple:  # a result built in a slot (output_array)
+                            msgs[i] = W.unwrap(m)
                     emit: list = []
                     with self._cond:
                         if self._ordered or self._meta:
@@ -963,8 +1076,16 @@ class Pipeline:
                         culprit = first + (0 if count == 1 else sub if 0 <= sub < count else -(1 << 62))
                     row[W.S_STATE] = 0
                     row[W.S_HELD_N] = 0
+                    # What it took and had not finished left the stage (it
+                    # is fed again from the source); what it was about to
+                    # put is taken as not put (a put whose S_PUT it did not
+                    # count yet lets the next stage hold that many more until
+                    # _resync, after which the counts are exact again).
+                    row[W.S_DONE] = row[W.S_IN]
+                    row[W.S_RESERVED] = 0
                     s.crashes += 1
                     self._suspect = True
+                    self._crashed = True
                     reason = f"worker pid {p.pid} died (exit code {p.exitcode})"
                     runs = self._inflight.runs
                     seen: set = set()
@@ -982,6 +1103,8 @@ class Pipeline:
                     self._spawn(k, i)
             if self._suspect:
                 self._look_for_lost(now)
+            if self._crashed:
+                self._resync(now)
             self._tune_chunks()
             self._cond.notify()
         if now - self._board_at >= _BOARD_EVERY:
@@ -1035,13 +1158,20 @@ class Pipeline:
         cheap = []
         for s in stages:
             items = s.total(W.S_IN)
-            cheap.append(s.spec.kind == "map" and items >= 8 and s.total(W.S_BUSY_NS) < _CHEAP_NS * items)
+            cheap.append(
+                s.spec.kind == "map"
+                and items >= 8
+                and s.total(W.S_BUSY_NS) < _CHEAP_NS * items
+                and not s.total(W.S_LOANS)  # (results built in slots leave one by one: see output_array)
+            )
         grow = all(cheap) and self._small_source
         for s, c in zip(stages, cheap):
             if s.auto:
                 s.max_in_flight = _AUTO_MAX_IN_FLIGHT if grow else s.base_max_in_flight
             s.chunk = max(1, min(_MAX_CHUNK, s.max_in_flight // (2 * s.workers))) if c else 1
         self._window = sum(s.max_in_flight for s in stages)
+        for s in stages:
+            s.words[s.workers * s.width + W.P_BOUND] = s.max_in_flight
         limits = [1] * len(stages) + [1 << 30]  # the parent takes anything
         for k in range(len(stages) - 1, -1, -1):
             c = stages[k].chunk
@@ -1076,6 +1206,45 @@ class Pipeline:
         self._stall_since = None
         for seq in self._inflight.seqs():
             self._retry_or_give_up(seq, self._stages[0], "an item was lost with a killed worker")
+
+    def _entered(self, k: int) -> int:
+        """Items put on stage ``k``'s queue so far (by the feeder, or by the
+        workers of stage ``k - 1``)."""
+        if k == 0:
+            return self._fed_items
+        p = self._stages[k - 1]
+        return sum(p.words[W.S_PUT : p.workers * p.width : p.width])
+
+    def _resync(self, now: float) -> None:
+        """After a crash: make a stage's count of items exact again when it
+        is empty.  A worker killed between taking items and counting them
+        leaves them counted in the stage forever (or one killed between a
+        put and counting it, too few); so when a stage's queue is empty, its
+        workers idle, nobody about to put on it and its counters still for
+        0.1 s, the parent sets its count to 0 (its row's S_DONE)."""
+        for k, s in enumerate(self._stages):
+            words, width, n = s.words, s.width, s.workers
+            span = (n + 1) * width
+            in_flight = self._entered(k) - sum(words[W.S_DONE:span:width])
+            if k == 0:
+                about_to_put = self._putting
+            else:
+                p = self._stages[k - 1]
+                about_to_put = any(p.words[W.S_RESERVED : p.workers * p.width : p.width])
+            key = (self._entered(k), sum(words[W.S_IN : n * width : width]), sum(words[W.S_DONE:span:width]))
+            quiet = (
+                in_flight != 0
+                and not about_to_put
+                and not any(words[W.S_STATE : n * width : width])
+                and self._queues[k].qsize() == 0
+            )
+            if not quiet:
+                s.quiet_since = None
+            elif s.quiet_since is None or s.quiet_since[0] != key:
+                s.quiet_since = (key, now)
+            elif now - s.quiet_since[1] >= 0.1:
+                words[n * width + W.S_DONE] += key[0] - key[2]
+                s.quiet_since = None
 
     def _show_progress(self, now: float) -> None:
         if not sys.stderr.isatty() or now - getattr(self, "_last_progress", 0.0) < 0.5:
@@ -1116,30 +1285,20 @@ class Pipeline:
                 p.join(1.0)
         for s in self._stages:
             s.procs = []
-        for q in self._queues:
+        for q in self._queues + self._rooms:
             q.close()
         self._queues = []
+        self._rooms = []
         board, self._board = self._board, None
         if board is not None:
             board.close()
             board.unlink()
 
     # -- statistics ---------------------------------------------------------------
-    @staticmethod
-    def _held(s: _Stage) -> int:
-        """Items the workers of ``s`` hold now."""
-        n = 0
-        for i in range(s.workers):
-            row = s.row(i)
-            if row[W.S_STATE]:
-                n += sum(row[W.S_HELD + 1 : W.S_HELD + 2 * row[W.S_HELD_N] : 2])
-        return n
-
     def statistics(self) -> PipelineStatistics:
         """A snapshot of the pipeline and of every stage (see the dataclasses)."""
         elapsed = time.monotonic() - self._started if self._started else 0.0
         stages = []
-        put = self._fed_items  # items put on stage k's queue
         for k, s in enumerate(self._stages):
             if s.words is None:
                 stages.append(StageStatistics(s.spec.name, s.spec.kind, s.workers, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0))
@@ -1147,8 +1306,7 @@ class Pipeline:
             t = s.total
             items_in = t(W.S_IN)
             busy = t(W.S_BUSY_NS) / 1e9
-            queued = max(0, put - items_in)  # (counters read one by one: never below 0)
-            put = t(W.S_PUT)
+            in_flight = W.stage_in_flight(lambda: self._entered(k), s.words, s.width, s.workers)
             stages.append(
                 StageStatistics(
                     name=s.spec.name,
@@ -1156,7 +1314,7 @@ class Pipeline:
                     workers=s.workers,
                     items_in=items_in,
                     items_out=t(W.S_OUT),
-                    in_flight=queued + self._held(s),
+                    in_flight=max(0, in_flight),  # (duplicates put after a timeout: below 0 for a while)
                     filtered=t(W.S_FILTERED),
                     skipped=t(W.S_SKIPPED) + s.crash_skipped,
                     dead_letters=self._dead_by_stage.get(s.spec.name, 0),
