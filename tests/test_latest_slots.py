@@ -176,8 +176,8 @@ def test_a_closed_setters_value_stays_readable_and_its_slots_return():
 def test_reader_entries_are_freed_by_close_and_by_collection():
     latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
     latest.set(_frame(1))
-    # more handles than entries, one at a time (each takes a pool member too,
-    # and a closed one is recycled only once the value it read is freed: 128)
+    # more handles than entries, one at a time (each takes a pool member
+    # too, reused once it closed: see test_short_lived_readers_...)
     for _ in range(L.L_READERS + 8):
         other = shmq.Latest.attach(latest.name)
         _check_frame(1, other.get())
