@@ -43,6 +43,13 @@ slot whose message was consumed from that ring but never acquired is freed
 after ``orphan_seconds`` -- only once a consumer of the ring has been found
 dead (its receiver died between reading and decoding).
 
+Member entries: a process takes one at its first move and gives it back
+when it closes the pool, or the janitor does once it is gone -- as soon as
+the entry sources no slot and holds nothing (every hold word balanced), even
+while slots it read are still in flight: readers that come and go never
+fill the table (see ``_holds_nothing``).  An entry that still holds a slot
+is kept until its source frees the slot.
+
 This module is the specification.  With the compiled core (shmq._core,
 unless SHMQ_PURE is set) the hot moves -- ``try_allocate`` of one slot,
 ``mark_sent``, ``set_fence``, ``acquire``, ``release_later`` -- run in C
