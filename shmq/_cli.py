@@ -201,16 +201,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 # -- pipelines ----------------------------------------------------------------
-# A running shmq.Pipeline puts its statistics on a *board*: a Latest whose
-# value is a dict with "kind": shmq.Pipeline.BOARD_KIND (see Pipeline.name).
+# A running shmq.Pipeline puts its statistics on a *board*: a Latest without
+# a slot pool whose value is a dict with "kind": shmq.Pipeline.BOARD_KIND
+# (see Pipeline.name).
 
 
 def _pipeline_board(name: str) -> Optional[Dict[str, Any]]:
-    """The value on the board ``name`` if it is a pipeline's, else None.
-    (Read through Latest.attach: no participant entry, nothing written.)"""
+    """The value on the Latest ``name`` if it is a pipeline's board, else None.
+
+    A board is a Latest without a slot pool (shmq/pipeline.py), so a Latest
+    with one is turned away from its header (read-only) before its value is
+    read: reading a slot value would take a member entry and holds in its
+    pool, and a reader entry.  A board's value is a pickle in the Latest
+    itself, read through Latest.attach: no participant entry, nothing
+    written."""
+    try:
+        stats = ll.read_statistics(name)
+    except (OSError, shmq.ShmqError):
+        return None
+    if not isinstance(stats, shmq.LatestStatistics) or stats.slot_size or stats.slot_count or not stats.version:
+        return None
     try:
         latest = shmq.Latest.attach(name)
     except (OSError, shmq.ShmqError):
+        return None
+    if latest._slots:  # (the name was taken by a new Latest meanwhile: not a board either)
+        latest.close()
         return None
     try:
         value = latest.get()

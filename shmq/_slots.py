@@ -43,6 +43,13 @@ slot whose message was consumed from that ring but never acquired is freed
 after ``orphan_seconds`` -- only once a consumer of the ring has been found
 dead (its receiver died between reading and decoding).
 
+Member entries: a process takes one at its first move and gives it back
+when it closes the pool, or the janitor does once it is gone -- as soon as
+the entry sources no slot and holds nothing (every hold word balanced), even
+while slots it read are still in flight: readers that come and go never
+fill the table (see ``_holds_nothing``).  An entry that still holds a slot
+is kept until its source frees the slot.
+
 This module is the specification.  With the compiled core (shmq._core,
 unless SHMQ_PURE is set) the hot moves -- ``try_allocate`` of one slot,
 ``mark_sent``, ``set_fence``, ``acquire``, ``release_later`` -- run in C
@@ -463,19 +470,46 @@ class SlotPool(_PoolBase):
         return m
 
     def _unused_dead_entry(self) -> int:
-        """A member entry whose process is gone and that no slot refers to
-        (the table is full; a janitor has not recycled it yet), or -1."""
+        """A member entry whose process is gone (or closed it) and that
+        holds nothing (the table is full; a janitor has not recycled it
+        yet), or -1.  (admin lock held: nobody takes an entry meanwhile)"""
         w = self._w
-        n = self.slot_count
-        owners = {w[self._slots + i * L.SLOT_WORDS + L.S_OWNER] - 1 for i in range(n)
-                  if w[self._slots + i * L.SLOT_WORDS + L.S_STATE] != _FREE}
+        owners = self._source_entries()
         for m in range(self.max_members):
             mb = self._members + m * L.MEMBER_WORDS
-            if m in owners or any(w[self._holdw + m * n + i] for i in range(n)):
+            if m in owners or not self._holds_nothing(m):
                 continue
             if w[mb + L.M_STATE] == _DEAD or not P.is_alive(w[mb + L.M_PID], w[mb + L.M_START_US]):
                 return m
         return -1
+
+    def _source_entries(self) -> set:
+        """The member entries that source a slot now (its S_OWNER)."""
+        w = self._w
+        base = self._slots
+        return {w[base + i * L.SLOT_WORDS + L.S_OWNER] - 1 for i in range(self.slot_count)
+                if w[base + i * L.SLOT_WORDS + L.S_STATE] != _FREE}
+
+    def _holds_nothing(self, m: int) -> bool:
+        """Whether member entry ``m`` released every hold it acquired.
+
+        Such an entry may be retired and reused while its hold words are
+        still non-zero (balanced: the slot is still in flight, e.g. a
+        Latest's newest value read by a reader that closed).  The words stay
+        as they are: their acquired halves still count towards the slot's
+        DELIVERIES (``_releasable``), and the next member of the entry takes
+        them over balanced, holding nothing (its ``holding()`` is 0, it may
+        not release what it did not acquire).  Only the slot's source zeroes
+        them, when it frees the slot.  An unbalanced word (a hold a live view
+        still needs, or one that died with its holder) keeps the entry until
+        the slot is freed."""
+        w = self._w
+        row = self._holdw + m * self.slot_count
+        for i in range(self.slot_count):
+            v = w[row + i]
+            if v and (v >> 32) != (v & _MASK):
+                return False
+        return True
 
     def _check_usable(self) -> None:
         if self._closed or self._closing:
@@ -1026,11 +1060,17 @@ class SlotPool(_PoolBase):
             pid = w[mb + L.M_PID]
             if not pid or m == me:
                 continue
+            start = w[mb + L.M_START_US]
             state = w[mb + L.M_STATE]
-            if state == _LIVE and not P.is_alive(pid, w[mb + L.M_START_US]):
-                w[mb + L.M_STATE] = state = _DEAD
+            if state == _LIVE and not P.is_alive(pid, start):
+                # Under the admin lock, after checking it is still that
+                # process's entry: it may have been retired and taken by a
+                # new member since the loads above (_ensure_member).
+                with self._segment.admin_lock():
+                    if w[mb + L.M_PID] == pid and w[mb + L.M_START_US] == start and w[mb + L.M_STATE] == _LIVE:
+                        w[mb + L.M_STATE] = state = _DEAD
             if state == _DEAD:
-                dead.append(m)
+                dead.append((m, pid, start))
         n = self.slot_count
         slots = self._slots
         reclaimed: List[int] = []
@@ -1051,7 +1091,7 @@ class SlotPool(_PoolBase):
                     continue
                 if w[self._members + owner * L.MEMBER_WORDS + L.M_STATE] != _DEAD:
                     # A live source: tell it about holds that died with their holder.
-                    for m in dead:
+                    for m, _, _ in dead:
                         v = w[self._holdw + m * n + i]
                         if (v & _MASK) < (v >> 32):
                             self._notes.append((owner, w[s + L.S_GEN] << 32 | i))
@@ -1102,20 +1142,19 @@ class SlotPool(_PoolBase):
         w[mb + L.M_STATE] = L.MEMBER_FREE
         w[mb + L.M_PID] = 0
 
-    def _recycle_dead_locked(self, dead: List[int]) -> None:
-        """Free the entries of dead members that no slot refers to any more."""
+    def _recycle_dead_locked(self, dead: List[Tuple[int, int, int]]) -> None:
+        """Free the entries of dead members, ``(entry, pid, start)`` as the
+        janitor found them, that source no slot and hold nothing (see
+        _holds_nothing).  (pool lock held)  An entry is re-checked here: it
+        may have been retired and taken by a new member since it was found."""
         w = self._w
-        n = self.slot_count
-        busy = set()
-        for i in range(n):
-            s = self._slots + i * L.SLOT_WORDS
-            if w[s + L.S_STATE] != _FREE:
-                busy.add(w[s + L.S_OWNER] - 1)
-        for m in dead:
-            if m in busy:
-                continue
-            row = self._holdw + m * n
-            if any(w[row + i] for i in range(n)):
+        busy = self._source_entries()
+        for m, pid, start in dead:
+            mb = self._members + m * L.MEMBER_WORDS
+            if (
+                m in busy or w[mb + L.M_STATE] != _DEAD or w[mb + L.M_PID] != pid
+                or w[mb + L.M_START_US] != start or not self._holds_nothing(m)
+            ):
                 continue
             self._retire_entry_locked(m)
 
@@ -1382,10 +1421,9 @@ class SlotPool(_PoolBase):
                 self._push_notes_locked(block=True)
                 w = self._w
                 mb = self._members + m * L.MEMBER_WORDS
-                row = self._holdw + m * self.slot_count
-                if self._outstanding or any(w[row + i] for i in range(self.slot_count)):
+                if self._outstanding or m in self._source_entries() or not self._holds_nothing(m):
                     w[mb + L.M_STATE] = _DEAD  # retired: a janitor recycles the entry later
-                else:
+                else:  # (balanced hold words stay: see _holds_nothing)
                     self._lock.acquire()
                     try:
                         self._retire_entry_locked(m)

@@ -995,3 +995,49 @@ def test_ls_stat_top_show_a_running_pipeline_s_stages():
             stop.set()
             t.join(10)
     assert not [e for e in os.listdir(SHM) if name in e]  # the board went with the pipeline
+
+
+def test_ls_stat_top_read_no_latest_through_its_slot_pool(capsys):
+    """shmq ls/stat/top tell a pipeline's board from an ordinary Latest
+    without reading a slot value (a read takes a pool member entry, a
+    reader entry and holds): 150 rounds of each leave the pool's hold words
+    and member table as they were."""
+    import numpy as np
+
+    from shmq import _cli
+    from shmq._platform import part_name
+
+    latest = shmq.Latest(64 << 10, slot_size=1 << 20, slot_count=4, name=unique_name("lt"))
+    try:
+        latest.set(np.full((256, 1024), 7, np.uint8))  # a slot value, the newest throughout
+        pool = ll.SlotPool.attach(part_name(latest.name, "p"))
+
+        def pool_state():
+            return pool.in_transit()[1], pool.statistics().members, latest.statistics().readers
+
+        before = pool_state()
+        for _ in range(150):
+            assert _cli.main(["ls", "--prefix", latest.name]) == 0
+            assert _cli.main(["ls", "--json", "--prefix", latest.name]) == 0
+            assert _cli.main(["stat", latest.name]) == 0
+        out = capsys.readouterr().out
+        assert "pipeline" not in out and latest.name in out
+        res = shmq_cli("top", "--json", "--prefix", latest.name, "--iterations", "150", "--interval", "0.01",
+                       env=dict(os.environ))
+        assert res.returncode == 0, res.stderr
+        assert len(res.stdout.splitlines()) == 150
+        assert pool_state() == before  # no hold taken, no entry, no reader
+        pool.close()
+        # an ordinary Latest without a slot pool holding the same dict as a board is still one
+        board = shmq.Latest(name=unique_name("bd"))
+        try:
+            value = {"kind": shmq.Pipeline.BOARD_KIND, "pid": 1}
+            board.set(value)
+            assert _cli._pipeline_board(board.name) == value
+            assert _cli._pipeline_board(latest.name) is None
+        finally:
+            board.close()
+            board.unlink()
+    finally:
+        latest.close()
+        latest.unlink()

@@ -176,8 +176,8 @@ def test_a_closed_setters_value_stays_readable_and_its_slots_return():
 def test_reader_entries_are_freed_by_close_and_by_collection():
     latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
     latest.set(_frame(1))
-    # more handles than entries, one at a time (each takes a pool member too,
-    # and a closed one is recycled only once the value it read is freed: 128)
+    # more handles than entries, one at a time (each takes a pool member
+    # too, reused once it closed: see test_short_lived_readers_...)
     for _ in range(L.L_READERS + 8):
         other = shmq.Latest.attach(latest.name)
         _check_frame(1, other.get())
@@ -651,3 +651,179 @@ class LatestSlotsMachine(RuleBasedStateMachine):
 TestLatestSlotsModel = LatestSlotsMachine.TestCase
 TestLatestSlotsModel.settings = settings(max_examples=30, stateful_step_count=30, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- short-lived readers and the pool's member table ---------------------------
+# Every handle that reads a slot value takes one of the pool's member entries
+# (2 * L_READERS of them).  A reader that closed or exited with its holds given
+# back leaves nothing to keep: its entry is reused at once, even while the
+# value it read stays the newest (its slot in flight) for ever.
+def _members_in_use(latest):
+    """Pool member entries of live processes (those of dead ones stay listed
+    until they are reused or the janitor frees them)."""
+    return sum(alive for _, alive in latest._ensure_pool().statistics().members)
+
+
+def test_short_lived_readers_never_fill_the_pool_member_table():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))  # the newest value throughout
+    assert latest._pool.max_members == 2 * L.L_READERS < 300
+    for _ in range(300):
+        other = shmq.Latest.attach(latest.name)
+        _check_frame(1, other.get())  # (nothing kept)
+        other.close()
+        assert _members_in_use(latest) <= 2
+    _check_frame(1, latest.get())
+    assert latest.statistics().readers <= 1
+    latest.close()
+
+
+def _read_once(name, close):
+    other = shmq.Latest.attach(name)
+    _check_frame(1, other.get())
+    if close:
+        other.close()
+    # else: the process exits with the handle open (its holds given back:
+    # the value died), as a process that forgot close() or was killed
+
+
+def test_short_lived_reader_processes_never_fill_the_pool_member_table(ctx):
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))
+    # Readers in this process first, then more processes than the table has
+    # entries left (fork: one at a time; spawn and forkserver start slowly:
+    # a few dozen, eight at a time).
+    for _ in range(110):
+        other = shmq.Latest.attach(latest.name)
+        _check_frame(1, other.get())
+        other.close()
+    n, batch = (140, 1) if ctx.get_start_method() == "fork" else (24, 8)
+    for k in range(0, n, batch):
+        procs = [ctx.Process(target=_read_once, args=(latest.name, (k + j) % 2 == 0)) for j in range(batch)]
+        for p in procs:
+            p.start()
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0] * batch, f"reader {k} failed"
+    assert _members_in_use(latest) <= 2 + batch
+    other = shmq.Latest.attach(latest.name)  # and this process still reads
+    _check_frame(1, other.get())
+    other.close()
+    latest.close()
+
+
+def test_short_lived_readers_of_an_unrelated_process_never_fill_the_table():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))
+    script = textwrap.dedent(
+        f"""
+        import os, shmq
+        def read(close=True):
+            other = shmq.Latest.attach({latest.name!r})
+            a = other.get()
+            assert a.min() == a.max() == 1 and not a.flags.writeable
+            del a
+            if close:
+                other.close()
+        for _ in range(150):
+            read()
+        for k in range(150):  # processes of their own, half of them leaving without close()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    read(close=k % 2 == 0)
+                    code = 0
+                finally:
+                    os._exit(code)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, k
+        print("ok", flush=True)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                         env=dict(os.environ))
+    assert res.returncode == 0 and res.stdout.split() == ["ok"], res.stderr[-2000:]
+    assert _members_in_use(latest) <= 2
+    latest.close()
+
+
+def test_a_closed_readers_views_keep_their_slot_and_entry():
+    latest = _latest(64 << 10, slot_size=MIB, slot_count=4)
+    latest.set(_frame(1))
+    reader = shmq.Latest.attach(latest.name)
+    view = reader.get()
+    reader.close()  # the view outlives it: its hold (and pool entry) stay
+    for k in range(300):  # other readers come and go meanwhile...
+        other = shmq.Latest.attach(latest.name)
+        _check_frame(1 if k <= 150 else k, other.get())
+        other.close()
+        if k >= 150:  # ...and newer values replace value 1
+            latest.set(_frame(k + 1))
+    _check_frame(1, view)  # its slot was never freed nor written again
+    assert _in_use(latest) >= 2 and _members_in_use(latest) >= 2
+    del view
+    gc.collect()
+    k = 1000
+    t0 = time.monotonic()
+    while _in_use(latest) > 2:  # now it comes back
+        assert time.monotonic() - t0 < 1.0, f"{_in_use(latest)} slots in use"
+        latest.set(_frame(k))
+        k += 1
+        time.sleep(0.01)
+    assert _members_in_use(latest) <= 2
+    latest.close()
+
+
+# The same path in a topic: a late subscriber reads a held slot message from
+# the oldest record while the publisher publishes nothing more.
+def _subscribe_once(name):
+    topic = shmq.Topic.attach(name)
+    sub = topic.subscribe(start="oldest")
+    _check_frame(1, sub.receive(timeout=30))
+    sub.close()
+    topic.close()
+
+
+def test_short_lived_topic_subscribers_never_fill_the_pool_member_table():
+    import multiprocessing as mp
+
+    topic = shmq.Topic(1 << 20, slot_size=MIB, slot_count=4, name=unique_name("tp"))
+    try:
+        topic.publish(_frame(1))  # held for the ring, the publisher idle
+        fork = mp.get_context("fork")
+        for k in range(140):
+            p = fork.Process(target=_subscribe_once, args=(topic.name,))
+            p.start()
+            join_all([p])
+            assert p.exitcode == 0, f"subscriber {k} failed"
+        pool = shmq.lowlevel.read_statistics(shmq._platform.part_name(topic.name, "p"))
+        assert len(pool.members) <= 2
+    finally:
+        topic.close()
+        topic.unlink()
+
+
+def _receive_once(name, results):
+    rx = shmq.ReceiveChannel.attach(name)
+    a = rx.receive(timeout=30)
+    results.put(int(a[0, 0]))
+    del a
+    rx.close()
+
+
+def test_short_lived_channel_receivers_never_fill_the_pool_member_table():
+    import multiprocessing as mp
+
+    tx, rx = shmq.open_channel(1 << 16, slot_size=MIB, slot_count=2, max_members=8, name=unique_name("ch"))
+    fork = mp.get_context("fork")
+    results = fork.SimpleQueue()
+    try:
+        for k in range(40):  # five times the entries, the sender alive throughout
+            tx.send(_frame(k), timeout=10)
+            p = fork.Process(target=_receive_once, args=(tx.name, results))
+            p.start()
+            join_all([p])
+            assert p.exitcode == 0 and results.get() == k % 251, f"receiver {k} failed"
+    finally:
+        tx.unlink()
+        tx.close()
+        rx.close()

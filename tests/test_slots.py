@@ -600,3 +600,65 @@ def test_allocate_waits_a_moment_for_the_slot_sent_last(monkeypatch):
     finally:
         p.close()
         p.unlink()
+
+
+# -- member entries of holders that closed ----------------------------------------
+def _hold_once(name, ref):
+    """A holder that comes, takes and gives back one hold, and closes."""
+    h = SlotPool.attach(name)
+    h.acquire(*ref).release()
+    h.release(*ref)
+    h.close()
+
+
+def test_closed_holders_entries_are_reused_while_their_slot_stays_in_flight():
+    pool = SlotPool.create(64, 2, max_members=2, name=unique_name("pool"))
+    try:
+        (ref,) = send(pool, [b"x"])
+        for _ in range(20):  # ten times the entries; the slot is not freed meanwhile
+            _hold_once(pool.name, ref)
+        assert [pid for pid, _ in pool.statistics().members] == [os.getpid()]
+        assert pool.slot_info(ref[0]).state == "sent"
+        assert pool.collect() == 1
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def test_a_reused_entry_still_counts_the_holds_taken_before_it():
+    # A broadcast slot expects three holds: three holders in turn, each in
+    # the entry the one before left; none may make the slot look unheld.
+    pool = SlotPool.create(64, 2, max_members=2, name=unique_name("pool"))
+    try:
+        (ref,) = send(pool, [b"y"], deliveries=3)
+        for _ in range(3):
+            assert pool.reclaim() == 0 and pool.slot_info(ref[0]).state == "sent"
+            _hold_once(pool.name, ref)
+        assert pool.collect() == 1
+        assert pool.slot_info(ref[0]).state == "free"
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def test_a_closed_holders_entry_stays_while_it_holds():
+    pool = SlotPool.create(64, 2, max_members=2, name=unique_name("pool"))
+    try:
+        (ref,) = send(pool, [b"z"])
+        holder = SlotPool.attach(pool.name)
+        view = holder.acquire(*ref)
+        view.release()
+        holder.close()  # deferred: it still holds the slot
+        other = SlotPool.attach(pool.name)
+        with pytest.raises(shmq.ShmqError, match="no free member entry"):
+            other.acquire(*ref)  # its entry is taken
+        assert pool.reclaim() == 0 and pool.slot_info(ref[0]).holders == ((os.getpid(), 1),)
+        holder.release(*ref)  # the close completes: the entry is free
+        assert holder.closed
+        other.acquire(*ref).release()
+        other.release(*ref)
+        other.close()
+        assert pool.collect() == 1
+    finally:
+        pool.close()
+        pool.unlink()

@@ -457,3 +457,35 @@ def test_corrupt_pool_words_raise_or_work_never_hang():
     while running:
         reap(running.pop(0), hard=True)
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:40])
+
+
+def test_entries_of_dead_holders_are_reused_while_their_slot_stays_in_flight():
+    # A holder that gave back its holds and died leaves nothing to keep: its
+    # entry is reused though the slot it held is still in flight.  One that
+    # died holding keeps its entry until the slot comes back.
+    import multiprocessing as mp
+
+    fork = mp.get_context("fork")
+    pool = SlotPool.create(64, 2, max_members=2)
+
+    def child(target, ref):
+        proc = fork.Process(target=target, args=(pool.name, ref))
+        proc.start()
+        join_all([proc])
+        return proc.exitcode
+
+    try:
+        (ref,) = send(pool, [b"k"])
+        for _ in range(6):
+            assert child(_use_and_vanish, ref) == 0
+        assert pool.slot_info(ref[0]).state == "sent"
+        assert child(_attach_hold_die, ref) == 0
+        assert child(_use_and_vanish, ref) != 0  # ShmqError: the dead holder's entry is kept
+        assert pool.slot_info(ref[0]).state == "sent"
+        assert pool.reclaim() == 1  # its hold no longer counts: the slot comes back...
+        (ref,) = send(pool, [b"l"])
+        assert child(_use_and_vanish, ref) == 0  # ...and with it the entry
+        assert pool.collect() == 1
+    finally:
+        pool.close()
+        pool.unlink()
