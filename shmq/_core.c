@@ -45,6 +45,9 @@
 static inline PyObject *shmq_newref(PyObject *o) { Py_INCREF(o); return o; }
 #define Py_NewRef(o) shmq_newref((PyObject *)(o))
 #endif
+#ifndef PySet_CheckExact /* 3.9: only PyAnySet_CheckExact */
+#define PySet_CheckExact(op) (Py_TYPE(op) == &PySet_Type)
+#endif
 
 /* Word indices of the ring header (shmq/_layout.py); _ring.py compares them
  * with LAYOUT below and falls back to the pure-Python core if they differ. */
