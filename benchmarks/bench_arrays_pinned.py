@@ -179,6 +179,7 @@ def _iceoryx2(size: int):
         state.clear()
 
     receive.setup = subscribe  # type: ignore[attr-defined]  # before "ready": a sample sent to nobody is lost
+    receive.teardown = close  # type: ignore[attr-defined]  # drop the subscriber's node: iceoryx2 removes its files
     return None, produce, receive, close, start
 
 
@@ -245,6 +246,9 @@ def _consume(handle: Any, receive: Callable[[Any], None], count: int, placement:
     for _ in range(count):
         receive(handle)
     conn.send("done")
+    teardown = getattr(receive, "teardown", None)
+    if teardown is not None:  # a child ends in os._exit: nothing it holds is ever collected
+        teardown()
 
 
 def _local_per_second(transport: str, size: int, count: int, placement: str) -> float:
